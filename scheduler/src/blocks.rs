@@ -24,7 +24,10 @@ pub struct BlockHasher {
 impl BlockHasher {
     /// `block_size` of zero is meaningless; it is clamped to one token.
     pub fn new(block_size: usize, seed: u64) -> Self {
-        Self { block_size: block_size.max(1), seed }
+        Self {
+            block_size: block_size.max(1),
+            seed,
+        }
     }
 
     pub fn block_size(&self) -> usize {

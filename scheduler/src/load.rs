@@ -35,7 +35,13 @@ mod tests {
         let mut l = InstanceLoad::default();
         l.add(100);
         l.add(50);
-        assert_eq!(l, InstanceLoad { in_flight: 2, tokens: 150 });
+        assert_eq!(
+            l,
+            InstanceLoad {
+                in_flight: 2,
+                tokens: 150
+            }
+        );
         l.remove(100);
         l.remove(50);
         l.remove(50);

@@ -13,7 +13,10 @@ pub struct ChatTurn<'a> {
 /// Renders every turn (not just the first: later turns carry the conversation's prefix) and
 /// ends with the assistant header so the model's reply continues the text.
 pub fn render_chat(turns: &[ChatTurn<'_>]) -> String {
-    let len = turns.iter().map(|t| t.role.len() + t.content.len() + 8).sum::<usize>();
+    let len = turns
+        .iter()
+        .map(|t| t.role.len() + t.content.len() + 8)
+        .sum::<usize>();
     let mut out = String::with_capacity(len + 16);
     for turn in turns {
         out.push_str("<|");
@@ -32,10 +35,25 @@ mod tests {
 
     #[test]
     fn later_turns_extend_the_earlier_rendering() {
-        let t1 = [ChatTurn { role: "system", content: "be brief" }, ChatTurn { role: "user", content: "hi" }];
+        let t1 = [
+            ChatTurn {
+                role: "system",
+                content: "be brief",
+            },
+            ChatTurn {
+                role: "user",
+                content: "hi",
+            },
+        ];
         let mut t2 = t1.to_vec();
-        t2.push(ChatTurn { role: "assistant", content: "hello" });
-        t2.push(ChatTurn { role: "user", content: "more" });
+        t2.push(ChatTurn {
+            role: "assistant",
+            content: "hello",
+        });
+        t2.push(ChatTurn {
+            role: "user",
+            content: "more",
+        });
         let a = render_chat(&t1);
         let b = render_chat(&t2);
         let common = a.trim_end_matches("<|assistant|>\n");

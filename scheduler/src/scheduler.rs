@@ -45,7 +45,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(policy: PolicyKind, seed: u64) -> Self {
-        Self { instances: BTreeMap::new(), policy: policy.build(seed), next_id: 0 }
+        Self {
+            instances: BTreeMap::new(),
+            policy: policy.build(seed),
+            next_id: 0,
+        }
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -56,7 +60,14 @@ impl Scheduler {
     pub fn add_instance(&mut self, role: Role) -> InstanceId {
         let id = InstanceId(self.next_id);
         self.next_id += 1;
-        self.instances.insert(id, Instance { role, healthy: true, load: InstanceLoad::default() });
+        self.instances.insert(
+            id,
+            Instance {
+                role,
+                healthy: true,
+                load: InstanceLoad::default(),
+            },
+        );
         id
     }
 
@@ -80,15 +91,22 @@ impl Scheduler {
 
     /// Healthy instance count per role: `(prefill, decode)`.
     pub fn healthy_counts(&self) -> (usize, usize) {
-        self.instances.values().filter(|i| i.healthy).fold((0, 0), |(p, d), i| match i.role {
-            Role::Prefill => (p + 1, d),
-            Role::Decode => (p, d + 1),
-        })
+        self.instances
+            .values()
+            .filter(|i| i.healthy)
+            .fold((0, 0), |(p, d), i| match i.role {
+                Role::Prefill => (p + 1, d),
+                Role::Decode => (p, d + 1),
+            })
     }
 
     /// Picks a pair among healthy instances, excluding `avoid` (e.g. a prefill that just failed),
     /// and books the request's load on both.
-    pub fn schedule(&mut self, key: &RequestKey, avoid: &[InstanceId]) -> Result<Decision, Rejection> {
+    pub fn schedule(
+        &mut self,
+        key: &RequestKey,
+        avoid: &[InstanceId],
+    ) -> Result<Decision, Rejection> {
         let prefill = self.candidates(Role::Prefill, avoid);
         let decode = self.candidates(Role::Decode, avoid);
         if prefill.is_empty() {
@@ -104,7 +122,10 @@ impl Scheduler {
                 i.load.add(tokens);
             }
         }
-        Ok(Decision { prefill: p, decode: d })
+        Ok(Decision {
+            prefill: p,
+            decode: d,
+        })
     }
 
     /// Reports that the leg of a request on `id` ended (success or not).
@@ -128,7 +149,10 @@ mod tests {
     use super::*;
 
     fn key(tokens: u32) -> RequestKey {
-        RequestKey { prompt_tokens: tokens, blocks: vec![] }
+        RequestKey {
+            prompt_tokens: tokens,
+            blocks: vec![],
+        }
     }
 
     #[test]
@@ -137,9 +161,27 @@ mod tests {
         let p = s.add_instance(Role::Prefill);
         let d = s.add_instance(Role::Decode);
         let dec = s.schedule(&key(40), &[]).expect("pair");
-        assert_eq!(dec, Decision { prefill: p, decode: d });
-        assert_eq!(s.load(p), Some(InstanceLoad { in_flight: 1, tokens: 40 }));
-        assert_eq!(s.load(d), Some(InstanceLoad { in_flight: 1, tokens: 40 }));
+        assert_eq!(
+            dec,
+            Decision {
+                prefill: p,
+                decode: d
+            }
+        );
+        assert_eq!(
+            s.load(p),
+            Some(InstanceLoad {
+                in_flight: 1,
+                tokens: 40
+            })
+        );
+        assert_eq!(
+            s.load(d),
+            Some(InstanceLoad {
+                in_flight: 1,
+                tokens: 40
+            })
+        );
         s.finish(p, 40);
         s.finish(d, 40);
         assert_eq!(s.load(p), Some(InstanceLoad::default()));
@@ -167,10 +209,16 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(s.schedule(&key(1), &[]).expect("pair").prefill, p1);
         }
-        assert_eq!(s.schedule(&key(1), &[p1]), Err(Rejection::NoHealthy(Role::Prefill)));
+        assert_eq!(
+            s.schedule(&key(1), &[p1]),
+            Err(Rejection::NoHealthy(Role::Prefill))
+        );
         s.set_healthy(d0, false);
         s.set_healthy(p0, true);
-        assert_eq!(s.schedule(&key(1), &[]), Err(Rejection::NoHealthy(Role::Decode)));
+        assert_eq!(
+            s.schedule(&key(1), &[]),
+            Err(Rejection::NoHealthy(Role::Decode))
+        );
         assert_eq!(s.healthy_counts(), (2, 0));
     }
 }

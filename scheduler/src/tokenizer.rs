@@ -49,7 +49,8 @@ impl<'a> Iterator for Pieces<'a> {
         if bytes.is_empty() {
             return None;
         }
-        let lead = usize::from(bytes[0] == b' ' && bytes.get(1).is_some_and(u8::is_ascii_alphanumeric));
+        let lead =
+            usize::from(bytes[0] == b' ' && bytes.get(1).is_some_and(u8::is_ascii_alphanumeric));
         let word = bytes[lead..]
             .iter()
             .take(MAX_WORD_CHARS)
@@ -93,7 +94,10 @@ mod tests {
         let words = [" the", " model", " says", ".", " hi"];
         let text: String = words.concat();
         let tok = BuiltinTokenizer;
-        let expected: Vec<_> = words.iter().map(|w| BuiltinTokenizer::piece_id(w)).collect();
+        let expected: Vec<_> = words
+            .iter()
+            .map(|w| BuiltinTokenizer::piece_id(w))
+            .collect();
         assert_eq!(tok.encode(&text), expected);
     }
 

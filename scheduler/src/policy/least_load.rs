@@ -21,7 +21,12 @@ impl Policy for LeastLoad {
         "least_load"
     }
 
-    fn pick(&mut self, _req: &RequestKey, prefill: &[Candidate], decode: &[Candidate]) -> (InstanceId, InstanceId) {
+    fn pick(
+        &mut self,
+        _req: &RequestKey,
+        prefill: &[Candidate],
+        decode: &[Candidate],
+    ) -> (InstanceId, InstanceId) {
         (least(prefill), least(decode))
     }
 }
@@ -33,9 +38,15 @@ mod tests {
 
     #[test]
     fn picks_fewest_in_flight_then_tokens_then_id() {
-        let c = |id, in_flight, tokens| Candidate { id: InstanceId(id), load: InstanceLoad { in_flight, tokens } };
+        let c = |id, in_flight, tokens| Candidate {
+            id: InstanceId(id),
+            load: InstanceLoad { in_flight, tokens },
+        };
         let p = [c(0, 2, 10), c(1, 1, 500), c(2, 1, 100)];
         let d = [c(5, 0, 0), c(3, 0, 0)];
-        assert_eq!(LeastLoad.pick(&RequestKey::default(), &p, &d), (InstanceId(2), InstanceId(3)));
+        assert_eq!(
+            LeastLoad.pick(&RequestKey::default(), &p, &d),
+            (InstanceId(2), InstanceId(3))
+        );
     }
 }

@@ -27,7 +27,12 @@ pub trait Policy: Send {
     fn name(&self) -> &'static str;
 
     /// Picks `(prefill, decode)`. Both slices are non-empty; the returned ids must come from them.
-    fn pick(&mut self, req: &RequestKey, prefill: &[Candidate], decode: &[Candidate]) -> (InstanceId, InstanceId);
+    fn pick(
+        &mut self,
+        req: &RequestKey,
+        prefill: &[Candidate],
+        decode: &[Candidate],
+    ) -> (InstanceId, InstanceId);
 }
 
 /// The policies that can be named in config.
@@ -41,7 +46,11 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const ALL: [PolicyKind; 3] = [PolicyKind::RoundRobin, PolicyKind::Random, PolicyKind::LeastLoad];
+    pub const ALL: [PolicyKind; 3] = [
+        PolicyKind::RoundRobin,
+        PolicyKind::Random,
+        PolicyKind::LeastLoad,
+    ];
 
     pub fn build(self, seed: u64) -> Box<dyn Policy> {
         match self {
@@ -66,7 +75,9 @@ impl std::str::FromStr for PolicyKind {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown policy `{s}` (expected one of round_robin, random, least_load)"))
+            .ok_or_else(|| {
+                format!("unknown policy `{s}` (expected one of round_robin, random, least_load)")
+            })
     }
 }
 

@@ -13,7 +13,9 @@ pub struct Random {
 
 impl Random {
     pub fn new(seed: u64) -> Self {
-        Self { rng: SmallRng::seed_from_u64(seed) }
+        Self {
+            rng: SmallRng::seed_from_u64(seed),
+        }
     }
 }
 
@@ -22,7 +24,12 @@ impl Policy for Random {
         "random"
     }
 
-    fn pick(&mut self, _req: &RequestKey, prefill: &[Candidate], decode: &[Candidate]) -> (InstanceId, InstanceId) {
+    fn pick(
+        &mut self,
+        _req: &RequestKey,
+        prefill: &[Candidate],
+        decode: &[Candidate],
+    ) -> (InstanceId, InstanceId) {
         let p = prefill[self.rng.random_range(0..prefill.len())].id;
         let d = decode[self.rng.random_range(0..decode.len())].id;
         (p, d)
@@ -35,7 +42,12 @@ mod tests {
     use crate::load::InstanceLoad;
 
     fn cands(n: u32) -> Vec<Candidate> {
-        (0..n).map(|i| Candidate { id: InstanceId(i), load: InstanceLoad::default() }).collect()
+        (0..n)
+            .map(|i| Candidate {
+                id: InstanceId(i),
+                load: InstanceLoad::default(),
+            })
+            .collect()
     }
 
     #[test]

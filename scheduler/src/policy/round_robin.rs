@@ -22,8 +22,16 @@ impl Policy for RoundRobin {
         "round_robin"
     }
 
-    fn pick(&mut self, _req: &RequestKey, prefill: &[Candidate], decode: &[Candidate]) -> (InstanceId, InstanceId) {
-        (next(&mut self.prefill, prefill), next(&mut self.decode, decode))
+    fn pick(
+        &mut self,
+        _req: &RequestKey,
+        prefill: &[Candidate],
+        decode: &[Candidate],
+    ) -> (InstanceId, InstanceId) {
+        (
+            next(&mut self.prefill, prefill),
+            next(&mut self.decode, decode),
+        )
     }
 }
 
@@ -34,12 +42,23 @@ mod tests {
 
     #[test]
     fn cycles_each_role_independently() {
-        let p: Vec<_> = (0..3).map(|i| Candidate { id: InstanceId(i), load: InstanceLoad::default() }).collect();
-        let d: Vec<_> = (10..12).map(|i| Candidate { id: InstanceId(i), load: InstanceLoad::default() }).collect();
+        let p: Vec<_> = (0..3)
+            .map(|i| Candidate {
+                id: InstanceId(i),
+                load: InstanceLoad::default(),
+            })
+            .collect();
+        let d: Vec<_> = (10..12)
+            .map(|i| Candidate {
+                id: InstanceId(i),
+                load: InstanceLoad::default(),
+            })
+            .collect();
         let mut rr = RoundRobin::default();
         let key = RequestKey::default();
         let picks: Vec<_> = (0..4).map(|_| rr.pick(&key, &p, &d)).collect();
-        let ids = |v: &[(InstanceId, InstanceId)]| v.iter().map(|(a, b)| (a.0, b.0)).collect::<Vec<_>>();
+        let ids =
+            |v: &[(InstanceId, InstanceId)]| v.iter().map(|(a, b)| (a.0, b.0)).collect::<Vec<_>>();
         assert_eq!(ids(&picks), vec![(0, 10), (1, 11), (2, 10), (0, 11)]);
     }
 }

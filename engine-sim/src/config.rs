@@ -1,0 +1,178 @@
+//! The reference engine's configuration: one struct tree with serde defaults, the only source of
+//! the engine's defaults. The gateway's `up` command and `pdgate engine` fill it from their own
+//! layered config.
+
+use pdgate_scheduler::Role;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Role in a disaggregated fleet. Either role also serves plain (non-PD) requests.
+    pub role: Role,
+    /// Model name served and listed by `/v1/models`.
+    pub model: String,
+    /// HTTP listen address (port 0 picks a free one).
+    pub host: String,
+    pub port: u16,
+    /// Transfer-engine listen port (0 picks a free one).
+    pub transfer_port: u16,
+    /// Tokens per KV block; the gateway must key prefixes with the same size.
+    pub block_size: usize,
+    /// KV-cache bytes per token. Llama-3-8B at fp16 holds 128 KiB per token; the default is a
+    /// sixteenth of that so a laptop demo moves real but modest bytes.
+    pub kv_bytes_per_token: u64,
+    /// Capacity of the KV cache in blocks: the prefix cache on a prefill engine, the pool that
+    /// reservations come from on a decode engine.
+    pub kv_blocks: usize,
+    /// Continuous batching: at most this many sequences decode together.
+    pub max_batch: usize,
+    /// Continuous batching: prompt tokens prefilled in one step at most.
+    pub max_batched_tokens: usize,
+    /// Waiting requests beyond this are refused with 503 (bounded queue).
+    pub max_waiting: usize,
+    /// Upper bound on `max_tokens` a request may ask for.
+    pub max_tokens_limit: u32,
+    /// Generated tokens when a request names no `max_tokens`.
+    pub default_max_tokens: u32,
+    /// Seed of the deterministic text generator.
+    pub seed: u64,
+    /// Seconds a decode reservation may wait for its decode leg before it is reclaimed.
+    pub reservation_ttl_secs: u64,
+    /// Timing model of the emulated GPU.
+    pub timing: TimingModel,
+    /// Gateway-hosted segment registry (`http://host:port`); without it peers are reached
+    /// through the endpoint carried in the transfer descriptor (P2P mode).
+    pub registry_url: Option<String>,
+    pub faults: Faults,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            role: Role::Prefill,
+            model: "pdgate-sim-8b".into(),
+            host: "127.0.0.1".into(),
+            port: 0,
+            transfer_port: 0,
+            block_size: 16,
+            kv_bytes_per_token: 8 * 1024,
+            kv_blocks: 4096,
+            max_batch: 64,
+            max_batched_tokens: 8192,
+            max_waiting: 1024,
+            max_tokens_limit: 4096,
+            default_max_tokens: 16,
+            seed: 0,
+            reservation_ttl_secs: 120,
+            timing: TimingModel::default(),
+            registry_url: None,
+            faults: Faults::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn block_bytes(&self) -> u64 {
+        self.kv_bytes_per_token * self.block_size as u64
+    }
+}
+
+/// Step times of the emulated GPU, in milliseconds, before `time_scale`.
+///
+/// Prefill follows `a·T² + b·T + c` over the step's uncached tokens; the defaults are the
+/// coefficients NVIDIA Dynamo's mocker uses for an 8B-class model on one H100-class GPU. A decode
+/// step costs a base plus terms for batch size and resident context (memory-bound reads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimingModel {
+    pub prefill_a: f64,
+    pub prefill_b: f64,
+    pub prefill_c: f64,
+    pub decode_base_ms: f64,
+    pub decode_per_seq_ms: f64,
+    pub decode_per_ktoken_ms: f64,
+    /// Multiplies every modelled duration: 1.0 is real time, 0.0 is "instant" (no sleeping).
+    pub time_scale: f64,
+}
+
+impl Default for TimingModel {
+    fn default() -> Self {
+        Self {
+            prefill_a: 4.21e-7,
+            prefill_b: 1.518e-2,
+            prefill_c: 16.5,
+            decode_base_ms: 6.0,
+            decode_per_seq_ms: 0.04,
+            decode_per_ktoken_ms: 0.02,
+            time_scale: 1.0,
+        }
+    }
+}
+
+impl TimingModel {
+    /// Modelled prefill time of `tokens` uncached tokens in one step (0 tokens cost nothing).
+    pub fn prefill_ms(&self, tokens: usize) -> f64 {
+        if tokens == 0 {
+            return 0.0;
+        }
+        let t = tokens as f64;
+        self.prefill_a * t * t + self.prefill_b * t + self.prefill_c
+    }
+
+    /// Modelled time of one decode step for `batch` sequences holding `context_tokens` in total.
+    pub fn decode_step_ms(&self, batch: usize, context_tokens: usize) -> f64 {
+        if batch == 0 {
+            return 0.0;
+        }
+        self.decode_base_ms
+            + self.decode_per_seq_ms * batch as f64
+            + self.decode_per_ktoken_ms * context_tokens as f64 / 1000.0
+    }
+
+    pub fn scaled(&self, ms: f64) -> std::time::Duration {
+        let scaled = (ms * self.time_scale).max(0.0);
+        std::time::Duration::from_secs_f64(scaled / 1000.0)
+    }
+}
+
+/// Fault injection, for tests of the gateway's failure handling.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// A prefill engine flips one byte of every KV block it sends.
+    pub corrupt_kv: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_time_is_quadratic_and_zero_for_no_work() {
+        let m = TimingModel::default();
+        assert_eq!(m.prefill_ms(0), 0.0);
+        let (t1, t2) = (m.prefill_ms(1000), m.prefill_ms(8000));
+        assert!((t1 - (4.21e-7 * 1e6 + 15.18 + 16.5)).abs() < 1e-9);
+        assert!(t2 > 8.0 * (t1 - m.prefill_c), "superlinear growth");
+    }
+
+    #[test]
+    fn time_scale_scales_and_zero_means_instant() {
+        let mut m = TimingModel {
+            time_scale: 0.5,
+            ..TimingModel::default()
+        };
+        assert_eq!(m.scaled(100.0), std::time::Duration::from_millis(50));
+        m.time_scale = 0.0;
+        assert_eq!(m.scaled(100.0), std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn decode_step_grows_with_batch_and_context() {
+        let m = TimingModel::default();
+        assert!(m.decode_step_ms(32, 0) > m.decode_step_ms(1, 0));
+        assert!(m.decode_step_ms(1, 100_000) > m.decode_step_ms(1, 0));
+        assert_eq!(m.decode_step_ms(0, 100), 0.0);
+    }
+}

@@ -1,0 +1,274 @@
+//! Completions and chat handlers: a whole request on this engine, or the decode leg of a native
+//! PD request (the body carries `pdgate_kv`), in which case the KV blocks must already sit in this
+//! engine's pool and every one of them is verified before a token is produced.
+
+use crate::native::{DecodeLeg, DECODE_FIELD};
+use crate::openai::{usage, ApiError, ApiKind, Envelope, GenRequest};
+use crate::pool::Claim;
+use crate::server::{now_secs, Engine};
+use crate::stats::Stats;
+use crate::{kv, text};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pdgate_scheduler::BuiltinTokenizer;
+use serde_json::Value;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long a decode leg waits for its KV blocks' landing notification.
+const LANDING_WAIT: Duration = Duration::from_secs(5);
+
+pub async fn completions(
+    State(e): State<Arc<Engine>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(e, ApiKind::Completions, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn chat(State(e): State<Arc<Engine>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(e, ApiKind::Chat, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+async fn handle(
+    e: Arc<Engine>,
+    kind: ApiKind,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::invalid("body", format!("invalid JSON: {err}")))?;
+    let req = GenRequest::parse(
+        kind,
+        &body,
+        e.cfg.default_max_tokens,
+        e.cfg.max_tokens_limit,
+    )?;
+    if req.model != e.cfg.model {
+        return Err(ApiError {
+            status: 404,
+            code: Some("model_not_found"),
+            ..ApiError::invalid("model", format!("model `{}` is not served here", req.model))
+        });
+    }
+    let rid = request_id(&headers);
+    let tokens = BuiltinTokenizer.encode(&req.prompt);
+    let key = text::prompt_key(&tokens);
+    let leg = match body.get(DECODE_FIELD) {
+        Some(v) => Some(
+            serde_json::from_value::<DecodeLeg>(v.clone())
+                .map_err(|err| ApiError::invalid(DECODE_FIELD, err.to_string()))?,
+        ),
+        None => None,
+    };
+    let (first, claim) = match leg {
+        Some(leg) => (leg.first_token, Some(take_kv(&e, &leg, &tokens).await?)),
+        None => (prefill_locally(&e, &tokens, key).await?, None),
+    };
+    Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
+    let rx = e
+        .gpu
+        .decode(tokens.len(), req.max_tokens - 1, claim)
+        .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
+    let out = Output {
+        engine: Arc::clone(&e),
+        req,
+        rid,
+        key,
+        first,
+        prompt_tokens: tokens.len() as u32,
+    };
+    Ok(if out.req.stream {
+        out.stream(rx)
+    } else {
+        out.collect(rx).await
+    })
+}
+
+/// Takes over the reservation and checks every landed block against the prompt's own hashes.
+async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, ApiError> {
+    let pool = e
+        .pool
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid(DECODE_FIELD, "this engine is not a decode engine"))?;
+    let claim = pool
+        .claim(&leg.request_id, LANDING_WAIT)
+        .await
+        .map_err(|err| ApiError::server(409, "kv_not_ready", err.to_string()))?;
+    let hashes = e.hasher.all_blocks(tokens);
+    if hashes.len() != claim.slots.len() {
+        Stats::add(&e.stats.kv_verify_failures, 1);
+        let msg = format!(
+            "prompt needs {} KV blocks but the reservation holds {}",
+            hashes.len(),
+            claim.slots.len()
+        );
+        return Err(ApiError::server(500, "kv_verification_failed", msg));
+    }
+    let block_bytes = pool.block_bytes() as usize;
+    let mut buf = vec![0u8; block_bytes];
+    for (i, (hash, slot)) in hashes.iter().zip(&claim.slots).enumerate() {
+        let offset = *slot as usize * block_bytes;
+        let ok =
+            pool.segment().read_into(offset, &mut buf).is_ok() && kv::verify_block(*hash, &buf);
+        if !ok {
+            Stats::add(&e.stats.kv_verify_failures, 1);
+            let msg = format!("KV block {i} of request `{}` failed verification (lost, misplaced or corrupted in transfer)", leg.request_id);
+            tracing::error!(request_id = %leg.request_id, block = i, "KV verification failed");
+            return Err(ApiError::server(500, "kv_verification_failed", msg));
+        }
+    }
+    Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
+    Ok(claim)
+}
+
+/// Prefills on this engine (a non-PD request), reusing cached leading blocks.
+async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, ApiError> {
+    let uncached = e.lookup_prefix(tokens);
+    e.gpu
+        .prefill(uncached)
+        .await
+        .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
+    e.cache.lock().insert(&e.hasher.full_blocks(tokens));
+    Stats::add(&e.stats.generation_tokens, 1);
+    Ok(text::token_at(key, e.cfg.seed, 0))
+}
+
+impl Engine {
+    /// Matches `tokens` against the prefix cache, counts the query, returns uncached tokens.
+    pub fn lookup_prefix(&self, tokens: &[u32]) -> usize {
+        let hit_blocks = self
+            .cache
+            .lock()
+            .match_prefix(&self.hasher.full_blocks(tokens));
+        let hit_tokens = hit_blocks * self.hasher.block_size();
+        Stats::add(&self.stats.prefix_queries_tokens, tokens.len() as u64);
+        Stats::add(&self.stats.prefix_hits_tokens, hit_tokens as u64);
+        tokens.len() - hit_tokens
+    }
+}
+
+struct Output {
+    engine: Arc<Engine>,
+    req: GenRequest,
+    rid: String,
+    key: u64,
+    first: u32,
+    prompt_tokens: u32,
+}
+
+impl Output {
+    fn id(&self) -> String {
+        match self.req.kind {
+            ApiKind::Completions => format!("cmpl-{}", self.rid),
+            ApiKind::Chat => format!("chatcmpl-{}", self.rid),
+        }
+    }
+
+    fn piece(&self, position: u32) -> &'static str {
+        if position == 0 {
+            return text::piece(self.first);
+        }
+        text::piece(text::token_at(self.key, self.engine.cfg.seed, position))
+    }
+
+    async fn collect(self, mut rx: mpsc::Receiver<()>) -> Response {
+        let mut text = String::from(self.piece(0));
+        let mut n = 1;
+        while rx.recv().await.is_some() {
+            text.push_str(self.piece(n));
+            n += 1;
+        }
+        Stats::add(&self.engine.stats.requests_finished, 1);
+        let id = self.id();
+        let env = Envelope {
+            id: &id,
+            model: &self.req.model,
+            created: now_secs(),
+            kind: self.req.kind,
+        };
+        let finish = if n == self.req.max_tokens {
+            "length"
+        } else {
+            "abort"
+        };
+        let resp = env.full_response(&text, finish, usage(self.prompt_tokens, n));
+        ([("x-request-id", self.rid.clone())], Json(resp)).into_response()
+    }
+
+    fn stream(self, mut rx: mpsc::Receiver<()>) -> Response {
+        let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+        let rid = self.rid.clone();
+        tokio::spawn(async move {
+            let id = self.id();
+            let env = Envelope {
+                id: &id,
+                model: &self.req.model,
+                created: now_secs(),
+                kind: self.req.kind,
+            };
+            let total = self.req.max_tokens;
+            let with_usage = self.req.include_usage;
+            let mut position = 0u32;
+            loop {
+                let last = position + 1 == total;
+                let chunk = env.chunk(
+                    self.piece(position),
+                    position == 0,
+                    last.then_some("length"),
+                    with_usage,
+                );
+                if tx.send(Ok(sse(&chunk))).await.is_err() {
+                    return; // client gone: dropping `rx` aborts the sequence
+                }
+                position += 1;
+                if last || rx.recv().await.is_none() {
+                    break;
+                }
+            }
+            Stats::add(&self.engine.stats.requests_finished, 1);
+            if with_usage {
+                let _ = tx
+                    .send(Ok(sse(
+                        &env.usage_chunk(usage(self.prompt_tokens, position))
+                    )))
+                    .await;
+            }
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        });
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .header("x-request-id", rid)
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
+}
+
+pub fn sse(v: &Value) -> Bytes {
+    let mut s = String::with_capacity(256);
+    s.push_str("data: ");
+    s.push_str(&v.to_string());
+    s.push_str("\n\n");
+    Bytes::from(s)
+}

@@ -1,0 +1,225 @@
+//! The engine's HTTP surface and lifecycle: state shared by the handlers, the router, background
+//! tasks (KV landing notifications, reservation sweeping), registration with the segment
+//! registry, and graceful shutdown.
+
+use crate::batcher::Gpu;
+use crate::cache::PrefixCache;
+use crate::config::EngineConfig;
+use crate::openai::ApiError;
+use crate::pool::KvPool;
+use crate::registry::HttpRegistry;
+use crate::stats::Stats;
+use crate::{generate, native, pd};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use pdgate_scheduler::{BlockHasher, Role};
+use pdgate_transfer::{EngineOptions, MetadataStore, TransferEngine};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Engine {
+    pub cfg: EngineConfig,
+    pub stats: Arc<Stats>,
+    pub gpu: Gpu,
+    pub cache: Mutex<PrefixCache>,
+    pub hasher: BlockHasher,
+    pub transfer: Arc<TransferEngine>,
+    /// Present on decode engines: where prefill engines write KV.
+    pub pool: Option<Arc<KvPool>>,
+    pub registry: Option<Arc<dyn MetadataStore>>,
+    pub started: u64,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+/// A running engine. Dropping it without `stop` leaves the tasks running until the runtime ends.
+pub struct EngineHandle {
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl EngineHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving, deregisters the KV segment and waits for the server to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Starts an engine on `cfg.host:cfg.port` and returns once it accepts connections.
+pub async fn spawn(cfg: EngineConfig) -> anyhow::Result<EngineHandle> {
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
+    let addr = listener.local_addr()?;
+    let engine = build(cfg, addr).await?;
+    let (tx, rx) = oneshot::channel();
+    let app = router(Arc::clone(&engine));
+    let eng = Arc::clone(&engine);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = rx.await;
+        });
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "engine server failed");
+        }
+        deregister(&eng).await;
+        eng.transfer.shutdown();
+    });
+    Ok(EngineHandle {
+        addr,
+        engine,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine>> {
+    let stats = Arc::new(Stats::default());
+    let listen: SocketAddr = format!("{}:{}", cfg.host, cfg.transfer_port).parse()?;
+    let transfer = TransferEngine::start(EngineOptions {
+        listen,
+        ..EngineOptions::default()
+    })
+    .await?;
+    let registry: Option<Arc<dyn MetadataStore>> = cfg
+        .registry_url
+        .as_deref()
+        .map(|u| Arc::new(HttpRegistry::new(u)) as Arc<dyn MetadataStore>);
+    let pool = match cfg.role {
+        Role::Decode => {
+            let name = format!("kv-{}-{}", cfg.model, addr.port());
+            let bytes = usize::try_from(cfg.block_bytes().saturating_mul(cfg.kv_blocks as u64))?;
+            let segment = transfer.register_segment(&name, bytes)?;
+            if let Some(reg) = &registry {
+                reg.publish(transfer.describe(&segment)).await?;
+            }
+            let ttl = Duration::from_secs(cfg.reservation_ttl_secs);
+            Some(KvPool::new(
+                segment,
+                transfer.endpoint(),
+                cfg.block_bytes(),
+                ttl,
+                Arc::clone(&stats),
+            ))
+        }
+        Role::Prefill => None,
+    };
+    let engine = Arc::new(Engine {
+        gpu: Gpu::start(&cfg, Arc::clone(&stats)),
+        cache: Mutex::new(PrefixCache::new(if cfg.role == Role::Prefill {
+            cfg.kv_blocks
+        } else {
+            cfg.kv_blocks / 4
+        })),
+        hasher: BlockHasher::new(cfg.block_size, pdgate_scheduler::blocks::DEFAULT_SEED),
+        stats,
+        transfer,
+        pool,
+        registry,
+        started: now_secs(),
+        cfg,
+    });
+    if let Some(pool) = &engine.pool {
+        spawn_landing_listener(&engine, Arc::clone(pool));
+        spawn_sweeper(Arc::clone(pool));
+    }
+    Ok(engine)
+}
+
+fn spawn_landing_listener(engine: &Arc<Engine>, pool: Arc<KvPool>) {
+    let Some(mut rx) = engine.transfer.take_notifications() else {
+        return;
+    };
+    let stats = Arc::clone(&engine.stats);
+    tokio::spawn(async move {
+        while let Some(n) = rx.recv().await {
+            match serde_json::from_slice::<native::KvLanded>(&n.payload) {
+                Ok(landed) => {
+                    Stats::add(&stats.kv_blocks_received, u64::from(landed.blocks));
+                    pool.mark_landed(&landed.request_id, landed.blocks);
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring malformed KV landing notification"),
+            }
+        }
+    });
+}
+
+fn spawn_sweeper(pool: Arc<KvPool>) {
+    let weak = Arc::downgrade(&pool);
+    drop(pool);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(pool) = weak.upgrade() else { return };
+            let n = pool.sweep(Instant::now());
+            if n > 0 {
+                tracing::warn!(
+                    expired = n,
+                    "reclaimed KV reservations whose decode leg never came"
+                );
+            }
+        }
+    });
+}
+
+async fn deregister(engine: &Engine) {
+    if let (Some(reg), Some(pool)) = (&engine.registry, &engine.pool) {
+        if let Err(e) = reg.remove(pool.segment().name()).await {
+            tracing::warn!(error = %e, "could not deregister KV segment");
+        }
+    }
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat))
+        .route(native::RESERVE_PATH, post(pd::reserve))
+        .route(native::RELEASE_PATH, post(pd::release))
+        .route(native::PREFILL_PATH, post(pd::prefill))
+        .with_state(engine)
+}
+
+async fn models(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": e.cfg.model, "object": "model", "created": e.started, "owned_by": "pdgate"}]}),
+    )
+}
+
+async fn metrics(State(e): State<Arc<Engine>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        e.stats.render(&e.cfg.model, e.cfg.block_size),
+    )
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

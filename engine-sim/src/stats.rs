@@ -1,0 +1,170 @@
+//! The engine's counters and gauges, rendered in Prometheus text format under vLLM's names (so
+//! anything that scrapes vLLM can scrape this) plus `pdgate_sim_*` counters of KV blocks moved.
+//!
+//! Plain atomics rather than the global `metrics` recorder: several engines may share a process
+//! (tests, the simulator), and each must report only its own numbers.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_used_blocks: AtomicU64,
+    pub kv_total_blocks: AtomicU64,
+    pub prefix_queries_tokens: AtomicU64,
+    pub prefix_hits_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub requests_finished: AtomicU64,
+    pub reservations_active: AtomicU64,
+    pub kv_blocks_sent: AtomicU64,
+    pub kv_bytes_sent: AtomicU64,
+    pub kv_blocks_received: AtomicU64,
+    pub kv_blocks_verified: AtomicU64,
+    pub kv_verify_failures: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn render(&self, model: &str, block_size: usize) -> String {
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        let total = g(&self.kv_total_blocks);
+        let usage = if total == 0 {
+            0.0
+        } else {
+            g(&self.kv_used_blocks) as f64 / total as f64
+        };
+        let label = format!("model_name=\"{model}\"");
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{label}}} {value}"
+            );
+        };
+        metric(
+            "vllm:num_requests_running",
+            "gauge",
+            "Requests in the running batch.",
+            g(&self.running).to_string(),
+        );
+        metric(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Requests waiting to be scheduled.",
+            g(&self.waiting).to_string(),
+        );
+        metric(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage, 1 means 100 percent.",
+            format!("{usage}"),
+        );
+        metric(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            g(&self.prefix_queries_tokens).to_string(),
+        );
+        metric(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache.",
+            g(&self.prefix_hits_tokens).to_string(),
+        );
+        metric(
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            g(&self.prompt_tokens).to_string(),
+        );
+        metric(
+            "vllm:generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            g(&self.generation_tokens).to_string(),
+        );
+        metric(
+            "vllm:request_success_total",
+            "counter",
+            "Requests finished.",
+            g(&self.requests_finished).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_reservations_active",
+            "gauge",
+            "Decode KV reservations not yet released.",
+            g(&self.reservations_active).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_blocks_sent_total",
+            "counter",
+            "KV blocks written to decode engines.",
+            g(&self.kv_blocks_sent).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_bytes_sent_total",
+            "counter",
+            "KV bytes written to decode engines.",
+            g(&self.kv_bytes_sent).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_blocks_received_total",
+            "counter",
+            "KV blocks landed from prefill engines.",
+            g(&self.kv_blocks_received).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_blocks_verified_total",
+            "counter",
+            "Landed KV blocks whose bytes checked out.",
+            g(&self.kv_blocks_verified).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_verify_failures_total",
+            "counter",
+            "Decode legs refused because a KV block was wrong.",
+            g(&self.kv_verify_failures).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Cache configuration.\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{total}\"}} 1"
+        );
+        out
+    }
+}
+
+/// Reads one sample `name` from Prometheus text (first series), for tests and scrapers.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_vllm_names_that_sample_reads_back() {
+        let s = Stats::default();
+        Stats::add(&s.prefix_hits_tokens, 32);
+        s.kv_total_blocks.store(10, Relaxed);
+        s.kv_used_blocks.store(4, Relaxed);
+        let text = s.render("m", 16);
+        assert_eq!(sample(&text, "vllm:prefix_cache_hits_total"), Some(32.0));
+        assert_eq!(sample(&text, "vllm:kv_cache_usage_perc"), Some(0.4));
+        assert_eq!(sample(&text, "vllm:num_requests_running"), Some(0.0));
+        assert_eq!(sample(&text, "vllm:nope"), None);
+    }
+}

@@ -1,0 +1,156 @@
+//! The command line: `up`, `serve` and `engine`. Flags are the last configuration layer, applied
+//! as dotted-key overrides over file and environment, so defaults live only in the config structs.
+
+use crate::config::{self, Config};
+use crate::gateway::{shutdown_signal, Gateway};
+use crate::up::Fleet;
+use clap::{Args, Parser, Subcommand};
+use pdgate_engine_sim::EngineConfig;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pdgate",
+    version,
+    about = "Prefill/decode disaggregation gateway for LLM serving"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the gateway with an embedded fleet of reference engines.
+    Up(UpArgs),
+    /// Run the gateway alone in front of the workers named in the config.
+    Serve(ServeArgs),
+    /// Run one reference engine.
+    Engine(EngineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayFlags {
+    /// TOML config file (then PDGATE_* env, then these flags).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// round_robin, random or least_load.
+    #[arg(long)]
+    pub policy: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
+    /// Number of prefill engines.
+    #[arg(long)]
+    pub prefill: Option<usize>,
+    /// Number of decode engines.
+    #[arg(long)]
+    pub decode: Option<usize>,
+    /// Engine time scale: 1 is real time, 0 is instant.
+    #[arg(long)]
+    pub time_scale: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// TOML file holding an engine config (then PDGATE_ENGINE_* env, then these flags).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// prefill or decode.
+    #[arg(long)]
+    pub role: Option<String>,
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub time_scale: Option<f64>,
+    /// Gateway URL hosting the segment registry.
+    #[arg(long)]
+    pub registry: Option<String>,
+}
+
+fn push<T: ToString>(out: &mut Vec<(&'static str, String)>, key: &'static str, v: &Option<T>) {
+    if let Some(v) = v {
+        out.push((key, v.to_string()));
+    }
+}
+
+fn gateway_overrides(f: &GatewayFlags) -> Vec<(&'static str, String)> {
+    let mut o = Vec::new();
+    push(&mut o, "server.host", &f.host);
+    push(&mut o, "server.port", &f.port);
+    push(&mut o, "model.policy", &f.policy);
+    o
+}
+
+pub fn load_gateway(
+    flags: &GatewayFlags,
+    extra: Vec<(&'static str, String)>,
+) -> anyhow::Result<Config> {
+    let mut o = gateway_overrides(flags);
+    o.extend(extra);
+    config::load(flags.config.as_deref(), "PDGATE", &o)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(a) => {
+            let mut extra = Vec::new();
+            push(&mut extra, "up.prefill", &a.prefill);
+            push(&mut extra, "up.decode", &a.decode);
+            push(&mut extra, "up.engine.timing.time_scale", &a.time_scale);
+            let cfg = load_gateway(&a.gateway, extra)?;
+            crate::telemetry::init(&cfg.log);
+            let fleet = Fleet::start(cfg).await?;
+            println!("{}", fleet.banner());
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            fleet.stop().await;
+        }
+        Command::Serve(a) => {
+            let cfg = load_gateway(&a.gateway, Vec::new())?;
+            crate::telemetry::init(&cfg.log);
+            anyhow::ensure!(
+                !cfg.workers.is_empty(),
+                "no [[workers]] configured; `pdgate up` starts a demo fleet instead"
+            );
+            let gw = Gateway::start(cfg).await?;
+            println!("pdgate gateway {}", gw.url());
+            shutdown_signal().await;
+            gw.stop().await;
+        }
+        Command::Engine(a) => {
+            let mut o = Vec::new();
+            push(&mut o, "role", &a.role);
+            push(&mut o, "host", &a.host);
+            push(&mut o, "port", &a.port);
+            push(&mut o, "model", &a.model);
+            push(&mut o, "timing.time_scale", &a.time_scale);
+            push(&mut o, "registry_url", &a.registry);
+            let cfg: EngineConfig = config::load(a.config.as_deref(), "PDGATE_ENGINE", &o)?;
+            crate::telemetry::init(&crate::config::LogConfig::default());
+            let role = cfg.role;
+            let e = pdgate_engine_sim::spawn(cfg).await?;
+            println!("pdgate engine ({role}) {}", e.url());
+            shutdown_signal().await;
+            e.stop().await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The gateway's configuration: one struct tree with serde defaults and doc comments, loaded in
+//! layers: file → `PDGATE_*` environment (`__` between levels, e.g. `PDGATE_SERVER__PORT`) → CLI
+//! flags. These structs are the only source of defaults.
+
+use pdgate_engine_sim::EngineConfig;
+use pdgate_scheduler::{PolicyKind, Role};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+    /// Statically configured engine instances.
+    pub workers: Vec<WorkerConfig>,
+    pub health: HealthConfig,
+    pub upstream: UpstreamConfig,
+    /// The embedded demo fleet started by `pdgate up`.
+    pub up: UpConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: usize,
+    /// Requests in flight at once; beyond it the gateway answers 503 at once instead of queueing.
+    pub max_in_flight: usize,
+    /// Bearer token required on `/v1/*` when set.
+    pub api_key: Option<String>,
+    /// Bearer token required on `/admin/*` when set.
+    pub admin_token: Option<String>,
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    pub drain_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            max_body_bytes: 4 * 1024 * 1024,
+            max_in_flight: 4096,
+            api_key: None,
+            admin_token: None,
+            drain_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model name served (what `/v1/models` lists and requests must name).
+    pub name: String,
+    /// Tokens per KV block of the engines; prefix keys are cut at this size.
+    pub block_size: usize,
+    pub policy: PolicyKind,
+    /// Seed of randomised policies, for reproducible runs.
+    pub seed: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        Self {
+            name: engine.model,
+            block_size: engine.block_size,
+            policy: PolicyKind::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// The PD protocol a worker speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// pdgate's own: reserve on decode, prefill writes KV through pdgate-transfer, decode verifies.
+    #[default]
+    Native,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Native => "native",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub url: String,
+    pub role: Role,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failed checks before a worker is marked down.
+    pub fail_threshold: u32,
+    /// Consecutive passed checks before a down worker is marked up again.
+    pub recover_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            fail_threshold: 2,
+            recover_threshold: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub connect_timeout_ms: u64,
+    /// Deadline for a reserve or release call.
+    pub control_timeout_ms: u64,
+    /// Deadline for a whole prefill leg (compute and KV transfer).
+    pub prefill_timeout_secs: u64,
+    /// Deadline for the decode leg's response head.
+    pub decode_head_timeout_secs: u64,
+    /// Prefill instances tried per request before giving up (retries happen before any byte
+    /// reached the client).
+    pub prefill_attempts: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 1000,
+            control_timeout_ms: 5000,
+            prefill_timeout_secs: 120,
+            decode_head_timeout_secs: 60,
+            prefill_attempts: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpConfig {
+    pub prefill: usize,
+    pub decode: usize,
+    /// Every demo engine starts from this; role, port and registry are set per engine.
+    pub engine: EngineConfig,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        Self {
+            prefill: 2,
+            decode: 2,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive, overridden by `RUST_LOG`.
+    pub filter: String,
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            json: false,
+        }
+    }
+}
+
+/// Loads `T` from an optional file, then `PDGATE_*` env, then `overrides` (CLI flags as
+/// dotted keys, e.g. `server.port`).
+pub fn load<T: serde::de::DeserializeOwned>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    overrides: &[(&str, String)],
+) -> anyhow::Result<T> {
+    let mut b = config::Config::builder();
+    if let Some(path) = file {
+        b = b.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    b = b.add_source(
+        config::Environment::with_prefix(env_prefix)
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true),
+    );
+    for (key, value) in overrides {
+        b = b.set_override(*key, value.as_str())?;
+    }
+    let cfg = b.build()?.try_deserialize()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_configs_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("configs dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                load::<Config>(Some(&path), "PDGATE_TEST_NONE", &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no configs found");
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_then_override() {
+        let dir = std::env::temp_dir().join(format!("pdgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[server]\nport = 9001\nhost = \"0.0.0.0\"\n[model]\npolicy = \"round_robin\"\n",
+        )
+        .expect("write");
+        let cfg: Config = load(
+            Some(&file),
+            "PDGATE_TEST_NONE",
+            &[("server.port", "9002".into())],
+        )
+        .expect("load");
+        assert_eq!(cfg.server.port, 9002, "CLI beats file");
+        assert_eq!(cfg.server.host, "0.0.0.0", "file beats default");
+        assert_eq!(cfg.model.policy, PolicyKind::RoundRobin);
+        assert_eq!(
+            cfg.server.max_body_bytes,
+            ServerConfig::default().max_body_bytes,
+            "default kept"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("pdgate-cfg-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[server]\nprot = 1\n").expect("write");
+        assert!(load::<Config>(Some(&file), "PDGATE_TEST_NONE", &[]).is_err());
+    }
+}

@@ -1,0 +1,46 @@
+//! Active health checking: every worker's `/health` on an interval with a deadline, folded into
+//! hysteresis thresholds; flips are pushed into the scheduler so a down worker gets no traffic.
+
+use crate::state::AppState;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Checks every worker once, concurrently.
+pub async fn check_all(state: &AppState) {
+    let cfg = &state.cfg.health;
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let checks = state.workers.all().into_iter().map(|w| {
+        let client = state.client.clone();
+        async move {
+            let ok = matches!(
+                client.get(format!("{}/health", w.url)).timeout(timeout).send().await,
+                Ok(r) if r.status().is_success()
+            );
+            (w, ok)
+        }
+    });
+    for (w, ok) in futures::future::join_all(checks).await {
+        if let Some(healthy) = w.observe(ok, cfg.fail_threshold, cfg.recover_threshold) {
+            state.scheduler.lock().set_healthy(w.id, healthy);
+            if healthy {
+                tracing::info!(worker = %w.url, role = %w.role, "worker up");
+            } else {
+                tracing::warn!(worker = %w.url, role = %w.role, "worker down");
+            }
+        }
+    }
+    crate::metrics::record_health(state);
+}
+
+/// Runs checks forever; the first pass runs at once.
+pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(state.cfg.health.interval_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            check_all(&state).await;
+        }
+    })
+}

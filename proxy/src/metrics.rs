@@ -1,0 +1,73 @@
+//! Gateway metrics through the `metrics` facade, exported in Prometheus format on `/metrics`.
+//! Every name starts with `pdgate_` and carries its unit; label values come from small fixed sets.
+
+use crate::state::AppState;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pdgate_scheduler::Role;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls (tests, several gateways in one
+/// process) share it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then ours stays empty but harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn request_done(api: &'static str, status: u16, elapsed: Duration) {
+    counter!("pdgate_requests_total", "api" => api, "status" => status_class(status)).increment(1);
+    histogram!("pdgate_request_duration_seconds", "api" => api).record(elapsed.as_secs_f64());
+}
+
+pub fn first_token(elapsed: Duration) {
+    histogram!("pdgate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
+}
+
+pub fn leg(role: Role, outcome: &'static str) {
+    counter!("pdgate_legs_total", "role" => role.as_str(), "outcome" => outcome).increment(1);
+}
+
+pub fn kv_handoff(blocks: u64, bytes: u64, cached_tokens: u64, transfer: Duration) {
+    counter!("pdgate_kv_transfer_blocks_total").increment(blocks);
+    counter!("pdgate_kv_transfer_bytes_total").increment(bytes);
+    counter!("pdgate_prefix_cached_tokens_total").increment(cached_tokens);
+    histogram!("pdgate_kv_transfer_duration_seconds").record(transfer.as_secs_f64());
+}
+
+pub fn prefill_retry() {
+    counter!("pdgate_prefill_retries_total").increment(1);
+}
+
+pub fn rejected(reason: &'static str) {
+    counter!("pdgate_rejections_total", "reason" => reason).increment(1);
+}
+
+pub fn record_health(state: &AppState) {
+    let (p, d) = state.scheduler.lock().healthy_counts();
+    gauge!("pdgate_workers_healthy", "role" => "prefill").set(p as f64);
+    gauge!("pdgate_workers_healthy", "role" => "decode").set(d as f64);
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,188 @@
+//! The request path, top to bottom: parse → key → schedule → legs → stream → account.
+//!
+//! Retries happen only before any byte reached the client: a failed prefill is retried on
+//! another prefill instance (with a fresh pair), never a decode that already streamed.
+
+use crate::booking::Booking;
+use crate::error::ApiError;
+use crate::metrics;
+use crate::openai::{self, ClientRequest};
+use crate::protocol::{self, DecodeStart, LegContext, LegError};
+use crate::relay::Relay;
+use crate::state::AppState;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use pdgate_engine_sim::openai::ApiKind;
+use pdgate_scheduler::{BuiltinTokenizer, InstanceId, Rejection, RequestKey, Role};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+pub async fn serve(
+    state: Arc<AppState>,
+    kind: ApiKind,
+    request_id: String,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let resp = async {
+        match run(&state, kind, &request_id, body, started).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
+                e.into_response()
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    metrics::request_done(api_label(kind), resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn run(
+    state: &Arc<AppState>,
+    kind: ApiKind,
+    request_id: &str,
+    body: Result<Bytes, BytesRejection>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let permit = Arc::clone(&state.in_flight)
+        .try_acquire_owned()
+        .map_err(|_| {
+            metrics::rejected("gateway_full");
+            ApiError::unavailable(
+                "gateway_overloaded",
+                "too many requests in flight; retry shortly",
+            )
+        })?;
+    let raw = body.map_err(|r| body_error(r, state.cfg.server.max_body_bytes))?;
+    let req = openai::parse(kind, &raw, &state.cfg.model.name)?;
+    let key = prefix_key(state, &req.prompt);
+    let mut failed: Vec<InstanceId> = Vec::new();
+    let attempts = state.cfg.upstream.prefill_attempts.max(1) as usize;
+    loop {
+        let mut booking = schedule(state, &key, &failed)?;
+        let pair = booking.decision;
+        let (Some(prefill), Some(decode)) = (
+            state.workers.get(pair.prefill),
+            state.workers.get(pair.decode),
+        ) else {
+            return Err(ApiError::unavailable(
+                "no_healthy_pair",
+                "the chosen pair left the fleet; retry",
+            ));
+        };
+        tracing::info!(prefill = %prefill.url, decode = %decode.url, prompt_tokens = key.prompt_tokens, "scheduled");
+        let ctx = LegContext {
+            state,
+            request_id,
+            req: &req,
+            prompt_tokens: key.prompt_tokens,
+            prefill: &prefill,
+            decode: &decode,
+        };
+        match protocol::run_legs(decode.protocol, &ctx, || booking.prefill_done()).await {
+            Ok(start) => return Ok(respond(&req, start, booking, started, request_id, permit)),
+            Err(LegError {
+                role: Role::Prefill,
+                retryable: true,
+                error,
+            }) if failed.len() + 1 < attempts => {
+                tracing::warn!(prefill = %prefill.url, message = %error.message, "prefill failed; retrying on another instance");
+                metrics::prefill_retry();
+                failed.push(pair.prefill);
+            }
+            Err(e) => return Err(e.error),
+        }
+    }
+}
+
+/// Tokenises the whole rendered prompt and cuts it into chained block hashes.
+fn prefix_key(state: &AppState, prompt: &str) -> RequestKey {
+    let tokens = BuiltinTokenizer.encode(prompt);
+    RequestKey {
+        prompt_tokens: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+        blocks: state.hasher.full_blocks(&tokens),
+    }
+}
+
+fn schedule(
+    state: &Arc<AppState>,
+    key: &RequestKey,
+    avoid: &[InstanceId],
+) -> Result<Booking, ApiError> {
+    let decision = state
+        .scheduler
+        .lock()
+        .schedule(key, avoid)
+        .map_err(|r| match r {
+            Rejection::NoHealthy(role) => {
+                metrics::rejected(if role == Role::Prefill {
+                    "no_prefill"
+                } else {
+                    "no_decode"
+                });
+                ApiError::unavailable(
+                    "no_healthy_pair",
+                    format!("no healthy {role} instance is available"),
+                )
+            }
+        })?;
+    Ok(Booking::new(Arc::clone(state), decision, key.prompt_tokens))
+}
+
+/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.
+fn respond(
+    req: &ClientRequest,
+    start: DecodeStart,
+    booking: Booking,
+    started: Instant,
+    request_id: &str,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response {
+    let upstream = start.response;
+    let content_type = upstream
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("application/json"));
+    let relay = Relay::new(
+        Box::pin(upstream.bytes_stream()),
+        booking,
+        started,
+        request_id.to_string(),
+    );
+    // The permit lives as long as the body, so a long stream counts as in flight.
+    let body = futures::StreamExt::map(relay, move |item| {
+        let _keep = &permit;
+        item
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = StatusCode::OK;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    if req.stream {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    resp
+}
+
+fn body_error(r: BytesRejection, limit: usize) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::body_too_large(limit)
+    } else {
+        ApiError::invalid("body", r.body_text())
+    }
+}
+
+fn api_label(kind: ApiKind) -> &'static str {
+    match kind {
+        ApiKind::Chat => "chat",
+        ApiKind::Completions => "completions",
+    }
+}

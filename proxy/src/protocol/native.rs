@@ -1,0 +1,179 @@
+//! pdgate's native PD protocol with the reference engine: reserve KV on decode, prefill writes
+//! every block into that reservation through pdgate-transfer, then the decode leg (the client's
+//! body plus `pdgate_kv`) verifies the blocks and streams. Message types live in
+//! `pdgate_engine_sim::native`, shared with the engine.
+//!
+//! The reservation is released here on every path where the decode leg did not take it over.
+
+use super::{unreachable, upstream_failure, DecodeStart, LegContext, LegError};
+use crate::metrics;
+use pdgate_engine_sim::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};
+use pdgate_engine_sim::openai::ApiKind;
+use pdgate_scheduler::Role;
+use std::time::Duration;
+
+pub async fn run(
+    ctx: &LegContext<'_>,
+    on_prefill_done: impl FnOnce(),
+) -> Result<DecodeStart, LegError> {
+    let kv = reserve(ctx).await?;
+    let guard = ReleaseOnDrop {
+        client: ctx.state.client.clone(),
+        url: ctx.decode.url.clone(),
+        request_id: ctx.request_id.to_string(),
+        armed: true,
+    };
+    let report = prefill(ctx, &kv).await?;
+    on_prefill_done();
+    metrics::kv_handoff(
+        u64::from(report.blocks_sent),
+        report.bytes_sent,
+        u64::from(report.cached_tokens),
+        Duration::from_secs_f64(report.transfer_ms.max(0.0) / 1e3),
+    );
+    tracing::debug!(
+        blocks = report.blocks_sent,
+        bytes = report.bytes_sent,
+        cached = report.cached_tokens,
+        transfer_ms = report.transfer_ms,
+        "KV handed off"
+    );
+    let response = decode(ctx, &report).await?;
+    guard.disarm();
+    Ok(DecodeStart { response })
+}
+
+async fn reserve(ctx: &LegContext<'_>) -> Result<KvDescriptor, LegError> {
+    let url = format!("{}{}", ctx.decode.url, wire::RESERVE_PATH);
+    let body = wire::ReserveRequest {
+        request_id: ctx.request_id.into(),
+        prompt_tokens: ctx.prompt_tokens,
+    };
+    let timeout = Duration::from_millis(ctx.state.cfg.upstream.control_timeout_ms);
+    let resp = ctx
+        .state
+        .client
+        .post(&url)
+        .json(&body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| unreachable(Role::Decode, &ctx.decode.url, &e))?;
+    if !resp.status().is_success() {
+        return Err(upstream_failure(Role::Decode, resp).await);
+    }
+    resp.json()
+        .await
+        .map_err(|e| unreachable(Role::Decode, &ctx.decode.url, &e))
+}
+
+async fn prefill(ctx: &LegContext<'_>, kv: &KvDescriptor) -> Result<PrefillReport, LegError> {
+    let url = format!("{}{}", ctx.prefill.url, wire::PREFILL_PATH);
+    let body = wire::PrefillRequest {
+        request_id: ctx.request_id.into(),
+        prompt: ctx.req.prompt.clone(),
+        target: kv.clone(),
+    };
+    let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
+    let send = ctx
+        .state
+        .client
+        .post(&url)
+        .header("x-request-id", ctx.request_id)
+        .json(&body)
+        .timeout(timeout)
+        .send();
+    let resp = send
+        .await
+        .map_err(|e| unreachable(Role::Prefill, &ctx.prefill.url, &e))?;
+    if !resp.status().is_success() {
+        metrics::leg(Role::Prefill, "error");
+        return Err(upstream_failure(Role::Prefill, resp).await);
+    }
+    let report = resp
+        .json()
+        .await
+        .map_err(|e| unreachable(Role::Prefill, &ctx.prefill.url, &e))?;
+    metrics::leg(Role::Prefill, "ok");
+    Ok(report)
+}
+
+async fn decode(
+    ctx: &LegContext<'_>,
+    report: &PrefillReport,
+) -> Result<reqwest::Response, LegError> {
+    let path = match ctx.req.kind {
+        ApiKind::Chat => "/v1/chat/completions",
+        ApiKind::Completions => "/v1/completions",
+    };
+    let mut body = ctx.req.body.clone();
+    let leg = DecodeLeg {
+        request_id: ctx.request_id.into(),
+        first_token: report.first_token,
+    };
+    body[wire::DECODE_FIELD] = serde_json::to_value(leg).unwrap_or_default();
+    let head_timeout = Duration::from_secs(ctx.state.cfg.upstream.decode_head_timeout_secs);
+    let send = ctx
+        .state
+        .client
+        .post(format!("{}{path}", ctx.decode.url))
+        .header("x-request-id", ctx.request_id)
+        .json(&body)
+        .send();
+    let resp = match tokio::time::timeout(head_timeout, send).await {
+        Ok(r) => r.map_err(|e| unreachable(Role::Decode, &ctx.decode.url, &e))?,
+        Err(_) => {
+            let error = crate::error::ApiError::timeout(format!(
+                "decode engine {} sent no response head in time",
+                ctx.decode.url
+            ));
+            return Err(LegError {
+                role: Role::Decode,
+                retryable: true,
+                error,
+            });
+        }
+    };
+    if !resp.status().is_success() {
+        metrics::leg(Role::Decode, "error");
+        return Err(upstream_failure(Role::Decode, resp).await);
+    }
+    metrics::leg(Role::Decode, "ok");
+    Ok(resp)
+}
+
+/// Frees the decode reservation unless the decode leg took it over. Runs on error paths and when
+/// the request future is dropped (client disconnect), so it must not need the caller's task.
+struct ReleaseOnDrop {
+    client: reqwest::Client,
+    url: String,
+    request_id: String,
+    armed: bool,
+}
+
+impl ReleaseOnDrop {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (client, request_id) = (self.client.clone(), std::mem::take(&mut self.request_id));
+        let url = format!("{}{}", self.url, wire::RELEASE_PATH);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let body = wire::ReleaseRequest { request_id: request_id.clone() };
+            match client.post(&url).json(&body).timeout(Duration::from_secs(5)).send().await {
+                Ok(_) => tracing::debug!(request_id = %request_id, "released KV reservation"),
+                // The engine reclaims it after its reservation TTL anyway.
+                Err(e) => tracing::warn!(request_id = %request_id, error = %e, "could not release KV reservation"),
+            }
+        });
+    }
+}

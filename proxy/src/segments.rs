@@ -1,0 +1,60 @@
+//! The segment registry the gateway hosts for transfer engines: engines publish their KV
+//! segments here and look peers' segments up by name. Backed by the transfer crate's bounded
+//! in-memory registry; this file is only its HTTP face.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use pdgate_engine_sim::registry::REGISTRY_PATH;
+use pdgate_transfer::{MetadataStore, SegmentDesc};
+use std::sync::Arc;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(REGISTRY_PATH, get(list).post(publish))
+        .route(
+            &format!("{REGISTRY_PATH}/{{name}}"),
+            get(lookup).delete(remove),
+        )
+}
+
+async fn list(State(s): State<Arc<AppState>>) -> Result<Json<Vec<SegmentDesc>>, ApiError> {
+    s.segments.list().await.map(Json).map_err(internal)
+}
+
+async fn publish(
+    State(s): State<Arc<AppState>>,
+    Json(desc): Json<SegmentDesc>,
+) -> Result<Response, ApiError> {
+    tracing::info!(segment = %desc.name, endpoint = %desc.endpoint, bytes = desc.len, "segment registered");
+    s.segments.publish(desc).await.map_err(internal)?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+async fn lookup(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<SegmentDesc>, ApiError> {
+    s.segments
+        .lookup(&name)
+        .await
+        .map_err(internal)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("segment `{name}` is not registered")))
+}
+
+async fn remove(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.segments.remove(&name).await.map_err(internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn internal(e: pdgate_transfer::TransferError) -> ApiError {
+    ApiError::unavailable("registry_error", e.to_string())
+}

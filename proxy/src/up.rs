@@ -1,0 +1,77 @@
+//! `pdgate up`: the gateway plus an embedded fleet of reference engines in this process, wired
+//! together (engines register their KV segments with the gateway's registry) and ready to serve.
+
+use crate::config::{Config, Protocol, WorkerConfig};
+use crate::gateway::Gateway;
+use crate::health;
+use pdgate_engine_sim::{EngineConfig, EngineHandle};
+use pdgate_scheduler::Role;
+
+pub struct Fleet {
+    pub gateway: Gateway,
+    pub engines: Vec<(Role, EngineHandle)>,
+}
+
+impl Fleet {
+    pub async fn start(cfg: Config) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            cfg.up.prefill > 0 && cfg.up.decode > 0,
+            "`up` needs at least one prefill and one decode engine"
+        );
+        anyhow::ensure!(
+            cfg.up.engine.block_size == cfg.model.block_size
+                && cfg.up.engine.model == cfg.model.name,
+            "up.engine.block_size/model must match model.block_size/name"
+        );
+        let up = cfg.up.clone();
+        let gateway = Gateway::start(cfg).await?;
+        let mut engines = Vec::with_capacity(up.prefill + up.decode);
+        let roles = std::iter::repeat_n(Role::Prefill, up.prefill)
+            .chain(std::iter::repeat_n(Role::Decode, up.decode));
+        for role in roles {
+            let engine_cfg = EngineConfig {
+                role,
+                port: 0,
+                transfer_port: 0,
+                registry_url: Some(gateway.url()),
+                ..up.engine.clone()
+            };
+            let handle = pdgate_engine_sim::spawn(engine_cfg).await?;
+            gateway.state.workers.add(
+                &gateway.state.scheduler,
+                &WorkerConfig {
+                    url: handle.url(),
+                    role,
+                    protocol: Protocol::Native,
+                },
+            );
+            engines.push((role, handle));
+        }
+        health::check_all(&gateway.state).await;
+        Ok(Self { gateway, engines })
+    }
+
+    pub fn url(&self) -> String {
+        self.gateway.url()
+    }
+
+    pub fn banner(&self) -> String {
+        let mut out = format!("pdgate gateway  {}\n", self.url());
+        for (role, e) in &self.engines {
+            out.push_str(&format!("  {role:<7} engine  {}\n", e.url()));
+        }
+        out.push_str(&format!(
+            "\ntry:\n  curl -s {}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\nCtrl-C stops everything.\n",
+            self.url(),
+            self.gateway.state.cfg.model.name
+        ));
+        out
+    }
+
+    pub async fn stop(self) {
+        self.gateway.stop().await;
+        for (_, e) in self.engines {
+            e.stop().await;
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The worker registry: every engine instance the gateway fronts, its role, URL, protocol and
+//! health, keyed by the scheduler's `InstanceId`. The scheduler holds the load; this holds the
+//! addresses. Adding or removing a worker updates both under one call.
+
+use crate::config::{Protocol, WorkerConfig};
+use parking_lot::{Mutex, RwLock};
+use pdgate_scheduler::{InstanceId, InstanceLoad, Role, Scheduler};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Worker {
+    pub id: InstanceId,
+    pub url: String,
+    pub role: Role,
+    pub protocol: Protocol,
+    pub health: Mutex<HealthState>,
+}
+
+/// Health with hysteresis: counts of consecutive results decide flips.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct HealthState {
+    pub healthy: bool,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkerView {
+    pub id: u32,
+    pub role: Role,
+    pub url: String,
+    pub protocol: &'static str,
+    pub healthy: bool,
+    pub load: InstanceLoad,
+}
+
+#[derive(Default)]
+pub struct Workers {
+    by_id: RwLock<BTreeMap<InstanceId, Arc<Worker>>>,
+}
+
+impl Workers {
+    /// Registers a worker, unhealthy until its first health check passes.
+    pub fn add(&self, sched: &Mutex<Scheduler>, cfg: &WorkerConfig) -> Arc<Worker> {
+        let mut s = sched.lock();
+        let id = s.add_instance(cfg.role);
+        s.set_healthy(id, false);
+        let w = Arc::new(Worker {
+            id,
+            url: cfg.url.trim_end_matches('/').to_string(),
+            role: cfg.role,
+            protocol: cfg.protocol,
+            health: Mutex::new(HealthState::default()),
+        });
+        self.by_id.write().insert(id, Arc::clone(&w));
+        w
+    }
+
+    pub fn get(&self, id: InstanceId) -> Option<Arc<Worker>> {
+        self.by_id.read().get(&id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Worker>> {
+        self.by_id.read().values().cloned().collect()
+    }
+
+    pub fn views(&self, sched: &Mutex<Scheduler>) -> Vec<WorkerView> {
+        let s = sched.lock();
+        self.all()
+            .into_iter()
+            .map(|w| WorkerView {
+                id: w.id.0,
+                role: w.role,
+                url: w.url.clone(),
+                protocol: w.protocol.as_str(),
+                healthy: w.health.lock().healthy,
+                load: s.load(w.id).unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+impl Worker {
+    /// Folds one health result in; returns the new health when it flipped.
+    pub fn observe(&self, ok: bool, fail_threshold: u32, recover_threshold: u32) -> Option<bool> {
+        let mut h = self.health.lock();
+        if ok {
+            h.consecutive_successes = h.consecutive_successes.saturating_add(1);
+            h.consecutive_failures = 0;
+            if !h.healthy && h.consecutive_successes >= recover_threshold.max(1) {
+                h.healthy = true;
+                return Some(true);
+            }
+        } else {
+            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+            h.consecutive_successes = 0;
+            if h.healthy && h.consecutive_failures >= fail_threshold.max(1) {
+                h.healthy = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pdgate_scheduler::PolicyKind;
+
+    #[test]
+    fn health_flips_only_after_thresholds() {
+        let sched = Mutex::new(Scheduler::new(PolicyKind::LeastLoad, 0));
+        let workers = Workers::default();
+        let w = workers.add(
+            &sched,
+            &WorkerConfig {
+                url: "http://x/".into(),
+                role: Role::Decode,
+                protocol: Protocol::Native,
+            },
+        );
+        assert_eq!(w.url, "http://x");
+        assert!(!sched.lock().is_healthy(w.id), "unknown until checked");
+        assert_eq!(w.observe(true, 2, 2), None);
+        assert_eq!(w.observe(true, 2, 2), Some(true));
+        assert_eq!(w.observe(false, 2, 2), None);
+        assert_eq!(w.observe(true, 2, 2), None, "a pass resets the failure run");
+        assert_eq!(w.observe(false, 2, 2), None);
+        assert_eq!(w.observe(false, 2, 2), Some(false));
+    }
+}

@@ -1,0 +1,592 @@
+//! TCP transport: a bounded pool of persistent connections per peer on the
+//! client side, and the accept loop plus per-connection handler that applies
+//! remote ops to local segments on the server side.
+//!
+//! Frames follow `wire`. Payloads are moved without intermediate copies where
+//! the kernel allows: the client hands write payloads to `writev`, the server
+//! `read`s write payloads straight into segment memory and `write`s read
+//! payloads straight out of it. That is done with non-blocking `try_read` /
+//! `try_write` inside the segment lock, so no lock is ever held across an
+//! `.await`. Nothing read from the network may panic or allocate beyond the
+//! `wire` limits; a connection that fails mid-batch is dropped, never reused.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::batch::{Batch, BatchReport, Op};
+use crate::error::TransferError;
+use crate::local::LocalSegments;
+use crate::segment::Segment;
+use crate::transport::{Transport, TransportKind};
+use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
+
+/// Upper bound on one `try_read`/`try_write` under a segment lock, so a
+/// single syscall never keeps other users of the segment waiting for long.
+const MAX_IO_STEP: usize = 4 << 20;
+/// Server-side buffer for headers; payloads bypass it.
+const SERVER_READ_BUFFER: usize = 64 << 10;
+/// Scratch size used to drain payloads of a batch that already failed.
+const DISCARD_CHUNK: usize = 64 << 10;
+/// Inbound connections served at once; further peers wait in the backlog.
+const MAX_INBOUND_CONNECTIONS: usize = 1024;
+/// Distinct peers with pooled state; beyond this idle peers are forgotten.
+const MAX_PEERS: usize = 4096;
+/// Iovecs per `writev`.
+const MAX_IOV: usize = 64;
+
+// ---------------------------------------------------------------- client ---
+
+/// Client half: submits batches to remote engines over pooled connections.
+pub(crate) struct TcpTransport {
+    peers: Mutex<HashMap<String, Arc<Peer>>>,
+    per_peer: usize,
+}
+
+struct Peer {
+    // Caps in-flight batches (hence open connections) to this peer; extra
+    // submitters queue here, under the caller's deadline.
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+impl TcpTransport {
+    pub(crate) fn new(connections_per_peer: usize) -> Self {
+        TcpTransport {
+            peers: Mutex::new(HashMap::new()),
+            per_peer: connections_per_peer.max(1),
+        }
+    }
+
+    /// Drops every pooled connection.
+    pub(crate) fn close(&self) {
+        self.peers.lock().clear();
+    }
+
+    fn peer(&self, endpoint: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock();
+        if let Some(p) = peers.get(endpoint) {
+            return p.clone();
+        }
+        if peers.len() >= MAX_PEERS {
+            // Only the map holds an unused peer, so forgetting it loses idle
+            // sockets at worst, never an in-flight batch's permit.
+            peers.retain(|_, p| Arc::strong_count(p) > 1);
+        }
+        let p = Arc::new(Peer {
+            permits: Arc::new(Semaphore::new(self.per_peer)),
+            idle: Mutex::new(Vec::with_capacity(self.per_peer)),
+        });
+        peers.insert(endpoint.to_owned(), p.clone());
+        p
+    }
+}
+
+impl Peer {
+    fn take_idle(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock();
+        while let Some(conn) = idle.pop() {
+            if still_open(&conn) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, conn: TcpStream, max: usize) {
+        let mut idle = self.idle.lock();
+        if idle.len() < max {
+            idle.push(conn);
+        }
+    }
+}
+
+/// Cheap check that the peer has not closed an idle connection (e.g. it
+/// restarted). Only a pending EOF or error is detected; anything else is
+/// found out by the next exchange.
+fn still_open(conn: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(conn.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+async fn connect(endpoint: &str) -> Result<TcpStream, TransferError> {
+    let conn = TcpStream::connect(endpoint)
+        .await
+        .map_err(|e| TransferError::PeerUnavailable(format!("{endpoint}: {e}")))?;
+    conn.set_nodelay(true)?;
+    Ok(conn)
+}
+
+/// How one request/reply exchange ended.
+enum Exchange {
+    /// Reply fully read; the connection is in sync. `reusable` is false when
+    /// the server announced it is closing.
+    Done {
+        result: Result<BatchReport, TransferError>,
+        reusable: bool,
+    },
+    /// Connection broke before any reply byte arrived.
+    NoReply(TransferError),
+    /// Connection broke or misbehaved mid-reply.
+    Broken(TransferError),
+}
+
+#[async_trait::async_trait]
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    async fn submit(
+        &self,
+        endpoint: &str,
+        segment: &str,
+        batch: &Batch,
+    ) -> Result<BatchReport, TransferError> {
+        batch.validate(segment)?;
+        let peer = self.peer(endpoint);
+        let _permit: OwnedSemaphorePermit = peer
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TransferError::Shutdown)?;
+        let (mut conn, mut reused) = match peer.take_idle() {
+            Some(c) => (c, true),
+            None => (connect(endpoint).await?, false),
+        };
+        loop {
+            match exchange(&mut conn, segment, batch).await {
+                Exchange::Done { result, reusable } => {
+                    if reusable {
+                        peer.put_idle(conn, self.per_peer);
+                    }
+                    return result;
+                }
+                // A pooled connection the server closed between batches
+                // fails like this without the server having seen the
+                // request (it only closes between batches or when its
+                // process goes away), so one retry on a fresh connection
+                // cannot apply the batch twice.
+                Exchange::NoReply(e) if reused => {
+                    tracing::debug!(endpoint, error = %e, "pooled connection was stale, reconnecting");
+                    conn = connect(endpoint).await?;
+                    reused = false;
+                }
+                Exchange::NoReply(e) | Exchange::Broken(e) => return Err(e),
+            }
+        }
+    }
+}
+
+async fn exchange(conn: &mut TcpStream, segment: &str, batch: &Batch) -> Exchange {
+    let mut parts = wire::encode_request(segment, batch);
+    if let Err(e) = write_all_vectored(conn, &mut parts).await {
+        return Exchange::NoReply(e.into());
+    }
+    let mut raw = [0u8; REPLY_HEADER_LEN];
+    match wire::read_exact_or_eof(conn, &mut raw).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Exchange::NoReply(io::Error::from(io::ErrorKind::UnexpectedEof).into())
+        }
+        Err(e) => {
+            return if e.kind() == io::ErrorKind::UnexpectedEof {
+                Exchange::Broken(e.into())
+            } else {
+                Exchange::NoReply(e.into())
+            }
+        }
+    }
+    match read_reply(conn, &raw, batch).await {
+        Ok(done) => done,
+        Err(e) => Exchange::Broken(e),
+    }
+}
+
+async fn read_reply(
+    conn: &mut TcpStream,
+    raw: &[u8; REPLY_HEADER_LEN],
+    batch: &Batch,
+) -> Result<Exchange, TransferError> {
+    let h = ReplyHeader::decode(raw)?;
+    if h.status != ReplyStatus::Ok {
+        // msg_len was bounded by decode.
+        let mut msg = vec![0u8; h.msg_len as usize];
+        conn.read_exact(&mut msg).await?;
+        return Ok(Exchange::Done {
+            result: Err(h.into_error(&msg)),
+            reusable: h.status != ReplyStatus::Fatal,
+        });
+    }
+    let expect_bytes = batch.read_bytes();
+    if h.n_reads as usize != batch.read_count() || h.a != expect_bytes {
+        return Err(TransferError::Protocol(format!(
+            "reply announces {} reads / {} bytes, batch asked for {} / {expect_bytes}",
+            h.n_reads,
+            h.a,
+            batch.read_count()
+        )));
+    }
+    // The size is what this batch asked for, never what the peer claims.
+    let total = usize::try_from(expect_bytes)
+        .map_err(|_| TransferError::InvalidBatch("read bytes exceed address space".into()))?;
+    let mut buf = BytesMut::with_capacity(total);
+    while buf.len() < total {
+        let want = total - buf.len();
+        if conn.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    let mut all = buf.freeze();
+    let mut report = BatchReport {
+        bytes_read: expect_bytes,
+        ..BatchReport::default()
+    };
+    for op in &batch.ops {
+        match op {
+            Op::Write { data, .. } => report.bytes_written += data.len() as u64,
+            // Each len is bounded by `total`, already checked above.
+            Op::Read { len, .. } => report.reads.push(all.split_to(*len as usize)),
+        }
+    }
+    Ok(Exchange::Done {
+        result: Ok(report),
+        reusable: true,
+    })
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &mut VecDeque<Bytes>,
+) -> io::Result<()> {
+    while !parts.is_empty() {
+        let written = {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (slot, part) in iov.iter_mut().zip(parts.iter()) {
+                *slot = IoSlice::new(part);
+                n += 1;
+            }
+            w.write_vectored(&iov[..n]).await?
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        advance(parts, written);
+    }
+    Ok(())
+}
+
+fn advance(parts: &mut VecDeque<Bytes>, mut n: usize) {
+    while let Some(front) = parts.front_mut() {
+        if front.len() > n {
+            let _ = front.split_to(n);
+            return;
+        }
+        n -= front.len();
+        parts.pop_front();
+        if n == 0 {
+            break;
+        }
+    }
+    while parts.front().is_some_and(Bytes::is_empty) {
+        parts.pop_front();
+    }
+}
+
+// ---------------------------------------------------------------- server ---
+
+/// Accepts connections until `shutdown` turns true (or its sender is
+/// dropped), then drops the listener so new connects are refused.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    local: Arc<LocalSegments>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_INBOUND_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = wait_shutdown(&mut shutdown) => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = wait_shutdown(&mut shutdown) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "set_nodelay failed");
+                }
+                let local = local.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    handle_connection(stream, local, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Usually fd exhaustion; back off instead of spinning.
+                tracing::warn!(error = %e, "transfer accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!("transfer listener stopped");
+}
+
+async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    local: Arc<LocalSegments>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let peer = stream.peer_addr().ok();
+    let (rd, wr) = stream.into_split();
+    let mut conn = ServerConn {
+        rd: BufReader::with_capacity(SERVER_READ_BUFFER, rd),
+        wr,
+        scratch: Vec::new(),
+    };
+    tokio::select! {
+        _ = wait_shutdown(&mut shutdown) => {}
+        r = conn.run(&local) => {
+            if let Err(e) = r {
+                tracing::debug!(?peer, error = %e, "transfer connection closed");
+            }
+        }
+    }
+}
+
+struct ServerConn {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+    scratch: Vec<u8>,
+}
+
+impl ServerConn {
+    async fn run(&mut self, local: &LocalSegments) -> Result<(), TransferError> {
+        loop {
+            let head = match wire::read_request_head(&mut self.rd).await {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.fatal(e).await),
+            };
+            self.serve_batch(local, head).await?;
+        }
+    }
+
+    /// Tells the client why (best effort) before the connection is dropped;
+    /// the stream cannot be resynchronised after a malformed frame.
+    async fn fatal(&mut self, e: TransferError) -> TransferError {
+        if matches!(e, TransferError::Protocol(_)) {
+            let _ = self.wr.write_all(&wire::encode_error_reply(&e, true)).await;
+        }
+        e
+    }
+
+    async fn serve_batch(
+        &mut self,
+        local: &LocalSegments,
+        head: wire::RequestHead,
+    ) -> Result<(), TransferError> {
+        let seg = local.get(&head.segment);
+        if let Some(payload) = head.notify.clone() {
+            local.deliver(&head.segment, payload);
+        }
+        let mut failed = match seg {
+            Some(_) => None,
+            None => Some(TransferError::UnknownSegment(head.segment.clone())),
+        };
+        // At most MAX_OPS_PER_BATCH entries of 16 bytes.
+        let mut reads: Vec<(usize, usize)> = Vec::new();
+        for _ in 0..head.n_ops {
+            let op = match wire::read_op_header(&mut self.rd).await {
+                Ok(op) => op,
+                Err(e) => return Err(self.fatal(e).await),
+            };
+            let range = match (&seg, &failed) {
+                (Some(s), None) => match s.check_range(op.offset, op.len) {
+                    Ok(r) => Some((s, r)),
+                    Err(e) => {
+                        failed = Some(e);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            match (op.kind, range) {
+                (OpKind::Write, Some((s, (off, len)))) => self.recv_into(s, off, len).await?,
+                (OpKind::Write, None) => self.discard(op.len).await?,
+                (OpKind::Read, Some((_, r))) => reads.push(r),
+                (OpKind::Read, None) => {}
+            }
+        }
+        let seg = match (seg, failed) {
+            (Some(seg), None) => seg,
+            (_, Some(e)) => {
+                self.wr
+                    .write_all(&wire::encode_error_reply(&e, false))
+                    .await?;
+                return Ok(());
+            }
+            (None, None) => {
+                return Err(TransferError::Protocol(
+                    "unreachable: no segment and no error".into(),
+                ))
+            }
+        };
+        let total: u64 = reads.iter().map(|&(_, len)| len as u64).sum();
+        let mut hdr = BytesMut::with_capacity(REPLY_HEADER_LEN);
+        ReplyHeader::ok(reads.len() as u32, total).encode(&mut hdr);
+        self.wr.write_all(&hdr).await?;
+        for (off, len) in reads {
+            self.send_from(&seg, off, len).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives `len` payload bytes straight into `seg[off..off+len]`.
+    async fn recv_into(
+        &mut self,
+        seg: &Segment,
+        off: usize,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        let mut done = 0;
+        // Bytes the header reads already pulled into the BufReader.
+        let buffered = self.rd.buffer();
+        if !buffered.is_empty() {
+            let n = buffered.len().min(len);
+            seg.write(off, &buffered[..n])?;
+            Pin::new(&mut self.rd).consume(n);
+            done = n;
+        }
+        let sock = self.rd.get_ref();
+        while done < len {
+            let step = (len - done).min(MAX_IO_STEP);
+            sock.readable().await?;
+            match seg.with_range_mut(off + done, step, |dst| sock.try_read(dst))? {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `seg[off..off+len]` straight from segment memory.
+    async fn send_from(
+        &mut self,
+        seg: &Segment,
+        off: usize,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        let mut done = 0;
+        while done < len {
+            let step = (len - done).min(MAX_IO_STEP);
+            self.wr.writable().await?;
+            let wr = &self.wr;
+            match seg.with_range(off + done, step, |src| wr.try_write(src))? {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes a payload that will not be applied, keeping the stream in sync.
+    async fn discard(&mut self, len: u64) -> Result<(), TransferError> {
+        self.scratch.resize(DISCARD_CHUNK, 0);
+        let mut left = len;
+        while left > 0 {
+            let step = left.min(DISCARD_CHUNK as u64) as usize;
+            let n = self.rd.read(&mut self.scratch[..step]).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            left -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_handles_partial_writes() {
+        let mut parts: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fghi"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        advance(&mut parts, 2);
+        assert_eq!(parts[0], Bytes::from_static(b"c"));
+        advance(&mut parts, 3);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0], Bytes::from_static(b"fghi"));
+        advance(&mut parts, 4);
+        assert!(parts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn vectored_write_delivers_everything_in_order() {
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let mut parts: VecDeque<Bytes> = (0..200u8).map(|i| Bytes::from(vec![i; 3])).collect();
+        let expect: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 600];
+            b.read_exact(&mut got).await.unwrap();
+            got
+        });
+        write_all_vectored(&mut a, &mut parts).await.unwrap();
+        assert_eq!(reader.await.unwrap(), expect);
+    }
+
+    #[tokio::test]
+    async fn malformed_request_gets_fatal_reply_and_close() {
+        let local = Arc::new(LocalSegments::new(4));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, local, rx));
+
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&[0xEE; wire::REQUEST_HEADER_LEN])
+            .await
+            .unwrap();
+        let mut raw = [0u8; REPLY_HEADER_LEN];
+        c.read_exact(&mut raw).await.unwrap();
+        let h = ReplyHeader::decode(&raw).unwrap();
+        assert_eq!(h.status, ReplyStatus::Fatal);
+        let mut msg = vec![0u8; h.msg_len as usize];
+        c.read_exact(&mut msg).await.unwrap();
+        assert!(String::from_utf8_lossy(&msg).contains("magic"));
+        let mut rest = Vec::new();
+        assert_eq!(c.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+}
