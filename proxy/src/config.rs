@@ -187,26 +187,51 @@ impl Default for LogConfig {
     }
 }
 
+/// A config tree that can be layered: its top-level keys, so that only environment variables
+/// naming one of them are read (other `PDGATE_*` variables, e.g. test or bench knobs, are not
+/// config and must not be rejected as unknown keys).
+pub trait Layered: serde::de::DeserializeOwned + Serialize + Default {
+    const SECTIONS: &'static [&'static str];
+}
+
+impl Layered for Config {
+    const SECTIONS: &'static [&'static str] = &["server", "model", "workers", "health", "upstream", "up", "log"];
+}
+
+impl Layered for EngineConfig {
+    const SECTIONS: &'static [&'static str] = &[
+        "role", "model", "host", "port", "transfer_port", "block_size", "kv_bytes_per_token", "kv_blocks", "max_batch",
+        "max_batched_tokens", "max_waiting", "max_tokens_limit", "default_max_tokens", "seed", "reservation_ttl_secs",
+        "timing", "registry_url", "faults",
+    ];
+}
+
+/// `PREFIX_KEY__SUB=v` variables whose first key is one of `T::SECTIONS`.
+fn env_layer<T: Layered>(prefix: &str) -> std::collections::HashMap<String, String> {
+    let lead = format!("{prefix}_");
+    std::env::vars()
+        .filter(|(k, _)| {
+            k.strip_prefix(&lead).is_some_and(|rest| {
+                let first = rest.split("__").next().unwrap_or_default().to_ascii_lowercase();
+                T::SECTIONS.contains(&first.as_str())
+            })
+        })
+        .collect()
+}
+
 /// Loads `T` from an optional file, then `PDGATE_*` env, then `overrides` (CLI flags as
 /// dotted keys, e.g. `server.port`).
-pub fn load<T: serde::de::DeserializeOwned>(
-    file: Option<&Path>,
-    env_prefix: &str,
-    overrides: &[(&str, String)],
-) -> anyhow::Result<T> {
+pub fn load<T: Layered>(file: Option<&Path>, env_prefix: &str, overrides: &[(&str, String)]) -> anyhow::Result<T> {
     let mut b = config::Config::builder();
     if let Some(path) = file {
-        b = b.add_source(
-            config::File::from(path)
-                .format(config::FileFormat::Toml)
-                .required(true),
-        );
+        b = b.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
     }
     b = b.add_source(
         config::Environment::with_prefix(env_prefix)
             .prefix_separator("_")
             .separator("__")
-            .try_parsing(true),
+            .try_parsing(true)
+            .source(Some(env_layer::<T>(env_prefix))),
     );
     for (key, value) in overrides {
         b = b.set_override(*key, value.as_str())?;
@@ -258,6 +283,34 @@ mod tests {
             ServerConfig::default().max_body_bytes,
             "default kept"
         );
+    }
+
+    fn top_level_keys<T: Layered>() -> Vec<String> {
+        let v = serde_json::to_value(T::default()).expect("serialize");
+        let mut keys: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn sections_list_every_top_level_key() {
+        let sorted = |s: &[&str]| {
+            let mut v: Vec<String> = s.iter().map(|k| k.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(top_level_keys::<Config>(), sorted(Config::SECTIONS));
+        assert_eq!(top_level_keys::<EngineConfig>(), sorted(EngineConfig::SECTIONS));
+    }
+
+    #[test]
+    fn env_layer_reads_only_config_keys() {
+        std::env::set_var("PDGATECFGTEST_SERVER__PORT", "7007");
+        std::env::set_var("PDGATECFGTEST_BIN", "/not/config");
+        let cfg: Config = load(None, "PDGATECFGTEST", &[]).expect("stray PDGATE_* vars are ignored");
+        assert_eq!(cfg.server.port, 7007, "env beats default");
+        let cfg: Config = load(None, "PDGATECFGTEST", &[("server.port", "7008".into())]).expect("load");
+        assert_eq!(cfg.server.port, 7008, "CLI beats env");
     }
 
     #[test]

@@ -97,12 +97,13 @@ async fn multi_op_write_then_read_back_in_op_order() {
 async fn notification_arrives_after_data_is_visible() {
     let a = engine().await;
     let b = engine().await;
-    let seg = b.register_segment("kv", 1 << 20).unwrap();
+    let seg = b.register_segment("kv", ROUND_BYTES).unwrap();
     let desc = b.describe(&seg);
     let mut rx = b.take_notifications().unwrap();
     assert!(b.take_notifications().is_none());
 
-    let rounds = 20u64;
+    const ROUND_BYTES: usize = 8 << 20;
+    let rounds = 10u64;
     let checker_seg = seg.clone();
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::channel::<()>(1);
     // The check happens on B's side at the moment the notification is
@@ -113,16 +114,19 @@ async fn notification_arrives_after_data_is_visible() {
             assert_eq!(n.segment, "kv");
             let payload = format!("request-{i} ready").into_bytes();
             assert_eq!(&n.payload[..], &payload[..]);
-            let data = pattern(100 + i, 256 << 10);
+            let data = vec![i as u8 + 1; ROUND_BYTES];
             assert_eq!(checker_seg.read(0, data.len()).unwrap(), data, "round {i}");
             ack_tx.send(()).await.unwrap();
         }
     });
     for i in 0..rounds {
-        let data = Bytes::from(pattern(100 + i, 256 << 10));
+        // Large enough that the server has to wait on the socket several
+        // times while applying it, so an early notification would be seen.
+        let data = Bytes::from(vec![i as u8 + 1; ROUND_BYTES]);
+        let half = ROUND_BYTES / 2;
         let batch = Batch::new()
-            .write(0, data.slice(..100 << 10))
-            .write(100 << 10, data.slice(100 << 10..))
+            .write(0, data.slice(..half))
+            .write(half as u64, data.slice(half..))
             .notify(Bytes::from(format!("request-{i} ready")));
         a.submit(&desc, batch).await.unwrap();
         // Don't overwrite the region before the checker has looked at it.

@@ -23,7 +23,14 @@ pub async fn run(
         request_id: ctx.request_id.to_string(),
         armed: true,
     };
-    let report = prefill(ctx, &kv).await?;
+    let report = match prefill(ctx, &kv).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Released before returning, so a retry may reserve again under the same request id.
+            guard.release().await;
+            return Err(e);
+        }
+    };
     on_prefill_done();
     metrics::kv_handoff(
         u64::from(report.blocks_sent),
@@ -155,6 +162,21 @@ impl ReleaseOnDrop {
     fn disarm(mut self) {
         self.armed = false;
     }
+
+    async fn release(mut self) {
+        self.armed = false;
+        let url = format!("{}{}", self.url, wire::RELEASE_PATH);
+        release(self.client.clone(), url, std::mem::take(&mut self.request_id)).await;
+    }
+}
+
+async fn release(client: reqwest::Client, url: String, request_id: String) {
+    let body = wire::ReleaseRequest { request_id: request_id.clone() };
+    match client.post(&url).json(&body).timeout(Duration::from_secs(5)).send().await {
+        Ok(_) => tracing::debug!(request_id = %request_id, "released KV reservation"),
+        // The engine reclaims it after its reservation TTL anyway.
+        Err(e) => tracing::warn!(request_id = %request_id, error = %e, "could not release KV reservation"),
+    }
 }
 
 impl Drop for ReleaseOnDrop {
@@ -167,13 +189,6 @@ impl Drop for ReleaseOnDrop {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(async move {
-            let body = wire::ReleaseRequest { request_id: request_id.clone() };
-            match client.post(&url).json(&body).timeout(Duration::from_secs(5)).send().await {
-                Ok(_) => tracing::debug!(request_id = %request_id, "released KV reservation"),
-                // The engine reclaims it after its reservation TTL anyway.
-                Err(e) => tracing::warn!(request_id = %request_id, error = %e, "could not release KV reservation"),
-            }
-        });
+        rt.spawn(release(client, url, request_id));
     }
 }

@@ -411,9 +411,6 @@ impl ServerConn {
         head: wire::RequestHead,
     ) -> Result<(), TransferError> {
         let seg = local.get(&head.segment);
-        if let Some(payload) = head.notify.clone() {
-            local.deliver(&head.segment, payload);
-        }
         let mut failed = match seg {
             Some(_) => None,
             None => Some(TransferError::UnknownSegment(head.segment.clone())),
@@ -456,6 +453,9 @@ impl ServerConn {
                 ))
             }
         };
+        if let Some(payload) = head.notify {
+            local.deliver(&head.segment, payload);
+        }
         let total: u64 = reads.iter().map(|&(_, len)| len as u64).sum();
         let mut hdr = BytesMut::with_capacity(REPLY_HEADER_LEN);
         ReplyHeader::ok(reads.len() as u32, total).encode(&mut hdr);
