@@ -195,14 +195,31 @@ pub trait Layered: serde::de::DeserializeOwned + Serialize + Default {
 }
 
 impl Layered for Config {
-    const SECTIONS: &'static [&'static str] = &["server", "model", "workers", "health", "upstream", "up", "log"];
+    const SECTIONS: &'static [&'static str] = &[
+        "server", "model", "workers", "health", "upstream", "up", "log",
+    ];
 }
 
 impl Layered for EngineConfig {
     const SECTIONS: &'static [&'static str] = &[
-        "role", "model", "host", "port", "transfer_port", "block_size", "kv_bytes_per_token", "kv_blocks", "max_batch",
-        "max_batched_tokens", "max_waiting", "max_tokens_limit", "default_max_tokens", "seed", "reservation_ttl_secs",
-        "timing", "registry_url", "faults",
+        "role",
+        "model",
+        "host",
+        "port",
+        "transfer_port",
+        "block_size",
+        "kv_bytes_per_token",
+        "kv_blocks",
+        "max_batch",
+        "max_batched_tokens",
+        "max_waiting",
+        "max_tokens_limit",
+        "default_max_tokens",
+        "seed",
+        "reservation_ttl_secs",
+        "timing",
+        "registry_url",
+        "faults",
     ];
 }
 
@@ -212,7 +229,11 @@ fn env_layer<T: Layered>(prefix: &str) -> std::collections::HashMap<String, Stri
     std::env::vars()
         .filter(|(k, _)| {
             k.strip_prefix(&lead).is_some_and(|rest| {
-                let first = rest.split("__").next().unwrap_or_default().to_ascii_lowercase();
+                let first = rest
+                    .split("__")
+                    .next()
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
                 T::SECTIONS.contains(&first.as_str())
             })
         })
@@ -221,10 +242,18 @@ fn env_layer<T: Layered>(prefix: &str) -> std::collections::HashMap<String, Stri
 
 /// Loads `T` from an optional file, then `PDGATE_*` env, then `overrides` (CLI flags as
 /// dotted keys, e.g. `server.port`).
-pub fn load<T: Layered>(file: Option<&Path>, env_prefix: &str, overrides: &[(&str, String)]) -> anyhow::Result<T> {
+pub fn load<T: Layered>(
+    file: Option<&Path>,
+    env_prefix: &str,
+    overrides: &[(&str, String)],
+) -> anyhow::Result<T> {
     let mut b = config::Config::builder();
     if let Some(path) = file {
-        b = b.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        b = b.add_source(
+            config::File::from(path)
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
     }
     b = b.add_source(
         config::Environment::with_prefix(env_prefix)
@@ -300,16 +329,21 @@ mod tests {
             v
         };
         assert_eq!(top_level_keys::<Config>(), sorted(Config::SECTIONS));
-        assert_eq!(top_level_keys::<EngineConfig>(), sorted(EngineConfig::SECTIONS));
+        assert_eq!(
+            top_level_keys::<EngineConfig>(),
+            sorted(EngineConfig::SECTIONS)
+        );
     }
 
     #[test]
     fn env_layer_reads_only_config_keys() {
         std::env::set_var("PDGATECFGTEST_SERVER__PORT", "7007");
         std::env::set_var("PDGATECFGTEST_BIN", "/not/config");
-        let cfg: Config = load(None, "PDGATECFGTEST", &[]).expect("stray PDGATE_* vars are ignored");
+        let cfg: Config =
+            load(None, "PDGATECFGTEST", &[]).expect("stray PDGATE_* vars are ignored");
         assert_eq!(cfg.server.port, 7007, "env beats default");
-        let cfg: Config = load(None, "PDGATECFGTEST", &[("server.port", "7008".into())]).expect("load");
+        let cfg: Config =
+            load(None, "PDGATECFGTEST", &[("server.port", "7008".into())]).expect("load");
         assert_eq!(cfg.server.port, 7008, "CLI beats env");
     }
 

@@ -30,7 +30,7 @@ pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequ
     }
     for field in ["max_tokens", "max_completion_tokens"] {
         if let Some(v) = obj.get(field).filter(|v| !v.is_null()) {
-            if !v.as_u64().is_some_and(|n| n >= 1) {
+            if v.as_u64().is_none_or(|n| n < 1) {
                 return Err(ApiError::invalid(
                     field,
                     format!("`{field}` must be a positive integer"),

@@ -166,16 +166,31 @@ impl ReleaseOnDrop {
     async fn release(mut self) {
         self.armed = false;
         let url = format!("{}{}", self.url, wire::RELEASE_PATH);
-        release(self.client.clone(), url, std::mem::take(&mut self.request_id)).await;
+        release(
+            self.client.clone(),
+            url,
+            std::mem::take(&mut self.request_id),
+        )
+        .await;
     }
 }
 
 async fn release(client: reqwest::Client, url: String, request_id: String) {
-    let body = wire::ReleaseRequest { request_id: request_id.clone() };
-    match client.post(&url).json(&body).timeout(Duration::from_secs(5)).send().await {
+    let body = wire::ReleaseRequest {
+        request_id: request_id.clone(),
+    };
+    match client
+        .post(&url)
+        .json(&body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+    {
         Ok(_) => tracing::debug!(request_id = %request_id, "released KV reservation"),
         // The engine reclaims it after its reservation TTL anyway.
-        Err(e) => tracing::warn!(request_id = %request_id, error = %e, "could not release KV reservation"),
+        Err(e) => {
+            tracing::warn!(request_id = %request_id, error = %e, "could not release KV reservation")
+        }
     }
 }
 
