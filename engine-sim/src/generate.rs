@@ -137,6 +137,8 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
         }
     }
     Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
+    // Decode now holds this prefix, as a real engine would after receiving it.
+    e.cache.lock().insert(&e.hasher.full_blocks(tokens));
     Ok(claim)
 }
 

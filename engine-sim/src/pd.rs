@@ -24,6 +24,8 @@ use std::time::Instant;
 /// Blocks per transfer batch: large enough to amortise a round trip, small enough to pipeline.
 const BLOCKS_PER_BATCH: usize = 32;
 
+const MAX_CACHED_PEERS: usize = 4096;
+
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -115,6 +117,9 @@ async fn resolve(e: &Engine, target: &KvDescriptor) -> Result<SegmentDesc, ApiEr
             transport: TransportKind::Tcp,
         });
     };
+    if let Some(desc) = e.peers.lock().get(&target.segment) {
+        return Ok(desc.clone());
+    }
     let unknown = || {
         ApiError::server(
             502,
@@ -122,10 +127,18 @@ async fn resolve(e: &Engine, target: &KvDescriptor) -> Result<SegmentDesc, ApiEr
             format!("segment `{}` is not registered", target.segment),
         )
     };
-    reg.lookup(&target.segment)
+    let desc = reg
+        .lookup(&target.segment)
         .await
         .map_err(|err| ApiError::server(502, "kv_transfer_failed", err.to_string()))?
-        .ok_or_else(unknown)
+        .ok_or_else(unknown)?;
+    let mut peers = e.peers.lock();
+    // Bounded: a fleet has few decode segments; forget them all rather than grow without end.
+    if peers.len() >= MAX_CACHED_PEERS {
+        peers.clear();
+    }
+    peers.insert(target.segment.clone(), desc.clone());
+    Ok(desc)
 }
 
 async fn send_blocks(
@@ -161,6 +174,8 @@ async fn send_blocks(
         }
         total += batch.bytes();
         e.transfer.submit(&desc, batch).await.map_err(|err| {
+            // The peer may have moved (restart on a new port): look it up afresh next time.
+            e.peers.lock().remove(&desc.name);
             tracing::error!(request_id, error = %err, "KV transfer failed");
             ApiError::server(
                 502,

@@ -35,6 +35,8 @@ pub struct Engine {
     /// Present on decode engines: where prefill engines write KV.
     pub pool: Option<Arc<KvPool>>,
     pub registry: Option<Arc<dyn MetadataStore>>,
+    /// Segments looked up in the registry, so a prefill does not ask for every request.
+    pub peers: Mutex<std::collections::HashMap<String, pdgate_transfer::SegmentDesc>>,
     pub started: u64,
 }
 
@@ -126,16 +128,13 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
     };
     let engine = Arc::new(Engine {
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
-        cache: Mutex::new(PrefixCache::new(if cfg.role == Role::Prefill {
-            cfg.kv_blocks
-        } else {
-            cfg.kv_blocks / 4
-        })),
+        cache: Mutex::new(PrefixCache::new(cfg.kv_blocks)),
         hasher: BlockHasher::new(cfg.block_size, pdgate_scheduler::blocks::DEFAULT_SEED),
         stats,
         transfer,
         pool,
         registry,
+        peers: Mutex::new(std::collections::HashMap::new()),
         started: now_secs(),
         cfg,
     });

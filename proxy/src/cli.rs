@@ -38,7 +38,7 @@ pub struct GatewayFlags {
     pub host: Option<String>,
     #[arg(long)]
     pub port: Option<u16>,
-    /// round_robin, random or least_load.
+    /// Pair-selection policy: slo (default), cache_aware, kv_cost, least_load, power_of_two, random, round_robin.
     #[arg(long)]
     pub policy: Option<String>,
 }
@@ -95,7 +95,7 @@ fn gateway_overrides(f: &GatewayFlags) -> Vec<(&'static str, String)> {
     let mut o = Vec::new();
     push(&mut o, "server.host", &f.host);
     push(&mut o, "server.port", &f.port);
-    push(&mut o, "model.policy", &f.policy);
+    push(&mut o, "scheduler.policy", &f.policy);
     o
 }
 

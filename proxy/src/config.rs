@@ -3,15 +3,18 @@
 //! flags. These structs are the only source of defaults.
 
 use pdgate_engine_sim::EngineConfig;
-use pdgate_scheduler::{PolicyKind, Role};
+use pdgate_scheduler::{Role, SchedulerConfig};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
     pub model: ModelConfig,
+    /// How pairs are chosen and requests admitted (policy, SLOs, cost model, prefix index).
+    pub scheduler: SchedulerConfig,
     /// Statically configured engine instances.
     pub workers: Vec<WorkerConfig>,
     pub health: HealthConfig,
@@ -57,21 +60,16 @@ impl Default for ServerConfig {
 pub struct ModelConfig {
     /// Model name served (what `/v1/models` lists and requests must name).
     pub name: String,
-    /// Tokens per KV block of the engines; prefix keys are cut at this size.
-    pub block_size: usize,
-    pub policy: PolicyKind,
-    /// Seed of randomised policies, for reproducible runs.
-    pub seed: u64,
+    /// The model's HuggingFace `tokenizer.json`; without it prefix keys use the built-in
+    /// tokenizer (which is what the reference engine uses).
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        let engine = EngineConfig::default();
         Self {
-            name: engine.model,
-            block_size: engine.block_size,
-            policy: PolicyKind::default(),
-            seed: 0,
+            name: EngineConfig::default().model,
+            tokenizer: None,
         }
     }
 }
@@ -111,6 +109,8 @@ pub struct HealthConfig {
     pub fail_threshold: u32,
     /// Consecutive passed checks before a down worker is marked up again.
     pub recover_threshold: u32,
+    /// How often each engine's `/metrics` is scraped for its own load (0 disables).
+    pub metrics_interval_ms: u64,
 }
 
 impl Default for HealthConfig {
@@ -120,6 +120,7 @@ impl Default for HealthConfig {
             timeout_ms: 1000,
             fail_threshold: 2,
             recover_threshold: 1,
+            metrics_interval_ms: 500,
         }
     }
 }
@@ -196,7 +197,14 @@ pub trait Layered: serde::de::DeserializeOwned + Serialize + Default {
 
 impl Layered for Config {
     const SECTIONS: &'static [&'static str] = &[
-        "server", "model", "workers", "health", "upstream", "up", "log",
+        "server",
+        "model",
+        "scheduler",
+        "workers",
+        "health",
+        "upstream",
+        "up",
+        "log",
     ];
 }
 
@@ -295,7 +303,7 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(
             &file,
-            "[server]\nport = 9001\nhost = \"0.0.0.0\"\n[model]\npolicy = \"round_robin\"\n",
+            "[server]\nport = 9001\nhost = \"0.0.0.0\"\n[scheduler]\npolicy = \"round_robin\"\n",
         )
         .expect("write");
         let cfg: Config = load(
@@ -306,7 +314,10 @@ mod tests {
         .expect("load");
         assert_eq!(cfg.server.port, 9002, "CLI beats file");
         assert_eq!(cfg.server.host, "0.0.0.0", "file beats default");
-        assert_eq!(cfg.model.policy, PolicyKind::RoundRobin);
+        assert_eq!(
+            cfg.scheduler.policy,
+            pdgate_scheduler::PolicyKind::RoundRobin
+        );
         assert_eq!(
             cfg.server.max_body_bytes,
             ServerConfig::default().max_body_bytes,

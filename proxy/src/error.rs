@@ -90,6 +90,15 @@ impl ApiError {
         }
     }
 
+    /// 429: admission control turned the request away (it would miss its SLO, or no KV room).
+    pub fn rejected(code: &'static str, message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self {
+            code: Some(code),
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
     /// 502: an engine failed the request.
     pub fn upstream(code: &'static str, message: impl Into<String>) -> Self {
         Self {

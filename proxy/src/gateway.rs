@@ -16,6 +16,7 @@ pub struct Gateway {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     health: JoinHandle<()>,
+    scraper: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -25,6 +26,7 @@ impl Gateway {
         let addr = listener.local_addr()?;
         let state = AppState::new(cfg)?;
         let health = health::spawn(Arc::clone(&state));
+        let scraper = crate::engine_metrics::spawn(Arc::clone(&state));
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -41,6 +43,7 @@ impl Gateway {
             shutdown: Some(tx),
             task,
             health,
+            scraper,
         })
     }
 
@@ -59,6 +62,9 @@ impl Gateway {
             self.task.abort();
         }
         self.health.abort();
+        if let Some(s) = &self.scraper {
+            s.abort();
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod booking;
 pub mod cli;
 pub mod config;
+pub mod engine_metrics;
 pub mod error;
 pub mod gateway;
 pub mod health;

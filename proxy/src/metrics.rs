@@ -4,7 +4,7 @@
 use crate::state::AppState;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use pdgate_scheduler::Role;
+use pdgate_scheduler::{Decision, Rejection, Role};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -18,8 +18,25 @@ pub fn install() -> PrometheusHandle {
             let buckets = [
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ];
+            let decision = [1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 5e-4, 1e-3, 1e-2];
+            let error = [
+                -5.0, -1.0, -0.5, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ];
+            // More specific matchers first: the first match sets a metric's buckets.
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .set_buckets_for_metric(
+                    Matcher::Full("pdgate_scheduler_decision_duration_seconds".into()),
+                    &decision,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("pdgate_ttft_prediction_error_seconds".into()),
+                        &error,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -50,6 +67,27 @@ pub fn kv_handoff(blocks: u64, bytes: u64, cached_tokens: u64, transfer: Duratio
     histogram!("pdgate_kv_transfer_duration_seconds").record(transfer.as_secs_f64());
 }
 
+/// One scheduling decision: its latency and outcome.
+pub fn decision(policy: &'static str, took: Duration, result: &Result<Decision, Rejection>) {
+    histogram!("pdgate_scheduler_decision_duration_seconds").record(took.as_secs_f64());
+    let outcome = match result {
+        Ok(d) if d.prefill.is_some() => "disaggregated",
+        Ok(_) => "local_prefill",
+        Err(_) => "rejected",
+    };
+    counter!("pdgate_scheduler_decisions_total", "policy" => policy, "outcome" => outcome)
+        .increment(1);
+    if let Ok(d) = result {
+        counter!("pdgate_prefix_hit_blocks_total").increment(u64::from(d.cached_blocks));
+    }
+}
+
+/// Observed minus predicted time to first token.
+pub fn ttft_prediction_error(observed: Duration, predicted_ms: f64) {
+    histogram!("pdgate_ttft_prediction_error_seconds")
+        .record(observed.as_secs_f64() - predicted_ms / 1000.0);
+}
+
 pub fn prefill_retry() {
     counter!("pdgate_prefill_retries_total").increment(1);
 }
@@ -59,7 +97,12 @@ pub fn rejected(reason: &'static str) {
 }
 
 pub fn record_health(state: &AppState) {
-    let (p, d) = state.scheduler.lock().healthy_counts();
+    let (p, d, index_bytes) = {
+        let s = state.scheduler.lock();
+        let (p, d) = s.healthy_counts();
+        (p, d, s.index_bytes())
+    };
+    gauge!("pdgate_scheduler_index_bytes").set(index_bytes as f64);
     gauge!("pdgate_workers_healthy", "role" => "prefill").set(p as f64);
     gauge!("pdgate_workers_healthy", "role" => "decode").set(d as f64);
 }

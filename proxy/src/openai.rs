@@ -5,6 +5,10 @@ use crate::error::ApiError;
 use pdgate_engine_sim::openai::{prompt_of, ApiKind};
 use serde_json::Value;
 
+/// Output length assumed for load predictions when a request names none: what the reference
+/// engine generates by default.
+const DEFAULT_MAX_TOKENS: u32 = 16;
+
 /// A request that passed validation, with the fields the gateway itself needs.
 #[derive(Debug, Clone)]
 pub struct ClientRequest {
@@ -12,6 +16,8 @@ pub struct ClientRequest {
     pub body: Value,
     pub prompt: String,
     pub stream: bool,
+    /// Tokens the client may get at most (for decode load predictions).
+    pub max_tokens: u32,
 }
 
 pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequest, ApiError> {
@@ -53,11 +59,16 @@ pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequ
     }
     let prompt = prompt_of(kind, &body)
         .map_err(|e| ApiError::invalid(e.param.unwrap_or("body"), e.message))?;
+    let max_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|f| obj.get(*f).and_then(Value::as_u64))
+        .map_or(DEFAULT_MAX_TOKENS, |n| u32::try_from(n).unwrap_or(u32::MAX));
     Ok(ClientRequest {
         kind,
         body,
         prompt,
         stream,
+        max_tokens,
     })
 }
 

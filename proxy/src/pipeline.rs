@@ -15,7 +15,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use pdgate_engine_sim::openai::ApiKind;
-use pdgate_scheduler::{BuiltinTokenizer, InstanceId, Rejection, RequestKey, Role};
+use pdgate_scheduler::{InstanceId, Rejection, RequestKey, Role};
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::Instrument;
@@ -61,40 +61,51 @@ async fn run(
         })?;
     let raw = body.map_err(|r| body_error(r, state.cfg.server.max_body_bytes))?;
     let req = openai::parse(kind, &raw, &state.cfg.model.name)?;
-    let key = prefix_key(state, &req.prompt);
+    let key = prefix_key(state, &req);
     let mut failed: Vec<InstanceId> = Vec::new();
     let attempts = state.cfg.upstream.prefill_attempts.max(1) as usize;
     loop {
-        let mut booking = schedule(state, &key, &failed)?;
-        let pair = booking.decision;
-        let (Some(prefill), Some(decode)) = (
-            state.workers.get(pair.prefill),
-            state.workers.get(pair.decode),
-        ) else {
+        let booking = schedule(state, &key, &failed)?;
+        let decision = booking.decision;
+        let decode = state.workers.get(decision.decode);
+        let prefill = decision.prefill.map(|id| state.workers.get(id));
+        let (Some(decode), Some(prefill)) = (decode, prefill.map_or(Some(None), |p| p.map(Some)))
+        else {
             return Err(ApiError::unavailable(
                 "no_healthy_pair",
                 "the chosen pair left the fleet; retry",
             ));
         };
-        tracing::info!(prefill = %prefill.url, decode = %decode.url, prompt_tokens = key.prompt_tokens, "scheduled");
+        tracing::info!(
+            prefill = prefill.as_ref().map_or("(local)", |p| p.url.as_str()),
+            decode = %decode.url,
+            prompt_tokens = key.prompt_tokens,
+            cached_blocks = decision.cached_blocks,
+            predicted_ttft_ms = decision.predicted_ttft_ms,
+            "scheduled"
+        );
         let ctx = LegContext {
             state,
             request_id,
             req: &req,
             prompt_tokens: key.prompt_tokens,
-            prefill: &prefill,
+            prefill: prefill.as_deref(),
             decode: &decode,
         };
-        match protocol::run_legs(decode.protocol, &ctx, || booking.prefill_done()).await {
+        match protocol::run_legs(decode.protocol, &ctx, |observed| {
+            booking.prefill_done(observed)
+        })
+        .await
+        {
             Ok(start) => return Ok(respond(&req, start, booking, started, request_id, permit)),
             Err(LegError {
                 role: Role::Prefill,
                 retryable: true,
                 error,
             }) if failed.len() + 1 < attempts => {
-                tracing::warn!(prefill = %prefill.url, message = %error.message, "prefill failed; retrying on another instance");
+                tracing::warn!(message = %error.message, "prefill failed; retrying on another instance");
                 metrics::prefill_retry();
-                failed.push(pair.prefill);
+                failed.extend(decision.prefill);
             }
             Err(e) => return Err(e.error),
         }
@@ -102,10 +113,11 @@ async fn run(
 }
 
 /// Tokenises the whole rendered prompt and cuts it into chained block hashes.
-fn prefix_key(state: &AppState, prompt: &str) -> RequestKey {
-    let tokens = BuiltinTokenizer.encode(prompt);
+fn prefix_key(state: &AppState, req: &ClientRequest) -> RequestKey {
+    let tokens = state.tokenizer.encode(&req.prompt);
     RequestKey {
         prompt_tokens: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+        max_tokens: req.max_tokens,
         blocks: state.hasher.full_blocks(&tokens),
     }
 }
@@ -115,24 +127,27 @@ fn schedule(
     key: &RequestKey,
     avoid: &[InstanceId],
 ) -> Result<Booking, ApiError> {
-    let decision = state
+    let began = Instant::now();
+    let result = state
         .scheduler
         .lock()
-        .schedule(key, avoid)
-        .map_err(|r| match r {
-            Rejection::NoHealthy(role) => {
-                metrics::rejected(if role == Role::Prefill {
-                    "no_prefill"
-                } else {
-                    "no_decode"
-                });
-                ApiError::unavailable(
-                    "no_healthy_pair",
-                    format!("no healthy {role} instance is available"),
-                )
-            }
-        })?;
-    Ok(Booking::new(Arc::clone(state), decision, key.prompt_tokens))
+        .schedule_avoiding(key, state.now(), avoid);
+    metrics::decision(
+        state.cfg.scheduler.policy.as_str(),
+        began.elapsed(),
+        &result,
+    );
+    let decision = result.map_err(|r| {
+        metrics::rejected(r.label());
+        match r {
+            Rejection::NoHealthy(role) => ApiError::unavailable(
+                "no_healthy_pair",
+                format!("no healthy {role} instance is available"),
+            ),
+            other => ApiError::rejected(other.label(), other.to_string(), other.retry_after_secs()),
+        }
+    })?;
+    Ok(Booking::new(Arc::clone(state), decision))
 }
 
 /// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.

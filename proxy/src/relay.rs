@@ -51,7 +51,11 @@ impl Stream for Relay {
             Poll::Ready(Some(Ok(chunk))) => {
                 if !self.first_seen {
                     self.first_seen = true;
-                    crate::metrics::first_token(self.started.elapsed());
+                    let ttft = self.started.elapsed();
+                    crate::metrics::first_token(ttft);
+                    if let Some(b) = &self.booking {
+                        crate::metrics::ttft_prediction_error(ttft, b.decision.predicted_ttft_ms);
+                    }
                 }
                 Poll::Ready(Some(Ok(chunk)))
             }

@@ -19,10 +19,13 @@ impl Fleet {
             "`up` needs at least one prefill and one decode engine"
         );
         anyhow::ensure!(
-            cfg.up.engine.block_size == cfg.model.block_size
+            cfg.up.engine.block_size == cfg.scheduler.block_size
                 && cfg.up.engine.model == cfg.model.name,
-            "up.engine.block_size/model must match model.block_size/name"
+            "up.engine.block_size/model must match scheduler.block_size/model.name"
         );
+        let mut cfg = cfg;
+        // The demo fleet's model is authoritative for what a handoff moves.
+        cfg.scheduler.kv_bytes_per_token = cfg.up.engine.kv_bytes_per_token;
         let up = cfg.up.clone();
         let gateway = Gateway::start(cfg).await?;
         let mut engines = Vec::with_capacity(up.prefill + up.decode);

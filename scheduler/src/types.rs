@@ -48,3 +48,7 @@ impl std::str::FromStr for Role {
         }
     }
 }
+
+/// Identifies one scheduled request until both its legs are reported done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ticket(pub u64);

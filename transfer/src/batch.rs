@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::TransferError;
+use crate::transport::TransportKind;
 use crate::wire::{MAX_NOTIFY_LEN, MAX_OPS_PER_BATCH, MAX_OP_LEN, MAX_SEGMENT_NAME_LEN};
 
 /// One one-sided operation against the target segment.
@@ -135,6 +136,9 @@ pub struct BatchReport {
     pub reads: Vec<Bytes>,
     /// Wall time from submit to acknowledgement.
     pub elapsed: Duration,
+    /// What carried the bytes (the local fast path reports `Tcp`'s default;
+    /// it moves no bytes over any transport).
+    pub transport: TransportKind,
 }
 
 #[cfg(test)]

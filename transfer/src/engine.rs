@@ -2,11 +2,13 @@
 //! its listener, and submits batches to other engines.
 //!
 //! It is the only type other crates need at runtime. It picks the transport
-//! from the target's `SegmentDesc`, enforces the per-batch deadline, and
-//! short-cuts batches addressed to itself. It must know nothing of HTTP,
+//! per peer from `EngineOptions::transport` and a handshake with the owner
+//! (`auto`: shm on the same host, tcp otherwise), enforces the per-batch
+//! deadline, and short-cuts batches addressed to itself. It must know nothing of HTTP,
 //! requests or models: a notification payload is opaque bytes.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +18,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::batch::{Batch, BatchReport};
 use crate::error::TransferError;
-use crate::local::LocalSegments;
+use crate::local::{LocalSegments, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
+use crate::transport::handshake::host_id;
+use crate::transport::shm::{self, ShmTransport};
+use crate::transport::slice::DEFAULT_SLICE_SIZE;
 use crate::transport::tcp::{self, TcpTransport};
-use crate::transport::{Transport, TransportKind};
+use crate::transport::{Transport, TransportChoice, TransportKind};
 
 /// Delivered to the target process once every op of a batch that carried a
 /// notification has been applied.
@@ -43,6 +48,14 @@ pub struct EngineOptions {
     pub connections_per_peer: usize,
     /// Deadline for one `submit`, including queueing and connecting.
     pub op_timeout: Duration,
+    /// Which transports this engine uses to reach peers, and whether its own
+    /// segments live in shared memory (`auto`, `shm`).
+    pub transport: TransportChoice,
+    /// Batches larger than this are cut into slices of this size that run
+    /// in parallel over the peer's connections.
+    pub slice_size: usize,
+    /// Directory for shared-memory segment files (a tmpfs).
+    pub shm_dir: PathBuf,
 }
 
 impl Default for EngineOptions {
@@ -51,15 +64,20 @@ impl Default for EngineOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_host: None,
             notification_capacity: 1024,
-            connections_per_peer: 2,
+            connections_per_peer: 4,
             op_timeout: Duration::from_secs(30),
+            transport: TransportChoice::Auto,
+            slice_size: DEFAULT_SLICE_SIZE,
+            shm_dir: PathBuf::from(shm::SHM_DIR),
         }
     }
 }
 
 pub struct TransferEngine {
     local: Arc<LocalSegments>,
-    tcp: TcpTransport,
+    tcp: Arc<TcpTransport>,
+    shm: ShmTransport,
+    choice: TransportChoice,
     endpoint: String,
     op_timeout: Duration,
     shutdown: watch::Sender<bool>,
@@ -77,19 +95,39 @@ impl TransferEngine {
     /// Binds the listener and starts serving remote ops into local segments.
     /// Must be called inside a tokio runtime.
     pub async fn start(opts: EngineOptions) -> Result<Arc<TransferEngine>, TransferError> {
+        if opts.transport == TransportChoice::Rdma {
+            return Err(rdma_unavailable());
+        }
         let listener = TcpListener::bind(opts.listen).await?;
         let bound = listener.local_addr()?;
         let endpoint = match &opts.advertise_host {
             Some(host) => join_host_port(host, bound.port()),
             None => bound.to_string(),
         };
-        let local = Arc::new(LocalSegments::new(opts.notification_capacity));
+        let backing = match opts.transport {
+            TransportChoice::Auto | TransportChoice::Shm => {
+                let swept = shm::sweep_stale(&opts.shm_dir);
+                if swept > 0 {
+                    tracing::info!(swept, dir = %opts.shm_dir.display(), "removed shm segment files of dead processes");
+                }
+                Some(ShmBacking {
+                    dir: opts.shm_dir.clone(),
+                    host: host_id(),
+                    required: opts.transport == TransportChoice::Shm,
+                })
+            }
+            TransportChoice::Tcp | TransportChoice::Rdma => None,
+        };
+        let local = Arc::new(LocalSegments::with_shm(opts.notification_capacity, backing));
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(tcp::serve(listener, local.clone(), shutdown_rx));
         tracing::debug!(%endpoint, "transfer engine listening");
+        let tcp = Arc::new(TcpTransport::new(opts.connections_per_peer, opts.slice_size));
         Ok(Arc::new(TransferEngine {
             local,
-            tcp: TcpTransport::new(opts.connections_per_peer),
+            shm: ShmTransport::new(tcp.clone()),
+            tcp,
+            choice: opts.transport,
             endpoint,
             op_timeout: opts.op_timeout,
             shutdown,
@@ -106,7 +144,8 @@ impl TransferEngine {
         self.local.register(name, len)
     }
 
-    /// Stops serving `name` to peers; existing `Segment` handles stay valid.
+    /// Stops serving `name` to peers and removes its shared-memory file;
+    /// existing `Segment` handles stay valid.
     pub fn unregister_segment(&self, name: &str) -> bool {
         self.local.unregister(name)
     }
@@ -120,8 +159,35 @@ impl TransferEngine {
             name: seg.name().to_owned(),
             endpoint: self.endpoint.clone(),
             len: seg.len() as u64,
-            transport: self.tcp.kind(),
+            transport: if seg.shm_location().is_some() {
+                TransportKind::Shm
+            } else {
+                TransportKind::Tcp
+            },
         }
+    }
+
+    /// The transport choice this engine was started with.
+    pub fn transport_choice(&self) -> TransportChoice {
+        self.choice
+    }
+
+    /// P2P mode: asks the engine at `endpoint` directly for segment `name`,
+    /// no registry involved.
+    pub async fn discover(&self, endpoint: &str, name: &str) -> Result<SegmentDesc, TransferError> {
+        let advert = tokio::time::timeout(self.op_timeout, self.tcp.describe(endpoint, name))
+            .await
+            .map_err(|_| TransferError::Timeout)??;
+        Ok(SegmentDesc {
+            name: advert.name,
+            endpoint: endpoint.to_owned(),
+            len: advert.len,
+            transport: if advert.shm.is_some() {
+                TransportKind::Shm
+            } else {
+                TransportKind::Tcp
+            },
+        })
     }
 
     /// The notification receiver; `Some` exactly once. Until it is taken, or
@@ -146,12 +212,16 @@ impl TransferEngine {
             if target.endpoint == self.endpoint {
                 return self.local.apply(&target.name, &batch);
             }
-            match target.transport {
-                TransportKind::Tcp => {
-                    self.tcp
-                        .submit(&target.endpoint, &target.name, &batch)
-                        .await
-                }
+            // The descriptor's `transport` is the owner's advice; the
+            // choice and the handshake decide.
+            match self.choice {
+                TransportChoice::Tcp => self.tcp.submit(target, &batch).await,
+                TransportChoice::Shm => self.shm.submit(target, &batch).await,
+                TransportChoice::Auto => match self.shm.submit_routed(target, &batch).await? {
+                    Some(report) => Ok(report),
+                    None => self.tcp.submit(target, &batch).await,
+                },
+                TransportChoice::Rdma => Err(rdma_unavailable()),
             }
         };
         let mut report = tokio::time::timeout(self.op_timeout, work)
@@ -168,6 +238,8 @@ impl TransferEngine {
             tracing::debug!(endpoint = %self.endpoint, "transfer engine shutting down");
         }
         self.tcp.close();
+        self.shm.close();
+        self.local.unlink_all();
     }
 
     fn is_shutdown(&self) -> bool {
@@ -179,6 +251,17 @@ impl Drop for TransferEngine {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Why `rdma` cannot be used by this build or on this host, and the fix.
+fn rdma_unavailable() -> TransferError {
+    #[cfg(not(feature = "rdma"))]
+    let why = "pdgate-transfer was built without the `rdma` cargo feature; rebuild with \
+               `--features rdma` (needs libibverbs-dev, librdmacm-dev and libclang-dev), \
+               or use transport \"auto\" or \"tcp\"";
+    #[cfg(feature = "rdma")]
+    let why = crate::transport::rdma::unavailable_reason();
+    TransferError::Unsupported(why.to_string())
 }
 
 fn join_host_port(host: &str, port: u16) -> String {
@@ -218,9 +301,10 @@ mod tests {
         assert!(e2.endpoint().starts_with("localhost:"));
         let seg = e2.register_segment("s", 10).unwrap();
         let d = e2.describe(&seg);
+        // `auto` puts segments in shared memory and says so.
         assert_eq!(
             (d.name.as_str(), d.len, d.transport),
-            ("s", 10, TransportKind::Tcp)
+            ("s", 10, TransportKind::Shm)
         );
         assert_eq!(d.endpoint, e2.endpoint());
     }

@@ -51,6 +51,11 @@ pub enum TransferError {
     /// A bounded metadata store is full.
     #[error("metadata store full ({0} entries)")]
     RegistryFull(usize),
+    /// A transport that this build, this host or this peer cannot provide
+    /// (e.g. `rdma` without the cargo feature or without a device, `shm` to
+    /// a peer on another host). The message names the fix.
+    #[error("transport unavailable: {0}")]
+    Unsupported(String),
     /// The local engine has been shut down.
     #[error("transfer engine shut down")]
     Shutdown,

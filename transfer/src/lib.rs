@@ -5,9 +5,11 @@
 //! one-sided reads and writes against them and may attach a small
 //! *notification* that the owner receives once the batch's data is in place.
 //! Segment locations are published through a [`MetadataStore`]. Transports
-//! are pluggable behind [`Transport`]; TCP is the first. This crate must know
+//! are pluggable behind [`Transport`]: TCP, shared memory, and RDMA (cargo
+//! feature `rdma`), chosen per peer. This crate must know
 //! nothing of HTTP or LLMs: segments are bytes, notifications are opaque.
 
+pub mod bench;
 mod batch;
 mod engine;
 mod error;
@@ -22,4 +24,6 @@ pub use engine::{EngineOptions, Notification, TransferEngine};
 pub use error::TransferError;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
-pub use transport::{Transport, TransportKind};
+pub use transport::handshake::{SegmentAdvert, ShmLocation};
+pub use transport::slice::DEFAULT_SLICE_SIZE;
+pub use transport::{Transport, TransportChoice, TransportKind};

@@ -9,6 +9,7 @@
 //! never stalls the data path.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
@@ -19,10 +20,22 @@ use crate::batch::{Batch, BatchReport, Op};
 use crate::engine::Notification;
 use crate::error::TransferError;
 use crate::segment::Segment;
+use crate::transport::handshake::SegmentAdvert;
+use crate::transport::shm::ShmRegion;
 use crate::wire::MAX_SEGMENT_NAME_LEN;
+
+/// Where and whether segments are put in shared memory.
+#[derive(Debug, Clone)]
+pub(crate) struct ShmBacking {
+    pub dir: PathBuf,
+    pub host: String,
+    /// Fail registration instead of falling back to heap memory.
+    pub required: bool,
+}
 
 pub(crate) struct LocalSegments {
     segments: RwLock<HashMap<String, Segment>>,
+    shm: Option<ShmBacking>,
     notify_tx: mpsc::Sender<Notification>,
     notify_rx: Mutex<Option<mpsc::Receiver<Notification>>>,
     // Checked on the data path instead of locking `notify_rx`.
@@ -30,11 +43,17 @@ pub(crate) struct LocalSegments {
 }
 
 impl LocalSegments {
+    #[cfg(test)]
     pub(crate) fn new(notification_capacity: usize) -> Self {
+        Self::with_shm(notification_capacity, None)
+    }
+
+    pub(crate) fn with_shm(notification_capacity: usize, shm: Option<ShmBacking>) -> Self {
         // mpsc::channel panics on 0; a capacity of 0 would mean "drop all".
         let (tx, rx) = mpsc::channel(notification_capacity.max(1));
         LocalSegments {
             segments: RwLock::new(HashMap::new()),
+            shm,
             notify_tx: tx,
             notify_rx: Mutex::new(Some(rx)),
             notify_taken: AtomicBool::new(false),
@@ -52,13 +71,48 @@ impl LocalSegments {
         if segments.contains_key(name) {
             return Err(TransferError::SegmentExists(name.to_owned()));
         }
-        let seg = Segment::new(name, len);
+        let seg = match &self.shm {
+            Some(b) if len > 0 => match ShmRegion::create(&b.dir, name, len) {
+                Ok(r) => Segment::new_shared(name, r, b.host.clone()),
+                Err(e) if b.required => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(segment = name, dir = %b.dir.display(), error = %e,
+                        "shared-memory segment unavailable, using heap memory (tcp only)");
+                    Segment::new(name, len)
+                }
+            },
+            _ => Segment::new(name, len),
+        };
         segments.insert(name.to_owned(), seg.clone());
         Ok(seg)
     }
 
     pub(crate) fn unregister(&self, name: &str) -> bool {
-        self.segments.write().remove(name).is_some()
+        match self.segments.write().remove(name) {
+            Some(seg) => {
+                seg.unlink_shared();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes every shared segment's file (engine shutdown); handles stay
+    /// valid.
+    pub(crate) fn unlink_all(&self) {
+        for seg in self.segments.read().values() {
+            seg.unlink_shared();
+        }
+    }
+
+    /// What a peer's handshake learns about `seg`.
+    pub(crate) fn advert(&self, seg: &Segment) -> SegmentAdvert {
+        SegmentAdvert {
+            name: seg.name().to_owned(),
+            len: seg.len() as u64,
+            generation: seg.generation(),
+            shm: seg.shm_location().cloned(),
+        }
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Segment> {

@@ -6,12 +6,20 @@
 //! crate-internal accessors run under a synchronous lock and must never
 //! `.await` or block for long; a segment must never grow or move, because
 //! peers hold its length in their `SegmentDesc`.
+//!
+//! Memory is either plain heap or a shared mapping (`transport::shm`) that
+//! same-host peers write into directly. Such writes bypass this lock, exactly
+//! as RDMA writes would: the owner must not read a region a peer may be
+//! writing until the batch's notification says it is complete.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 
 use crate::error::TransferError;
+use crate::transport::handshake::ShmLocation;
+use crate::transport::shm::ShmRegion;
 
 /// A registered memory region. Cloning is cheap and every clone aliases the
 /// same bytes.
@@ -25,7 +33,46 @@ struct Inner {
     // Length kept outside the lock so bounds checks and `len()` never contend
     // with a writer holding the lock during a large copy.
     len: usize,
-    mem: RwLock<Box<[u8]>>,
+    generation: u64,
+    mem: RwLock<Mem>,
+    // Kept outside the lock: the advert is read on every handshake.
+    shm: Option<ShmLocation>,
+}
+
+enum Mem {
+    Heap(Box<[u8]>),
+    Shared(ShmRegion),
+}
+
+impl Mem {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Mem::Heap(b) => b,
+            Mem::Shared(r) => r.bytes(),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Mem::Heap(b) => b,
+            Mem::Shared(r) => r.bytes_mut(),
+        }
+    }
+}
+
+/// A value no earlier registration in any process on this host is likely to
+/// have had: pid, wall clock and a counter mixed together.
+fn next_generation() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 40) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
+    // splitmix64 finaliser, so nearby inputs give unrelated generations.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 impl std::fmt::Debug for Segment {
@@ -43,10 +90,45 @@ impl Segment {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
                 len,
+                generation: next_generation(),
                 // vec![0; n] is calloc-backed, so a large segment costs no
                 // page faults until it is touched.
-                mem: RwLock::new(vec![0u8; len].into_boxed_slice()),
+                mem: RwLock::new(Mem::Heap(vec![0u8; len].into_boxed_slice())),
+                shm: None,
             }),
+        }
+    }
+
+    /// A segment backed by a shared mapping same-host peers can write into.
+    pub(crate) fn new_shared(name: &str, region: ShmRegion, host: String) -> Self {
+        let len = region.bytes().len();
+        let shm = Some(region.location(host));
+        Segment {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                len,
+                generation: next_generation(),
+                mem: RwLock::new(Mem::Shared(region)),
+                shm,
+            }),
+        }
+    }
+
+    /// Changes with every registration, so peers can tell a re-registered
+    /// segment of the same name from the one they cached.
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    pub(crate) fn shm_location(&self) -> Option<&ShmLocation> {
+        self.inner.shm.as_ref()
+    }
+
+    /// Removes the shared mapping's file name (the memory stays mapped for
+    /// every holder); no-op for heap segments.
+    pub(crate) fn unlink_shared(&self) {
+        if let Mem::Shared(r) = &*self.inner.mem.read() {
+            r.unlink();
         }
     }
 
@@ -112,7 +194,7 @@ impl Segment {
     ) -> Result<R, TransferError> {
         let (off, len) = self.check_range(offset as u64, len as u64)?;
         let mem = self.inner.mem.read();
-        Ok(f(&mem[off..off + len]))
+        Ok(f(&mem.bytes()[off..off + len]))
     }
 
     /// Runs `f` on the exclusive view of `[offset, offset+len)`.
@@ -124,7 +206,7 @@ impl Segment {
     ) -> Result<R, TransferError> {
         let (off, len) = self.check_range(offset as u64, len as u64)?;
         let mut mem = self.inner.mem.write();
-        Ok(f(&mut mem[off..off + len]))
+        Ok(f(&mut mem.bytes_mut()[off..off + len]))
     }
 }
 

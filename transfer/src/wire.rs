@@ -18,11 +18,15 @@
 //!   magic      u32  = 0x5044_5446 ("PDTF")
 //!   version    u8   = 1
 //!   flags      u8   bit 0: a notification is present
+//!                   bit 1: describe (handshake): n_ops = 0, no notification;
+//!                          the reply is ok with msg_len bytes of JSON advert
+//!                   bit 2: an expected segment generation (u64) follows the
+//!                          notify bytes; a mismatch fails as unknown segment
 //!   reserved   u16  = 0
 //!   name_len   u32  <= 256       segment name, UTF-8
 //!   notify_len u32  <= 4096      0 when flag bit 0 is clear
 //!   n_ops      u32  <= 65536
-//! name bytes, notify bytes
+//! name bytes, notify bytes, [generation u64]
 //! n_ops times:
 //!   op header (17 bytes): kind u8 (1 write, 2 read), offset u64, len u64 (<= 1 GiB)
 //!   write ops only: `len` payload bytes
@@ -70,6 +74,9 @@ pub const OP_HEADER_LEN: usize = 17;
 pub const REPLY_HEADER_LEN: usize = 40;
 
 const FLAG_NOTIFY: u8 = 1;
+const FLAG_DESCRIBE: u8 = 2;
+const FLAG_GENERATION: u8 = 4;
+const KNOWN_FLAGS: u8 = FLAG_NOTIFY | FLAG_DESCRIBE | FLAG_GENERATION;
 const OP_WRITE: u8 = 1;
 const OP_READ: u8 = 2;
 
@@ -80,17 +87,27 @@ pub struct RequestHeader {
     /// `Some(len)` when the batch carries a notification (possibly empty).
     pub notify_len: Option<usize>,
     pub n_ops: usize,
+    /// A handshake request instead of a batch.
+    pub describe: bool,
+    /// An 8-byte expected segment generation follows the notify bytes.
+    pub has_generation: bool,
 }
 
 impl RequestHeader {
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u32_le(MAGIC);
         out.put_u8(VERSION);
-        out.put_u8(if self.notify_len.is_some() {
-            FLAG_NOTIFY
-        } else {
-            0
-        });
+        let mut flags = 0;
+        if self.notify_len.is_some() {
+            flags |= FLAG_NOTIFY;
+        }
+        if self.describe {
+            flags |= FLAG_DESCRIBE;
+        }
+        if self.has_generation {
+            flags |= FLAG_GENERATION;
+        }
+        out.put_u8(flags);
         out.put_u16_le(0);
         out.put_u32_le(self.name_len as u32);
         out.put_u32_le(self.notify_len.unwrap_or(0) as u32);
@@ -100,7 +117,7 @@ impl RequestHeader {
     pub fn decode(raw: &[u8; REQUEST_HEADER_LEN]) -> Result<Self, TransferError> {
         check_magic_version(u32_at(raw, 0), raw[4])?;
         let flags = raw[5];
-        if flags & !FLAG_NOTIFY != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(proto(format!("unknown request flags {flags:#x}")));
         }
         let name_len = u32_at(raw, 8) as usize;
@@ -122,10 +139,16 @@ impl RequestHeader {
         if n_ops > MAX_OPS_PER_BATCH {
             return Err(proto(format!("{n_ops} ops exceed {MAX_OPS_PER_BATCH}")));
         }
+        let describe = flags & FLAG_DESCRIBE != 0;
+        if describe && (n_ops != 0 || flags & FLAG_NOTIFY != 0) {
+            return Err(proto("describe request carries ops or a notification".into()));
+        }
         Ok(RequestHeader {
             name_len,
             notify_len: (flags & FLAG_NOTIFY != 0).then_some(notify_len),
             n_ops,
+            describe,
+            has_generation: flags & FLAG_GENERATION != 0,
         })
     }
 }
@@ -138,6 +161,9 @@ pub struct RequestHead {
     pub segment: String,
     pub notify: Option<Bytes>,
     pub n_ops: usize,
+    pub describe: bool,
+    /// The generation the submitter expects the segment to have.
+    pub generation: Option<u64>,
 }
 
 /// Reads the next request head. `Ok(None)` means the peer closed the
@@ -161,10 +187,19 @@ pub async fn read_request_head<R: AsyncRead + Unpin>(
         }
         None => None,
     };
+    let generation = if h.has_generation {
+        let mut g = [0u8; 8];
+        r.read_exact(&mut g).await?;
+        Some(u64::from_le_bytes(g))
+    } else {
+        None
+    };
     Ok(Some(RequestHead {
         segment: String::from_utf8_lossy(&name).into_owned(),
         notify,
         n_ops: h.n_ops,
+        describe: h.describe,
+        generation,
     }))
 }
 
@@ -215,22 +250,36 @@ pub async fn read_op_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<OpHeader,
 /// Serialises a whole request as a list of buffers for a vectored write:
 /// all headers share one allocation and write payloads are the caller's
 /// `Bytes`, never copied.
+#[cfg(test)]
 pub fn encode_request(segment: &str, batch: &Batch) -> VecDeque<Bytes> {
+    encode_request_at(segment, batch, None)
+}
+
+/// Like [`encode_request`], failing at the target unless the segment's
+/// generation equals `generation` (the shm commit uses this so a write into a
+/// stale mapping is never acknowledged).
+pub fn encode_request_at(segment: &str, batch: &Batch, generation: Option<u64>) -> VecDeque<Bytes> {
     let mut head = BytesMut::with_capacity(
         REQUEST_HEADER_LEN
             + segment.len()
             + batch.notify.as_ref().map_or(0, Bytes::len)
+            + 8
             + batch.ops.len() * OP_HEADER_LEN,
     );
     RequestHeader {
         name_len: segment.len(),
         notify_len: batch.notify.as_ref().map(Bytes::len),
         n_ops: batch.ops.len(),
+        describe: false,
+        has_generation: generation.is_some(),
     }
     .encode(&mut head);
     head.put_slice(segment.as_bytes());
     if let Some(n) = &batch.notify {
         head.put_slice(n);
+    }
+    if let Some(g) = generation {
+        head.put_u64_le(g);
     }
     // Remember where each op header ends so consecutive read-op headers
     // coalesce into one slice instead of one iovec each.
@@ -277,6 +326,33 @@ pub fn encode_request(segment: &str, batch: &Batch) -> VecDeque<Bytes> {
     if !head.is_empty() {
         out.push_back(head);
     }
+    out
+}
+
+/// A handshake request for `segment`'s advert.
+pub fn encode_describe(segment: &str) -> BytesMut {
+    let mut out = BytesMut::with_capacity(REQUEST_HEADER_LEN + segment.len());
+    RequestHeader {
+        name_len: segment.len(),
+        notify_len: None,
+        n_ops: 0,
+        describe: true,
+        has_generation: false,
+    }
+    .encode(&mut out);
+    out.put_slice(segment.as_bytes());
+    out
+}
+
+/// The ok reply to a describe request: header plus the advert bytes.
+pub fn encode_describe_reply(advert: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(REPLY_HEADER_LEN + advert.len());
+    ReplyHeader {
+        msg_len: advert.len() as u32,
+        ..ReplyHeader::ok(0, 0)
+    }
+    .encode(&mut out);
+    out.put_slice(advert);
     out
 }
 
@@ -494,6 +570,8 @@ mod tests {
             name_len: 5,
             notify_len: Some(0),
             n_ops: 3,
+            describe: false,
+            has_generation: true,
         };
         let mut b = BytesMut::new();
         h.encode(&mut b);
@@ -516,6 +594,8 @@ mod tests {
             raw_request(1, FLAG_NOTIFY, MAX_NOTIFY_LEN as u32 + 1, 1),
             raw_request(1, 0, 7, 1),
             raw_request(1, 0x80, 0, 1),
+            raw_request(1, FLAG_DESCRIBE, 0, 1),
+            raw_request(1, FLAG_DESCRIBE | FLAG_NOTIFY, 0, 0),
             raw_request(1, 0, 0, MAX_OPS_PER_BATCH as u32 + 1),
             raw_request(1, 0, 0, u32::MAX),
         ];
@@ -595,6 +675,19 @@ mod tests {
         let op = read_op_header(&mut r).await.unwrap();
         assert_eq!((op.kind, op.offset, op.len), (OpKind::Read, 3, 4));
         assert!(r.is_empty());
+
+        // Generation and describe requests decode to what was encoded.
+        let parts = encode_request_at("s", &Batch::new(), Some(0xABCD));
+        let flat: Vec<u8> = parts.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut r: &[u8] = &flat;
+        let head = read_request_head(&mut r).await.unwrap().unwrap();
+        assert_eq!((head.generation, head.describe, head.n_ops), (Some(0xABCD), false, 0));
+        assert!(r.is_empty());
+        let flat = encode_describe("seg");
+        let mut r: &[u8] = &flat;
+        let head = read_request_head(&mut r).await.unwrap().unwrap();
+        assert!(head.describe && head.generation.is_none() && head.notify.is_none());
+        assert_eq!(head.segment, "seg");
     }
 
     #[test]

@@ -1,24 +1,31 @@
-//! End-to-end tests of two engines talking over loopback TCP.
+//! End-to-end tests of two engines talking over loopback TCP (transport
+//! forced to `tcp`; `conformance.rs` runs the shared suite on every transport).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pdgate_transfer::{
-    Batch, EngineOptions, SegmentDesc, TransferEngine, TransferError, TransportKind,
+    Batch, EngineOptions, SegmentDesc, TransferEngine, TransferError, TransportChoice,
+    TransportKind,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+fn tcp_options() -> EngineOptions {
+    EngineOptions {
+        transport: TransportChoice::Tcp,
+        ..EngineOptions::default()
+    }
+}
+
 async fn engine() -> Arc<TransferEngine> {
-    TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap()
+    TransferEngine::start(tcp_options()).await.unwrap()
 }
 
 async fn engine_with_timeout(t: Duration) -> Arc<TransferEngine> {
     TransferEngine::start(EngineOptions {
         op_timeout: t,
-        ..EngineOptions::default()
+        ..tcp_options()
     })
     .await
     .unwrap()
@@ -473,7 +480,7 @@ async fn restarted_peer_on_same_port_is_reached_through_the_pool() {
         loop {
             match TransferEngine::start(EngineOptions {
                 listen,
-                ..EngineOptions::default()
+                ..tcp_options()
             })
             .await
             {
@@ -493,4 +500,80 @@ async fn restarted_peer_on_same_port_is_reached_through_the_pool() {
         .await
         .unwrap();
     assert_eq!(seg2.read(0, 1).unwrap(), b"2");
+}
+
+/// Forwards connections to `upstream`; the first `kill` of them are reset
+/// after `after` bytes from the client, mid-request.
+async fn flaky_proxy(upstream: String, kill: usize, after: usize) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut client, _)) = listener.accept().await {
+            n += 1;
+            let doomed = n <= kill;
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                if doomed {
+                    let mut buf = vec![0u8; after];
+                    let _ = client.read_exact(&mut buf).await;
+                    let _ = server.write_all(&buf[..after / 2]).await;
+                    return; // both sockets dropped mid-frame
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_slice_is_retried_on_another_connection() {
+    let a = engine().await;
+    let b = engine().await;
+    let seg = b.register_segment("kv", 8 << 20).unwrap();
+    let mut rx = b.take_notifications().unwrap();
+    let proxy = flaky_proxy(b.endpoint(), 2, 100 << 10).await;
+    let desc = SegmentDesc {
+        endpoint: proxy.to_string(),
+        ..b.describe(&seg)
+    };
+    let data = Bytes::from(pattern(77, 8 << 20));
+    let r = a
+        .submit(
+            &desc,
+            Batch::new()
+                .write(0, data.clone())
+                .notify(Bytes::from_static(b"once")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.bytes_written, 8 << 20);
+    assert!(seg.read(0, 8 << 20).unwrap() == data[..]);
+    assert_eq!(&rx.recv().await.unwrap().payload[..], b"once");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(rx.try_recv().is_err(), "notification delivered exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_peer_is_marked_down_and_fails_fast() {
+    let a = engine_with_timeout(Duration::from_secs(5)).await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let desc = SegmentDesc {
+        name: "kv".into(),
+        endpoint: dead.to_string(),
+        len: 16,
+        transport: TransportKind::Tcp,
+    };
+    let first = a.submit(&desc, Batch::new().read(0, 1)).await.unwrap_err();
+    assert!(matches!(first, TransferError::PeerUnavailable(ref m) if !m.contains("marked down")), "{first:?}");
+    let second = a.submit(&desc, Batch::new().read(0, 1)).await.unwrap_err();
+    assert!(matches!(second, TransferError::PeerUnavailable(ref m) if m.contains("marked down")), "{second:?}");
+    // After the back-off a probe goes through again (and fails on connect).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let third = a.submit(&desc, Batch::new().read(0, 1)).await.unwrap_err();
+    assert!(matches!(third, TransferError::PeerUnavailable(ref m) if !m.contains("marked down")), "{third:?}");
 }

@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::openai::ClientRequest;
 use crate::state::AppState;
 use crate::workers::Worker;
-use pdgate_scheduler::Role;
+use pdgate_scheduler::{Observed, Role};
 
 /// Everything a protocol needs to run one request's legs.
 pub struct LegContext<'a> {
@@ -17,7 +17,8 @@ pub struct LegContext<'a> {
     pub request_id: &'a str,
     pub req: &'a ClientRequest,
     pub prompt_tokens: u32,
-    pub prefill: &'a Worker,
+    /// `None`: the decode instance prefills locally (conditional disaggregation).
+    pub prefill: Option<&'a Worker>,
     pub decode: &'a Worker,
 }
 
@@ -35,10 +36,12 @@ pub struct DecodeStart {
     pub response: reqwest::Response,
 }
 
+/// Runs the legs; `on_prefill_done` is called once the prefill (and its KV handoff) finished,
+/// with what was measured.
 pub async fn run_legs(
     protocol: Protocol,
     ctx: &LegContext<'_>,
-    on_prefill_done: impl FnOnce(),
+    on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
     match protocol {
         Protocol::Native => native::run(ctx, on_prefill_done).await,

@@ -7,15 +7,23 @@
 
 use super::{unreachable, upstream_failure, DecodeStart, LegContext, LegError};
 use crate::metrics;
+use crate::workers::Worker;
 use pdgate_engine_sim::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};
 use pdgate_engine_sim::openai::ApiKind;
+use pdgate_scheduler::Observed;
 use pdgate_scheduler::Role;
 use std::time::Duration;
 
 pub async fn run(
     ctx: &LegContext<'_>,
-    on_prefill_done: impl FnOnce(),
+    on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
+    let Some(prefill_worker) = ctx.prefill else {
+        // Decode prefills locally: the plain request, no reservation, no transfer.
+        let response = decode(ctx, None).await?;
+        on_prefill_done(None);
+        return Ok(DecodeStart { response });
+    };
     let kv = reserve(ctx).await?;
     let guard = ReleaseOnDrop {
         client: ctx.state.client.clone(),
@@ -23,7 +31,7 @@ pub async fn run(
         request_id: ctx.request_id.to_string(),
         armed: true,
     };
-    let report = match prefill(ctx, &kv).await {
+    let report = match prefill(ctx, prefill_worker, &kv).await {
         Ok(r) => r,
         Err(e) => {
             // Released before returning, so a retry may reserve again under the same request id.
@@ -31,7 +39,11 @@ pub async fn run(
             return Err(e);
         }
     };
-    on_prefill_done();
+    on_prefill_done(Some(Observed {
+        prefill_ms: report.prefill_ms,
+        transfer_ms: report.transfer_ms,
+        kv_bytes: report.bytes_sent,
+    }));
     metrics::kv_handoff(
         u64::from(report.blocks_sent),
         report.bytes_sent,
@@ -45,7 +57,7 @@ pub async fn run(
         transfer_ms = report.transfer_ms,
         "KV handed off"
     );
-    let response = decode(ctx, &report).await?;
+    let response = decode(ctx, Some(&report)).await?;
     guard.disarm();
     Ok(DecodeStart { response })
 }
@@ -74,8 +86,12 @@ async fn reserve(ctx: &LegContext<'_>) -> Result<KvDescriptor, LegError> {
         .map_err(|e| unreachable(Role::Decode, &ctx.decode.url, &e))
 }
 
-async fn prefill(ctx: &LegContext<'_>, kv: &KvDescriptor) -> Result<PrefillReport, LegError> {
-    let url = format!("{}{}", ctx.prefill.url, wire::PREFILL_PATH);
+async fn prefill(
+    ctx: &LegContext<'_>,
+    worker: &Worker,
+    kv: &KvDescriptor,
+) -> Result<PrefillReport, LegError> {
+    let url = format!("{}{}", worker.url, wire::PREFILL_PATH);
     let body = wire::PrefillRequest {
         request_id: ctx.request_id.into(),
         prompt: ctx.req.prompt.clone(),
@@ -92,7 +108,7 @@ async fn prefill(ctx: &LegContext<'_>, kv: &KvDescriptor) -> Result<PrefillRepor
         .send();
     let resp = send
         .await
-        .map_err(|e| unreachable(Role::Prefill, &ctx.prefill.url, &e))?;
+        .map_err(|e| unreachable(Role::Prefill, &worker.url, &e))?;
     if !resp.status().is_success() {
         metrics::leg(Role::Prefill, "error");
         return Err(upstream_failure(Role::Prefill, resp).await);
@@ -100,25 +116,27 @@ async fn prefill(ctx: &LegContext<'_>, kv: &KvDescriptor) -> Result<PrefillRepor
     let report = resp
         .json()
         .await
-        .map_err(|e| unreachable(Role::Prefill, &ctx.prefill.url, &e))?;
+        .map_err(|e| unreachable(Role::Prefill, &worker.url, &e))?;
     metrics::leg(Role::Prefill, "ok");
     Ok(report)
 }
 
 async fn decode(
     ctx: &LegContext<'_>,
-    report: &PrefillReport,
+    report: Option<&PrefillReport>,
 ) -> Result<reqwest::Response, LegError> {
     let path = match ctx.req.kind {
         ApiKind::Chat => "/v1/chat/completions",
         ApiKind::Completions => "/v1/completions",
     };
     let mut body = ctx.req.body.clone();
-    let leg = DecodeLeg {
-        request_id: ctx.request_id.into(),
-        first_token: report.first_token,
-    };
-    body[wire::DECODE_FIELD] = serde_json::to_value(leg).unwrap_or_default();
+    if let Some(report) = report {
+        let leg = DecodeLeg {
+            request_id: ctx.request_id.into(),
+            first_token: report.first_token,
+        };
+        body[wire::DECODE_FIELD] = serde_json::to_value(leg).unwrap_or_default();
+    }
     let head_timeout = Duration::from_secs(ctx.state.cfg.upstream.decode_head_timeout_secs);
     let send = ctx
         .state

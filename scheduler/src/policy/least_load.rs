@@ -1,52 +1,46 @@
-//! `least_load`: per role, the candidate with the fewest in-flight requests, then the fewest
-//! tokens, then the lowest id (so ties are deterministic).
+//! `least_load`: per role, the least-loaded candidate. Prefill: fewest requests, then fewest
+//! queued prefill tokens. Decode: fewest sequences, then fewest context tokens. Ties go to the
+//! lowest id, so the choice is deterministic.
 
-use super::{Candidate, Policy};
-use crate::scheduler::RequestKey;
-use crate::types::InstanceId;
+use super::{argmin_by, Choice, PickCtx, Policy};
+use crate::scheduler::Rejection;
 
 #[derive(Debug, Default)]
 pub struct LeastLoad;
-
-fn least(candidates: &[Candidate]) -> InstanceId {
-    candidates
-        .iter()
-        .min_by_key(|c| (c.load.in_flight, c.load.tokens, c.id))
-        .map(|c| c.id)
-        .unwrap_or(InstanceId(0))
-}
 
 impl Policy for LeastLoad {
     fn name(&self) -> &'static str {
         "least_load"
     }
 
-    fn pick(
-        &mut self,
-        _req: &RequestKey,
-        prefill: &[Candidate],
-        decode: &[Candidate],
-    ) -> (InstanceId, InstanceId) {
-        (least(prefill), least(decode))
+    fn pick(&mut self, ctx: &PickCtx<'_>) -> Result<Choice, Rejection> {
+        let prefill = argmin_by(ctx.prefill, |c| (c.load.requests(), c.load.prefill_tokens));
+        let decode = argmin_by(ctx.decode, |c| {
+            (
+                c.load.decode_seqs.max(c.load.requests()),
+                c.load.decode_tokens,
+            )
+        });
+        Ok(Choice { prefill, decode })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::InstanceLoad;
+    use crate::config::SchedulerConfig;
+    use crate::policy::testing::*;
+    use crate::types::InstanceId;
 
     #[test]
-    fn picks_fewest_in_flight_then_tokens_then_id() {
-        let c = |id, in_flight, tokens| Candidate {
-            id: InstanceId(id),
-            load: InstanceLoad { in_flight, tokens },
-        };
-        let p = [c(0, 2, 10), c(1, 1, 500), c(2, 1, 100)];
-        let d = [c(5, 0, 0), c(3, 0, 0)];
-        assert_eq!(
-            LeastLoad.pick(&RequestKey::default(), &p, &d),
-            (InstanceId(2), InstanceId(3))
-        );
+    fn picks_fewest_requests_then_tokens_then_id() {
+        let cfg = SchedulerConfig::default();
+        let mut p = [cand(0), cand(1), cand(2)];
+        p[0].load.in_flight = 2;
+        (p[1].load.in_flight, p[1].load.prefill_tokens) = (1, 500);
+        (p[2].load.in_flight, p[2].load.prefill_tokens) = (1, 100);
+        let d = [cand(3), cand(5)];
+        let c = pick(&mut LeastLoad, &cfg, &key(1), &p, &d).unwrap();
+        assert_eq!((c.prefill, c.decode), (InstanceId(2), InstanceId(3)));
     }
 }

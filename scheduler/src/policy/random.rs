@@ -1,8 +1,7 @@
 //! `random`: uniform choice per role from a seeded generator, so runs are reproducible.
 
-use super::{Candidate, Policy};
-use crate::scheduler::RequestKey;
-use crate::types::InstanceId;
+use super::{Choice, PickCtx, Policy};
+use crate::scheduler::Rejection;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -24,46 +23,36 @@ impl Policy for Random {
         "random"
     }
 
-    fn pick(
-        &mut self,
-        _req: &RequestKey,
-        prefill: &[Candidate],
-        decode: &[Candidate],
-    ) -> (InstanceId, InstanceId) {
-        let p = prefill[self.rng.random_range(0..prefill.len())].id;
-        let d = decode[self.rng.random_range(0..decode.len())].id;
-        (p, d)
+    fn pick(&mut self, ctx: &PickCtx<'_>) -> Result<Choice, Rejection> {
+        let prefill = ctx.prefill[self.rng.random_range(0..ctx.prefill.len())].id;
+        let decode = ctx.decode[self.rng.random_range(0..ctx.decode.len())].id;
+        Ok(Choice { prefill, decode })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::InstanceLoad;
-
-    fn cands(n: u32) -> Vec<Candidate> {
-        (0..n)
-            .map(|i| Candidate {
-                id: InstanceId(i),
-                load: InstanceLoad::default(),
-            })
-            .collect()
-    }
+    use crate::config::SchedulerConfig;
+    use crate::policy::testing::*;
 
     #[test]
     fn same_seed_same_sequence_and_all_instances_used() {
-        let (p, d) = (cands(4), cands(4));
-        let key = RequestKey::default();
+        let cfg = SchedulerConfig::default();
+        let p: Vec<_> = (0..4).map(cand).collect();
         let run = |seed| {
             let mut r = Random::new(seed);
-            (0..200).map(|_| r.pick(&key, &p, &d)).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| pick(&mut r, &cfg, &key(1), &p, &p).map(|c| (c.prefill.0, c.decode.0)))
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
         };
         let a = run(7);
         assert_eq!(a, run(7));
         assert_ne!(a, run(8));
         for i in 0..4 {
-            assert!(a.iter().any(|(x, _)| x.0 == i), "prefill {i} never chosen");
-            assert!(a.iter().any(|(_, y)| y.0 == i), "decode {i} never chosen");
+            assert!(a.iter().any(|(x, _)| *x == i), "prefill {i} never chosen");
+            assert!(a.iter().any(|(_, y)| *y == i), "decode {i} never chosen");
         }
     }
 }

@@ -1,8 +1,8 @@
-//! `round_robin`: each role cycles through its candidates independently. The baseline that the
-//! public PD proxies ship with.
+//! `round_robin`: each role cycles through its candidates independently. The baseline the public
+//! PD proxies ship with.
 
-use super::{Candidate, Policy};
-use crate::scheduler::RequestKey;
+use super::{Candidate, Choice, PickCtx, Policy};
+use crate::scheduler::Rejection;
 use crate::types::InstanceId;
 
 #[derive(Debug, Default)]
@@ -22,43 +22,32 @@ impl Policy for RoundRobin {
         "round_robin"
     }
 
-    fn pick(
-        &mut self,
-        _req: &RequestKey,
-        prefill: &[Candidate],
-        decode: &[Candidate],
-    ) -> (InstanceId, InstanceId) {
-        (
-            next(&mut self.prefill, prefill),
-            next(&mut self.decode, decode),
-        )
+    fn pick(&mut self, ctx: &PickCtx<'_>) -> Result<Choice, Rejection> {
+        Ok(Choice {
+            prefill: next(&mut self.prefill, ctx.prefill),
+            decode: next(&mut self.decode, ctx.decode),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::InstanceLoad;
+    use crate::config::SchedulerConfig;
+    use crate::policy::testing::*;
 
     #[test]
     fn cycles_each_role_independently() {
-        let p: Vec<_> = (0..3)
-            .map(|i| Candidate {
-                id: InstanceId(i),
-                load: InstanceLoad::default(),
-            })
-            .collect();
-        let d: Vec<_> = (10..12)
-            .map(|i| Candidate {
-                id: InstanceId(i),
-                load: InstanceLoad::default(),
-            })
-            .collect();
+        let cfg = SchedulerConfig::default();
+        let p: Vec<_> = (0..3).map(cand).collect();
+        let d: Vec<_> = (10..12).map(cand).collect();
         let mut rr = RoundRobin::default();
-        let key = RequestKey::default();
-        let picks: Vec<_> = (0..4).map(|_| rr.pick(&key, &p, &d)).collect();
-        let ids =
-            |v: &[(InstanceId, InstanceId)]| v.iter().map(|(a, b)| (a.0, b.0)).collect::<Vec<_>>();
-        assert_eq!(ids(&picks), vec![(0, 10), (1, 11), (2, 10), (0, 11)]);
+        let picks: Vec<_> = (0..4)
+            .map(|_| pick(&mut rr, &cfg, &key(10), &p, &d).map(|c| (c.prefill.0, c.decode.0)))
+            .collect();
+        assert_eq!(
+            picks,
+            vec![Ok((0, 10)), Ok((1, 11)), Ok((2, 10)), Ok((0, 11))]
+        );
     }
 }

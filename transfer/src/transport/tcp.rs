@@ -9,12 +9,22 @@
 //! `try_write` inside the segment lock, so no lock is ever held across an
 //! `.await`. Nothing read from the network may panic or allocate beyond the
 //! `wire` limits; a connection that fails mid-batch is dropped, never reused.
+//!
+//! A batch larger than one slice (`slice`) is cut and its slices run in
+//! parallel over up to `connections_per_peer` connections; a slice that fails
+//! on one connection is retried on another (slices never carry the
+//! notification, so a retry cannot deliver it twice); a peer whose attempts
+//! keep failing is marked down for a moment so callers fail fast instead of
+//! queueing behind it. The same listener answers handshakes (`describe`) and
+//! shm commits (a zero-op batch with a generation check).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -26,7 +36,10 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
 use crate::local::LocalSegments;
+use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
+use crate::transport::handshake::SegmentAdvert;
+use crate::transport::slice;
 use crate::transport::{Transport, TransportKind};
 use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
 
@@ -43,6 +56,12 @@ const MAX_INBOUND_CONNECTIONS: usize = 1024;
 const MAX_PEERS: usize = 4096;
 /// Iovecs per `writev`.
 const MAX_IOV: usize = 64;
+/// Attempts per slice (first try plus retries on fresh connections).
+const MAX_ATTEMPTS: u32 = 3;
+/// Consecutive failed attempts after which a peer is marked down.
+const DOWN_AFTER_FAILURES: u32 = 3;
+/// How long a down peer fails fast before one probe is let through.
+const DOWN_FOR: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------- client ---
 
@@ -50,20 +69,30 @@ const MAX_IOV: usize = 64;
 pub(crate) struct TcpTransport {
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     per_peer: usize,
+    slice_size: usize,
 }
 
 struct Peer {
-    // Caps in-flight batches (hence open connections) to this peer; extra
-    // submitters queue here, under the caller's deadline.
+    // Caps in-flight exchanges (hence open connections, and in-flight bytes
+    // at about per_peer slices) to this peer; extra submitters queue here,
+    // under the caller's deadline.
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<TcpStream>>,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    consecutive_failures: u32,
+    down_until: Option<Instant>,
 }
 
 impl TcpTransport {
-    pub(crate) fn new(connections_per_peer: usize) -> Self {
+    pub(crate) fn new(connections_per_peer: usize, slice_size: usize) -> Self {
         TcpTransport {
             peers: Mutex::new(HashMap::new()),
             per_peer: connections_per_peer.max(1),
+            slice_size: slice_size.max(1),
         }
     }
 
@@ -85,6 +114,7 @@ impl TcpTransport {
         let p = Arc::new(Peer {
             permits: Arc::new(Semaphore::new(self.per_peer)),
             idle: Mutex::new(Vec::with_capacity(self.per_peer)),
+            health: Mutex::new(Health::default()),
         });
         peers.insert(endpoint.to_owned(), p.clone());
         p
@@ -92,6 +122,36 @@ impl TcpTransport {
 }
 
 impl Peer {
+    /// Fails fast while the peer is marked down; after `DOWN_FOR` the next
+    /// caller goes through as a probe.
+    fn check_up(&self, endpoint: &str) -> Result<(), TransferError> {
+        let mut h = self.health.lock();
+        match h.down_until {
+            Some(t) if Instant::now() < t => Err(TransferError::PeerUnavailable(format!(
+                "{endpoint}: marked down after {} consecutive failures",
+                h.consecutive_failures
+            ))),
+            Some(_) => {
+                h.down_until = None;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record(&self, endpoint: &str, ok: bool) {
+        let mut h = self.health.lock();
+        if ok {
+            *h = Health::default();
+            return;
+        }
+        h.consecutive_failures += 1;
+        if h.consecutive_failures >= DOWN_AFTER_FAILURES && h.down_until.is_none() {
+            tracing::warn!(endpoint, failures = h.consecutive_failures, "transfer peer marked down");
+            h.down_until = Some(Instant::now() + DOWN_FOR);
+        }
+    }
+
     fn take_idle(&self) -> Option<TcpStream> {
         let mut idle = self.idle.lock();
         while let Some(conn) = idle.pop() {
@@ -140,20 +200,98 @@ enum Exchange {
     Broken(TransferError),
 }
 
-#[async_trait::async_trait]
-impl Transport for TcpTransport {
-    fn kind(&self) -> TransportKind {
-        TransportKind::Tcp
+/// Failures that say nothing about the batch itself, so another connection
+/// may succeed.
+fn is_path_failure(e: &TransferError) -> bool {
+    matches!(
+        e,
+        TransferError::Io(_) | TransferError::PeerUnavailable(_) | TransferError::Protocol(_)
+    )
+}
+
+impl TcpTransport {
+    /// Asks the owner at `endpoint` for its advert of `segment`.
+    pub(crate) async fn describe(
+        &self,
+        endpoint: &str,
+        segment: &str,
+    ) -> Result<SegmentAdvert, TransferError> {
+        if segment.len() > wire::MAX_SEGMENT_NAME_LEN {
+            return Err(TransferError::InvalidName(segment.to_owned()));
+        }
+        let peer = self.peer(endpoint);
+        peer.check_up(endpoint)?;
+        let _permit = peer
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TransferError::Shutdown)?;
+        // A fresh connection: a handshake is rare, and an old server closes
+        // the connection after rejecting it.
+        let mut conn = connect(endpoint).await?;
+        conn.write_all(&wire::encode_describe(segment)).await?;
+        let mut raw = [0u8; REPLY_HEADER_LEN];
+        conn.read_exact(&mut raw).await?;
+        let h = ReplyHeader::decode(&raw)?;
+        let mut msg = vec![0u8; h.msg_len as usize];
+        conn.read_exact(&mut msg).await?;
+        if h.status != ReplyStatus::Ok {
+            return Err(h.into_error(&msg));
+        }
+        peer.put_idle(conn, self.per_peer);
+        SegmentAdvert::decode(&msg)
     }
 
-    async fn submit(
+    /// One exchange carrying the whole `batch` (never sliced), optionally
+    /// checking the segment's generation at the target. Batches without a
+    /// notification are retried on a fresh connection after a path failure.
+    pub(crate) async fn submit_at(
         &self,
         endpoint: &str,
         segment: &str,
         batch: &Batch,
+        generation: Option<u64>,
     ) -> Result<BatchReport, TransferError> {
-        batch.validate(segment)?;
         let peer = self.peer(endpoint);
+        peer.check_up(endpoint)?;
+        let attempts = if batch.notify.is_some() { 1 } else { MAX_ATTEMPTS };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.exchange_once(&peer, endpoint, segment, batch, generation).await;
+            match &r {
+                Err(e) if is_path_failure(e) => {
+                    peer.record(endpoint, false);
+                    if attempt < attempts && peer.check_up(endpoint).is_ok() {
+                        tracing::debug!(endpoint, attempt, error = %e, "retrying slice on another connection");
+                        continue;
+                    }
+                }
+                _ => peer.record(endpoint, true),
+            }
+            return r;
+        }
+    }
+
+    async fn slice_task(
+        &self,
+        i: usize,
+        endpoint: &str,
+        segment: &str,
+        slice: &Batch,
+    ) -> (usize, Result<BatchReport, TransferError>) {
+        (i, self.submit_at(endpoint, segment, slice, None).await)
+    }
+
+    async fn exchange_once(
+        &self,
+        peer: &Peer,
+        endpoint: &str,
+        segment: &str,
+        batch: &Batch,
+        generation: Option<u64>,
+    ) -> Result<BatchReport, TransferError> {
         let _permit: OwnedSemaphorePermit = peer
             .permits
             .clone()
@@ -165,7 +303,7 @@ impl Transport for TcpTransport {
             None => (connect(endpoint).await?, false),
         };
         loop {
-            match exchange(&mut conn, segment, batch).await {
+            match exchange(&mut conn, segment, batch, generation).await {
                 Exchange::Done { result, reusable } => {
                     if reusable {
                         peer.put_idle(conn, self.per_peer);
@@ -188,8 +326,62 @@ impl Transport for TcpTransport {
     }
 }
 
-async fn exchange(conn: &mut TcpStream, segment: &str, batch: &Batch) -> Exchange {
-    let mut parts = wire::encode_request(segment, batch);
+#[async_trait::async_trait]
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    async fn submit(
+        &self,
+        target: &SegmentDesc,
+        batch: &Batch,
+    ) -> Result<BatchReport, TransferError> {
+        let (endpoint, segment) = (target.endpoint.as_str(), target.name.as_str());
+        batch.validate(segment)?;
+        let Some(plan) = slice::plan(batch, self.slice_size) else {
+            return self.submit_at(endpoint, segment, batch, None).await;
+        };
+        self.peer(endpoint).check_up(endpoint)?;
+        // Collected first: a lazily mapped closure here trips a
+        // higher-ranked lifetime limitation under async_trait.
+        let tasks: Vec<_> = plan
+            .slices
+            .iter()
+            .enumerate()
+            .map(|(i, s)| self.slice_task(i, endpoint, segment, s))
+            .collect();
+        let mut running = futures::stream::iter(tasks).buffer_unordered(self.per_peer);
+        let mut results: Vec<Vec<Bytes>> = vec![Vec::new(); plan.slices.len()];
+        let mut report = BatchReport::default();
+        while let Some((i, r)) = running.next().await {
+            // First failure ends the batch; dropping `running` drops the
+            // other slices' connections mid-exchange (never reused).
+            let r = r?;
+            report.bytes_written += r.bytes_written;
+            results[i] = r.reads;
+        }
+        drop(running);
+        report.reads = slice::assemble(&plan.reads, results)?;
+        report.bytes_read = report.reads.iter().map(|r| r.len() as u64).sum();
+        if let Some(n) = &batch.notify {
+            let done = Batch {
+                ops: Vec::new(),
+                notify: Some(n.clone()),
+            };
+            self.submit_at(endpoint, segment, &done, None).await?;
+        }
+        Ok(report)
+    }
+}
+
+async fn exchange(
+    conn: &mut TcpStream,
+    segment: &str,
+    batch: &Batch,
+    generation: Option<u64>,
+) -> Exchange {
+    let mut parts = wire::encode_request_at(segment, batch, generation);
     if let Err(e) = write_all_vectored(conn, &mut parts).await {
         return Exchange::NoReply(e.into());
     }
@@ -411,6 +603,21 @@ impl ServerConn {
         head: wire::RequestHead,
     ) -> Result<(), TransferError> {
         let seg = local.get(&head.segment);
+        if head.describe {
+            let reply = match seg.as_ref().map(|s| local.advert(s).encode()) {
+                Some(Ok(advert)) => wire::encode_describe_reply(&advert),
+                Some(Err(e)) => wire::encode_error_reply(&e, false),
+                None => wire::encode_error_reply(
+                    &TransferError::UnknownSegment(head.segment.clone()),
+                    false,
+                ),
+            };
+            self.wr.write_all(&reply).await?;
+            return Ok(());
+        }
+        // A generation mismatch means the submitter's view (an shm mapping)
+        // is of an earlier registration under this name: treat as unknown.
+        let seg = seg.filter(|s| head.generation.map_or(true, |g| g == s.generation()));
         let mut failed = match seg {
             Some(_) => None,
             None => Some(TransferError::UnknownSegment(head.segment.clone())),

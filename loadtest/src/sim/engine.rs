@@ -1,0 +1,253 @@
+//! One modelled engine in virtual time: `pdgate-engine-sim`'s continuous batching
+//! (`batcher.rs`) re-expressed as a step function, over the engine's own `TimingModel`,
+//! `PrefixCache` and `EngineConfig` — the formulas and the cache are imported, only the loop is
+//! rewritten, because the real one sleeps on a tokio timer.
+//!
+//! Mirrored exactly: a step admits queued jobs in arrival order — prefills within
+//! `max_batched_tokens` (an oversize prompt runs alone), decode sequences up to `max_batch`
+//! (a decode at the head that does not fit blocks the queue) — costs
+//! `prefill_ms(Σ admitted prefill tokens) + decode_step_ms(running, Σ context)`, then completes
+//! the prefills and has every running sequence emit one token. It must never diverge from the
+//! batcher silently: the tests pin the same cases the batcher's tests do.
+
+use pdgate_engine_sim::cache::PrefixCache;
+use pdgate_engine_sim::EngineConfig;
+use std::collections::VecDeque;
+
+/// Index of a request in the simulation.
+pub type Req = usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    Prefill { req: Req, uncached: usize },
+    Decode { req: Req, context: usize, steps: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seq {
+    req: Req,
+    context: usize,
+    steps: u32,
+}
+
+/// What a finished step produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub prefills_done: Vec<Req>,
+    /// `(request, last)`: one token per running sequence, `last` when it was its final one.
+    pub tokens: Vec<(Req, bool)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("engine queue full")]
+pub struct QueueFull;
+
+#[derive(Debug)]
+pub struct SimEngine {
+    pub cfg: EngineConfig,
+    pub cache: PrefixCache,
+    waiting: VecDeque<Job>,
+    running: Vec<Seq>,
+    /// Prefills of the step in progress (`Some` while a step runs).
+    in_step: Option<Vec<Req>>,
+    pub prefix_queries_tokens: u64,
+    pub prefix_hits_tokens: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub requests: u64,
+    /// KV pool blocks free for reservations (decode role).
+    pub pool_free: usize,
+}
+
+impl SimEngine {
+    /// `cache_blocks` is the prefix cache's capacity (the engine sizes it by role).
+    pub fn new(cfg: EngineConfig, cache_blocks: usize) -> Self {
+        Self {
+            cache: PrefixCache::new(cache_blocks),
+            pool_free: cfg.kv_blocks,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            in_step: None,
+            prefix_queries_tokens: 0,
+            prefix_hits_tokens: 0,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            requests: 0,
+        }
+    }
+
+    /// The engine's `lookup_prefix`: counts the query and returns the uncached tokens.
+    pub fn lookup_prefix(&mut self, prompt_tokens: usize, blocks: &[pdgate_scheduler::BlockHash]) -> usize {
+        let hit = (self.cache.match_prefix(blocks) * self.cfg.block_size).min(prompt_tokens);
+        self.prefix_queries_tokens += prompt_tokens as u64;
+        self.prefix_hits_tokens += hit as u64;
+        prompt_tokens - hit
+    }
+
+    /// Queues a job. The live engine bounds its channel and its internal queue at
+    /// `max_waiting` each, so up to twice that may wait before a submit is refused.
+    pub fn submit(&mut self, job: Job) -> Result<(), QueueFull> {
+        if self.waiting.len() >= 2 * self.cfg.max_waiting.max(1) {
+            return Err(QueueFull);
+        }
+        self.waiting.push_back(job);
+        Ok(())
+    }
+
+    pub fn busy(&self) -> bool {
+        self.in_step.is_some()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Starts a step if idle with work to do; returns its modelled duration in milliseconds
+    /// (before any time scale).
+    pub fn start_step(&mut self) -> Option<f64> {
+        if self.busy() || !self.has_work() {
+            return None;
+        }
+        let mut prefills = Vec::new();
+        let mut prefill_tokens = 0usize;
+        let mut budget = self.cfg.max_batched_tokens;
+        while let Some(job) = self.waiting.pop_front() {
+            match job {
+                Job::Prefill { req, uncached } => {
+                    if !prefills.is_empty() && uncached > budget {
+                        self.waiting.push_front(job);
+                        break;
+                    }
+                    budget = budget.saturating_sub(uncached);
+                    prefill_tokens += uncached;
+                    prefills.push(req);
+                }
+                Job::Decode { req, context, steps } => {
+                    if steps == 0 {
+                        continue;
+                    }
+                    if self.running.len() >= self.cfg.max_batch {
+                        self.waiting.push_front(job);
+                        break;
+                    }
+                    self.running.push(Seq { req, context, steps });
+                }
+            }
+        }
+        let context: usize = self.running.iter().map(|s| s.context).sum();
+        let ms = self.cfg.timing.prefill_ms(prefill_tokens)
+            + self.cfg.timing.decode_step_ms(self.running.len(), context);
+        self.in_step = Some(prefills);
+        Some(ms)
+    }
+
+    /// Ends the step in progress.
+    pub fn end_step(&mut self) -> StepOutcome {
+        let prefills_done = self.in_step.take().unwrap_or_default();
+        let mut tokens = Vec::with_capacity(self.running.len());
+        self.generated_tokens += self.running.len() as u64;
+        self.running.retain_mut(|s| {
+            s.steps -= 1;
+            s.context += 1;
+            tokens.push((s.req, s.steps == 0));
+            s.steps > 0
+        });
+        StepOutcome {
+            prefills_done,
+            tokens,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pdgate_engine_sim::TimingModel;
+
+    fn engine(max_batch: usize, max_batched_tokens: usize) -> SimEngine {
+        SimEngine::new(
+            EngineConfig {
+                max_batch,
+                max_batched_tokens,
+                ..EngineConfig::default()
+            },
+            100,
+        )
+    }
+
+    #[test]
+    fn step_cost_is_the_engines_own_formula() {
+        let mut e = engine(8, 8192);
+        e.submit(Job::Prefill { req: 0, uncached: 1000 }).unwrap();
+        e.submit(Job::Decode { req: 1, context: 500, steps: 2 }).unwrap();
+        let ms = e.start_step().unwrap();
+        let t = TimingModel::default();
+        assert_eq!(ms, t.prefill_ms(1000) + t.decode_step_ms(1, 500));
+        assert_eq!(e.start_step(), None, "one step at a time");
+        let out = e.end_step();
+        assert_eq!(out.prefills_done, vec![0]);
+        assert_eq!(out.tokens, vec![(1, false)]);
+        let ms = e.start_step().unwrap();
+        assert_eq!(ms, t.decode_step_ms(1, 501), "context grew by the emitted token");
+        assert_eq!(e.end_step().tokens, vec![(1, true)]);
+        assert!(!e.has_work());
+    }
+
+    #[test]
+    fn token_budget_splits_prefills_and_oversize_runs_alone() {
+        let mut e = engine(8, 1000);
+        for (req, uncached) in [(0, 600), (1, 600), (2, 5000), (3, 10)] {
+            e.submit(Job::Prefill { req, uncached }).unwrap();
+        }
+        e.start_step();
+        assert_eq!(e.end_step().prefills_done, vec![0], "1 does not fit beside 0");
+        e.start_step();
+        assert_eq!(e.end_step().prefills_done, vec![1], "2 is oversize and waits its turn");
+        e.start_step();
+        assert_eq!(e.end_step().prefills_done, vec![2], "oversize alone");
+        e.start_step();
+        assert_eq!(e.end_step().prefills_done, vec![3]);
+    }
+
+    #[test]
+    fn batch_limit_serialises_excess_sequences_like_the_batcher() {
+        // The batcher's own test: two 3-token sequences over a batch of 1 come out a,a,a,b,b,b.
+        let mut e = engine(1, 8192);
+        e.submit(Job::Decode { req: 0, context: 0, steps: 3 }).unwrap();
+        e.submit(Job::Decode { req: 1, context: 0, steps: 3 }).unwrap();
+        let mut order = Vec::new();
+        while e.start_step().is_some() {
+            order.extend(e.end_step().tokens.into_iter().map(|(r, _)| r));
+        }
+        assert_eq!(order, vec![0, 0, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn queue_is_bounded() {
+        let mut e = SimEngine::new(EngineConfig { max_waiting: 2, ..EngineConfig::default() }, 1);
+        for i in 0..4 {
+            e.submit(Job::Prefill { req: i, uncached: 1 }).unwrap();
+        }
+        assert_eq!(e.submit(Job::Prefill { req: 9, uncached: 1 }), Err(QueueFull));
+    }
+
+    #[test]
+    fn lookup_counts_hits_in_tokens() {
+        use pdgate_scheduler::BlockHash;
+        let mut e = engine(8, 8192);
+        let blocks: Vec<BlockHash> = (0..4).map(BlockHash).collect();
+        assert_eq!(e.lookup_prefix(70, &blocks), 70);
+        e.cache.insert(&blocks[..2]);
+        assert_eq!(e.lookup_prefix(70, &blocks), 70 - 32);
+        assert_eq!((e.prefix_queries_tokens, e.prefix_hits_tokens), (140, 32));
+    }
+}

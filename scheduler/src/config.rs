@@ -1,0 +1,183 @@
+//! The scheduler's configuration: one struct tree with serde defaults, embedded by the gateway's
+//! config (`[scheduler]`) and built directly by the simulator. The only source of these defaults.
+
+use crate::policy::PolicyKind;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    pub policy: PolicyKind,
+    /// Seed of randomised policies, for reproducible runs.
+    pub seed: u64,
+    /// Tokens per KV block of the engines; prefix keys are cut at this size.
+    pub block_size: usize,
+    /// KV-cache bytes per token of the served model: what a handoff moves.
+    pub kv_bytes_per_token: u64,
+    pub slo: Slo,
+    pub cost: CostModel,
+    pub index: IndexConfig,
+    pub disagg: DisaggConfig,
+    pub cache_aware: CacheAwareConfig,
+    pub kv_cost: KvCostConfig,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::default(),
+            seed: 0,
+            block_size: 16,
+            kv_bytes_per_token: 8 * 1024,
+            slo: Slo::default(),
+            cost: CostModel::default(),
+            index: IndexConfig::default(),
+            disagg: DisaggConfig::default(),
+            cache_aware: CacheAwareConfig::default(),
+            kv_cost: KvCostConfig::default(),
+        }
+    }
+}
+
+/// Service-level objectives the `slo` policy admits against.
+///
+/// Defaults suit an interactive chat service on an 8B-class model: first token within 2 s, and a
+/// token every 100 ms at most once streaming (10 tokens/s is a comfortable reading speed).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Slo {
+    pub ttft_ms: f64,
+    pub tbt_ms: f64,
+    /// When false the `slo` policy still picks by predicted TTFT but never rejects.
+    pub admission: bool,
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Self {
+            ttft_ms: 2000.0,
+            tbt_ms: 100.0,
+            admission: true,
+        }
+    }
+}
+
+/// The scheduler's prior model of an engine, corrected online by measured EWMAs.
+///
+/// Prefill `a·T² + b·T + c` ms over uncached tokens and the decode step model default to the
+/// coefficients NVIDIA Dynamo's mocker uses for an 8B-class model on one H100-class GPU (the
+/// reference engine uses the same, so an uncorrected prediction is right on the demo fleet).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostModel {
+    pub prefill_a: f64,
+    pub prefill_b: f64,
+    pub prefill_c: f64,
+    pub decode_base_ms: f64,
+    pub decode_per_seq_ms: f64,
+    pub decode_per_ktoken_ms: f64,
+    /// Prompt tokens an engine prefills per step at most (queued work runs in such chunks).
+    pub max_batched_tokens: u64,
+    /// Prior KV transfer bandwidth in GB/s, until handoffs have been measured.
+    pub transfer_gbps: f64,
+    /// Weight of a new sample in the EWMAs of measured prefill speed and bandwidth.
+    pub ewma_alpha: f64,
+    /// Expected output length as a fraction of `max_tokens`, for decode load predictions.
+    pub output_fraction: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        Self {
+            prefill_a: 4.21e-7,
+            prefill_b: 1.518e-2,
+            prefill_c: 16.5,
+            decode_base_ms: 6.0,
+            decode_per_seq_ms: 0.04,
+            decode_per_ktoken_ms: 0.02,
+            max_batched_tokens: 8192,
+            transfer_gbps: 2.0,
+            ewma_alpha: 0.2,
+            output_fraction: 1.0,
+        }
+    }
+}
+
+/// The prefix index: which instance holds which blocks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Entries learnt from routing decisions (not engine events) are forgotten after this.
+    pub ttl_secs: u64,
+    /// Blocks remembered per instance when the instance's own capacity is not known.
+    pub default_capacity_blocks: u64,
+    /// Memory cap of the whole index; beyond it the largest instance's oldest blocks go.
+    pub max_bytes: u64,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 120,
+            default_capacity_blocks: 65_536,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Conditional disaggregation: when moving the prompt is not worth it, the decode instance
+/// prefills locally.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DisaggConfig {
+    /// Prefill locally on decode when at most this many prompt tokens are uncached there.
+    pub local_prefill_max_tokens: u32,
+    /// Or when decode already holds at least this fraction of the prompt.
+    pub local_prefill_min_hit: f64,
+}
+
+impl Default for DisaggConfig {
+    fn default() -> Self {
+        Self {
+            local_prefill_max_tokens: 0,
+            local_prefill_min_hit: 0.9,
+        }
+    }
+}
+
+/// The SGLang router's `cache_aware` knobs, with its defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheAwareConfig {
+    pub match_threshold: f64,
+    pub balance_abs_threshold: u32,
+    pub balance_rel_threshold: f64,
+}
+
+impl Default for CacheAwareConfig {
+    fn default() -> Self {
+        Self {
+            match_threshold: 0.3,
+            balance_abs_threshold: 64,
+            balance_rel_threshold: 1.5,
+        }
+    }
+}
+
+/// NVIDIA Dynamo's KV-router cost knobs, with its defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvCostConfig {
+    pub prefill_weight: f64,
+    /// 0 picks the cheapest; above 0 samples a softmax over normalised costs.
+    pub temperature: f64,
+}
+
+impl Default for KvCostConfig {
+    fn default() -> Self {
+        Self {
+            prefill_weight: 1.0,
+            temperature: 0.0,
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Predictions from the cost model: prefill, queue, transfer and decode-step times in ms.
+//! Pure arithmetic over the configured prior and the measured corrections.
+
+use crate::config::CostModel;
+
+impl CostModel {
+    /// Compute time of one prefill step over `tokens` uncached tokens.
+    pub fn prefill_ms(&self, tokens: u64) -> f64 {
+        if tokens == 0 {
+            return 0.0;
+        }
+        let t = tokens as f64;
+        self.prefill_a * t * t + self.prefill_b * t + self.prefill_c
+    }
+
+    /// Time to work through `tokens` of queued prefill, run in steps of `max_batched_tokens`.
+    pub fn queue_ms(&self, tokens: u64) -> f64 {
+        let chunk = self.max_batched_tokens.max(1);
+        let full = tokens / chunk;
+        full as f64 * self.prefill_ms(chunk) + self.prefill_ms(tokens % chunk)
+    }
+
+    pub fn decode_step_ms(&self, batch: u64, context_tokens: u64) -> f64 {
+        if batch == 0 {
+            return 0.0;
+        }
+        self.decode_base_ms
+            + self.decode_per_seq_ms * batch as f64
+            + self.decode_per_ktoken_ms * context_tokens as f64 / 1000.0
+    }
+
+    pub fn prior_bytes_per_ms(&self) -> f64 {
+        self.transfer_gbps * 1e6
+    }
+}
+
+/// Exponentially weighted moving average that starts at a prior.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ewma {
+    value: f64,
+    alpha: f64,
+}
+
+impl Ewma {
+    pub fn new(prior: f64, alpha: f64) -> Self {
+        Self {
+            value: prior,
+            alpha: alpha.clamp(0.0, 1.0),
+        }
+    }
+
+    pub fn get(&self) -> f64 {
+        self.value
+    }
+
+    pub fn update(&mut self, sample: f64) {
+        if sample.is_finite() {
+            self.value += self.alpha * (sample - self.value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_and_queue_follow_the_model() {
+        let m = CostModel::default();
+        assert_eq!(m.prefill_ms(0), 0.0);
+        let one = m.prefill_ms(1000);
+        assert!((one - (4.21e-7 * 1e6 + 15.18 + 16.5)).abs() < 1e-9);
+        assert!(
+            (m.queue_ms(8192 * 2 + 100) - (2.0 * m.prefill_ms(8192) + m.prefill_ms(100))).abs()
+                < 1e-9
+        );
+        assert_eq!(m.decode_step_ms(0, 5), 0.0);
+        assert!((m.decode_step_ms(10, 50_000) - (6.0 + 0.4 + 1.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ewma_moves_toward_samples_and_ignores_nan() {
+        let mut e = Ewma::new(1.0, 0.5);
+        e.update(3.0);
+        assert_eq!(e.get(), 2.0);
+        e.update(f64::NAN);
+        assert_eq!(e.get(), 2.0);
+    }
+}

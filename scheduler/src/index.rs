@@ -1,0 +1,381 @@
+//! The prefix index: which instance holds which blocks, for a longest-prefix match against every
+//! instance in one walk over the request's block hashes.
+//!
+//! Two kinds of entry share one structure: approximate ones recorded from the gateway's own
+//! routing decisions (they expire after a TTL and are capped per instance like the engine's LRU
+//! cache), and precise ones from engine KV events (kept until the engine reports removal).
+//! Memory is bounded in bytes; the estimate is exposed so it can be shown in metrics.
+
+use crate::blocks::BlockHash;
+use crate::config::IndexConfig;
+use crate::types::InstanceId;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Approximate bytes one (block, instance) entry costs: the holder record, the per-instance
+/// age-order node, and a share of the block's hash-map slot.
+pub const BYTES_PER_ENTRY: u64 = 96;
+
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    instance: InstanceId,
+    seq: u64,
+    touched: Duration,
+    precise: bool,
+}
+
+#[derive(Debug, Default)]
+struct PerInstance {
+    /// Age order for LRU and TTL: sequence number of the last touch → block.
+    order: BTreeMap<u64, BlockHash>,
+    capacity: u64,
+}
+
+#[derive(Debug)]
+pub struct PrefixIndex {
+    holders: HashMap<BlockHash, Vec<Holder>>,
+    instances: HashMap<InstanceId, PerInstance>,
+    seq: u64,
+    entries: u64,
+    ttl: Duration,
+    max_entries: u64,
+    default_capacity: u64,
+}
+
+impl PrefixIndex {
+    pub fn new(cfg: &IndexConfig) -> Self {
+        Self {
+            holders: HashMap::new(),
+            instances: HashMap::new(),
+            seq: 0,
+            entries: 0,
+            ttl: Duration::from_secs(cfg.ttl_secs),
+            max_entries: (cfg.max_bytes / BYTES_PER_ENTRY).max(1),
+            default_capacity: cfg.default_capacity_blocks.max(1),
+        }
+    }
+
+    /// Registers an instance with the block capacity of its cache (`None`: the configured default).
+    pub fn add_instance(&mut self, id: InstanceId, capacity_blocks: Option<u64>) {
+        let capacity = capacity_blocks.unwrap_or(self.default_capacity).max(1);
+        self.instances.entry(id).or_default().capacity = capacity;
+    }
+
+    pub fn set_capacity(&mut self, id: InstanceId, capacity_blocks: u64) {
+        if let Some(p) = self.instances.get_mut(&id) {
+            p.capacity = capacity_blocks.max(1);
+        }
+        self.evict_over_capacity(id);
+    }
+
+    pub fn remove_instance(&mut self, id: InstanceId) {
+        self.clear(id);
+        self.instances.remove(&id);
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.entries * BYTES_PER_ENTRY
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    pub fn blocks_of(&self, id: InstanceId) -> u64 {
+        self.instances.get(&id).map_or(0, |p| p.order.len() as u64)
+    }
+
+    /// Leading blocks of `blocks` each instance holds, for every instance holding at least one.
+    pub fn match_all(&self, blocks: &[BlockHash], now: Duration) -> Vec<(InstanceId, u32)> {
+        let mut out: Vec<(InstanceId, u32)> = Vec::new();
+        let Some(first) = blocks.first() else {
+            return out;
+        };
+        let mut alive: Vec<InstanceId> = self.live_holders(first, now).collect();
+        for (depth, block) in blocks.iter().enumerate().skip(1) {
+            if alive.is_empty() {
+                break;
+            }
+            let holders = self.holders.get(block);
+            alive.retain(|id| {
+                let holds = holders
+                    .is_some_and(|hs| hs.iter().any(|h| h.instance == *id && self.live(h, now)));
+                if !holds {
+                    out.push((*id, depth as u32));
+                }
+                holds
+            });
+        }
+        out.extend(alive.into_iter().map(|id| (id, blocks.len() as u32)));
+        out
+    }
+
+    /// Records that `id` will hold `blocks` because the gateway routed them there (approximate).
+    pub fn record(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
+        self.expire(id, now);
+        for b in blocks {
+            self.touch(id, *b, now, false);
+        }
+        self.evict_over_capacity(id);
+        self.enforce_memory();
+    }
+
+    /// The engine reported it stored `blocks` (precise, no TTL).
+    pub fn stored(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
+        for b in blocks {
+            self.touch(id, *b, now, true);
+        }
+        self.enforce_memory();
+    }
+
+    /// The engine reported it evicted `blocks`.
+    pub fn removed(&mut self, id: InstanceId, blocks: &[BlockHash]) {
+        for b in blocks {
+            self.drop_entry(id, *b);
+        }
+    }
+
+    /// The engine dropped its whole cache.
+    pub fn clear(&mut self, id: InstanceId) {
+        let blocks: Vec<BlockHash> = self
+            .instances
+            .get(&id)
+            .map(|p| p.order.values().copied().collect())
+            .unwrap_or_default();
+        for b in blocks {
+            self.drop_entry(id, b);
+        }
+    }
+
+    fn live(&self, h: &Holder, now: Duration) -> bool {
+        h.precise || now.saturating_sub(h.touched) < self.ttl
+    }
+
+    fn live_holders<'a>(
+        &'a self,
+        block: &BlockHash,
+        now: Duration,
+    ) -> impl Iterator<Item = InstanceId> + 'a {
+        self.holders
+            .get(block)
+            .into_iter()
+            .flatten()
+            .filter(move |h| self.live(h, now))
+            .map(|h| h.instance)
+    }
+
+    fn touch(&mut self, id: InstanceId, block: BlockHash, now: Duration, precise: bool) {
+        self.seq += 1;
+        let seq = self.seq;
+        let Some(per) = self.instances.get_mut(&id) else {
+            return;
+        };
+        let holders = self.holders.entry(block).or_default();
+        match holders.iter_mut().find(|h| h.instance == id) {
+            Some(h) => {
+                per.order.remove(&h.seq);
+                h.seq = seq;
+                h.touched = now;
+                h.precise |= precise;
+            }
+            None => {
+                holders.push(Holder {
+                    instance: id,
+                    seq,
+                    touched: now,
+                    precise,
+                });
+                self.entries += 1;
+            }
+        }
+        per.order.insert(seq, block);
+    }
+
+    fn drop_entry(&mut self, id: InstanceId, block: BlockHash) {
+        let Some(holders) = self.holders.get_mut(&block) else {
+            return;
+        };
+        let Some(pos) = holders.iter().position(|h| h.instance == id) else {
+            return;
+        };
+        let h = holders.swap_remove(pos);
+        if holders.is_empty() {
+            self.holders.remove(&block);
+        }
+        if let Some(per) = self.instances.get_mut(&id) {
+            per.order.remove(&h.seq);
+        }
+        self.entries -= 1;
+    }
+
+    /// Drops approximate entries of `id` older than the TTL (oldest first, so it stops early).
+    fn expire(&mut self, id: InstanceId, now: Duration) {
+        loop {
+            let Some((_, block)) = self
+                .instances
+                .get(&id)
+                .and_then(|p| p.order.first_key_value())
+            else {
+                return;
+            };
+            let block = *block;
+            let stale = self
+                .holders
+                .get(&block)
+                .and_then(|hs| hs.iter().find(|h| h.instance == id))
+                .is_some_and(|h| !self.live(h, now));
+            if !stale {
+                return;
+            }
+            self.drop_entry(id, block);
+        }
+    }
+
+    fn evict_over_capacity(&mut self, id: InstanceId) {
+        while let Some(per) = self.instances.get(&id) {
+            if per.order.len() as u64 <= per.capacity {
+                return;
+            }
+            let Some((_, block)) = per.order.first_key_value() else {
+                return;
+            };
+            let block = *block;
+            self.drop_entry(id, block);
+        }
+    }
+
+    fn enforce_memory(&mut self) {
+        while self.entries > self.max_entries {
+            let Some(largest) = self
+                .instances
+                .iter()
+                .max_by_key(|(id, p)| (p.order.len(), **id))
+                .map(|(id, _)| *id)
+            else {
+                return;
+            };
+            let Some(block) = self
+                .instances
+                .get(&largest)
+                .and_then(|p| p.order.first_key_value())
+                .map(|(_, b)| *b)
+            else {
+                return;
+            };
+            self.drop_entry(largest, block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hs(ids: &[u64]) -> Vec<BlockHash> {
+        ids.iter().copied().map(BlockHash).collect()
+    }
+
+    fn index(capacity: u64, ttl_secs: u64) -> PrefixIndex {
+        let mut ix = PrefixIndex::new(&IndexConfig {
+            ttl_secs,
+            default_capacity_blocks: capacity,
+            max_bytes: u64::MAX,
+        });
+        for i in 0..3 {
+            ix.add_instance(InstanceId(i), None);
+        }
+        ix
+    }
+
+    fn sorted(mut v: Vec<(InstanceId, u32)>) -> Vec<(u32, u32)> {
+        v.sort();
+        v.into_iter().map(|(i, n)| (i.0, n)).collect()
+    }
+
+    const T0: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn one_walk_gives_every_instances_prefix_length() {
+        let mut ix = index(100, 60);
+        ix.record(InstanceId(0), &hs(&[1, 2, 3, 4]), T0);
+        ix.record(InstanceId(1), &hs(&[1, 2]), T0);
+        ix.record(InstanceId(2), &hs(&[9]), T0);
+        assert_eq!(
+            sorted(ix.match_all(&hs(&[1, 2, 3, 7]), T0)),
+            vec![(0, 3), (1, 2)]
+        );
+        assert_eq!(sorted(ix.match_all(&hs(&[9, 1]), T0)), vec![(2, 1)]);
+        assert!(ix.match_all(&hs(&[5]), T0).is_empty());
+        assert!(ix.match_all(&[], T0).is_empty());
+    }
+
+    #[test]
+    fn a_gap_in_the_middle_ends_the_match() {
+        let mut ix = index(100, 60);
+        ix.record(InstanceId(0), &hs(&[1, 3]), T0);
+        assert_eq!(sorted(ix.match_all(&hs(&[1, 2, 3]), T0)), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn approximate_entries_expire_but_precise_ones_do_not() {
+        let mut ix = index(100, 10);
+        ix.record(InstanceId(0), &hs(&[1, 2]), T0);
+        ix.stored(InstanceId(1), &hs(&[1, 2]), T0);
+        let later = T0 + Duration::from_secs(11);
+        assert_eq!(sorted(ix.match_all(&hs(&[1, 2]), later)), vec![(1, 2)]);
+        ix.record(InstanceId(2), &hs(&[5]), later);
+        ix.record(InstanceId(0), &hs(&[7]), later);
+        assert_eq!(
+            ix.blocks_of(InstanceId(0)),
+            1,
+            "stale entries purged on the next record"
+        );
+    }
+
+    #[test]
+    fn capacity_evicts_least_recently_recorded() {
+        let mut ix = index(3, 60);
+        ix.record(InstanceId(0), &hs(&[1, 2, 3]), T0);
+        ix.record(InstanceId(0), &hs(&[1]), T0);
+        ix.record(InstanceId(0), &hs(&[4]), T0);
+        assert_eq!(ix.blocks_of(InstanceId(0)), 3);
+        assert_eq!(sorted(ix.match_all(&hs(&[2]), T0)), vec![]);
+        assert_eq!(sorted(ix.match_all(&hs(&[1]), T0)), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn removal_clear_and_memory_accounting() {
+        let mut ix = index(100, 60);
+        ix.stored(InstanceId(0), &hs(&[1, 2, 3]), T0);
+        ix.stored(InstanceId(1), &hs(&[1]), T0);
+        assert_eq!(ix.memory_bytes(), 4 * BYTES_PER_ENTRY);
+        ix.removed(InstanceId(0), &hs(&[2]));
+        assert_eq!(
+            sorted(ix.match_all(&hs(&[1, 2, 3]), T0)),
+            vec![(0, 1), (1, 1)]
+        );
+        ix.clear(InstanceId(0));
+        ix.remove_instance(InstanceId(1));
+        assert_eq!(ix.entries(), 0);
+        assert!(ix.match_all(&hs(&[1]), T0).is_empty());
+    }
+
+    #[test]
+    fn memory_cap_evicts_from_the_largest_instance() {
+        let mut ix = PrefixIndex::new(&IndexConfig {
+            ttl_secs: 60,
+            default_capacity_blocks: 1000,
+            max_bytes: 4 * BYTES_PER_ENTRY,
+        });
+        ix.add_instance(InstanceId(0), None);
+        ix.add_instance(InstanceId(1), None);
+        ix.record(InstanceId(0), &hs(&[1, 2, 3]), T0);
+        ix.record(InstanceId(1), &hs(&[7, 8]), T0);
+        assert_eq!(ix.entries(), 4);
+        assert_eq!(
+            ix.blocks_of(InstanceId(0)),
+            2,
+            "largest instance gave up its oldest block"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! `slo` (the default): Mooncake Conductor's choice against the operator's SLOs.
+//!
+//! For every prefill candidate predict `TTFT = queue + prefill(uncached) + transfer`, each scaled
+//! by measured speed and bandwidth, and take the lowest: a hot instance wins while its queue is
+//! short, and a cold one wins (becoming a replica) once the hot queue costs more than recomputing
+//! the prefix — cache load balancing, and no herding on a popular prompt. Decode: among instances
+//! with KV headroom, the lowest predicted TBT with the batch expected *when the prefill finishes*
+//! (sequences due to end by then are not counted, those booked but still prefilling are), which
+//! avoids the reject/accept oscillation of deciding on the current load. With admission on, a
+//! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it.
+
+use super::{argmin_by, Choice, PickCtx, Policy};
+use crate::scheduler::{Rejection, SloBreach};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct SloPolicy;
+
+impl Policy for SloPolicy {
+    fn name(&self) -> &'static str {
+        "slo"
+    }
+
+    fn pick(&mut self, ctx: &PickCtx<'_>) -> Result<Choice, Rejection> {
+        let pred = ctx.predict;
+        let slo = &pred.cfg.slo;
+        let prefill = argmin_by(ctx.prefill, |c| {
+            (pred.ttft_ms(ctx.key, c), c.load.requests())
+        });
+        let ttft = ctx
+            .prefill
+            .iter()
+            .find(|c| c.id == prefill)
+            .map_or(0.0, |c| pred.ttft_ms(ctx.key, c));
+        let at = pred.now + Duration::from_secs_f64(ttft.max(0.0) / 1000.0);
+
+        let roomy: Vec<_> = ctx
+            .decode
+            .iter()
+            .filter(|d| pred.has_headroom(ctx.key, d))
+            .copied()
+            .collect();
+        let pool = if roomy.is_empty() {
+            if slo.admission {
+                return Err(Rejection::KvFull);
+            }
+            ctx.decode
+        } else {
+            &roomy[..]
+        };
+        let decode = argmin_by(pool, |d| {
+            (pred.tbt_ms(ctx.key, d, at), d.load.decode_blocks)
+        });
+        let tbt = pool
+            .iter()
+            .find(|d| d.id == decode)
+            .map_or(0.0, |d| pred.tbt_ms(ctx.key, d, at));
+
+        if slo.admission && ttft > slo.ttft_ms {
+            return Err(Rejection::Slo {
+                breach: SloBreach::Ttft,
+                predicted_ms: ttft,
+                slo_ms: slo.ttft_ms,
+            });
+        }
+        if slo.admission && tbt > slo.tbt_ms {
+            return Err(Rejection::Slo {
+                breach: SloBreach::Tbt,
+                predicted_ms: tbt,
+                slo_ms: slo.tbt_ms,
+            });
+        }
+        Ok(Choice { prefill, decode })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SchedulerConfig;
+    use crate::policy::testing::*;
+    use crate::types::InstanceId;
+
+    #[test]
+    fn hot_instance_wins_until_its_queue_outweighs_the_recompute() {
+        let cfg = SchedulerConfig::default();
+        let mut p: Vec<_> = (0..2).map(cand).collect();
+        p[0].matched_blocks = 250; // 4000 of 4096 tokens cached
+        let d = [cand(9)];
+        let k = key(4096);
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
+            InstanceId(0)
+        );
+        // Cold recompute of 4096 tokens ≈ 85 ms; a hot queue of 8000 tokens ≈ 164 ms.
+        p[0].load.prefill_tokens = 8000;
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
+            InstanceId(1),
+            "replicate instead of queueing"
+        );
+    }
+
+    #[test]
+    fn rejects_at_the_ttft_boundary_and_not_below() {
+        let mut cfg = SchedulerConfig::default();
+        let p = [cand(0)];
+        let d = [cand(1)];
+        let k = key(2000);
+        let predict = crate::predict::Predictor {
+            cfg: &cfg,
+            bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
+            now: Duration::ZERO,
+            ends_before: &no_ends,
+        };
+        let ttft = predict.ttft_ms(&k, &p[0]);
+        cfg.slo.ttft_ms = ttft; // exactly at the SLO: admitted
+        assert!(pick(&mut SloPolicy, &cfg, &k, &p, &d).is_ok());
+        cfg.slo.ttft_ms = ttft - 0.001;
+        match pick(&mut SloPolicy, &cfg, &k, &p, &d) {
+            Err(Rejection::Slo {
+                breach: SloBreach::Ttft,
+                predicted_ms,
+                ..
+            }) => assert!((predicted_ms - ttft).abs() < 1e-9),
+            other => panic!("expected a TTFT rejection, got {other:?}"),
+        }
+        cfg.slo.admission = false;
+        assert!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).is_ok(),
+            "admission off never rejects"
+        );
+    }
+
+    #[test]
+    fn decode_needs_headroom_and_low_tbt() {
+        let mut cfg = SchedulerConfig::default();
+        let p = [cand(0)];
+        let mut d: Vec<_> = (1..4).map(cand).collect();
+        d[0].load.decode_seqs = 10;
+        d[0].load.decode_tokens = 10_000;
+        d[1].capacity_blocks = 10; // too small for a 512-token prompt
+        d[2].load.decode_seqs = 20;
+        d[2].load.decode_tokens = 20_000;
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &key(512), &p, &d)
+                .unwrap()
+                .decode,
+            InstanceId(1)
+        );
+        cfg.slo.tbt_ms = 6.0;
+        assert!(matches!(
+            pick(&mut SloPolicy, &cfg, &key(512), &p, &d),
+            Err(Rejection::Slo {
+                breach: SloBreach::Tbt,
+                ..
+            })
+        ));
+        let full: Vec<_> = d
+            .iter()
+            .map(|c| crate::policy::Candidate {
+                capacity_blocks: 1,
+                ..*c
+            })
+            .collect();
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &key(512), &p, &full),
+            Err(Rejection::KvFull)
+        );
+    }
+
+    #[test]
+    fn decode_load_is_forecast_at_prefill_completion() {
+        let cfg = SchedulerConfig::default();
+        let p = [cand(0)];
+        let mut d: Vec<_> = (1..3).map(cand).collect();
+        d[0].load.decode_seqs = 30; // busy now, but all 30 end before our prefill finishes
+        d[0].load.decode_tokens = 30_000;
+        d[1].load.decode_seqs = 5;
+        d[1].load.decode_tokens = 5_000;
+        let ends = |id: InstanceId, _at: Duration| if id == InstanceId(1) { 30 } else { 0 };
+        let predict = crate::predict::Predictor {
+            cfg: &cfg,
+            bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
+            now: Duration::ZERO,
+            ends_before: &ends,
+        };
+        let k = key(512);
+        let c = SloPolicy
+            .pick(&crate::policy::PickCtx {
+                key: &k,
+                prefill: &p,
+                decode: &d,
+                predict: &predict,
+            })
+            .unwrap();
+        assert_eq!(c.decode, InstanceId(1));
+    }
+}

@@ -1,0 +1,532 @@
+//! Shared-memory transport: for peers on the same host, a batch's writes are
+//! a `memcpy` straight into the owner's segment, which lives in a file under
+//! /dev/shm that both processes map; reads are a `memcpy` out of it.
+//!
+//! Completion still goes through the owner: after the copies, a tiny TCP
+//! "commit" (a zero-op batch carrying the notification and the segment's
+//! generation) is sent on the metadata channel and acknowledged, so the owner
+//! learns the data is in place, a dead owner surfaces as an error, and a
+//! write into a mapping whose segment was unregistered or re-registered is
+//! never reported as success. The file starts with a one-page header whose
+//! state word the owner flips to "closed" on unregister/shutdown, so a
+//! submitter checks it (one atomic load) before copying and never writes into
+//! a segment its owner has let go. This module owns both halves: [`ShmRegion`]
+//! (the owner's mapping and its file's lifetime) and [`ShmTransport`] (the
+//! submitter's mappings of peers). It must never form a Rust reference into a
+//! peer's memory (other processes write it concurrently; only raw copies),
+//! and never leave a file behind for a segment that was unregistered.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::{MmapMut, MmapRaw};
+use parking_lot::Mutex;
+
+use crate::batch::{Batch, BatchReport, Op};
+use crate::error::TransferError;
+use crate::metadata::SegmentDesc;
+use crate::transport::handshake::{host_id, SegmentAdvert, ShmLocation};
+use crate::transport::tcp::TcpTransport;
+use crate::transport::{Transport, TransportKind};
+
+/// Where owners create segment files.
+pub const SHM_DIR: &str = "/dev/shm";
+/// File-name prefix; `pdgate-<pid>-<n>-<name>` lets a sweep find files of
+/// dead processes.
+const FILE_PREFIX: &str = "pdgate-";
+/// Peers' segments kept mapped; beyond this the cache is emptied (mappings
+/// in use stay alive through their `Arc`).
+const MAX_ROUTES: usize = 4096;
+/// The file's header page: magic (8 bytes) then the state word (u64).
+const HEADER_LEN: usize = 4096;
+const MAGIC: &[u8; 8] = b"PDGSHM01";
+const STATE_LIVE: u64 = 1;
+const STATE_CLOSED: u64 = 2;
+
+/// The state word of a mapping starting at `base`.
+///
+/// # Safety
+/// `base` must point to a live mapping of at least `HEADER_LEN` bytes that
+/// is page-aligned (so offset 8 is 8-byte aligned).
+unsafe fn state_word<'a>(base: *mut u8) -> &'a AtomicU64 {
+    // SAFETY: per the contract, base+8 is in bounds and aligned; the word is
+    // only ever accessed atomically by every process mapping the file.
+    unsafe { &*(base.add(8) as *const AtomicU64) }
+}
+
+/// Batches moving more than this are copied on a blocking thread so a
+/// multi-millisecond memcpy never stalls the async runtime.
+const INLINE_COPY_MAX: u64 = 1 << 20;
+
+// ----------------------------------------------------------------- owner ---
+
+/// A segment's shared mapping and its /dev/shm file. The file is unlinked on
+/// `unlink()` (unregister, engine shutdown) or drop, whichever comes first;
+/// mappings already made by peers stay valid until they unmap.
+pub(crate) struct ShmRegion {
+    map: MmapMut,
+    path: PathBuf,
+    inode: u64,
+    unlinked: AtomicBool,
+}
+
+impl ShmRegion {
+    /// Creates a fresh, zeroed, `len`-byte file in `dir` and maps it.
+    pub(crate) fn create(dir: &Path, name: &str, len: usize) -> io::Result<ShmRegion> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty shm segment"));
+        }
+        let safe: String = name
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        let path = dir.join(format!(
+            "{FILE_PREFIX}{}-{}-{safe}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        // 0600 and O_EXCL: only this user's processes may map it, and a
+        // leftover file of the same name is never reused.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let setup = (|| {
+            file.set_len((HEADER_LEN + len) as u64)?;
+            let inode = file.metadata()?.ino();
+            // SAFETY: the file was just created exclusively by us with mode
+            // 0600 and sized to `len`; nobody truncates it while mapped (we
+            // never do, and peers only map it). Concurrent writes by peers
+            // are the point of this mapping; see the module docs.
+            let mut map = unsafe { MmapMut::map_mut(&file)? };
+            map[..8].copy_from_slice(MAGIC);
+            // SAFETY: the mapping is page-aligned and longer than the header.
+            unsafe { state_word(map.as_mut_ptr()) }.store(STATE_LIVE, Ordering::Release);
+            Ok::<_, io::Error>((map, inode))
+        })();
+        match setup {
+            Ok((map, inode)) => Ok(ShmRegion {
+                map,
+                path,
+                inode,
+                unlinked: AtomicBool::new(false),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map[HEADER_LEN..]
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map[HEADER_LEN..]
+    }
+
+    pub(crate) fn location(&self, host: String) -> ShmLocation {
+        ShmLocation {
+            path: self.path.to_string_lossy().into_owned(),
+            host,
+            inode: self.inode,
+        }
+    }
+
+    /// Removes the file name if it still refers to our file. Idempotent.
+    pub(crate) fn unlink(&self) {
+        if self.unlinked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Tell mapped peers first, so no write starts after this point.
+        // SAFETY: `map` is our live, page-aligned mapping of HEADER_LEN+ bytes.
+        unsafe { state_word(self.map.as_ptr() as *mut u8) }.store(STATE_CLOSED, Ordering::Release);
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.ino() == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "removing shm segment file failed");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for ShmRegion {
+    fn drop(&mut self) {
+        self.unlink();
+    }
+}
+
+/// Removes segment files left by processes that died without cleaning up
+/// (SIGKILL, crash). Best effort; returns how many were removed.
+pub(crate) fn sweep_stale(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+// ------------------------------------------------------------- submitter ---
+
+/// A peer's segment mapped into this process.
+pub(crate) struct PeerMapping {
+    raw: MmapRaw,
+    len: u64,
+    generation: u64,
+}
+
+impl PeerMapping {
+    /// False once the owner unregistered the segment or shut down.
+    fn is_live(&self) -> bool {
+        // SAFETY: map_peer checked the mapping covers the header; mmap
+        // results are page-aligned.
+        unsafe { state_word(self.raw.as_mut_ptr()) }.load(Ordering::Acquire) == STATE_LIVE
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the mapping is at least HEADER_LEN + len bytes (map_peer).
+        unsafe { self.raw.as_mut_ptr().add(HEADER_LEN) }
+    }
+}
+
+#[derive(Clone)]
+enum Route {
+    Shm(Arc<PeerMapping>),
+    /// The owner is elsewhere or does not offer shm; use another transport.
+    NotShm,
+}
+
+pub(crate) struct ShmTransport {
+    tcp: Arc<TcpTransport>,
+    host: String,
+    routes: Mutex<HashMap<(String, String), Route>>,
+}
+
+impl ShmTransport {
+    pub(crate) fn new(tcp: Arc<TcpTransport>) -> Self {
+        ShmTransport {
+            tcp,
+            host: host_id(),
+            routes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn close(&self) {
+        self.routes.lock().clear();
+    }
+
+    fn forget(&self, target: &SegmentDesc) {
+        self.routes
+            .lock()
+            .remove(&(target.endpoint.clone(), target.name.clone()));
+    }
+
+    /// The mapping of `target` if it can be reached over shm, after a
+    /// handshake with its owner on first use. `Ok(None)`: use another
+    /// transport.
+    pub(crate) async fn route(
+        &self,
+        target: &SegmentDesc,
+    ) -> Result<Option<Arc<PeerMapping>>, TransferError> {
+        let key = (target.endpoint.clone(), target.name.clone());
+        if let Some(r) = self.routes.lock().get(&key) {
+            return Ok(match r {
+                Route::Shm(m) => Some(m.clone()),
+                Route::NotShm => None,
+            });
+        }
+        let route = match self.tcp.describe(&target.endpoint, &target.name).await {
+            Ok(advert) => self.map_advert(&advert),
+            // An owner that predates the handshake rejects it; it is still
+            // reachable over tcp.
+            Err(TransferError::Remote(_)) | Err(TransferError::Protocol(_)) => Route::NotShm,
+            Err(e) => return Err(e),
+        };
+        let mut routes = self.routes.lock();
+        if routes.len() >= MAX_ROUTES {
+            routes.clear();
+        }
+        routes.insert(key, route.clone());
+        Ok(match route {
+            Route::Shm(m) => Some(m),
+            Route::NotShm => None,
+        })
+    }
+
+    fn map_advert(&self, advert: &SegmentAdvert) -> Route {
+        let Some(loc) = &advert.shm else {
+            return Route::NotShm;
+        };
+        if loc.host != self.host {
+            return Route::NotShm;
+        }
+        match map_peer(loc, advert) {
+            Ok(m) => Route::Shm(Arc::new(m)),
+            Err(e) => {
+                tracing::debug!(path = %loc.path, error = %e, "peer shm segment not mappable, using tcp");
+                Route::NotShm
+            }
+        }
+    }
+
+    /// Submits over shm if the route allows; `Ok(None)` means use another
+    /// transport. A cached mapping whose segment was closed or re-registered
+    /// is dropped and the handshake redone once.
+    pub(crate) async fn submit_routed(
+        &self,
+        target: &SegmentDesc,
+        batch: &Batch,
+    ) -> Result<Option<BatchReport>, TransferError> {
+        let mut retried = false;
+        loop {
+            let Some(map) = self.route(target).await? else {
+                return Ok(None);
+            };
+            let stale = if map.is_live() {
+                match self.submit_mapped(target, map, batch).await {
+                    Err(TransferError::UnknownSegment(_)) if !retried => true,
+                    r => return r.map(Some),
+                }
+            } else {
+                true
+            };
+            self.forget(target);
+            if stale && retried {
+                return Err(TransferError::UnknownSegment(target.name.clone()));
+            }
+            retried = true;
+        }
+    }
+
+    /// Applies `batch` through `map`, then commits it at the owner.
+    async fn submit_mapped(
+        &self,
+        target: &SegmentDesc,
+        map: Arc<PeerMapping>,
+        batch: &Batch,
+    ) -> Result<BatchReport, TransferError> {
+        let ops = batch.ops.clone();
+        let name = target.name.clone();
+        let copy_map = map.clone();
+        let copied = if batch.bytes() > INLINE_COPY_MAX {
+            tokio::task::spawn_blocking(move || apply_ops(&copy_map, &name, &ops))
+                .await
+                .map_err(|e| TransferError::Protocol(format!("copy task failed: {e}")))?
+        } else {
+            apply_ops(&copy_map, &name, &ops)
+        };
+        let (bytes_written, reads) = copied?;
+        let commit = Batch {
+            ops: Vec::new(),
+            notify: batch.notify.clone(),
+        };
+        if let Err(e) = self
+            .tcp
+            .submit_at(&target.endpoint, &target.name, &commit, Some(map.generation))
+            .await
+        {
+            // Unregistered, re-registered or gone: re-handshake next time.
+            self.forget(target);
+            return Err(e);
+        }
+        Ok(BatchReport {
+            bytes_written,
+            bytes_read: reads.iter().map(|r| r.len() as u64).sum(),
+            reads,
+            transport: TransportKind::Shm,
+            ..BatchReport::default()
+        })
+    }
+}
+
+fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping> {
+    let file = File::options().read(true).write(true).open(&loc.path)?;
+    let meta = file.metadata()?;
+    if meta.ino() != loc.inode {
+        return Err(io::Error::other("inode differs: not the owner's file"));
+    }
+    if meta.len() < HEADER_LEN as u64 + advert.len {
+        return Err(io::Error::other("file shorter than the advertised segment"));
+    }
+    let raw = MmapRaw::map_raw(&file)?;
+    // SAFETY: the file (hence the mapping) is at least HEADER_LEN bytes.
+    let magic = unsafe { std::slice::from_raw_parts(raw.as_ptr(), 8) };
+    if magic != MAGIC {
+        return Err(io::Error::other("not a pdgate segment file"));
+    }
+    Ok(PeerMapping {
+        raw,
+        len: advert.len,
+        generation: advert.generation,
+    })
+}
+
+/// The batch semantics of `batch`, against a mapped peer segment: writes in
+/// op order, stop at the first out-of-range op, reads after all writes.
+fn apply_ops(
+    map: &PeerMapping,
+    segment: &str,
+    ops: &[Op],
+) -> Result<(u64, Vec<Bytes>), TransferError> {
+    let check = |offset: u64, len: u64| -> Result<usize, TransferError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= map.len => Ok(offset as usize),
+            _ => Err(TransferError::OutOfBounds {
+                segment: segment.to_owned(),
+                offset,
+                len,
+                segment_len: map.len,
+            }),
+        }
+    };
+    let mut written = 0;
+    let mut reads = Vec::new();
+    for op in ops {
+        match op {
+            Op::Write { remote_offset, data } => {
+                let off = check(*remote_offset, data.len() as u64)?;
+                // SAFETY: [off, off+len) lies inside the mapping (checked
+                // above against `map.len`, which is <= the file length checked
+                // at map time), `data` cannot overlap a MAP_SHARED mapping
+                // we only touch through raw pointers, and the mapping outlives
+                // this call through `map`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        map.data().add(off),
+                        data.len(),
+                    );
+                }
+                written += data.len() as u64;
+            }
+            Op::Read { remote_offset, len } => reads.push((check(*remote_offset, *len)?, *len)),
+        }
+    }
+    let mut out = Vec::with_capacity(reads.len());
+    for (off, len) in reads {
+        // Checked: len <= map.len, which fits the address space (mapped).
+        let len = len as usize;
+        let mut buf = Vec::<u8>::with_capacity(len);
+        // SAFETY: the source range is inside the mapping (checked above);
+        // `buf` has capacity `len` and is fully initialised by the copy
+        // before `set_len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(map.data().add(off), buf.as_mut_ptr(), len);
+            buf.set_len(len);
+        }
+        out.push(Bytes::from(buf));
+    }
+    Ok((written, out))
+}
+
+#[async_trait::async_trait]
+impl Transport for ShmTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Shm
+    }
+
+    async fn submit(
+        &self,
+        target: &SegmentDesc,
+        batch: &Batch,
+    ) -> Result<BatchReport, TransferError> {
+        match self.submit_routed(target, batch).await? {
+            Some(r) => Ok(r),
+            None => Err(TransferError::Unsupported(format!(
+                "segment {:?} at {} is not reachable over shm (owner on another host, or its \
+                 segment is not in shared memory); use transport \"auto\" or \"tcp\"",
+                target.name, target.endpoint
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_is_shared_zeroed_and_unlinked_once() {
+        let dir = std::env::temp_dir();
+        let mut r = ShmRegion::create(&dir, "kv/1 x", 4096).unwrap();
+        assert!(r.bytes().iter().all(|&b| b == 0));
+        r.bytes_mut()[..3].copy_from_slice(b"abc");
+        let loc = r.location("h".into());
+        assert!(loc.path.contains("kv_1_x"), "{}", loc.path);
+        // A second mapping of the file sees the owner's bytes.
+        let advert = SegmentAdvert {
+            name: "kv".into(),
+            len: 4096,
+            generation: 1,
+            shm: Some(loc.clone()),
+        };
+        let peer = map_peer(&loc, &advert).unwrap();
+        let (_, reads) = apply_ops(
+            &peer,
+            "kv",
+            &[
+                Op::Write { remote_offset: 4000, data: Bytes::from_static(b"zz") },
+                Op::Read { remote_offset: 0, len: 3 },
+            ],
+        )
+        .unwrap();
+        assert_eq!(&reads[0][..], b"abc");
+        assert_eq!(&r.bytes()[4000..4002], b"zz");
+        assert!(matches!(
+            apply_ops(&peer, "kv", &[Op::Read { remote_offset: 4095, len: 2 }]),
+            Err(TransferError::OutOfBounds { segment_len: 4096, .. })
+        ));
+        // Wrong inode: refused.
+        let wrong = ShmLocation { inode: loc.inode + 1, ..loc.clone() };
+        assert!(map_peer(&wrong, &advert).is_err());
+        assert!(peer.is_live());
+        r.unlink();
+        assert!(!peer.is_live());
+        assert!(!Path::new(&loc.path).exists());
+        r.unlink();
+        drop(r);
+        assert!(ShmRegion::create(&dir, "e", 0).is_err());
+    }
+
+    #[test]
+    fn sweep_removes_files_of_dead_pids_only() {
+        let dir = std::env::temp_dir().join(format!("pdgate-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // pid 0x7fffffff cannot exist (above pid_max).
+        std::fs::write(dir.join("pdgate-2147483647-0-x"), b"").unwrap();
+        let live = ShmRegion::create(&dir, "live", 8).unwrap();
+        std::fs::write(dir.join("other-file"), b"").unwrap();
+        assert_eq!(sweep_stale(&dir), 1);
+        assert!(Path::new(&live.location(String::new()).path).exists());
+        assert!(dir.join("other-file").exists());
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
