@@ -9,7 +9,7 @@
 use crate::blocks::BlockHash;
 use crate::config::IndexConfig;
 use crate::types::InstanceId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 /// Approximate bytes one (block, instance) entry costs: the holder record, the per-instance
@@ -24,17 +24,72 @@ struct Holder {
     precise: bool,
 }
 
+/// Age order for LRU and TTL: (sequence number of a touch, block), oldest first. A touch
+/// pushes a new pair and leaves the old one behind; a pair whose sequence number no longer
+/// matches the block's holder is stale and skipped. That keeps a touch O(1); the queue is
+/// compacted when stale pairs outnumber live ones.
 #[derive(Debug, Default)]
 struct PerInstance {
-    /// Age order for LRU and TTL: sequence number of the last touch → block.
-    order: BTreeMap<u64, BlockHash>,
+    order: VecDeque<(u64, BlockHash)>,
+    live: u64,
     capacity: u64,
+}
+
+/// Block hashes are already uniform 64-bit hashes: hashing them again is wasted work.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThroughHasher(u64);
+
+impl std::hash::Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type BlockMap<V> = HashMap<BlockHash, V, std::hash::BuildHasherDefault<PassThroughHasher>>;
+
+/// Per-instance state in a dense table indexed by `InstanceId` (ids are small and dense).
+#[derive(Debug, Default)]
+struct Table(Vec<Option<PerInstance>>);
+
+impl Table {
+    fn get(&self, id: &InstanceId) -> Option<&PerInstance> {
+        self.0.get(id.0 as usize).and_then(Option::as_ref)
+    }
+    fn get_mut(&mut self, id: &InstanceId) -> Option<&mut PerInstance> {
+        self.0.get_mut(id.0 as usize).and_then(Option::as_mut)
+    }
+    fn entry(&mut self, id: InstanceId) -> &mut PerInstance {
+        let i = id.0 as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i].get_or_insert_with(PerInstance::default)
+    }
+    fn remove(&mut self, id: &InstanceId) {
+        if let Some(slot) = self.0.get_mut(id.0 as usize) {
+            *slot = None;
+        }
+    }
+    fn iter(&self) -> impl Iterator<Item = (InstanceId, &PerInstance)> {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (InstanceId(i as u32), p)))
+    }
 }
 
 #[derive(Debug)]
 pub struct PrefixIndex {
-    holders: HashMap<BlockHash, Vec<Holder>>,
-    instances: HashMap<InstanceId, PerInstance>,
+    holders: BlockMap<Vec<Holder>>,
+    instances: Table,
     seq: u64,
     entries: u64,
     ttl: Duration,
@@ -45,8 +100,8 @@ pub struct PrefixIndex {
 impl PrefixIndex {
     pub fn new(cfg: &IndexConfig) -> Self {
         Self {
-            holders: HashMap::new(),
-            instances: HashMap::new(),
+            holders: BlockMap::default(),
+            instances: Table::default(),
             seq: 0,
             entries: 0,
             ttl: Duration::from_secs(cfg.ttl_secs),
@@ -58,7 +113,7 @@ impl PrefixIndex {
     /// Registers an instance with the block capacity of its cache (`None`: the configured default).
     pub fn add_instance(&mut self, id: InstanceId, capacity_blocks: Option<u64>) {
         let capacity = capacity_blocks.unwrap_or(self.default_capacity).max(1);
-        self.instances.entry(id).or_default().capacity = capacity;
+        self.instances.entry(id).capacity = capacity;
     }
 
     pub fn set_capacity(&mut self, id: InstanceId, capacity_blocks: u64) {
@@ -82,7 +137,7 @@ impl PrefixIndex {
     }
 
     pub fn blocks_of(&self, id: InstanceId) -> u64 {
-        self.instances.get(&id).map_or(0, |p| p.order.len() as u64)
+        self.instances.get(&id).map_or(0, |p| p.live)
     }
 
     /// Leading blocks of `blocks` each instance holds, for every instance holding at least one.
@@ -140,10 +195,13 @@ impl PrefixIndex {
         let blocks: Vec<BlockHash> = self
             .instances
             .get(&id)
-            .map(|p| p.order.values().copied().collect())
+            .map(|p| p.order.iter().map(|(_, b)| *b).collect())
             .unwrap_or_default();
         for b in blocks {
             self.drop_entry(id, b);
+        }
+        if let Some(per) = self.instances.get_mut(&id) {
+            per.order.clear();
         }
     }
 
@@ -173,7 +231,6 @@ impl PrefixIndex {
         let holders = self.holders.entry(block).or_default();
         match holders.iter_mut().find(|h| h.instance == id) {
             Some(h) => {
-                per.order.remove(&h.seq);
                 h.seq = seq;
                 h.touched = now;
                 h.precise |= precise;
@@ -186,9 +243,37 @@ impl PrefixIndex {
                     precise,
                 });
                 self.entries += 1;
+                per.live += 1;
             }
         }
-        per.order.insert(seq, block);
+        per.order.push_back((seq, block));
+        if per.order.len() as u64 > 2 * per.live + 64 {
+            let holders = &self.holders;
+            per.order.retain(|(seq, b)| {
+                holders
+                    .get(b)
+                    .is_some_and(|hs| hs.iter().any(|h| h.instance == id && h.seq == *seq))
+            });
+        }
+    }
+
+    /// The oldest live (seq, block) of `id`, dropping stale pairs on the way.
+    fn oldest(&mut self, id: InstanceId) -> Option<(BlockHash, Holder)> {
+        let per = self.instances.get_mut(&id)?;
+        while let Some(&(seq, block)) = per.order.front() {
+            let holder = self
+                .holders
+                .get(&block)
+                .and_then(|hs| hs.iter().find(|h| h.instance == id && h.seq == seq))
+                .copied();
+            match holder {
+                Some(h) => return Some((block, h)),
+                None => {
+                    per.order.pop_front();
+                }
+            }
+        }
+        None
     }
 
     fn drop_entry(&mut self, id: InstanceId, block: BlockHash) {
@@ -203,28 +288,16 @@ impl PrefixIndex {
             self.holders.remove(&block);
         }
         if let Some(per) = self.instances.get_mut(&id) {
-            per.order.remove(&h.seq);
+            per.live -= 1;
         }
+        let _ = h;
         self.entries -= 1;
     }
 
     /// Drops approximate entries of `id` older than the TTL (oldest first, so it stops early).
     fn expire(&mut self, id: InstanceId, now: Duration) {
-        loop {
-            let Some((_, block)) = self
-                .instances
-                .get(&id)
-                .and_then(|p| p.order.first_key_value())
-            else {
-                return;
-            };
-            let block = *block;
-            let stale = self
-                .holders
-                .get(&block)
-                .and_then(|hs| hs.iter().find(|h| h.instance == id))
-                .is_some_and(|h| !self.live(h, now));
-            if !stale {
+        while let Some((block, h)) = self.oldest(id) {
+            if self.live(&h, now) {
                 return;
             }
             self.drop_entry(id, block);
@@ -232,37 +305,39 @@ impl PrefixIndex {
     }
 
     fn evict_over_capacity(&mut self, id: InstanceId) {
-        while let Some(per) = self.instances.get(&id) {
-            if per.order.len() as u64 <= per.capacity {
-                return;
-            }
-            let Some((_, block)) = per.order.first_key_value() else {
+        while self.instances.get(&id).is_some_and(|p| p.live > p.capacity) {
+            let Some((block, _)) = self.oldest(id) else {
                 return;
             };
-            let block = *block;
             self.drop_entry(id, block);
         }
     }
 
+    /// Over the cap, evicts the largest instance's oldest blocks down to 95% of the cap: finding
+    /// the largest scans the instances, so it is done once per batch, not once per block.
     fn enforce_memory(&mut self) {
-        while self.entries > self.max_entries {
+        if self.entries <= self.max_entries {
+            return;
+        }
+        let target = self.max_entries - self.max_entries / 20;
+        while self.entries > target {
             let Some(largest) = self
                 .instances
                 .iter()
-                .max_by_key(|(id, p)| (p.order.len(), **id))
-                .map(|(id, _)| *id)
+                .max_by_key(|(id, p)| (p.live, *id))
+                .map(|(id, _)| id)
             else {
                 return;
             };
-            let Some(block) = self
-                .instances
-                .get(&largest)
-                .and_then(|p| p.order.first_key_value())
-                .map(|(_, b)| *b)
-            else {
-                return;
-            };
-            self.drop_entry(largest, block);
+            let floor = self.instances.get(&largest).map_or(0, |p| p.live / 2);
+            while self.entries > target
+                && self.instances.get(&largest).is_some_and(|p| p.live > floor)
+            {
+                let Some((block, _)) = self.oldest(largest) else {
+                    return;
+                };
+                self.drop_entry(largest, block);
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod blocks;
 pub mod config;
 pub mod cost;
+pub mod fleet;
 pub mod index;
 pub mod load;
 pub mod policy;

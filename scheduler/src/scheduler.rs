@@ -9,12 +9,13 @@
 use crate::blocks::BlockHash;
 use crate::config::SchedulerConfig;
 use crate::cost::Ewma;
+use crate::fleet::{Fleet, Instance};
 use crate::index::PrefixIndex;
 use crate::load::{EngineReport, InstanceLoad};
 use crate::policy::{Candidate, PickCtx, Policy};
 use crate::predict::Predictor;
 use crate::types::{InstanceId, Role, Ticket};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -105,17 +106,6 @@ pub struct InstanceSpec {
     pub kv_capacity_blocks: u64,
 }
 
-#[derive(Debug)]
-struct Instance {
-    role: Role,
-    healthy: bool,
-    capacity_blocks: u64,
-    load: InstanceLoad,
-    speed: Ewma,
-    /// Predicted end of each sequence decoding here: (end time, ticket).
-    decode_ends: BTreeSet<(Duration, Ticket)>,
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Booked {
     prefill: Option<InstanceId>,
@@ -130,7 +120,7 @@ struct Booked {
 
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    instances: BTreeMap<InstanceId, Instance>,
+    instances: Fleet,
     policy: Box<dyn Policy>,
     index: PrefixIndex,
     booked: HashMap<Ticket, Booked>,
@@ -145,7 +135,7 @@ impl Scheduler {
             policy: cfg.policy.build(&cfg),
             index: PrefixIndex::new(&cfg.index),
             bandwidth: Ewma::new(cfg.cost.prior_bytes_per_ms(), cfg.cost.ewma_alpha),
-            instances: BTreeMap::new(),
+            instances: Fleet::default(),
             booked: HashMap::new(),
             next_id: 0,
             next_ticket: 0,
@@ -186,33 +176,28 @@ impl Scheduler {
     }
 
     pub fn remove_instance(&mut self, id: InstanceId) {
-        self.instances.remove(&id);
+        self.instances.remove(id);
         self.index.remove_instance(id);
     }
 
     pub fn set_healthy(&mut self, id: InstanceId, healthy: bool) {
-        if let Some(i) = self.instances.get_mut(&id) {
-            i.healthy = healthy;
-        }
+        self.instances.update(id, |i| i.healthy = healthy);
     }
 
     pub fn is_healthy(&self, id: InstanceId) -> bool {
-        self.instances.get(&id).is_some_and(|i| i.healthy)
+        self.instances.get(id).is_some_and(|i| i.healthy)
     }
 
     pub fn load(&self, id: InstanceId) -> Option<InstanceLoad> {
-        self.instances.get(&id).map(|i| i.load)
+        self.instances.get(id).map(|i| i.load)
     }
 
     /// Healthy instance count per role: `(prefill, decode)`.
     pub fn healthy_counts(&self) -> (usize, usize) {
-        self.instances
-            .values()
-            .filter(|i| i.healthy)
-            .fold((0, 0), |(p, d), i| match i.role {
-                Role::Prefill => (p + 1, d),
-                Role::Decode => (p, d + 1),
-            })
+        (
+            self.instances.healthy_count(Role::Prefill),
+            self.instances.healthy_count(Role::Decode),
+        )
     }
 
     /// Bytes the prefix index occupies (estimate).
@@ -232,12 +217,14 @@ impl Scheduler {
         report: EngineReport,
         kv_capacity_blocks: Option<u64>,
     ) {
-        let Some(i) = self.instances.get_mut(&id) else {
-            return;
-        };
-        i.load.engine = Some(report);
-        if let Some(cap) = kv_capacity_blocks.filter(|c| *c > 0) {
-            i.capacity_blocks = cap;
+        let cap = kv_capacity_blocks.filter(|c| *c > 0);
+        self.instances.update(id, |i| {
+            i.load.engine = Some(report);
+            if let Some(cap) = cap {
+                i.capacity_blocks = cap;
+            }
+        });
+        if let Some(cap) = cap {
             self.index.set_capacity(id, cap);
         }
     }
@@ -268,8 +255,9 @@ impl Scheduler {
         avoid: &[InstanceId],
     ) -> Result<Decision, Rejection> {
         let matches = self.index.match_all(&key.blocks, now);
-        let prefill = self.candidates(Role::Prefill, avoid, &matches);
-        let decode = self.candidates(Role::Decode, avoid, &matches);
+        let shortlist = self.cfg.policy.shortlists();
+        let prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist);
+        let decode = self.candidates(Role::Decode, avoid, &matches, shortlist);
         if prefill.is_empty() {
             return Err(Rejection::NoHealthy(Role::Prefill));
         }
@@ -279,7 +267,7 @@ impl Scheduler {
         let instances = &self.instances;
         let ends_before = |id: InstanceId, at: Duration| -> u32 {
             instances
-                .get(&id)
+                .get(id)
                 .map_or(0, |i| i.decode_ends.range(..(at, Ticket(0))).count() as u32)
         };
         let predict = Predictor {
@@ -328,9 +316,10 @@ impl Scheduler {
             predicted_ttft_ms: ttft,
             predicted_tbt_ms: tbt,
         };
+        let runner_id = runner.id;
         self.next_ticket += 1;
-        self.book(decision.ticket, booked, runner.id);
-        for id in booked.prefill.into_iter().chain([d.id]) {
+        self.book(decision.ticket, booked, runner_id);
+        for id in booked.prefill.into_iter().chain([decision.decode]) {
             self.index.record(id, &key.blocks, now);
         }
         Ok(decision)
@@ -348,11 +337,11 @@ impl Scheduler {
     }
 
     fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId) {
-        if let Some(i) = self.instances.get_mut(&runner) {
+        self.instances.update(runner, |i| {
             i.load.in_flight += 1;
             i.load.prefill_tokens += b.uncached_tokens;
-        }
-        if let Some(i) = self.instances.get_mut(&b.decode) {
+        });
+        self.instances.update(b.decode, |i| {
             if b.prefill.is_some() {
                 i.load.in_flight += 1;
             }
@@ -360,7 +349,7 @@ impl Scheduler {
             i.load.decode_tokens += b.decode_tokens;
             i.load.decode_blocks += b.decode_blocks;
             i.decode_ends.insert((b.decode_end, ticket));
-        }
+        });
         self.booked.insert(ticket, b);
     }
 
@@ -374,7 +363,7 @@ impl Scheduler {
         }
         let b = *b;
         let runner = b.prefill.unwrap_or(b.decode);
-        if let Some(i) = self.instances.get_mut(&runner) {
+        self.instances.update(runner, |i| {
             i.load.prefill_tokens = i.load.prefill_tokens.saturating_sub(b.uncached_tokens);
             if b.prefill.is_some() {
                 i.load.in_flight = i.load.in_flight.saturating_sub(1);
@@ -384,7 +373,7 @@ impl Scheduler {
                 i.speed
                     .update((o.prefill_ms / b.predicted_prefill_ms).clamp(0.25, 4.0));
             }
-        }
+        });
         if let Some(o) = observed.filter(|o| o.transfer_ms > 0.0 && o.kv_bytes > 0) {
             self.bandwidth.update(o.kv_bytes as f64 / o.transfer_ms);
         }
@@ -396,38 +385,76 @@ impl Scheduler {
         let Some(b) = self.booked.remove(&ticket) else {
             return;
         };
-        if let Some(i) = self.instances.get_mut(&b.decode) {
+        self.instances.update(b.decode, |i| {
             i.load.in_flight = i.load.in_flight.saturating_sub(1);
             i.load.decode_seqs = i.load.decode_seqs.saturating_sub(1);
             i.load.decode_tokens = i.load.decode_tokens.saturating_sub(b.decode_tokens);
             i.load.decode_blocks = i.load.decode_blocks.saturating_sub(b.decode_blocks);
             i.decode_ends.remove(&(b.decode_end, ticket));
-        }
+        });
     }
 
+    /// Healthy, non-avoided instances of `role` as policies see them, in id order. With a
+    /// shortlist (large fleets, policies whose best choice is always a cache holder or among the
+    /// least loaded) only those are built, so a decision does not grow with the fleet.
     fn candidates(
         &self,
         role: Role,
         avoid: &[InstanceId],
         matches: &[(InstanceId, u32)],
+        shortlist: bool,
     ) -> Vec<Candidate> {
-        self.instances
-            .iter()
-            .filter(|(id, i)| i.role == role && i.healthy && !avoid.contains(id))
-            .map(|(&id, i)| Candidate {
-                id,
-                load: i.load,
-                matched_blocks: matches
+        let usable = |id: InstanceId| {
+            self.instances
+                .get(id)
+                .is_some_and(|i| i.role == role && i.healthy)
+                && !avoid.contains(&id)
+        };
+        let mut ids: Vec<InstanceId> =
+            if shortlist && self.instances.healthy_count(role) > SHORTLIST_LEAST_LOADED {
+                let mut ids: Vec<InstanceId> = matches
                     .iter()
-                    .find(|(m, _)| *m == id)
-                    .map_or(0, |(_, n)| *n),
-                cached_blocks: self.index.blocks_of(id),
-                capacity_blocks: i.capacity_blocks,
-                speed: i.speed.get(),
+                    .map(|(id, _)| *id)
+                    .filter(|id| usable(*id))
+                    .collect();
+                ids.extend(
+                    self.instances
+                        .least_loaded(role)
+                        .filter(|id| !avoid.contains(id))
+                        .take(SHORTLIST_LEAST_LOADED),
+                );
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            } else {
+                self.instances
+                    .all()
+                    .map(|(id, _)| id)
+                    .filter(|id| usable(*id))
+                    .collect()
+            };
+        ids.retain(|id| usable(*id));
+        ids.into_iter()
+            .filter_map(|id| {
+                let i = self.instances.get(id)?;
+                Some(Candidate {
+                    id,
+                    load: i.load,
+                    matched_blocks: matches
+                        .iter()
+                        .find(|(m, _)| *m == id)
+                        .map_or(0, |(_, n)| *n),
+                    cached_blocks: self.index.blocks_of(id),
+                    capacity_blocks: i.capacity_blocks,
+                    speed: i.speed.get(),
+                })
             })
             .collect()
     }
 }
+
+/// Least-loaded instances per role a shortlist includes besides the cache holders.
+const SHORTLIST_LEAST_LOADED: usize = 16;
 
 #[cfg(test)]
 mod tests {

@@ -90,6 +90,16 @@ impl PolicyKind {
         }
     }
 
+    /// Whether the policy's choice is always among the cache holders and the least-loaded few,
+    /// so large fleets can be shortlisted. Baselines that look at every instance (rotation,
+    /// sampling, SGLang's min/max load gate and smallest tree) are given the whole fleet.
+    pub fn shortlists(self) -> bool {
+        matches!(
+            self,
+            PolicyKind::Slo | PolicyKind::KvCost | PolicyKind::LeastLoad
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyKind::RoundRobin => "round_robin",

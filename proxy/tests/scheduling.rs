@@ -1,0 +1,135 @@
+//! The scheduler wired into the gateway: admission control answers 429 with `Retry-After`,
+//! conditional disaggregation skips the handoff, engine metrics reach the scheduler, and the
+//! decision metrics are exported.
+
+mod support;
+
+use pdgate_engine_sim::stats::sample;
+use pdgate_scheduler::Role;
+use serde_json::Value;
+use std::time::Duration;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.scheduler.slo.ttft_ms = 20.0; // a 4k-token prefill is predicted at ~86 ms
+    let fleet = fleet(cfg).await;
+    let resp = post(
+        &fleet.url(),
+        "/v1/completions",
+        completion(&"word ".repeat(4000), 4),
+    )
+    .await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "slo_ttft");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exceeds the SLO"),
+        "{body}"
+    );
+    // Nothing was spent on it: no prefill ran, no KV was reserved.
+    assert_eq!(
+        engine_sum(&fleet, Role::Prefill, "vllm:prompt_tokens_total").await,
+        0.0
+    );
+    assert_eq!(
+        engine_sum(&fleet, Role::Decode, "pdgate_sim_kv_reservations_active").await,
+        0.0
+    );
+    // A short request still fits the SLO.
+    assert_eq!(
+        post(&fleet.url(), "/v1/completions", completion("short one", 4))
+            .await
+            .status(),
+        200
+    );
+    let m = metrics_text(&fleet.url()).await;
+    assert!(
+        m.contains("pdgate_rejections_total{reason=\"slo_ttft\"}"),
+        "rejection counted"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_uncached_prompts_are_prefilled_on_decode_without_a_handoff() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.scheduler.disagg.local_prefill_max_tokens = 64;
+    let fleet = fleet(cfg).await;
+    let resp = post(&fleet.url(), "/v1/chat/completions", chat("tiny", 3)).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    assert_eq!(
+        engine_sum(&fleet, Role::Prefill, "vllm:prompt_tokens_total").await,
+        0.0,
+        "prefill engine untouched"
+    );
+    assert_eq!(
+        engine_sum(&fleet, Role::Decode, "pdgate_sim_kv_blocks_received_total").await,
+        0.0,
+        "no KV moved"
+    );
+    assert!(
+        engine_sum(&fleet, Role::Decode, "vllm:prompt_tokens_total").await > 0.0,
+        "decode prefilled it"
+    );
+    // A long prompt still goes through the handoff.
+    let resp = post(
+        &fleet.url(),
+        "/v1/completions",
+        completion(&"long prompt text ".repeat(40), 2),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(engine_sum(&fleet, Role::Decode, "pdgate_sim_kv_blocks_received_total").await > 0.0);
+    let m = metrics_text(&fleet.url()).await;
+    assert!(m.contains("outcome=\"local_prefill\""), "{m}");
+    assert!(m.contains("outcome=\"disaggregated\""));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_metrics_are_scraped_into_the_scheduler() {
+    let mut cfg = config(1, 1, 1.0);
+    cfg.health.metrics_interval_ms = 50;
+    let fleet = fleet(cfg).await;
+    // A long real-time stream keeps the decode engine busy while we look.
+    let mut body = chat("keep decoding for a while", 500);
+    body["stream"] = Value::Bool(true);
+    let mut resp = post(&fleet.url(), "/v1/chat/completions", body).await;
+    assert!(resp.chunk().await.expect("chunk").is_some());
+    let decode_id = fleet
+        .gateway
+        .state
+        .workers
+        .all()
+        .into_iter()
+        .find(|w| w.role == Role::Decode)
+        .expect("decode")
+        .id;
+    let seen = eventually(Duration::from_secs(3), || async {
+        let load = fleet.gateway.state.scheduler.lock().load(decode_id);
+        load.and_then(|l| l.engine)
+            .is_some_and(|e| e.running == 1 && e.kv_usage > 0.0)
+    })
+    .await;
+    assert!(
+        seen,
+        "the decode engine's own running count and KV usage reached the scheduler"
+    );
+    drop(resp);
+    let m = metrics_text(&fleet.url()).await;
+    assert!(
+        sample(&m, "pdgate_scheduler_index_bytes").is_some_and(|b| b > 0.0),
+        "index size exported"
+    );
+    assert!(m.contains("pdgate_scheduler_decision_duration_seconds_bucket"));
+    assert!(m.contains("pdgate_ttft_prediction_error_seconds_bucket"));
+    fleet.stop().await;
+}
