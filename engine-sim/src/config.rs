@@ -3,6 +3,7 @@
 //! layered config.
 
 use pdgate_scheduler::Role;
+use pdgate_transfer::TransportChoice;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,6 +18,9 @@ pub struct EngineConfig {
     pub port: u16,
     /// Transfer-engine listen port (0 picks a free one).
     pub transfer_port: u16,
+    /// KV transport: "auto" (shared memory to engines on this host, TCP otherwise), "tcp",
+    /// "shm" or "rdma" (needs a build with the transfer crate's `rdma` feature and a device).
+    pub transport: TransportChoice,
     /// Tokens per KV block; the gateway must key prefixes with the same size.
     pub block_size: usize,
     /// KV-cache bytes per token. Llama-3-8B at fp16 holds 128 KiB per token; the default is a
@@ -41,6 +45,12 @@ pub struct EngineConfig {
     pub reservation_ttl_secs: u64,
     /// Timing model of the emulated GPU.
     pub timing: TimingModel,
+    /// The PD protocol this engine enforces: "native" (pdgate's own), "vllm-nixl",
+    /// "vllm-mooncake", "sglang" or "trtllm" (see `protocol/`).
+    pub protocol: Protocol,
+    /// SGLang mode: how long a decode leg waits for the prefill with the same bootstrap room
+    /// (SGLang's own default is about 300 s).
+    pub bootstrap_timeout_ms: u64,
     /// Gateway-hosted segment registry (`http://host:port`); without it peers are reached
     /// through the endpoint carried in the transfer descriptor (P2P mode).
     pub registry_url: Option<String>,
@@ -55,6 +65,7 @@ impl Default for EngineConfig {
             host: "127.0.0.1".into(),
             port: 0,
             transfer_port: 0,
+            transport: TransportChoice::Auto,
             block_size: 16,
             kv_bytes_per_token: 8 * 1024,
             kv_blocks: 4096,
@@ -66,9 +77,66 @@ impl Default for EngineConfig {
             seed: 0,
             reservation_ttl_secs: 120,
             timing: TimingModel::default(),
+            protocol: Protocol::Native,
+            bootstrap_timeout_ms: 300_000,
             registry_url: None,
             faults: Faults::default(),
         }
+    }
+}
+
+/// The PD protocol an engine speaks (and the gateway speaks to it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// pdgate's own: reserve on decode, prefill writes KV through pdgate-transfer, decode verifies.
+    #[default]
+    Native,
+    /// vLLM NixlConnector: sequential legs, decode pulls the blocks named in `kv_transfer_params`.
+    VllmNixl,
+    /// vLLM MooncakeConnector: concurrent legs sharing a `transfer_id`, prefill pushes.
+    VllmMooncake,
+    /// SGLang: the same body (with a bootstrap room) to both at once, prefill pushes.
+    Sglang,
+    /// TensorRT-LLM disaggregated serving: context-only leg, then generation-only leg that pulls.
+    Trtllm,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Native,
+        Protocol::VllmNixl,
+        Protocol::VllmMooncake,
+        Protocol::Sglang,
+        Protocol::Trtllm,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Native => "native",
+            Protocol::VllmNixl => "vllm-nixl",
+            Protocol::VllmMooncake => "vllm-mooncake",
+            Protocol::Sglang => "sglang",
+            Protocol::Trtllm => "trtllm",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown protocol `{s}` (native, vllm-nixl, vllm-mooncake, sglang, trtllm)")
+            })
     }
 }
 

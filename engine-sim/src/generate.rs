@@ -2,9 +2,12 @@
 //! PD request (the body carries `pdgate_kv`), in which case the KV blocks must already sit in this
 //! engine's pool and every one of them is verified before a token is produced.
 
+use crate::config::Protocol;
 use crate::native::{DecodeLeg, DECODE_FIELD};
 use crate::openai::{usage, ApiError, ApiKind, Envelope, GenRequest};
 use crate::pool::Claim;
+use crate::protocol::abort::AbortHandle;
+use crate::protocol::{self, Decorate, Prepared};
 use crate::server::{now_secs, Engine};
 use crate::stats::Stats;
 use crate::{kv, text};
@@ -18,7 +21,7 @@ use serde_json::Value;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How long a decode leg waits for its KV blocks' landing notification.
 const LANDING_WAIT: Duration = Duration::from_secs(5);
@@ -79,9 +82,27 @@ async fn handle(
         ),
         None => None,
     };
+    // Registered for the whole leg, streaming included, so `/abort_request` reaches it.
+    let abort = (e.cfg.protocol == Protocol::Sglang).then(|| e.aborts.register(&rid));
+    let abort_rx = abort.as_ref().map(AbortHandle::receiver);
+    let mut req = req;
+    let mut decorate = None;
     let (first, claim) = match leg {
         Some(leg) => (leg.first_token, Some(take_kv(&e, &leg, &tokens).await?)),
-        None => (prefill_locally(&e, &tokens, key).await?, None),
+        None => match protocol::prepare(&e, &body, &rid, &tokens, abort_rx.clone()).await? {
+            Prepared::Plain => (prefill_locally(&e, &tokens, key).await?, None),
+            Prepared::PrefillOnly(d) => {
+                // A prefill-only leg produces exactly the first token, whatever was asked.
+                req.max_tokens = 1;
+                decorate = Some(d);
+                (text::token_at(key, e.cfg.seed, 0), None)
+            }
+            Prepared::Decode(leg) => (
+                leg.first
+                    .unwrap_or_else(|| text::token_at(key, e.cfg.seed, 0)),
+                leg.claim,
+            ),
+        },
     };
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     let rx = e
@@ -95,6 +116,8 @@ async fn handle(
         key,
         first,
         prompt_tokens: tokens.len() as u32,
+        decorate,
+        abort: abort.map(|h| (h, abort_rx)),
     };
     Ok(if out.req.stream {
         out.stream(rx)
@@ -113,6 +136,17 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
         .claim(&leg.request_id, LANDING_WAIT)
         .await
         .map_err(|err| ApiError::server(409, "kv_not_ready", err.to_string()))?;
+    verify_claim(e, &claim, tokens, &leg.request_id)?;
+    Ok(claim)
+}
+
+/// Checks every block a claim holds against the prompt's own chained hashes.
+pub fn verify_claim(
+    e: &Engine,
+    claim: &Claim,
+    tokens: &[u32],
+    request_id: &str,
+) -> Result<(), ApiError> {
     let hashes = e.hasher.all_blocks(tokens);
     if hashes.len() != claim.slots.len() {
         Stats::add(&e.stats.kv_verify_failures, 1);
@@ -123,6 +157,10 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
         );
         return Err(ApiError::server(500, "kv_verification_failed", msg));
     }
+    let pool = e
+        .pool
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("role", "this engine is not a decode engine"))?;
     let block_bytes = pool.block_bytes() as usize;
     let mut buf = vec![0u8; block_bytes];
     for (i, (hash, slot)) in hashes.iter().zip(&claim.slots).enumerate() {
@@ -131,15 +169,15 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
             pool.segment().read_into(offset, &mut buf).is_ok() && kv::verify_block(*hash, &buf);
         if !ok {
             Stats::add(&e.stats.kv_verify_failures, 1);
-            let msg = format!("KV block {i} of request `{}` failed verification (lost, misplaced or corrupted in transfer)", leg.request_id);
-            tracing::error!(request_id = %leg.request_id, block = i, "KV verification failed");
+            let msg = format!("KV block {i} of request `{}` failed verification (lost, misplaced or corrupted in transfer)", request_id);
+            tracing::error!(request_id = %request_id, block = i, "KV verification failed");
             return Err(ApiError::server(500, "kv_verification_failed", msg));
         }
     }
     Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
     // Decode now holds this prefix, as a real engine would after receiving it.
     e.cache.lock().insert(&e.hasher.full_blocks(tokens));
-    Ok(claim)
+    Ok(())
 }
 
 /// Prefills on this engine (a non-PD request), reusing cached leading blocks.
@@ -175,6 +213,9 @@ struct Output {
     key: u64,
     first: u32,
     prompt_tokens: u32,
+    decorate: Option<Decorate>,
+    /// The leg's abort registration (kept alive while it generates) and its signal.
+    abort: Option<(AbortHandle, Option<watch::Receiver<bool>>)>,
 }
 
 impl Output {
@@ -192,10 +233,15 @@ impl Output {
         text::piece(text::token_at(self.key, self.engine.cfg.seed, position))
     }
 
-    async fn collect(self, mut rx: mpsc::Receiver<()>) -> Response {
+    fn abort_signal(&self) -> Option<watch::Receiver<bool>> {
+        self.abort.as_ref().and_then(|(_, rx)| rx.clone())
+    }
+
+    async fn collect(mut self, mut rx: mpsc::Receiver<()>) -> Response {
         let mut text = String::from(self.piece(0));
         let mut n = 1;
-        while rx.recv().await.is_some() {
+        let abort = self.abort_signal();
+        while next_step(&mut rx, &abort).await.is_some() {
             text.push_str(self.piece(n));
             n += 1;
         }
@@ -212,7 +258,10 @@ impl Output {
         } else {
             "abort"
         };
-        let resp = env.full_response(&text, finish, usage(self.prompt_tokens, n));
+        let mut resp = env.full_response(&text, finish, usage(self.prompt_tokens, n));
+        if let Some(decorate) = self.decorate.take() {
+            decorate(&mut resp);
+        }
         ([("x-request-id", self.rid.clone())], Json(resp)).into_response()
     }
 
@@ -229,6 +278,7 @@ impl Output {
             };
             let total = self.req.max_tokens;
             let with_usage = self.req.include_usage;
+            let abort = self.abort_signal();
             let mut position = 0u32;
             loop {
                 let last = position + 1 == total;
@@ -242,7 +292,7 @@ impl Output {
                     return; // client gone: dropping `rx` aborts the sequence
                 }
                 position += 1;
-                if last || rx.recv().await.is_none() {
+                if last || next_step(&mut rx, &abort).await.is_none() {
                     break;
                 }
             }
@@ -264,6 +314,20 @@ impl Output {
             .header("x-request-id", rid)
             .body(body)
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
+}
+
+/// The next decode step, or `None` when the sequence ended or the leg was aborted.
+async fn next_step(
+    rx: &mut mpsc::Receiver<()>,
+    abort: &Option<watch::Receiver<bool>>,
+) -> Option<()> {
+    match abort {
+        None => rx.recv().await,
+        Some(a) => tokio::select! {
+            step = rx.recv() => step,
+            _ = crate::protocol::abort::aborted(a.clone()) => None,
+        },
     }
 }
 

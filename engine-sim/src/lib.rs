@@ -15,10 +15,11 @@ pub mod native;
 pub mod openai;
 pub mod pd;
 pub mod pool;
+pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod text;
 
-pub use config::{EngineConfig, Faults, TimingModel};
+pub use config::{EngineConfig, Faults, Protocol, TimingModel};
 pub use server::{spawn, Engine, EngineHandle};

@@ -132,16 +132,21 @@ async fn resolve(e: &Engine, target: &KvDescriptor) -> Result<SegmentDesc, ApiEr
         .await
         .map_err(|err| ApiError::server(502, "kv_transfer_failed", err.to_string()))?
         .ok_or_else(unknown)?;
-    let mut peers = e.peers.lock();
-    // Bounded: a fleet has few decode segments; forget them all rather than grow without end.
-    if peers.len() >= MAX_CACHED_PEERS {
-        peers.clear();
-    }
-    peers.insert(target.segment.clone(), desc.clone());
+    remember_peer(e, desc.clone());
     Ok(desc)
 }
 
-async fn send_blocks(
+/// Caches a peer's segment descriptor.
+pub(crate) fn remember_peer(e: &Engine, desc: SegmentDesc) {
+    let mut peers = e.peers.lock();
+    // Bounded: a fleet has few peer segments; forget them all rather than grow without end.
+    if peers.len() >= MAX_CACHED_PEERS {
+        peers.clear();
+    }
+    peers.insert(desc.name.clone(), desc);
+}
+
+pub(crate) async fn send_blocks(
     e: &Engine,
     request_id: &str,
     target: &KvDescriptor,

@@ -43,6 +43,9 @@ pub struct KvPool {
     ttl: Duration,
     stats: Arc<Stats>,
     landed: Notify,
+    /// Pull-mode prefill pools zero freed blocks, so a decode that reads blocks after they were
+    /// freed gets zeros and fails verification instead of silently reading stale bytes.
+    scrub_on_free: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -83,11 +86,30 @@ impl KvPool {
             ttl,
             stats,
             landed: Notify::new(),
+            scrub_on_free: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 free,
                 reservations: HashMap::new(),
             }),
         })
+    }
+
+    /// Makes every later free zero the freed blocks (see `scrub_on_free`).
+    pub fn scrub_freed_blocks(&self) {
+        self.scrub_on_free.store(true, Relaxed);
+    }
+
+    fn scrub(&self, slots: &[u32]) {
+        if !self.scrub_on_free.load(Relaxed) {
+            return;
+        }
+        for &slot in slots {
+            let offset = u64::from(slot) * self.block_bytes;
+            // Offsets come from this pool's own slot list, so they are in range.
+            let _ = self
+                .segment
+                .fill(offset as usize, self.block_bytes as usize, 0);
+        }
     }
 
     pub fn segment(&self) -> &Segment {
@@ -199,6 +221,7 @@ impl KvPool {
         let Some(r) = inner.reservations.remove(request_id) else {
             return false;
         };
+        self.scrub(&r.slots);
         inner.free.extend(r.slots);
         self.sync_gauges(&inner);
         true
@@ -215,6 +238,7 @@ impl KvPool {
             .collect();
         for id in &expired {
             if let Some(r) = inner.reservations.remove(id) {
+                self.scrub(&r.slots);
                 inner.free.extend(r.slots);
             }
         }

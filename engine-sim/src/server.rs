@@ -9,7 +9,7 @@ use crate::openai::ApiError;
 use crate::pool::KvPool;
 use crate::registry::HttpRegistry;
 use crate::stats::Stats;
-use crate::{generate, native, pd};
+use crate::{generate, native, pd, protocol};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -38,6 +38,13 @@ pub struct Engine {
     /// Segments looked up in the registry, so a prefill does not ask for every request.
     pub peers: Mutex<std::collections::HashMap<String, pdgate_transfer::SegmentDesc>>,
     pub started: u64,
+    pub http_addr: SocketAddr,
+    /// For engine-to-engine calls (a decode offering its slots to a prefill's bootstrap server).
+    pub client: reqwest::Client,
+    /// Running legs by request id, for `/abort_request`.
+    pub aborts: Arc<protocol::abort::Aborts>,
+    /// Push-mode bootstrap rooms (SGLang, vLLM Mooncake) on a prefill engine.
+    pub rendezvous: protocol::rendezvous::Rendezvous,
 }
 
 impl IntoResponse for ApiError {
@@ -78,7 +85,7 @@ pub async fn spawn(cfg: EngineConfig) -> anyhow::Result<EngineHandle> {
     let app = router(Arc::clone(&engine));
     let eng = Arc::clone(&engine);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(async {
+        let served = axum::serve(nodelay(listener), app).with_graceful_shutdown(async {
             let _ = rx.await;
         });
         if let Err(e) = served.await {
@@ -100,6 +107,7 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
     let listen: SocketAddr = format!("{}:{}", cfg.host, cfg.transfer_port).parse()?;
     let transfer = TransferEngine::start(EngineOptions {
         listen,
+        transport: cfg.transport,
         ..EngineOptions::default()
     })
     .await?;
@@ -107,8 +115,10 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         .registry_url
         .as_deref()
         .map(|u| Arc::new(HttpRegistry::new(u)) as Arc<dyn MetadataStore>);
-    let pool = match cfg.role {
-        Role::Decode => {
+    // Decode engines receive KV; prefill engines of pull-mode protocols hold it until pulled.
+    let holds_kv = cfg.role == Role::Decode || protocol::prefill_holds_kv(cfg.protocol);
+    let pool = match holds_kv {
+        true => {
             let name = format!("kv-{}-{}", cfg.model, addr.port());
             let bytes = usize::try_from(cfg.block_bytes().saturating_mul(cfg.kv_blocks as u64))?;
             let segment = transfer.register_segment(&name, bytes)?;
@@ -116,15 +126,19 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
                 reg.publish(transfer.describe(&segment)).await?;
             }
             let ttl = Duration::from_secs(cfg.reservation_ttl_secs);
-            Some(KvPool::new(
+            let pool = KvPool::new(
                 segment,
                 transfer.endpoint(),
                 cfg.block_bytes(),
                 ttl,
                 Arc::clone(&stats),
-            ))
+            );
+            if cfg.role == Role::Prefill {
+                pool.scrub_freed_blocks();
+            }
+            Some(pool)
         }
-        Role::Prefill => None,
+        false => None,
     };
     let engine = Arc::new(Engine {
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
@@ -136,6 +150,13 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         registry,
         peers: Mutex::new(std::collections::HashMap::new()),
         started: now_secs(),
+        http_addr: addr,
+        client: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default(),
+        aborts: Arc::new(protocol::abort::Aborts::default()),
+        rendezvous: protocol::rendezvous::Rendezvous::default(),
         cfg,
     });
     if let Some(pool) = &engine.pool {
@@ -152,12 +173,16 @@ fn spawn_landing_listener(engine: &Arc<Engine>, pool: Arc<KvPool>) {
     let stats = Arc::clone(&engine.stats);
     tokio::spawn(async move {
         while let Some(n) = rx.recv().await {
-            match serde_json::from_slice::<native::KvLanded>(&n.payload) {
-                Ok(landed) => {
-                    Stats::add(&stats.kv_blocks_received, u64::from(landed.blocks));
-                    pool.mark_landed(&landed.request_id, landed.blocks);
-                }
-                Err(e) => tracing::warn!(error = %e, "ignoring malformed KV landing notification"),
+            if let Ok(landed) = serde_json::from_slice::<native::KvLanded>(&n.payload) {
+                Stats::add(&stats.kv_blocks_received, u64::from(landed.blocks));
+                pool.mark_landed(&landed.request_id, landed.blocks);
+            } else if let Ok(pulled) =
+                serde_json::from_slice::<protocol::pull::KvPulled>(&n.payload)
+            {
+                // A decode read our held blocks: free them now rather than at the TTL.
+                pool.release(&pulled.pulled);
+            } else {
+                tracing::warn!("ignoring malformed KV notification");
             }
         }
     });
@@ -200,6 +225,15 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route(native::RESERVE_PATH, post(pd::reserve))
         .route(native::RELEASE_PATH, post(pd::release))
         .route(native::PREFILL_PATH, post(pd::prefill))
+        .route("/abort_request", post(protocol::abort_request))
+        .route(
+            protocol::rendezvous::BOOTSTRAP_PATH,
+            post(protocol::bootstrap),
+        )
+        .route(
+            protocol::vllm_mooncake::QUERY_PATH,
+            get(protocol::vllm_mooncake::query),
+        )
         .with_state(engine)
 }
 
@@ -221,4 +255,13 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Small SSE chunks and JSON answers must not wait on Nagle's algorithm (it adds tens of ms per
+/// leg against a delayed ACK).
+pub fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }

@@ -15,7 +15,11 @@ pub enum Mode {
     /// Trace timestamps divided by `speed` (2.0 = twice as fast).
     TraceTime { speed: f64 },
     /// A gamma process of `rate` requests/s; `burstiness` is the shape (1 = Poisson).
-    Rate { rate: f64, burstiness: f64, seed: u64 },
+    Rate {
+        rate: f64,
+        burstiness: f64,
+        seed: u64,
+    },
     /// Closed loop: `concurrency` requests outstanding at all times.
     Closed { concurrency: usize },
 }
@@ -133,7 +137,13 @@ mod tests {
     fn rate_mode_has_the_right_mean_and_burstiness_changes_spread() {
         let t = trace(&vec![None; 20_000]);
         let cv = |burstiness: f64| {
-            let s = Mode::Rate { rate: 100.0, burstiness, seed: 3 }.schedule(&t).unwrap();
+            let s = Mode::Rate {
+                rate: 100.0,
+                burstiness,
+                seed: 3,
+            }
+            .schedule(&t)
+            .unwrap();
             let gaps: Vec<f64> = s.windows(2).map(|w| w[1] - w[0]).collect();
             let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
             let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
@@ -149,10 +159,16 @@ mod tests {
     fn choose_validates() {
         let timed = trace(&[Some(0.0)]);
         let untimed = trace(&[None]);
-        assert_eq!(Mode::choose(&timed, 1.0, None, 1.0, None, 0).unwrap(), Mode::TraceTime { speed: 1.0 });
+        assert_eq!(
+            Mode::choose(&timed, 1.0, None, 1.0, None, 0).unwrap(),
+            Mode::TraceTime { speed: 1.0 }
+        );
         assert!(Mode::choose(&untimed, 1.0, None, 1.0, None, 0).is_err());
         assert!(Mode::choose(&timed, 1.0, Some(1.0), 1.0, Some(2), 0).is_err());
         assert!(Mode::choose(&timed, 0.0, None, 1.0, None, 0).is_err());
-        assert_eq!(Mode::choose(&untimed, 1.0, None, 1.0, Some(4), 0).unwrap(), Mode::Closed { concurrency: 4 });
+        assert_eq!(
+            Mode::choose(&untimed, 1.0, None, 1.0, Some(4), 0).unwrap(),
+            Mode::Closed { concurrency: 4 }
+        );
     }
 }

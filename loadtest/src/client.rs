@@ -202,7 +202,11 @@ pub fn api_error(status: u16, body: &str) -> RequestError {
         .or_else(|| e["type"].as_str())
         .unwrap_or("http_error");
     let message = e["message"].as_str().unwrap_or(body);
-    err(Some(status), kind, message.chars().take(300).collect::<String>())
+    err(
+        Some(status),
+        kind,
+        message.chars().take(300).collect::<String>(),
+    )
 }
 
 /// Cuts the next complete SSE event (up to a blank line) off the front of `buf`.
@@ -211,7 +215,11 @@ pub fn next_event(buf: &mut BytesMut) -> Option<Bytes> {
         .windows(2)
         .position(|w| w == b"\n\n")
         .map(|p| (p, 2))
-        .or_else(|| buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4)))?;
+        .or_else(|| {
+            buf.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|p| (p, 4))
+        })?;
     let event = buf.split_to(pos.0 + pos.1).freeze();
     Some(event.slice(..pos.0))
 }
@@ -255,7 +263,9 @@ impl Accumulator {
         self.usage(v);
         let has_text = v["choices"].as_array().is_some_and(|cs| {
             cs.iter().any(|c| {
-                let t = c["delta"]["content"].as_str().or_else(|| c["text"].as_str());
+                let t = c["delta"]["content"]
+                    .as_str()
+                    .or_else(|| c["text"].as_str());
                 t.is_some_and(|t| !t.is_empty())
             })
         });
@@ -296,7 +306,10 @@ impl Accumulator {
 
 /// The HTTP client shared by every request: one connection pool, no overall timeout except
 /// `timeout` per request, no proxy from the environment.
-pub fn http_client(timeout: Duration, pool: usize) -> Result<reqwest::Client, crate::LoadtestError> {
+pub fn http_client(
+    timeout: Duration,
+    pool: usize,
+) -> Result<reqwest::Client, crate::LoadtestError> {
     reqwest::Client::builder()
         .timeout(timeout)
         .pool_max_idle_per_host(pool)
@@ -313,25 +326,45 @@ mod tests {
     #[test]
     fn sse_events_split_on_blank_lines_across_chunks() {
         let mut buf = BytesMut::from(&b"data: {\"a\":1}\n\ndata: [DO"[..]);
-        assert_eq!(next_event(&mut buf).unwrap(), Bytes::from_static(b"data: {\"a\":1}"));
+        assert_eq!(
+            next_event(&mut buf).unwrap(),
+            Bytes::from_static(b"data: {\"a\":1}")
+        );
         assert!(next_event(&mut buf).is_none());
         buf.extend_from_slice(b"NE]\r\n\r\n");
-        assert_eq!(next_event(&mut buf).unwrap(), Bytes::from_static(b"data: [DONE]"));
+        assert_eq!(
+            next_event(&mut buf).unwrap(),
+            Bytes::from_static(b"data: [DONE]")
+        );
     }
 
     #[test]
     fn accumulator_times_first_token_and_gaps_and_reads_usage() {
         let mut a = Accumulator::default();
         // The role-only chat chunk carries no text: not a token.
-        a.event(br#"data: {"choices":[{"delta":{"role":"assistant"}}]}"#, 5.0).unwrap();
-        a.event(br#"data: {"choices":[{"delta":{"content":" hi"}}]}"#, 10.0).unwrap();
-        a.event(br#"data: {"choices":[{"text":" there"}]}"#, 25.0).unwrap();
-        a.event(br#"data: {"choices":[{"text":"!"}]}"#, 45.0).unwrap();
-        a.event(br#"data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}"#, 46.0).unwrap();
+        a.event(
+            br#"data: {"choices":[{"delta":{"role":"assistant"}}]}"#,
+            5.0,
+        )
+        .unwrap();
+        a.event(br#"data: {"choices":[{"delta":{"content":" hi"}}]}"#, 10.0)
+            .unwrap();
+        a.event(br#"data: {"choices":[{"text":" there"}]}"#, 25.0)
+            .unwrap();
+        a.event(br#"data: {"choices":[{"text":"!"}]}"#, 45.0)
+            .unwrap();
+        a.event(
+            br#"data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}"#,
+            46.0,
+        )
+        .unwrap();
         a.event(b"data: [DONE]", 46.0).unwrap();
         assert_eq!(a.first_ms, Some(10.0));
         assert_eq!(a.itl, vec![15.0, 20.0]);
-        assert_eq!((a.chunks, a.completion_tokens, a.prompt_tokens), (3, Some(3), Some(9)));
+        assert_eq!(
+            (a.chunks, a.completion_tokens, a.prompt_tokens),
+            (3, Some(3), Some(9))
+        );
         assert!(a.done);
     }
 
@@ -341,14 +374,26 @@ mod tests {
         let e = a.event(br#"data: {"error":{"message":"boom","type":"server_error","code":"kv_transfer_failed"}}"#, 1.0).unwrap_err();
         assert_eq!(e.kind, "kv_transfer_failed");
         assert!(a.event(b"data: {nope", 1.0).is_err());
-        let e = api_error(503, r#"{"error":{"message":"full","type":"server_error","code":null}}"#);
-        assert_eq!((e.status, e.kind.as_str(), e.message.as_str()), (Some(503), "server_error", "full"));
+        let e = api_error(
+            503,
+            r#"{"error":{"message":"full","type":"server_error","code":null}}"#,
+        );
+        assert_eq!(
+            (e.status, e.kind.as_str(), e.message.as_str()),
+            (Some(503), "server_error", "full")
+        );
         assert_eq!(api_error(502, "<html>").kind, "http_error");
     }
 
     #[test]
     fn bodies_ask_for_exact_lengths() {
-        let t = Target { base_url: "http://x/".into(), api: Api::Chat, model: "m".into(), api_key: None, stream: true };
+        let t = Target {
+            base_url: "http://x/".into(),
+            api: Api::Chat,
+            model: "m".into(),
+            api_key: None,
+            stream: true,
+        };
         let v: Value = serde_json::from_slice(&t.body("hello", 7)).unwrap();
         assert_eq!(v["max_tokens"], 7);
         assert_eq!(v["ignore_eos"], true);

@@ -99,7 +99,10 @@ impl Slo {
     /// vLLM's rule: a request is good when every given bound holds (TPOT of a one-token output
     /// counts as 0).
     pub fn met_by(&self, r: &RequestRecord) -> bool {
-        let within = |bound: Option<f64>, v: Option<f64>| bound.map_or(true, |b| v.is_some_and(|v| v <= b));
+        let within = |bound: Option<f64>, v: Option<f64>| match bound {
+            None => true,
+            Some(b) => v.is_some_and(|v| v <= b),
+        };
         r.ok()
             && within(self.ttft_ms, r.ttft_ms)
             && within(self.tpot_ms, Some(r.tpot_ms().unwrap_or(0.0)))
@@ -193,7 +196,13 @@ impl Aggregates {
             .filter_map(RequestRecord::end_ms)
             .fold(0.0, f64::max);
         let duration_s = duration_ms / 1000.0;
-        let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
+        let per_s = |x: f64| {
+            if duration_s > 0.0 {
+                x / duration_s
+            } else {
+                0.0
+            }
+        };
         let total_input: u64 = ok.iter().map(|r| u64::from(r.input_tokens)).sum();
         let total_output: u64 = ok.iter().map(|r| u64::from(r.output_tokens)).sum();
         let collect = |f: &dyn Fn(&RequestRecord) -> Option<f64>| -> Vec<f64> {
@@ -260,7 +269,10 @@ mod tests {
         assert_eq!(percentile(&[7.0], 99.0), 7.0);
         let s = Summary::of(&[4.0, 1.0, 3.0, 2.0]);
         assert_eq!(s.mean, 2.5);
-        assert!((s.std - 1.118_033_988_749_895).abs() < 1e-12, "population std");
+        assert!(
+            (s.std - 1.118_033_988_749_895).abs() < 1e-12,
+            "population std"
+        );
         assert_eq!(s.max, 4.0);
     }
 

@@ -154,9 +154,11 @@ pub async fn run(trace: Trace, synth: Synth, opts: ReplayOptions) -> Result<Repl
     bar.finish_and_clear();
 
     let server = match (before, opts.scrape) {
-        (Some(b), true) => scrape::snapshot(&http, &opts.target.base_url, opts.admin_token.as_deref())
-            .await
-            .map(|a| scrape::delta(&b, &a)),
+        (Some(b), true) => {
+            scrape::snapshot(&http, &opts.target.base_url, opts.admin_token.as_deref())
+                .await
+                .map(|a| scrape::delta(&b, &a))
+        }
         _ => None,
     };
     Ok(ReplayOutcome {

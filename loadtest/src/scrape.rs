@@ -52,7 +52,12 @@ pub async fn snapshot(
             let (Some(url), id) = (w["url"].as_str(), w["id"].to_string()) else {
                 continue;
             };
-            let Some(m) = get(http, &format!("{}/metrics", url.trim_end_matches('/')), None).await
+            let Some(m) = get(
+                http,
+                &format!("{}/metrics", url.trim_end_matches('/')),
+                None,
+            )
+            .await
             else {
                 continue;
             };
@@ -110,7 +115,12 @@ pub fn delta(before: &Snapshot, after: &Snapshot) -> ServerStats {
         .instances
         .iter()
         .map(|a| {
-            let b = before.instances.iter().find(|b| b.url == a.url).cloned().unwrap_or_default();
+            let b = before
+                .instances
+                .iter()
+                .find(|b| b.url == a.url)
+                .cloned()
+                .unwrap_or_default();
             InstanceCounters {
                 id: a.id.clone(),
                 role: a.role.clone(),
@@ -147,9 +157,20 @@ mod tests {
 
     #[test]
     fn delta_gives_the_hit_rate_of_the_run_only() {
-        let inst = |h, q| InstanceCounters { url: "u".into(), prefix_hits_tokens: h, prefix_queries_tokens: q, ..Default::default() };
-        let before = Snapshot { gateway: BTreeMap::new(), instances: vec![inst(100.0, 1000.0)] };
-        let after = Snapshot { gateway: BTreeMap::new(), instances: vec![inst(400.0, 2000.0)] };
+        let inst = |h, q| InstanceCounters {
+            url: "u".into(),
+            prefix_hits_tokens: h,
+            prefix_queries_tokens: q,
+            ..Default::default()
+        };
+        let before = Snapshot {
+            gateway: BTreeMap::new(),
+            instances: vec![inst(100.0, 1000.0)],
+        };
+        let after = Snapshot {
+            gateway: BTreeMap::new(),
+            instances: vec![inst(400.0, 2000.0)],
+        };
         let d = delta(&before, &after);
         assert_eq!(d.cache_hit_rate, Some(0.3));
     }

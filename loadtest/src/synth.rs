@@ -37,21 +37,31 @@ impl CountTokens for Builtin {
     }
 }
 
+/// The gateway's tokenizer (built-in or a HuggingFace `tokenizer.json`), for `--tokenizer`.
+impl CountTokens for pdgate_scheduler::Tokenizer {
+    fn count(&self, text: &str) -> usize {
+        pdgate_scheduler::Tokenizer::count(self, text)
+    }
+    fn one_token_per_word(&self) -> bool {
+        matches!(self, pdgate_scheduler::Tokenizer::Builtin)
+    }
+}
+
 /// Short, common English words: one token each in the built-in tokenizer (≤ 8 alphanumerics
 /// after a space) and, in practice, in GPT/Llama/DeepSeek-style BPE vocabularies.
 const WORDS: [&str; 128] = [
     "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
     "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
     "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
-    "been", "if", "more", "when", "will", "would", "who", "so", "no", "she", "other", "its",
-    "may", "these", "about", "them", "than", "some", "time", "could", "into", "two", "then",
-    "only", "first", "new", "like", "people", "what", "also", "my", "any", "over", "after",
-    "most", "made", "such", "between", "many", "should", "through", "where", "years", "those",
-    "before", "must", "under", "state", "work", "three", "while", "world", "still", "being",
-    "same", "great", "life", "since", "each", "good", "both", "year", "used", "day", "way",
-    "might", "house", "part", "water", "every", "small", "number", "around", "during", "place",
-    "long", "again", "found", "high", "system", "model", "cache", "block", "token", "prefix",
-    "memory", "engine",
+    "been", "if", "more", "when", "will", "would", "who", "so", "no", "she", "other", "its", "may",
+    "these", "about", "them", "than", "some", "time", "could", "into", "two", "then", "only",
+    "first", "new", "like", "people", "what", "also", "my", "any", "over", "after", "most", "made",
+    "such", "between", "many", "should", "through", "where", "years", "those", "before", "must",
+    "under", "state", "work", "three", "while", "world", "still", "being", "same", "great", "life",
+    "since", "each", "good", "both", "year", "used", "day", "way", "might", "house", "part",
+    "water", "every", "small", "number", "around", "during", "place", "long", "again", "found",
+    "high", "system", "model", "cache", "block", "token", "prefix", "memory", "engine", "gateway",
+    "stream",
 ];
 
 /// Seed of block text; fixed so two runs (or replayer and simulator) agree.
@@ -79,7 +89,10 @@ impl Synth {
 
     /// The `i`-th word of block `id` (with its leading space).
     fn word(id: u64, i: usize, out: &mut String) {
-        let h = xxh3_64_with_seed(&[id.to_le_bytes(), (i as u64).to_le_bytes()].concat(), TEXT_SEED);
+        let h = xxh3_64_with_seed(
+            &[id.to_le_bytes(), (i as u64).to_le_bytes()].concat(),
+            TEXT_SEED,
+        );
         out.push(' ');
         out.push_str(WORDS[(h % WORDS.len() as u64) as usize]);
     }
@@ -120,16 +133,22 @@ impl Synth {
             if have == target {
                 break;
             }
+            // Move by the estimated number of words (tokens per word measured on this text),
+            // at least one, so a tokenizer splitting words converges instead of oscillating.
+            let words = text.matches(' ').count().max(1);
+            let per_word = (have as f64 / words as f64).max(1e-3);
+            let step = |tokens: usize| ((tokens as f64 / per_word).round() as usize).max(1);
             if have > target {
-                for _ in 0..(have - target) {
+                for _ in 0..step(have - target) {
                     match text.rfind(' ') {
                         Some(pos) if pos > 0 => text.truncate(pos),
                         _ => break,
                     }
                 }
             } else {
-                Self::block_text_from(pad_id, pad_words, target - have, &mut text);
-                pad_words += target - have;
+                let n = step(target - have);
+                Self::block_text_from(pad_id, pad_words, n, &mut text);
+                pad_words += n;
             }
         }
         text
@@ -150,13 +169,14 @@ pub fn engine_blocks(req: &TraceRequest, block_size: usize) -> Vec<BlockHash> {
     match &req.prompt {
         Prompt::Text(t) => {
             let tokens = BuiltinTokenizer.encode(t);
-            BlockHasher::new(block_size, pdgate_scheduler::blocks::DEFAULT_SEED).full_blocks(&tokens)
+            BlockHasher::new(block_size, pdgate_scheduler::blocks::DEFAULT_SEED)
+                .full_blocks(&tokens)
         }
         Prompt::HashIds(ids) => {
             let full = req.input_tokens as usize / block_size;
             let mut out = Vec::with_capacity(full);
             let mut pos = 0usize;
-            let mut owner = |pos: usize| -> (u64, usize) {
+            let owner = |pos: usize| -> (u64, usize) {
                 let b = pos / MOONCAKE_BLOCK_TOKENS;
                 match ids.get(b) {
                     Some(id) => (*id, b),
@@ -169,7 +189,14 @@ pub fn engine_blocks(req: &TraceRequest, block_size: usize) -> Vec<BlockHash> {
                 // keyed by everything it covers, chained like the engine's hashes.
                 let (a, ia) = owner(pos);
                 let (b, ib) = owner(pos + block_size - 1);
-                let key = [prev.to_le_bytes(), a.to_le_bytes(), b.to_le_bytes(), (pos as u64).to_le_bytes(), [ia as u8, ib as u8, 0, 0, 0, 0, 0, 0]].concat();
+                let key = [
+                    prev.to_le_bytes(),
+                    a.to_le_bytes(),
+                    b.to_le_bytes(),
+                    (pos as u64).to_le_bytes(),
+                    [ia as u8, ib as u8, 0, 0, 0, 0, 0, 0],
+                ]
+                .concat();
                 // Within an id the chain is already implied by the id; chaining keeps a padded
                 // request's blocks distinct from any other's.
                 prev = xxh3_64_with_seed(&key, TEXT_SEED);
@@ -199,7 +226,10 @@ mod tests {
     #[test]
     fn every_word_is_one_builtin_token() {
         for w in WORDS {
-            assert!(w.len() <= 8 && w.bytes().all(|b| b.is_ascii_alphanumeric()), "{w}");
+            assert!(
+                w.len() <= 8 && w.bytes().all(|b| b.is_ascii_alphanumeric()),
+                "{w}"
+            );
             assert_eq!(BuiltinTokenizer.count(&format!(" {w}")), 1);
         }
     }
@@ -207,9 +237,19 @@ mod tests {
     #[test]
     fn lengths_match_input_length_exactly() {
         let s = Synth::builtin();
-        for (input, ids) in [(1u32, vec![7u64]), (512, vec![7]), (513, vec![7, 8]), (1500, vec![1, 2, 3]), (40160, (0..79).collect())] {
+        for (input, ids) in [
+            (1u32, vec![7u64]),
+            (512, vec![7]),
+            (513, vec![7, 8]),
+            (1500, vec![1, 2, 3]),
+            (40160, (0..79).collect()),
+        ] {
             let text = s.prompt(&req(0, input, &ids));
-            assert_eq!(BuiltinTokenizer.count(&text), input as usize, "input {input}");
+            assert_eq!(
+                BuiltinTokenizer.count(&text),
+                input as usize,
+                "input {input}"
+            );
         }
         // More tokens than the ids cover: padded, still exact.
         let text = s.prompt(&req(3, 2000, &[1]));
@@ -232,7 +272,10 @@ mod tests {
 
         // On the engine: the shared 1024 tokens are exactly 64 shared 16-token blocks.
         let h = BlockHasher::new(16, DEFAULT_SEED);
-        let (ha, hb) = (h.full_blocks(&BuiltinTokenizer.encode(&a)), h.full_blocks(&BuiltinTokenizer.encode(&b)));
+        let (ha, hb) = (
+            h.full_blocks(&BuiltinTokenizer.encode(&a)),
+            h.full_blocks(&BuiltinTokenizer.encode(&b)),
+        );
         let shared = ha.iter().zip(&hb).take_while(|(x, y)| x == y).count();
         assert_eq!(shared, 64);
     }
@@ -246,7 +289,10 @@ mod tests {
         assert_eq!(ka.iter().zip(&kb).take_while(|(x, y)| x == y).count(), 64);
         assert_eq!(engine_blocks(&req(5, 1100, &[1, 2, 3]), 16), ka);
         // Padding is unique per request even with equal ids.
-        let (p, q) = (engine_blocks(&req(1, 1024, &[1]), 16), engine_blocks(&req(2, 1024, &[1])  , 16));
+        let (p, q) = (
+            engine_blocks(&req(1, 1024, &[1]), 16),
+            engine_blocks(&req(2, 1024, &[1]), 16),
+        );
         assert_eq!(p[..32], q[..32]);
         assert_ne!(p[32], q[32]);
     }

@@ -27,6 +27,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one reference engine.
     Engine(EngineArgs),
+    /// Benchmark the KV transfer engine (tcp, shm, rdma) against the host's limits.
+    TransferBench(crate::transfer_bench::TransferBenchArgs),
+    /// Replay a trace against an OpenAI-compatible endpoint and report TTFT, TPOT, ITL, goodput.
+    Replay(crate::replay_cmd::ReplayArgs),
+    /// Simulate a trace in virtual time against a modelled fleet, one report per policy.
+    Simulate(crate::replay_cmd::SimulateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +62,9 @@ pub struct UpArgs {
     /// Engine time scale: 1 is real time, 0 is instant.
     #[arg(long)]
     pub time_scale: Option<f64>,
+    /// PD protocol of the demo fleet: native, vllm-nixl, vllm-mooncake, sglang, trtllm.
+    #[arg(long)]
+    pub protocol: Option<pdgate_engine_sim::Protocol>,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +92,12 @@ pub struct EngineArgs {
     /// Gateway URL hosting the segment registry.
     #[arg(long)]
     pub registry: Option<String>,
+    /// PD protocol to enforce: native, vllm-nixl, vllm-mooncake, sglang, trtllm.
+    #[arg(long)]
+    pub protocol: Option<pdgate_engine_sim::Protocol>,
+    /// SGLang / vLLM Mooncake modes: how long a decode waits for its prefill (ms).
+    #[arg(long)]
+    pub bootstrap_timeout_ms: Option<u64>,
 }
 
 fn push<T: ToString>(out: &mut Vec<(&'static str, String)>, key: &'static str, v: &Option<T>) {
@@ -115,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             push(&mut extra, "up.prefill", &a.prefill);
             push(&mut extra, "up.decode", &a.decode);
             push(&mut extra, "up.engine.timing.time_scale", &a.time_scale);
+            push(&mut extra, "up.engine.protocol", &a.protocol);
             let cfg = load_gateway(&a.gateway, extra)?;
             crate::telemetry::init(&cfg.log);
             let fleet = Fleet::start(cfg).await?;
@@ -143,6 +159,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             push(&mut o, "model", &a.model);
             push(&mut o, "timing.time_scale", &a.time_scale);
             push(&mut o, "registry_url", &a.registry);
+            push(&mut o, "protocol", &a.protocol);
+            push(&mut o, "bootstrap_timeout_ms", &a.bootstrap_timeout_ms);
             let cfg: EngineConfig = config::load(a.config.as_deref(), "PDGATE_ENGINE", &o)?;
             crate::telemetry::init(&crate::config::LogConfig::default());
             let role = cfg.role;
@@ -151,6 +169,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_signal().await;
             e.stop().await;
         }
+        Command::TransferBench(a) => crate::transfer_bench::run(a).await?,
+        Command::Replay(a) => crate::replay_cmd::replay(a).await?,
+        Command::Simulate(a) => crate::replay_cmd::simulate(a)?,
     }
     Ok(())
 }

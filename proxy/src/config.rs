@@ -74,22 +74,10 @@ impl Default for ModelConfig {
     }
 }
 
-/// The PD protocol a worker speaks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Protocol {
-    /// pdgate's own: reserve on decode, prefill writes KV through pdgate-transfer, decode verifies.
-    #[default]
-    Native,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Native => "native",
-        }
-    }
-}
+/// The PD protocol a worker speaks: `native`, `vllm-nixl`, `vllm-mooncake`, `sglang` or `trtllm`.
+/// One enum shared with the reference engine, so `pdgate up --protocol P` and a pool's
+/// `protocol = "P"` can never disagree on a name.
+pub use pdgate_engine_sim::config::Protocol;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +86,11 @@ pub struct WorkerConfig {
     pub role: Role,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Prefill engines of `sglang` and `vllm-mooncake` pools: the port of the engine's bootstrap
+    /// server (SGLang `--disaggregation-bootstrap-port`, vLLM Mooncake's, both 8998 by default).
+    /// Unset means the HTTP port (the reference engine serves both on one port).
+    #[serde(default)]
+    pub bootstrap_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +208,7 @@ impl Layered for EngineConfig {
         "host",
         "port",
         "transfer_port",
+        "transport",
         "block_size",
         "kv_bytes_per_token",
         "kv_blocks",
@@ -226,6 +220,8 @@ impl Layered for EngineConfig {
         "seed",
         "reservation_ttl_secs",
         "timing",
+        "protocol",
+        "bootstrap_timeout_ms",
         "registry_url",
         "faults",
     ];

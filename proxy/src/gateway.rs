@@ -30,7 +30,7 @@ impl Gateway {
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(async {
+            let served = axum::serve(nodelay(listener), app).with_graceful_shutdown(async {
                 let _ = rx.await;
             });
             if let Err(e) = served.await {
@@ -88,4 +88,12 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// Streamed tokens are small writes: they must not wait on Nagle's algorithm.
+fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
 }

@@ -15,10 +15,12 @@ pub mod openai;
 pub mod pipeline;
 pub mod protocol;
 pub mod relay;
+pub mod replay_cmd;
 pub mod segments;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod transfer_bench;
 pub mod up;
 pub mod workers;
 

@@ -14,6 +14,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use pdgate_engine_sim::openai::ApiKind;
 use pdgate_scheduler::{InstanceId, Rejection, RequestKey, Role};
 use std::sync::Arc;
@@ -159,7 +160,10 @@ fn respond(
     request_id: &str,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response {
-    let upstream = start.response;
+    let DecodeStart {
+        response: upstream,
+        abort_on_drop,
+    } = start;
     let content_type = upstream
         .headers()
         .get(header::CONTENT_TYPE)
@@ -171,11 +175,21 @@ fn respond(
         started,
         request_id.to_string(),
     );
-    // The permit lives as long as the body, so a long stream counts as in flight.
-    let body = futures::StreamExt::map(relay, move |item| {
-        let _keep = &permit;
-        item
-    });
+    // The permit lives as long as the body, so a long stream counts as in flight. The abort
+    // guard too: dropped before the relay ended (client gone), it aborts the engines' legs;
+    // a relay that reached its end disarms it.
+    let mut abort_on_drop = abort_on_drop;
+    let body = relay
+        .map(move |item| {
+            let _keep = &permit;
+            item
+        })
+        .chain(futures::stream::poll_fn(move |_| {
+            if let Some(g) = abort_on_drop.as_mut() {
+                g.disarm();
+            }
+            std::task::Poll::Ready(None)
+        }));
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut()

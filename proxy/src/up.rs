@@ -1,7 +1,7 @@
 //! `pdgate up`: the gateway plus an embedded fleet of reference engines in this process, wired
 //! together (engines register their KV segments with the gateway's registry) and ready to serve.
 
-use crate::config::{Config, Protocol, WorkerConfig};
+use crate::config::{Config, WorkerConfig};
 use crate::gateway::Gateway;
 use crate::health;
 use pdgate_engine_sim::{EngineConfig, EngineHandle};
@@ -45,7 +45,8 @@ impl Fleet {
                 &WorkerConfig {
                     url: handle.url(),
                     role,
-                    protocol: Protocol::Native,
+                    protocol: up.engine.protocol,
+                    bootstrap_port: None,
                 },
             );
             engines.push((role, handle));

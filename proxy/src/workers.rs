@@ -15,6 +15,7 @@ pub struct Worker {
     pub url: String,
     pub role: Role,
     pub protocol: Protocol,
+    pub bootstrap_port: Option<u16>,
     pub health: Mutex<HealthState>,
 }
 
@@ -52,6 +53,7 @@ impl Workers {
             url: cfg.url.trim_end_matches('/').to_string(),
             role: cfg.role,
             protocol: cfg.protocol,
+            bootstrap_port: cfg.bootstrap_port,
             health: Mutex::new(HealthState::default()),
         });
         self.by_id.write().insert(id, Arc::clone(&w));
@@ -119,6 +121,7 @@ mod tests {
                 url: "http://x/".into(),
                 role: Role::Decode,
                 protocol: Protocol::Native,
+                bootstrap_port: None,
             },
         );
         assert_eq!(w.url, "http://x");

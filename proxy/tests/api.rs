@@ -344,11 +344,13 @@ async fn no_healthy_pair_is_503_and_not_ready() {
             url: "http://127.0.0.1:9".into(),
             role: Role::Prefill,
             protocol: Protocol::Native,
+            bootstrap_port: None,
         },
         WorkerConfig {
             url: "http://127.0.0.1:9".into(),
             role: Role::Decode,
             protocol: Protocol::Native,
+            bootstrap_port: None,
         },
     ];
     let gw = Gateway::start(cfg).await.expect("gateway");

@@ -5,7 +5,8 @@
 
 use criterion::{black_box, Criterion};
 use pdgate_scheduler::{
-    BlockHash, InstanceSpec, PolicyKind, RequestKey, Role, Scheduler, SchedulerConfig,
+    BlockHash, BlockHasher, InstanceSpec, PolicyKind, RequestKey, Role, Scheduler, SchedulerConfig,
+    Tokenizer,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -139,6 +140,8 @@ fn main() {
         }
     }
 
+    tokenization();
+
     let before = LIVE.load(Ordering::Relaxed);
     let s = fleet(16, PolicyKind::Slo);
     let after = LIVE.load(Ordering::Relaxed);
@@ -149,4 +152,38 @@ fn main() {
         (after - before) as f64 / entries as f64,
         s.index_bytes() as f64 / entries as f64
     );
+}
+
+/// Prefix-key cost on a long prompt (~32k built-in tokens): tokenise plus chain block hashes, for
+/// the built-in tokenizer and, when `PDGATE_TOKENIZER_JSON` names one, a real HuggingFace one.
+fn tokenization() {
+    let text: String = (0..32_000).map(|i| format!(" word{}", i % 997)).collect();
+    let mut tokenizers = vec![("builtin", Tokenizer::builtin())];
+    if let Some(t) = std::env::var("PDGATE_TOKENIZER_JSON")
+        .ok()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| Tokenizer::from_json_bytes(&b).ok())
+    {
+        tokenizers.push(("huggingface", t));
+    }
+    let hasher = BlockHasher::new(16, 0);
+    println!("\n| tokenizer | prompt bytes | tokens | key ms (median of 9) | MB/s |\n|---|---:|---:|---:|---:|");
+    for (name, t) in &tokenizers {
+        let mut times: Vec<f64> = (0..9)
+            .map(|_| {
+                let start = Instant::now();
+                let ids = t.encode(&text);
+                black_box(hasher.full_blocks(&ids));
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let ms = times[4];
+        println!(
+            "| {name} | {} | {} | {ms:.2} | {:.0} |",
+            text.len(),
+            t.count(&text),
+            text.len() as f64 / ms / 1e3
+        );
+    }
 }

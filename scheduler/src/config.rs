@@ -50,6 +50,11 @@ pub struct Slo {
     pub tbt_ms: f64,
     /// When false the `slo` policy still picks by predicted TTFT but never rejects.
     pub admission: bool,
+    /// Weight, in the `slo` policy's choice of prefill instance, of the prefill compute a choice
+    /// takes from the fleet, on top of its TTFT. Above 0 it favours reusing a cached prefix over
+    /// a slightly faster first token elsewhere: the compute saved is capacity for later requests,
+    /// which is what goodput under load is made of.
+    pub compute_weight: f64,
 }
 
 impl Default for Slo {
@@ -58,6 +63,7 @@ impl Default for Slo {
             ttft_ms: 2000.0,
             tbt_ms: 100.0,
             admission: true,
+            compute_weight: 1.0,
         }
     }
 }

@@ -15,6 +15,8 @@ pub struct Instance {
     pub capacity_blocks: u64,
     pub load: InstanceLoad,
     pub speed: Ewma,
+    /// When the prefill work booked here is predicted to be done.
+    pub busy_until: Duration,
     /// Predicted end of each sequence decoding here: (end time, ticket).
     pub decode_ends: BTreeSet<(Duration, Ticket)>,
 }
@@ -109,6 +111,7 @@ mod tests {
             capacity_blocks: 1,
             load: InstanceLoad::default(),
             speed: Ewma::new(1.0, 0.1),
+            busy_until: Duration::ZERO,
             decode_ends: BTreeSet::new(),
         }
     }

@@ -38,8 +38,24 @@ impl Predictor<'_> {
     /// Queue plus compute on `c`, without transfer.
     pub fn prefill_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
         let cost = &self.cfg.cost;
-        (cost.queue_ms(c.load.prefill_tokens) + cost.prefill_ms(self.uncached_tokens(key, c)))
-            * c.speed
+        c.queue_ms + cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed
+    }
+
+    /// Conditional disaggregation: whether decode instance `d` prefills this request itself,
+    /// because it already holds most of the prompt or too little is left to compute for a
+    /// handoff to pay.
+    pub fn prefills_locally(&self, key: &RequestKey, d: &Candidate) -> bool {
+        let cached = u64::from(d.matched_blocks) * self.cfg.block_size as u64;
+        let prompt = u64::from(key.prompt_tokens);
+        let uncached = prompt.saturating_sub(cached);
+        uncached <= u64::from(self.cfg.disagg.local_prefill_max_tokens)
+            || (prompt > 0
+                && cached as f64 >= self.cfg.disagg.local_prefill_min_hit * prompt as f64)
+    }
+
+    /// Compute (not queueing) the prefill of this request takes on `c`.
+    pub fn compute_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
+        self.cfg.cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed
     }
 
     /// TTFT if `c` prefills and the KV moves to a decode instance.
@@ -52,11 +68,7 @@ impl Predictor<'_> {
         let seqs = u64::from(d.load.decode_seqs);
         let ended = u64::from((self.ends_before)(d.id, at)).min(seqs);
         let staying = seqs - ended;
-        let avg_ctx = if seqs == 0 {
-            0
-        } else {
-            d.load.decode_tokens / seqs
-        };
+        let avg_ctx = d.load.decode_tokens.checked_div(seqs).unwrap_or(0);
         (
             staying + 1,
             staying * avg_ctx + u64::from(key.prompt_tokens),

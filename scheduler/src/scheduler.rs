@@ -114,6 +114,7 @@ struct Booked {
     decode_tokens: u64,
     decode_blocks: u64,
     predicted_prefill_ms: f64,
+    compute_ms: f64,
     decode_end: Duration,
     prefill_open: bool,
 }
@@ -169,6 +170,7 @@ impl Scheduler {
                 capacity_blocks: capacity,
                 load: InstanceLoad::default(),
                 speed: Ewma::new(1.0, self.cfg.cost.ewma_alpha),
+                busy_until: Duration::ZERO,
                 decode_ends: BTreeSet::new(),
             },
         );
@@ -256,8 +258,8 @@ impl Scheduler {
     ) -> Result<Decision, Rejection> {
         let matches = self.index.match_all(&key.blocks, now);
         let shortlist = self.cfg.policy.shortlists();
-        let prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist);
-        let decode = self.candidates(Role::Decode, avoid, &matches, shortlist);
+        let prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
+        let decode = self.candidates(Role::Decode, avoid, &matches, shortlist, now);
         if prefill.is_empty() {
             return Err(Rejection::NoHealthy(Role::Prefill));
         }
@@ -288,7 +290,7 @@ impl Scheduler {
         ) else {
             return Err(Rejection::NoHealthy(Role::Prefill));
         };
-        let local = self.prefill_locally(key, d);
+        let local = predict.prefills_locally(key, d);
         let (runner, transfer) = if local {
             (d, 0.0)
         } else {
@@ -305,6 +307,7 @@ impl Scheduler {
             decode_tokens: predict.expected_context(key),
             decode_blocks: predict.decode_blocks(key),
             predicted_prefill_ms: prefill_ms,
+            compute_ms: predict.compute_ms(key, runner),
             decode_end: at + Duration::from_secs_f64(tbt * f64::from(key.max_tokens) / 1000.0),
             prefill_open: true,
         };
@@ -318,28 +321,19 @@ impl Scheduler {
         };
         let runner_id = runner.id;
         self.next_ticket += 1;
-        self.book(decision.ticket, booked, runner_id);
+        self.book(decision.ticket, booked, runner_id, now);
         for id in booked.prefill.into_iter().chain([decision.decode]) {
             self.index.record(id, &key.blocks, now);
         }
         Ok(decision)
     }
 
-    /// Conditional disaggregation: skip the transfer when decode already holds most of the
-    /// prompt or too little is left to compute for a handoff to pay.
-    fn prefill_locally(&self, key: &RequestKey, d: &Candidate) -> bool {
-        let cached = u64::from(d.matched_blocks) * self.cfg.block_size as u64;
-        let prompt = u64::from(key.prompt_tokens);
-        let uncached = prompt.saturating_sub(cached);
-        uncached <= u64::from(self.cfg.disagg.local_prefill_max_tokens)
-            || (prompt > 0
-                && cached as f64 >= self.cfg.disagg.local_prefill_min_hit * prompt as f64)
-    }
-
-    fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId) {
+    fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId, now: Duration) {
         self.instances.update(runner, |i| {
             i.load.in_flight += 1;
             i.load.prefill_tokens += b.uncached_tokens;
+            i.busy_until =
+                i.busy_until.max(now) + Duration::from_secs_f64(b.compute_ms.max(0.0) / 1e3);
         });
         self.instances.update(b.decode, |i| {
             if b.prefill.is_some() {
@@ -354,7 +348,7 @@ impl Scheduler {
     }
 
     /// The prefill leg ended (and, disaggregated, its KV landed); `observed` corrects the model.
-    pub fn prefill_done(&mut self, ticket: Ticket, _now: Duration, observed: Option<Observed>) {
+    pub fn prefill_done(&mut self, ticket: Ticket, now: Duration, observed: Option<Observed>) {
         let Some(b) = self.booked.get_mut(&ticket) else {
             return;
         };
@@ -363,8 +357,13 @@ impl Scheduler {
         }
         let b = *b;
         let runner = b.prefill.unwrap_or(b.decode);
+        let cost = &self.cfg.cost;
         self.instances.update(runner, |i| {
             i.load.prefill_tokens = i.load.prefill_tokens.saturating_sub(b.uncached_tokens);
+            // A prefill just ended, so the next one just started: what is left is the whole of
+            // the remaining booked work, from now.
+            let left_ms = cost.queue_ms(i.load.prefill_tokens) * i.speed.get();
+            i.busy_until = now + Duration::from_secs_f64(left_ms.max(0.0) / 1e3);
             if b.prefill.is_some() {
                 i.load.in_flight = i.load.in_flight.saturating_sub(1);
             }
@@ -403,6 +402,7 @@ impl Scheduler {
         avoid: &[InstanceId],
         matches: &[(InstanceId, u32)],
         shortlist: bool,
+        now: Duration,
     ) -> Vec<Candidate> {
         let usable = |id: InstanceId| {
             self.instances
@@ -447,6 +447,7 @@ impl Scheduler {
                     cached_blocks: self.index.blocks_of(id),
                     capacity_blocks: i.capacity_blocks,
                     speed: i.speed.get(),
+                    queue_ms: i.busy_until.saturating_sub(now).as_secs_f64() * 1e3,
                 })
             })
             .collect()
@@ -638,9 +639,8 @@ mod tests {
         for r in 0..64u64 {
             let mut blocks: Vec<u64> = (1..=128).collect();
             blocks.extend((0..32).map(|i| 10_000 + r * 100 + i));
-            match s.schedule(&key(2560, &blocks), NOW) {
-                Ok(d) => *counts.entry(d.prefill).or_insert(0) += 1,
-                Err(_) => {}
+            if let Ok(d) = s.schedule(&key(2560, &blocks), NOW) {
+                *counts.entry(d.prefill).or_insert(0) += 1;
             }
         }
         let max = counts.values().copied().max().unwrap_or(0);

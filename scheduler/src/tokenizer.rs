@@ -114,7 +114,9 @@ mod tests {
 /// `tokenizer.json` when the operator configures it, or the built-in one.
 ///
 /// It is built from bytes, never from a path: reading files is the caller's I/O, not this crate's.
+#[derive(Default)]
 pub enum Tokenizer {
+    #[default]
     Builtin,
     HuggingFace(Box<tokenizers::Tokenizer>),
 }
@@ -126,12 +128,6 @@ pub struct TokenizerError(String);
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl Default for Tokenizer {
-    fn default() -> Self {
-        Tokenizer::Builtin
     }
 }
 

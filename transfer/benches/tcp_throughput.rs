@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pdgate_transfer::{Batch, EngineOptions, TransferEngine};
+use pdgate_transfer::{Batch, EngineOptions, TransferEngine, TransportChoice};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -93,12 +93,8 @@ async fn run(total: u64) {
 }
 
 async fn transfer_run(payload: &Bytes, total: usize) -> Duration {
-    let a = TransferEngine::start(EngineOptions::default())
-        .await
-        .expect("engine a");
-    let b = TransferEngine::start(EngineOptions::default())
-        .await
-        .expect("engine b");
+    let a = TransferEngine::start(tcp()).await.expect("engine a");
+    let b = TransferEngine::start(tcp()).await.expect("engine b");
     let seg = b
         .register_segment("bench", OP * OPS_PER_BATCH)
         .expect("segment");
@@ -157,12 +153,8 @@ async fn baseline_run(payload: &Bytes, total: usize) -> Duration {
 }
 
 async fn transfer_latency() -> (Duration, Duration) {
-    let a = TransferEngine::start(EngineOptions::default())
-        .await
-        .expect("engine a");
-    let b = TransferEngine::start(EngineOptions::default())
-        .await
-        .expect("engine b");
+    let a = TransferEngine::start(tcp()).await.expect("engine a");
+    let b = TransferEngine::start(tcp()).await.expect("engine b");
     let seg = b.register_segment("lat", LAT_SIZE).expect("segment");
     let desc = b.describe(&seg);
     let data = Bytes::from(vec![3u8; LAT_SIZE]);
@@ -212,4 +204,12 @@ fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     (at(0.50), at(0.99))
+}
+
+/// This bench measures the TCP transport, so `auto`'s shm is ruled out.
+fn tcp() -> EngineOptions {
+    EngineOptions {
+        transport: TransportChoice::Tcp,
+        ..EngineOptions::default()
+    }
 }

@@ -131,7 +131,8 @@ pub async fn run_initiator(
     opts: &BenchOptions,
     target: &SegmentDesc,
 ) -> Result<BenchResult, TransferError> {
-    let engine = TransferEngine::start(opts.engine_options(SocketAddr::from(([127, 0, 0, 1], 0)))).await?;
+    let engine =
+        TransferEngine::start(opts.engine_options(SocketAddr::from(([127, 0, 0, 1], 0)))).await?;
     let need = opts.segment_len() as u64;
     if target.len < need {
         return Err(TransferError::InvalidBatch(format!(
@@ -297,7 +298,8 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "g" | "gb" | "gib" => 1 << 30,
         u => return Err(format!("unknown size unit {u:?} in {s:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
 #[cfg(test)]
@@ -334,7 +336,9 @@ mod tests {
                 let r = run_loopback(&opts).await.unwrap();
                 assert_eq!(r.transport, kind);
                 assert!(r.batches > 0 && r.gb_per_s > 0.0, "{r:?}");
-                assert!(r.latency_us_p50 <= r.latency_us_p99 && r.latency_us_p99 <= r.latency_us_max);
+                assert!(
+                    r.latency_us_p50 <= r.latency_us_p99 && r.latency_us_p99 <= r.latency_us_max
+                );
                 let json = serde_json::to_value(&r).unwrap();
                 assert!(json["gb_per_s"].is_number());
             }

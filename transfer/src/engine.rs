@@ -122,7 +122,10 @@ impl TransferEngine {
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(tcp::serve(listener, local.clone(), shutdown_rx));
         tracing::debug!(%endpoint, "transfer engine listening");
-        let tcp = Arc::new(TcpTransport::new(opts.connections_per_peer, opts.slice_size));
+        let tcp = Arc::new(TcpTransport::new(
+            opts.connections_per_peer,
+            opts.slice_size,
+        ));
         Ok(Arc::new(TransferEngine {
             local,
             shm: ShmTransport::new(tcp.clone()),

@@ -9,10 +9,12 @@
 //! feature `rdma`), chosen per peer. This crate must know
 //! nothing of HTTP or LLMs: segments are bytes, notifications are opaque.
 
-pub mod bench;
 mod batch;
+pub mod bench;
 mod engine;
 mod error;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod local;
 mod metadata;
 mod segment;
@@ -22,8 +24,13 @@ mod wire;
 pub use batch::{Batch, BatchReport, Op};
 pub use engine::{EngineOptions, Notification, TransferEngine};
 pub use error::TransferError;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
 pub use transport::handshake::{SegmentAdvert, ShmLocation};
+/// The RDMA transport's verbs-independent logic and thin verbs layer.
+#[cfg(feature = "rdma")]
+pub use transport::rdma;
 pub use transport::slice::DEFAULT_SLICE_SIZE;
 pub use transport::{Transport, TransportChoice, TransportKind};

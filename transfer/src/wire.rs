@@ -141,7 +141,9 @@ impl RequestHeader {
         }
         let describe = flags & FLAG_DESCRIBE != 0;
         if describe && (n_ops != 0 || flags & FLAG_NOTIFY != 0) {
-            return Err(proto("describe request carries ops or a notification".into()));
+            return Err(proto(
+                "describe request carries ops or a notification".into(),
+            ));
         }
         Ok(RequestHeader {
             name_len,
@@ -681,7 +683,10 @@ mod tests {
         let flat: Vec<u8> = parts.iter().flat_map(|b| b.iter().copied()).collect();
         let mut r: &[u8] = &flat;
         let head = read_request_head(&mut r).await.unwrap().unwrap();
-        assert_eq!((head.generation, head.describe, head.n_ops), (Some(0xABCD), false, 0));
+        assert_eq!(
+            (head.generation, head.describe, head.n_ops),
+            (Some(0xABCD), false, 0)
+        );
         assert!(r.is_empty());
         let flat = encode_describe("seg");
         let mut r: &[u8] = &flat;

@@ -58,10 +58,23 @@ async fn sizes_round_trip(c: Case) {
     {
         let data = pattern(i as u64, len);
         let off = 4096 - (i as u64 % 3);
-        let r = a.submit(&desc, Batch::new().write(off, data.clone())).await.unwrap();
-        assert_eq!((r.bytes_written, r.transport), (len as u64, c.kind), "len {len}");
-        assert!(seg.read(off as usize, len).unwrap() == data[..], "write of {len} bytes");
-        let r = a.submit(&desc, Batch::new().read(off, len as u64)).await.unwrap();
+        let r = a
+            .submit(&desc, Batch::new().write(off, data.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.bytes_written, r.transport),
+            (len as u64, c.kind),
+            "len {len}"
+        );
+        assert!(
+            seg.read(off as usize, len).unwrap() == data[..],
+            "write of {len} bytes"
+        );
+        let r = a
+            .submit(&desc, Batch::new().read(off, len as u64))
+            .await
+            .unwrap();
         assert_eq!((r.bytes_read, r.transport), (len as u64, c.kind));
         assert!(r.reads[0] == data, "read of {len} bytes");
     }
@@ -86,7 +99,11 @@ async fn mixed_batch_reads_see_writes(c: Case) {
         .await
         .unwrap();
     assert_eq!(r.transport, c.kind);
-    assert_eq!(&r.reads[0][..], b"abc", "reads are served after the batch's writes");
+    assert_eq!(
+        &r.reads[0][..],
+        b"abc",
+        "reads are served after the batch's writes"
+    );
     assert!(r.reads[1] == big);
     assert!(r.reads[2].is_empty());
     assert_eq!(r.bytes_written, 3 + big.len() as u64);
@@ -109,9 +126,15 @@ async fn many_concurrent_batches(c: Case) {
             let data = pattern(t as u64 + 100, len);
             let base = (t * REGION) as u64;
             for _ in 0..3 {
-                let r = a.submit(&desc, Batch::new().write(base, data.clone())).await.unwrap();
+                let r = a
+                    .submit(&desc, Batch::new().write(base, data.clone()))
+                    .await
+                    .unwrap();
                 assert_eq!(r.transport, kind);
-                let r = a.submit(&desc, Batch::new().read(base, len as u64)).await.unwrap();
+                let r = a
+                    .submit(&desc, Batch::new().read(base, len as u64))
+                    .await
+                    .unwrap();
                 assert!(r.reads[0] == data, "task {t}");
             }
         }));
@@ -131,17 +154,31 @@ async fn notification_follows_data(c: Case) {
     for (i, len) in [(0u8, 1000usize), (1, 8 << 20)] {
         let data = Bytes::from(vec![i + 1; len]);
         let r = a
-            .submit(&desc, Batch::new().write(0, data).notify(Bytes::from(vec![i; 5])))
+            .submit(
+                &desc,
+                Batch::new().write(0, data).notify(Bytes::from(vec![i; 5])),
+            )
             .await
             .unwrap();
         assert_eq!(r.transport, c.kind);
-        let n = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((n.segment.as_str(), &n.payload[..]), ("kv", &[i; 5][..]));
-        assert!(seg.read(0, len).unwrap().iter().all(|&x| x == i + 1), "data before notification");
+        assert!(
+            seg.read(0, len).unwrap().iter().all(|&x| x == i + 1),
+            "data before notification"
+        );
     }
     // A failed batch delivers nothing.
     assert!(a
-        .submit(&desc, Batch::new().write(8 << 20, Bytes::from_static(b"x")).notify(Bytes::from_static(b"no")))
+        .submit(
+            &desc,
+            Batch::new()
+                .write(8 << 20, Bytes::from_static(b"x"))
+                .notify(Bytes::from_static(b"no"))
+        )
         .await
         .is_err());
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -157,26 +194,42 @@ async fn wrong_offsets_and_names_are_rejected(c: Case) {
         Batch::new().write(1000, Bytes::from(vec![1; 25])),
         Batch::new().read(1024, 1),
         Batch::new().read(u64::MAX, 2),
-        Batch::new().write(0, Bytes::from_static(b"ok")).read(2000, 1),
+        Batch::new()
+            .write(0, Bytes::from_static(b"ok"))
+            .read(2000, 1),
     ];
     for batch in cases {
         match a.submit(&desc, batch).await {
-            Err(TransferError::OutOfBounds { segment, segment_len, .. }) => {
+            Err(TransferError::OutOfBounds {
+                segment,
+                segment_len,
+                ..
+            }) => {
                 assert_eq!((segment.as_str(), segment_len), ("kv", 1024))
             }
             other => panic!("expected OutOfBounds, got {other:?}"),
         }
     }
-    let ghost = SegmentDesc { name: "ghost".into(), ..desc.clone() };
+    let ghost = SegmentDesc {
+        name: "ghost".into(),
+        ..desc.clone()
+    };
     let err = a.submit(&ghost, Batch::new().read(0, 1)).await.unwrap_err();
     assert!(matches!(err, TransferError::UnknownSegment(_)), "{err:?}");
     // Still serving, and unregistering stops it.
     let r = a.submit(&desc, Batch::new().read(0, 2)).await.unwrap();
     assert_eq!(&r.reads[0][..], b"ok");
     assert!(b.unregister_segment("kv"));
-    let err = a.submit(&desc, Batch::new().write(0, Bytes::from_static(b"z"))).await.unwrap_err();
+    let err = a
+        .submit(&desc, Batch::new().write(0, Bytes::from_static(b"z")))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransferError::UnknownSegment(_)), "{err:?}");
-    assert_eq!(seg.read(0, 1).unwrap(), b"o", "no write lands after unregister");
+    assert_eq!(
+        seg.read(0, 1).unwrap(),
+        b"o",
+        "no write lands after unregister"
+    );
 }
 
 async fn peer_death_mid_transfer_is_an_error_not_a_hang(c: Case) {
@@ -202,8 +255,14 @@ async fn peer_death_mid_transfer_is_an_error_not_a_hang(c: Case) {
     };
     tokio::time::sleep(Duration::from_millis(150)).await;
     b.shutdown();
-    let (err, took) = tokio::time::timeout(Duration::from_secs(10), writer).await.unwrap().unwrap();
-    assert!(took <= deadline + Duration::from_millis(500), "took {took:?}");
+    let (err, took) = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        took <= deadline + Duration::from_millis(500),
+        "took {took:?}"
+    );
     assert!(!matches!(err, TransferError::OutOfBounds { .. }), "{err:?}");
     // Later submits fail fast too.
     let t0 = Instant::now();
@@ -229,7 +288,10 @@ async fn silent_peer_hits_the_deadline(c: Case) {
         transport: TransportKind::Tcp,
     };
     let t0 = Instant::now();
-    let err = a.submit(&desc, Batch::new().write(0, Bytes::from(vec![1; 4096]))).await.unwrap_err();
+    let err = a
+        .submit(&desc, Batch::new().write(0, Bytes::from(vec![1; 4096])))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransferError::Timeout), "{err:?}");
     assert!(t0.elapsed() < deadline * 3);
 }
@@ -240,7 +302,9 @@ async fn p2p_discovery_without_registry(c: Case) {
     let seg = b.register_segment("p2p", 4096).unwrap();
     let desc = a.discover(&b.endpoint(), "p2p").await.unwrap();
     assert_eq!((desc.len, desc.endpoint.clone()), (4096, b.endpoint()));
-    a.submit(&desc, Batch::new().write(1, Bytes::from_static(b"hi"))).await.unwrap();
+    a.submit(&desc, Batch::new().write(1, Bytes::from_static(b"hi")))
+        .await
+        .unwrap();
     assert_eq!(seg.read(1, 2).unwrap(), b"hi");
     assert!(matches!(
         a.discover(&b.endpoint(), "nope").await,
@@ -277,14 +341,23 @@ macro_rules! conformance {
 
 conformance!(tcp, TransportChoice::Tcp, TransportKind::Tcp, true);
 conformance!(shm, TransportChoice::Shm, TransportKind::Shm, true);
-conformance!(rdma, TransportChoice::Rdma, TransportKind::Rdma, rdma_requested());
+conformance!(
+    rdma,
+    TransportChoice::Rdma,
+    TransportKind::Rdma,
+    rdma_requested()
+);
 
 // ------------------------------------------------- choosing per peer ---
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_picks_shm_on_this_host_and_tcp_for_heap_segments() {
-    let auto = TransferEngine::start(EngineOptions::default()).await.unwrap();
-    let shm_owner = TransferEngine::start(EngineOptions::default()).await.unwrap();
+    let auto = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
+    let shm_owner = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
     let tcp_owner = TransferEngine::start(EngineOptions {
         transport: TransportChoice::Tcp,
         ..EngineOptions::default()
@@ -297,15 +370,26 @@ async fn auto_picks_shm_on_this_host_and_tcp_for_heap_segments() {
     let s2 = tcp_owner.register_segment("b", 64).unwrap();
     let d2 = tcp_owner.describe(&s2);
     assert_eq!(d2.transport, TransportKind::Tcp);
-    let w = |d| Batch::new().write(0, Bytes::from_static(b"x")).read(0, 1).notify(d);
+    let w = |d| {
+        Batch::new()
+            .write(0, Bytes::from_static(b"x"))
+            .read(0, 1)
+            .notify(d)
+    };
     let r = auto.submit(&d1, w(Bytes::from_static(b"1"))).await.unwrap();
     assert_eq!(r.transport, TransportKind::Shm);
     let r = auto.submit(&d2, w(Bytes::from_static(b"2"))).await.unwrap();
     assert_eq!(r.transport, TransportKind::Tcp);
     // A descriptor that says tcp (e.g. built by hand in P2P mode) still
     // gets shm after the handshake.
-    let hand = SegmentDesc { transport: TransportKind::Tcp, ..d1.clone() };
-    assert_eq!(auto.submit(&hand, w(Bytes::new())).await.unwrap().transport, TransportKind::Shm);
+    let hand = SegmentDesc {
+        transport: TransportKind::Tcp,
+        ..d1.clone()
+    };
+    assert_eq!(
+        auto.submit(&hand, w(Bytes::new())).await.unwrap().transport,
+        TransportKind::Shm
+    );
     // Forcing shm to a heap segment is a clear error.
     let forced = TransferEngine::start(EngineOptions {
         transport: TransportChoice::Shm,
@@ -313,8 +397,14 @@ async fn auto_picks_shm_on_this_host_and_tcp_for_heap_segments() {
     })
     .await
     .unwrap();
-    let err = forced.submit(&d2, Batch::new().read(0, 1)).await.unwrap_err();
-    assert!(matches!(err, TransferError::Unsupported(ref m) if m.contains("shm")), "{err:?}");
+    let err = forced
+        .submit(&d2, Batch::new().read(0, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TransferError::Unsupported(ref m) if m.contains("shm")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,14 +431,23 @@ async fn shm_files_are_removed_on_unregister_and_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_registered_segment_is_reached_not_its_stale_mapping() {
-    let a = TransferEngine::start(EngineOptions::default()).await.unwrap();
-    let b = TransferEngine::start(EngineOptions::default()).await.unwrap();
+    let a = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
+    let b = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
     let old = b.register_segment("kv", 64).unwrap();
     let desc = b.describe(&old);
-    a.submit(&desc, Batch::new().write(0, Bytes::from_static(b"1"))).await.unwrap();
+    a.submit(&desc, Batch::new().write(0, Bytes::from_static(b"1")))
+        .await
+        .unwrap();
     assert!(b.unregister_segment("kv"));
     let new = b.register_segment("kv", 64).unwrap();
-    let r = a.submit(&desc, Batch::new().write(0, Bytes::from_static(b"2"))).await.unwrap();
+    let r = a
+        .submit(&desc, Batch::new().write(0, Bytes::from_static(b"2")))
+        .await
+        .unwrap();
     assert_eq!(r.transport, TransportKind::Shm);
     assert_eq!(new.read(0, 1).unwrap(), b"2");
     assert_eq!(old.read(0, 1).unwrap(), b"1");

@@ -553,7 +553,10 @@ async fn failed_slice_is_retried_on_another_connection() {
     assert!(seg.read(0, 8 << 20).unwrap() == data[..]);
     assert_eq!(&rx.recv().await.unwrap().payload[..], b"once");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(rx.try_recv().is_err(), "notification delivered exactly once");
+    assert!(
+        rx.try_recv().is_err(),
+        "notification delivered exactly once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,11 +572,20 @@ async fn failing_peer_is_marked_down_and_fails_fast() {
         transport: TransportKind::Tcp,
     };
     let first = a.submit(&desc, Batch::new().read(0, 1)).await.unwrap_err();
-    assert!(matches!(first, TransferError::PeerUnavailable(ref m) if !m.contains("marked down")), "{first:?}");
+    assert!(
+        matches!(first, TransferError::PeerUnavailable(ref m) if !m.contains("marked down")),
+        "{first:?}"
+    );
     let second = a.submit(&desc, Batch::new().read(0, 1)).await.unwrap_err();
-    assert!(matches!(second, TransferError::PeerUnavailable(ref m) if m.contains("marked down")), "{second:?}");
+    assert!(
+        matches!(second, TransferError::PeerUnavailable(ref m) if m.contains("marked down")),
+        "{second:?}"
+    );
     // After the back-off a probe goes through again (and fails on connect).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let third = a.submit(&desc, Batch::new().read(0, 1)).await.unwrap_err();
-    assert!(matches!(third, TransferError::PeerUnavailable(ref m) if !m.contains("marked down")), "{third:?}");
+    assert!(
+        matches!(third, TransferError::PeerUnavailable(ref m) if !m.contains("marked down")),
+        "{third:?}"
+    );
 }

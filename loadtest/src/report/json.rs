@@ -32,13 +32,16 @@ pub fn to_value(reports: &[Report], include_records: bool) -> Result<Value> {
                     Ok(v)
                 })
                 .collect();
-            Ok(json!({"kind": many.first().map_or("simulate", |r| r.kind.as_str()), "policies": entries?}))
+            Ok(
+                json!({"kind": many.first().map_or("simulate", |r| r.kind.as_str()), "policies": entries?}),
+            )
         }
     }
 }
 
 pub fn write(dir: &Path, reports: &[Report], include_records: bool) -> Result<String> {
     let v = to_value(reports, include_records)?;
-    let text = serde_json::to_vec_pretty(&v).map_err(|e| LoadtestError::Serialize(e.to_string()))?;
+    let text =
+        serde_json::to_vec_pretty(&v).map_err(|e| LoadtestError::Serialize(e.to_string()))?;
     write_file(&dir.join("report.json"), &text)
 }

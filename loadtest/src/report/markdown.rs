@@ -9,6 +9,8 @@ use crate::metrics::Summary;
 use std::fmt::Write;
 use std::path::Path;
 
+type SummaryOf = fn(&Report) -> &Summary;
+
 /// `(metric, one cell per report)`.
 pub fn rows(reports: &[Report]) -> Vec<(String, Vec<String>)> {
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
@@ -21,11 +23,21 @@ pub fn rows(reports: &[Report]) -> Vec<(String, Vec<String>)> {
         format!("{} / {}", r.aggregates.completed, r.aggregates.failed)
     });
     row("duration (s)", &|r| f2(r.aggregates.duration_s));
-    row("request throughput (req/s)", &|r| f2(r.aggregates.request_throughput));
-    row("input tokens", &|r| r.aggregates.total_input_tokens.to_string());
-    row("output tokens", &|r| r.aggregates.total_output_tokens.to_string());
-    row("output throughput (tok/s)", &|r| f1(r.aggregates.output_throughput));
-    row("total token throughput (tok/s)", &|r| f1(r.aggregates.total_token_throughput));
+    row("request throughput (req/s)", &|r| {
+        f2(r.aggregates.request_throughput)
+    });
+    row("input tokens", &|r| {
+        r.aggregates.total_input_tokens.to_string()
+    });
+    row("output tokens", &|r| {
+        r.aggregates.total_output_tokens.to_string()
+    });
+    row("output throughput (tok/s)", &|r| {
+        f1(r.aggregates.output_throughput)
+    });
+    row("total token throughput (tok/s)", &|r| {
+        f1(r.aggregates.total_token_throughput)
+    });
     row("goodput (req/s)", &|r| {
         r.aggregates.request_goodput.map_or("-".into(), |g| {
             format!("{g:.2} ({})", r.aggregates.good_requests.unwrap_or(0))
@@ -36,7 +48,7 @@ pub fn rows(reports: &[Report]) -> Vec<(String, Vec<String>)> {
             .cache_hit_rate
             .map_or("-".into(), |h| format!("{:.1}%", h * 100.0))
     });
-    let stats: [(&str, fn(&Report) -> &Summary); 5] = [
+    let stats: [(&str, SummaryOf); 5] = [
         ("TTFT", |r| &r.aggregates.ttft_ms),
         ("TPOT", |r| &r.aggregates.tpot_ms),
         ("ITL", |r| &r.aggregates.itl_ms),
@@ -65,7 +77,12 @@ pub fn rows(reports: &[Report]) -> Vec<(String, Vec<String>)> {
     kinds.dedup();
     for k in kinds {
         row(&format!("errors {k}"), &|r| {
-            r.aggregates.errors.get(&k).copied().unwrap_or(0).to_string()
+            r.aggregates
+                .errors
+                .get(&k)
+                .copied()
+                .unwrap_or(0)
+                .to_string()
         });
     }
     rows

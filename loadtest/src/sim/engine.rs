@@ -19,8 +19,15 @@ pub type Req = usize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
-    Prefill { req: Req, uncached: usize },
-    Decode { req: Req, context: usize, steps: u32 },
+    Prefill {
+        req: Req,
+        uncached: usize,
+    },
+    Decode {
+        req: Req,
+        context: usize,
+        steps: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +85,11 @@ impl SimEngine {
     }
 
     /// The engine's `lookup_prefix`: counts the query and returns the uncached tokens.
-    pub fn lookup_prefix(&mut self, prompt_tokens: usize, blocks: &[pdgate_scheduler::BlockHash]) -> usize {
+    pub fn lookup_prefix(
+        &mut self,
+        prompt_tokens: usize,
+        blocks: &[pdgate_scheduler::BlockHash],
+    ) -> usize {
         let hit = (self.cache.match_prefix(blocks) * self.cfg.block_size).min(prompt_tokens);
         self.prefix_queries_tokens += prompt_tokens as u64;
         self.prefix_hits_tokens += hit as u64;
@@ -131,7 +142,11 @@ impl SimEngine {
                     prefill_tokens += uncached;
                     prefills.push(req);
                 }
-                Job::Decode { req, context, steps } => {
+                Job::Decode {
+                    req,
+                    context,
+                    steps,
+                } => {
                     if steps == 0 {
                         continue;
                     }
@@ -139,7 +154,11 @@ impl SimEngine {
                         self.waiting.push_front(job);
                         break;
                     }
-                    self.running.push(Seq { req, context, steps });
+                    self.running.push(Seq {
+                        req,
+                        context,
+                        steps,
+                    });
                 }
             }
         }
@@ -187,8 +206,17 @@ mod tests {
     #[test]
     fn step_cost_is_the_engines_own_formula() {
         let mut e = engine(8, 8192);
-        e.submit(Job::Prefill { req: 0, uncached: 1000 }).unwrap();
-        e.submit(Job::Decode { req: 1, context: 500, steps: 2 }).unwrap();
+        e.submit(Job::Prefill {
+            req: 0,
+            uncached: 1000,
+        })
+        .unwrap();
+        e.submit(Job::Decode {
+            req: 1,
+            context: 500,
+            steps: 2,
+        })
+        .unwrap();
         let ms = e.start_step().unwrap();
         let t = TimingModel::default();
         assert_eq!(ms, t.prefill_ms(1000) + t.decode_step_ms(1, 500));
@@ -197,7 +225,11 @@ mod tests {
         assert_eq!(out.prefills_done, vec![0]);
         assert_eq!(out.tokens, vec![(1, false)]);
         let ms = e.start_step().unwrap();
-        assert_eq!(ms, t.decode_step_ms(1, 501), "context grew by the emitted token");
+        assert_eq!(
+            ms,
+            t.decode_step_ms(1, 501),
+            "context grew by the emitted token"
+        );
         assert_eq!(e.end_step().tokens, vec![(1, true)]);
         assert!(!e.has_work());
     }
@@ -209,9 +241,17 @@ mod tests {
             e.submit(Job::Prefill { req, uncached }).unwrap();
         }
         e.start_step();
-        assert_eq!(e.end_step().prefills_done, vec![0], "1 does not fit beside 0");
+        assert_eq!(
+            e.end_step().prefills_done,
+            vec![0],
+            "1 does not fit beside 0"
+        );
         e.start_step();
-        assert_eq!(e.end_step().prefills_done, vec![1], "2 is oversize and waits its turn");
+        assert_eq!(
+            e.end_step().prefills_done,
+            vec![1],
+            "2 is oversize and waits its turn"
+        );
         e.start_step();
         assert_eq!(e.end_step().prefills_done, vec![2], "oversize alone");
         e.start_step();
@@ -222,8 +262,18 @@ mod tests {
     fn batch_limit_serialises_excess_sequences_like_the_batcher() {
         // The batcher's own test: two 3-token sequences over a batch of 1 come out a,a,a,b,b,b.
         let mut e = engine(1, 8192);
-        e.submit(Job::Decode { req: 0, context: 0, steps: 3 }).unwrap();
-        e.submit(Job::Decode { req: 1, context: 0, steps: 3 }).unwrap();
+        e.submit(Job::Decode {
+            req: 0,
+            context: 0,
+            steps: 3,
+        })
+        .unwrap();
+        e.submit(Job::Decode {
+            req: 1,
+            context: 0,
+            steps: 3,
+        })
+        .unwrap();
         let mut order = Vec::new();
         while e.start_step().is_some() {
             order.extend(e.end_step().tokens.into_iter().map(|(r, _)| r));
@@ -233,11 +283,27 @@ mod tests {
 
     #[test]
     fn queue_is_bounded() {
-        let mut e = SimEngine::new(EngineConfig { max_waiting: 2, ..EngineConfig::default() }, 1);
+        let mut e = SimEngine::new(
+            EngineConfig {
+                max_waiting: 2,
+                ..EngineConfig::default()
+            },
+            1,
+        );
         for i in 0..4 {
-            e.submit(Job::Prefill { req: i, uncached: 1 }).unwrap();
+            e.submit(Job::Prefill {
+                req: i,
+                uncached: 1,
+            })
+            .unwrap();
         }
-        assert_eq!(e.submit(Job::Prefill { req: 9, uncached: 1 }), Err(QueueFull));
+        assert_eq!(
+            e.submit(Job::Prefill {
+                req: 9,
+                uncached: 1
+            }),
+            Err(QueueFull)
+        );
     }
 
     #[test]

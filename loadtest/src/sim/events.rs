@@ -18,6 +18,8 @@ pub enum Event {
     StepEnd(usize),
     /// Request `r`'s KV cache landed on its decode instance.
     TransferDone(usize),
+    /// The gateway scrapes every engine's metrics into the scheduler.
+    Scrape,
 }
 
 #[derive(Debug)]
@@ -59,8 +61,16 @@ impl EventQueue {
 
     /// Schedules `event` at `at_ms`; a time in the past is clamped to now.
     pub fn push(&mut self, at_ms: f64, event: Event) {
-        let at_ms = if at_ms.is_finite() { at_ms.max(self.now_ms) } else { self.now_ms };
-        self.heap.push(Entry { at_ms, seq: self.seq, event });
+        let at_ms = if at_ms.is_finite() {
+            at_ms.max(self.now_ms)
+        } else {
+            self.now_ms
+        };
+        self.heap.push(Entry {
+            at_ms,
+            seq: self.seq,
+            event,
+        });
         self.seq += 1;
     }
 

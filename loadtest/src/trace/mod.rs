@@ -76,7 +76,10 @@ pub struct LoadOptions {
 /// Where a trace comes from: a file, or a synthetic spec (`synthetic:key=value,...`).
 #[derive(Debug, Clone)]
 pub enum Source {
-    File { path: PathBuf, format: Option<Format> },
+    File {
+        path: PathBuf,
+        format: Option<Format>,
+    },
     Synthetic(synthetic::Spec),
 }
 

@@ -61,9 +61,13 @@ pub fn parse(path: &Path, text: &str, opts: LoadOptions) -> Result<Trace> {
 }
 
 fn record(line: &str) -> Result<Record, String> {
-    let r: Record = serde_json::from_str(line).map_err(|e| format!("not a Mooncake record: {e}"))?;
+    let r: Record =
+        serde_json::from_str(line).map_err(|e| format!("not a Mooncake record: {e}"))?;
     if !r.timestamp.is_finite() || r.timestamp < 0.0 {
-        return Err(format!("timestamp {} is not a time since the trace start", r.timestamp));
+        return Err(format!(
+            "timestamp {} is not a time since the trace start",
+            r.timestamp
+        ));
     }
     if r.input_length == 0 {
         return Err("input_length must be at least 1".into());
@@ -124,8 +128,15 @@ mod tests {
 
     #[test]
     fn skip_invalid_goes_on_and_counts() {
-        let text = format!("{GOOD}garbage\n{{\"timestamp\": 50, \"input_length\": 10, \"output_length\": 1}}\n");
-        let t = parse(Path::new("t.jsonl"), &text, LoadOptions { skip_invalid: true }).unwrap();
+        let text = format!(
+            "{GOOD}garbage\n{{\"timestamp\": 50, \"input_length\": 10, \"output_length\": 1}}\n"
+        );
+        let t = parse(
+            Path::new("t.jsonl"),
+            &text,
+            LoadOptions { skip_invalid: true },
+        )
+        .unwrap();
         assert_eq!(t.requests.len(), 3);
         assert_eq!(t.skipped.len(), 1);
         assert!(t.skipped[0].starts_with("t.jsonl:3:"), "{}", t.skipped[0]);

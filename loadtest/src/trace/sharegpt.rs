@@ -12,12 +12,7 @@ use crate::synth::CountTokens;
 use serde_json::Value;
 use std::path::Path;
 
-pub fn parse(
-    path: &Path,
-    text: &str,
-    opts: LoadOptions,
-    tok: &dyn CountTokens,
-) -> Result<Trace> {
+pub fn parse(path: &Path, text: &str, opts: LoadOptions, tok: &dyn CountTokens) -> Result<Trace> {
     let entries = entries(path, text, opts)?;
     let mut trace = Trace {
         skipped: entries.skipped,
@@ -59,7 +54,12 @@ fn entries(path: &Path, text: &str, opts: LoadOptions) -> Result<Entries> {
         let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Vec<Value>>();
         let all = match stream.next() {
             Some(Ok(v)) => v,
-            Some(Err(e)) => return Err(bad(e.line(), format!("not a JSON array of conversations: {e}"))),
+            Some(Err(e)) => {
+                return Err(bad(
+                    e.line(),
+                    format!("not a JSON array of conversations: {e}"),
+                ))
+            }
             None => Vec::new(),
         };
         // serde_json does not report where each array element starts; approximate with the
@@ -175,7 +175,10 @@ fn push_requests(trace: &mut Trace, turns: &[Turn], tok: &dyn CountTokens) {
     for (i, t) in turns.iter().enumerate() {
         let rendered = format!("{}: {}\n", t.role, t.text);
         if t.user {
-            if let Some(reply) = turns.get(i + 1).filter(|r| !r.user && r.role == "assistant") {
+            if let Some(reply) = turns
+                .get(i + 1)
+                .filter(|r| !r.user && r.role == "assistant")
+            {
                 let prompt = format!("{prefix}{rendered}");
                 let output = tok.count(&reply.text).max(1);
                 trace.requests.push(TraceRequest {
@@ -208,9 +211,17 @@ mod tests {
 
     #[test]
     fn later_turns_carry_earlier_ones_as_prefix() {
-        let t = parse(Path::new("s.json"), TWO_TURNS, LoadOptions::default(), &Builtin).unwrap();
+        let t = parse(
+            Path::new("s.json"),
+            TWO_TURNS,
+            LoadOptions::default(),
+            &Builtin,
+        )
+        .unwrap();
         assert_eq!(t.requests.len(), 2, "an unanswered turn is no request");
-        let (Prompt::Text(first), Prompt::Text(second)) = (&t.requests[0].prompt, &t.requests[1].prompt) else {
+        let (Prompt::Text(first), Prompt::Text(second)) =
+            (&t.requests[0].prompt, &t.requests[1].prompt)
+        else {
             panic!("text prompts expected");
         };
         assert_eq!(first, "user: Hello there\n");
@@ -229,7 +240,13 @@ mod tests {
         assert!(err.to_string().starts_with("s.json:3: "), "{err}");
         assert!(err.to_string().contains("alien"), "{err}");
         let bad_json = "[\n {\"conversations\": [}\n]";
-        let err = parse(Path::new("s.json"), bad_json, LoadOptions::default(), &Builtin).unwrap_err();
+        let err = parse(
+            Path::new("s.json"),
+            bad_json,
+            LoadOptions::default(),
+            &Builtin,
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("s.json:2: "), "{err}");
     }
 
@@ -238,7 +255,13 @@ mod tests {
         let text = "{\"messages\": [{\"role\": \"user\", \"content\": \"a b\"}, {\"role\": \"assistant\", \"content\": \"c\"}]}\n{broken\n{\"nothing\": 1}\n";
         let err = parse(Path::new("s.jsonl"), text, LoadOptions::default(), &Builtin).unwrap_err();
         assert!(err.to_string().starts_with("s.jsonl:2: "), "{err}");
-        let t = parse(Path::new("s.jsonl"), text, LoadOptions { skip_invalid: true }, &Builtin).unwrap();
+        let t = parse(
+            Path::new("s.jsonl"),
+            text,
+            LoadOptions { skip_invalid: true },
+            &Builtin,
+        )
+        .unwrap();
         assert_eq!(t.requests.len(), 1);
         assert_eq!(t.skipped.len(), 2);
         assert!(t.skipped[1].starts_with("s.jsonl:3: "), "{:?}", t.skipped);

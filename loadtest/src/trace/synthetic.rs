@@ -89,7 +89,9 @@ impl FromStr for Spec {
             }
         }
         if spec.rate <= 0.0 || spec.burstiness <= 0.0 {
-            return Err(LoadtestError::BadSpec("rate and burstiness must be > 0".into()));
+            return Err(LoadtestError::BadSpec(
+                "rate and burstiness must be > 0".into(),
+            ));
         }
         Ok(spec)
     }
@@ -149,7 +151,11 @@ impl Spec {
                 context_tokens = full * MOONCAKE_BLOCK_TOKENS;
             }
         }
-        out.sort_by(|a, b| a.arrival_ms.unwrap_or(0.0).total_cmp(&b.arrival_ms.unwrap_or(0.0)));
+        out.sort_by(|a, b| {
+            a.arrival_ms
+                .unwrap_or(0.0)
+                .total_cmp(&b.arrival_ms.unwrap_or(0.0))
+        });
         for (i, r) in out.iter_mut().enumerate() {
             r.index = i;
         }
@@ -166,7 +172,9 @@ mod tests {
 
     #[test]
     fn spec_parses_and_rejects_unknown_keys() {
-        let s: Spec = "requests=10,rate=5,groups=2,prefix=1024,turns=3".parse().unwrap();
+        let s: Spec = "requests=10,rate=5,groups=2,prefix=1024,turns=3"
+            .parse()
+            .unwrap();
         assert_eq!((s.requests, s.rate, s.groups, s.turns), (10, 5.0, 2, 3));
         assert!("bogus=1".parse::<Spec>().is_err());
         assert!("rate=0".parse::<Spec>().is_err());
@@ -181,8 +189,14 @@ mod tests {
         let t = s.generate();
         assert_eq!(t.requests.len(), 2000);
         for r in &t.requests {
-            let Prompt::HashIds(ids) = &r.prompt else { panic!() };
-            assert_eq!(&ids[..2], &[0, 1], "every request starts with the group's 2 blocks");
+            let Prompt::HashIds(ids) = &r.prompt else {
+                panic!()
+            };
+            assert_eq!(
+                &ids[..2],
+                &[0, 1],
+                "every request starts with the group's 2 blocks"
+            );
             assert_eq!(r.input_tokens, 1624);
             assert_eq!(ids.len(), 4);
         }
@@ -192,7 +206,9 @@ mod tests {
 
     #[test]
     fn session_turns_extend_the_previous_prompt() {
-        let s: Spec = "requests=3,turns=3,input=1024,input_sd=0,think_ms=100".parse().unwrap();
+        let s: Spec = "requests=3,turns=3,input=1024,input_sd=0,think_ms=100"
+            .parse()
+            .unwrap();
         let t = s.generate();
         let ids: Vec<_> = t
             .requests

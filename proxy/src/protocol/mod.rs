@@ -2,7 +2,12 @@
 //! the decode leg's response head. One file per protocol; the pipeline picks by the pool's
 //! protocol and never needs to know a protocol's wire details.
 
+pub mod legs;
 pub mod native;
+pub mod sglang;
+pub mod trtllm;
+pub mod vllm_mooncake;
+pub mod vllm_nixl;
 
 use crate::config::Protocol;
 use crate::error::ApiError;
@@ -34,6 +39,18 @@ pub struct LegError {
 /// What the handoff produced: the decode response head, ready to be relayed.
 pub struct DecodeStart {
     pub response: reqwest::Response,
+    /// Aborts the legs still running on the engines if the client goes away before the relay
+    /// finished (protocols with an abort call); the relay disarms it on a clean end.
+    pub abort_on_drop: Option<legs::AbortGuard>,
+}
+
+impl DecodeStart {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            abort_on_drop: None,
+        }
+    }
 }
 
 /// Runs the legs; `on_prefill_done` is called once the prefill (and its KV handoff) finished,
@@ -45,6 +62,10 @@ pub async fn run_legs(
 ) -> Result<DecodeStart, LegError> {
     match protocol {
         Protocol::Native => native::run(ctx, on_prefill_done).await,
+        Protocol::VllmNixl => vllm_nixl::run(ctx, on_prefill_done).await,
+        Protocol::VllmMooncake => vllm_mooncake::run(ctx, on_prefill_done).await,
+        Protocol::Sglang => sglang::run(ctx, on_prefill_done).await,
+        Protocol::Trtllm => trtllm::run(ctx, on_prefill_done).await,
     }
 }
 

@@ -22,7 +22,7 @@ pub async fn run(
         // Decode prefills locally: the plain request, no reservation, no transfer.
         let response = decode(ctx, None).await?;
         on_prefill_done(None);
-        return Ok(DecodeStart { response });
+        return Ok(DecodeStart::new(response));
     };
     let kv = reserve(ctx).await?;
     let guard = ReleaseOnDrop {
@@ -59,7 +59,7 @@ pub async fn run(
     );
     let response = decode(ctx, Some(&report)).await?;
     guard.disarm();
-    Ok(DecodeStart { response })
+    Ok(DecodeStart::new(response))
 }
 
 async fn reserve(ctx: &LegContext<'_>) -> Result<KvDescriptor, LegError> {

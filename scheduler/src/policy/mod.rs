@@ -29,6 +29,9 @@ pub struct Candidate {
     pub capacity_blocks: u64,
     /// Measured over modelled prefill time (EWMA); 1.0 means as modelled.
     pub speed: f64,
+    /// Predicted wait before a new prefill starts here: booked prefill work not yet done, less
+    /// what has elapsed of the one running.
+    pub queue_ms: f64,
 }
 
 pub struct PickCtx<'a> {
@@ -167,6 +170,7 @@ pub(crate) mod testing {
             cached_blocks: 0,
             capacity_blocks: 10_000,
             speed: 1.0,
+            queue_ms: 0.0,
         }
     }
 

@@ -1,9 +1,11 @@
 //! `slo` (the default): Mooncake Conductor's choice against the operator's SLOs.
 //!
 //! For every prefill candidate predict `TTFT = queue + prefill(uncached) + transfer`, each scaled
-//! by measured speed and bandwidth, and take the lowest: a hot instance wins while its queue is
-//! short, and a cold one wins (becoming a replica) once the hot queue costs more than recomputing
-//! the prefix — cache load balancing, and no herding on a popular prompt. Decode: among instances
+//! by measured speed and bandwidth, and take the lowest `TTFT + w · prefill(uncached)` (the second
+//! term is the compute the choice takes from the fleet; `compute_weight`, default 1): a hot
+//! instance wins while its queue is short, and a cold one wins (becoming a replica) once the hot
+//! queue costs more than recomputing the prefix — cache load balancing, and no herding on a
+//! popular prompt. Admission judges the TTFT alone. Decode: among instances
 //! with KV headroom, the lowest predicted TBT with the batch expected *when the prefill finishes*
 //! (sequences due to end by then are not counted, those booked but still prefilling are), which
 //! avoids the reject/accept oscillation of deciding on the current load. With admission on, a
@@ -24,8 +26,12 @@ impl Policy for SloPolicy {
     fn pick(&mut self, ctx: &PickCtx<'_>) -> Result<Choice, Rejection> {
         let pred = ctx.predict;
         let slo = &pred.cfg.slo;
+        let w = slo.compute_weight.max(0.0);
         let prefill = argmin_by(ctx.prefill, |c| {
-            (pred.ttft_ms(ctx.key, c), c.load.requests())
+            (
+                pred.ttft_ms(ctx.key, c) + w * pred.compute_ms(ctx.key, c),
+                c.load.requests(),
+            )
         });
         let ttft = ctx
             .prefill
@@ -93,11 +99,33 @@ mod tests {
             InstanceId(0)
         );
         // Cold recompute of 4096 tokens ≈ 85 ms; a hot queue of 8000 tokens ≈ 164 ms.
-        p[0].load.prefill_tokens = 8000;
+        p[0].queue_ms = cfg.cost.queue_ms(8000);
         assert_eq!(
             pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
             InstanceId(1),
             "replicate instead of queueing"
+        );
+    }
+
+    #[test]
+    fn compute_weight_keeps_a_moderately_queued_cache_holder() {
+        let mut cfg = SchedulerConfig::default();
+        let mut p: Vec<_> = (0..2).map(cand).collect();
+        p[0].matched_blocks = 250;
+        p[0].queue_ms = 120.0; // hot: 120 + 18 ms; cold: 85 ms of recompute
+        let d = [cand(9)];
+        let k = key(4096);
+        cfg.slo.compute_weight = 0.0;
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
+            InstanceId(1),
+            "fastest first token"
+        );
+        cfg.slo.compute_weight = 1.0;
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
+            InstanceId(0),
+            "the recompute saved is worth 50 ms"
         );
     }
 

@@ -17,7 +17,7 @@ use crate::metadata::SegmentDesc;
 
 pub(crate) mod handshake;
 #[cfg(feature = "rdma")]
-pub(crate) mod rdma;
+pub mod rdma;
 pub(crate) mod shm;
 pub(crate) mod slice;
 pub(crate) mod tcp;
@@ -100,10 +100,22 @@ mod tests {
 
     #[test]
     fn choice_parses_case_insensitively_and_rejects_unknown() {
-        assert_eq!("AUTO".parse::<TransportChoice>().unwrap(), TransportChoice::Auto);
-        assert_eq!("shm".parse::<TransportChoice>().unwrap(), TransportChoice::Shm);
-        assert_eq!("tcp".parse::<TransportChoice>().unwrap(), TransportChoice::Tcp);
-        assert_eq!("rdma".parse::<TransportChoice>().unwrap(), TransportChoice::Rdma);
+        assert_eq!(
+            "AUTO".parse::<TransportChoice>().unwrap(),
+            TransportChoice::Auto
+        );
+        assert_eq!(
+            "shm".parse::<TransportChoice>().unwrap(),
+            TransportChoice::Shm
+        );
+        assert_eq!(
+            "tcp".parse::<TransportChoice>().unwrap(),
+            TransportChoice::Tcp
+        );
+        assert_eq!(
+            "rdma".parse::<TransportChoice>().unwrap(),
+            TransportChoice::Rdma
+        );
         assert!("udp".parse::<TransportChoice>().is_err());
         for c in [
             TransportChoice::Auto,

@@ -81,12 +81,34 @@ impl ShmRegion {
     pub(crate) fn create(dir: &Path, name: &str, len: usize) -> io::Result<ShmRegion> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty shm segment"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty shm segment",
+            ));
+        }
+        // tmpfs only allocates pages when touched, so an oversized file
+        // would be created fine and then SIGBUS on first write once the
+        // mount is full (Docker's 64 MiB /dev/shm). Refuse up front instead;
+        // `auto` then falls back to heap memory and tcp.
+        if let Some(avail) = free_bytes(dir) {
+            if (HEADER_LEN + len) as u64 > avail {
+                return Err(io::Error::other(format!(
+                    "{} has {avail} bytes free, segment needs {}",
+                    dir.display(),
+                    HEADER_LEN + len
+                )));
+            }
         }
         let safe: String = name
             .chars()
             .take(64)
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let path = dir.join(format!(
             "{FILE_PREFIX}{}-{}-{safe}",
@@ -167,6 +189,20 @@ impl Drop for ShmRegion {
     fn drop(&mut self) {
         self.unlink();
     }
+}
+
+/// Bytes available to us on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; `c` is a valid
+    // NUL-terminated path for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Removes segment files left by processes that died without cleaning up
@@ -335,7 +371,14 @@ impl ShmTransport {
         let ops = batch.ops.clone();
         let name = target.name.clone();
         let copy_map = map.clone();
-        let copied = if batch.bytes() > INLINE_COPY_MAX {
+        let big = batch.bytes() > INLINE_COPY_MAX;
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let copied = if big && multi_thread {
+            // Copies in place on this worker while tokio moves its other
+            // tasks elsewhere: no thread hop, no data moved.
+            tokio::task::block_in_place(|| apply_ops(&copy_map, &name, &ops))
+        } else if big {
             tokio::task::spawn_blocking(move || apply_ops(&copy_map, &name, &ops))
                 .await
                 .map_err(|e| TransferError::Protocol(format!("copy task failed: {e}")))?
@@ -349,7 +392,12 @@ impl ShmTransport {
         };
         if let Err(e) = self
             .tcp
-            .submit_at(&target.endpoint, &target.name, &commit, Some(map.generation))
+            .submit_at(
+                &target.endpoint,
+                &target.name,
+                &commit,
+                Some(map.generation),
+            )
             .await
         {
             // Unregistered, re-registered or gone: re-handshake next time.
@@ -410,7 +458,10 @@ fn apply_ops(
     let mut reads = Vec::new();
     for op in ops {
         match op {
-            Op::Write { remote_offset, data } => {
+            Op::Write {
+                remote_offset,
+                data,
+            } => {
                 let off = check(*remote_offset, data.len() as u64)?;
                 // SAFETY: [off, off+len) lies inside the mapping (checked
                 // above against `map.len`, which is <= the file length checked
@@ -418,11 +469,7 @@ fn apply_ops(
                 // we only touch through raw pointers, and the mapping outlives
                 // this call through `map`.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        data.as_ptr(),
-                        map.data().add(off),
-                        data.len(),
-                    );
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), map.data().add(off), data.len());
                 }
                 written += data.len() as u64;
             }
@@ -492,19 +539,38 @@ mod tests {
             &peer,
             "kv",
             &[
-                Op::Write { remote_offset: 4000, data: Bytes::from_static(b"zz") },
-                Op::Read { remote_offset: 0, len: 3 },
+                Op::Write {
+                    remote_offset: 4000,
+                    data: Bytes::from_static(b"zz"),
+                },
+                Op::Read {
+                    remote_offset: 0,
+                    len: 3,
+                },
             ],
         )
         .unwrap();
         assert_eq!(&reads[0][..], b"abc");
         assert_eq!(&r.bytes()[4000..4002], b"zz");
         assert!(matches!(
-            apply_ops(&peer, "kv", &[Op::Read { remote_offset: 4095, len: 2 }]),
-            Err(TransferError::OutOfBounds { segment_len: 4096, .. })
+            apply_ops(
+                &peer,
+                "kv",
+                &[Op::Read {
+                    remote_offset: 4095,
+                    len: 2
+                }]
+            ),
+            Err(TransferError::OutOfBounds {
+                segment_len: 4096,
+                ..
+            })
         ));
         // Wrong inode: refused.
-        let wrong = ShmLocation { inode: loc.inode + 1, ..loc.clone() };
+        let wrong = ShmLocation {
+            inode: loc.inode + 1,
+            ..loc.clone()
+        };
         assert!(map_peer(&wrong, &advert).is_err());
         assert!(peer.is_live());
         r.unlink();
@@ -513,6 +579,8 @@ mod tests {
         r.unlink();
         drop(r);
         assert!(ShmRegion::create(&dir, "e", 0).is_err());
+        // Larger than the filesystem: refused, not a SIGBUS later.
+        assert!(ShmRegion::create(&dir, "huge", usize::MAX / 4).is_err());
     }
 
     #[test]

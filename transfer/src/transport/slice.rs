@@ -14,11 +14,12 @@ use bytes::{Bytes, BytesMut};
 use crate::batch::{Batch, Op};
 use crate::error::TransferError;
 
-/// Default slice size. Chosen by `transfer-bench` on loopback (see the
-/// README's table): below ~256 KiB per-slice round trips dominate, above a
-/// few MiB a batch no longer spreads over connections; 1 MiB sits on the
-/// plateau for both tcp and shm.
-pub const DEFAULT_SLICE_SIZE: usize = 1 << 20;
+/// Default slice size, measured with `cargo bench -p pdgate-transfer --bench
+/// loopback` (README table): over loopback TCP, 64 KiB slices spend their time
+/// in per-slice round trips (~1.5 GB/s), 256 KiB was the best of three sweeps
+/// (2.9-4.7 GB/s) and 1-16 MiB sat a little lower (2.3-3.7 GB/s). 256 KiB also
+/// keeps in-flight bytes per peer small (connections x 256 KiB).
+pub const DEFAULT_SLICE_SIZE: usize = 256 << 10;
 
 /// Where each piece of an original read op ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,13 +109,20 @@ pub(crate) fn assemble(
     let mut out = Vec::with_capacity(plan_reads.len());
     for pieces in plan_reads {
         if let [(s, r)] = pieces[..] {
-            let slot = results.get_mut(s).and_then(|v| v.get_mut(r)).ok_or_else(missing)?;
+            let slot = results
+                .get_mut(s)
+                .and_then(|v| v.get_mut(r))
+                .ok_or_else(missing)?;
             out.push(std::mem::take(slot));
             continue;
         }
         let mut total = 0;
         for &(s, r) in pieces {
-            total += results.get(s).and_then(|v| v.get(r)).ok_or_else(missing)?.len();
+            total += results
+                .get(s)
+                .and_then(|v| v.get(r))
+                .ok_or_else(missing)?
+                .len();
         }
         let mut buf = BytesMut::with_capacity(total);
         for &(s, r) in pieces {
@@ -147,7 +155,11 @@ mod tests {
         let mut covered = Vec::new();
         for s in &p.slices {
             for op in &s.ops {
-                if let Op::Write { remote_offset, data: d } = op {
+                if let Op::Write {
+                    remote_offset,
+                    data: d,
+                } = op
+                {
                     covered.push((*remote_offset, d.clone()));
                 }
             }

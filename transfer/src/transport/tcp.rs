@@ -147,7 +147,11 @@ impl Peer {
         }
         h.consecutive_failures += 1;
         if h.consecutive_failures >= DOWN_AFTER_FAILURES && h.down_until.is_none() {
-            tracing::warn!(endpoint, failures = h.consecutive_failures, "transfer peer marked down");
+            tracing::warn!(
+                endpoint,
+                failures = h.consecutive_failures,
+                "transfer peer marked down"
+            );
             h.down_until = Some(Instant::now() + DOWN_FOR);
         }
     }
@@ -255,11 +259,17 @@ impl TcpTransport {
     ) -> Result<BatchReport, TransferError> {
         let peer = self.peer(endpoint);
         peer.check_up(endpoint)?;
-        let attempts = if batch.notify.is_some() { 1 } else { MAX_ATTEMPTS };
+        let attempts = if batch.notify.is_some() {
+            1
+        } else {
+            MAX_ATTEMPTS
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let r = self.exchange_once(&peer, endpoint, segment, batch, generation).await;
+            let r = self
+                .exchange_once(&peer, endpoint, segment, batch, generation)
+                .await;
             match &r {
                 Err(e) if is_path_failure(e) => {
                     peer.record(endpoint, false);
@@ -617,7 +627,7 @@ impl ServerConn {
         }
         // A generation mismatch means the submitter's view (an shm mapping)
         // is of an earlier registration under this name: treat as unknown.
-        let seg = seg.filter(|s| head.generation.map_or(true, |g| g == s.generation()));
+        let seg = seg.filter(|s| !matches!(head.generation, Some(g) if g != s.generation()));
         let mut failed = match seg {
             Some(_) => None,
             None => Some(TransferError::UnknownSegment(head.segment.clone())),

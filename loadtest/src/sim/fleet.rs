@@ -1,0 +1,445 @@
+//! The modelled fleet in virtual time: the real `pdgate_scheduler::Scheduler` makes every
+//! decision, modelled engines (`engine.rs`) do the work, and this module plays the gateway's part
+//! of the native PD protocol — reserve KV on decode, prefill (or local prefill on decode when the
+//! scheduler says so), move every KV block at the modelled bandwidth, then decode — reporting
+//! `prefill_done`/`decode_done` and scraped engine load to the scheduler exactly where the
+//! gateway does.
+//!
+//! It must stay deterministic (same trace, spec and policy ⇒ same records) and never read a
+//! clock: time is the event queue's.
+
+use super::engine::{Job, SimEngine};
+use super::events::{Event, EventQueue};
+use crate::metrics::{RequestError, RequestRecord};
+use crate::report::InstanceLoad;
+use crate::synth::engine_blocks;
+use crate::trace::Trace;
+use pdgate_engine_sim::EngineConfig;
+use pdgate_scheduler::{
+    BlockHash, EngineReport, InstanceId, InstanceSpec, Observed, PolicyKind, RequestKey, Role,
+    Scheduler, SchedulerConfig, Ticket,
+};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct FleetSpec {
+    pub prefill: usize,
+    pub decode: usize,
+    /// Every engine's config; `timing.time_scale` scales modelled step times (1 = real GPU time).
+    pub engine: EngineConfig,
+    /// Prefix-cache blocks of a decode engine (the reference engine uses a quarter of
+    /// `kv_blocks`, see engine-sim `server.rs`).
+    pub decode_cache_blocks: usize,
+    /// KV transfer bandwidth, GB/s.
+    pub kv_gbps: f64,
+    /// Fixed cost per leg (HTTP round trip in the gateway), ms, added to TTFT.
+    pub overhead_ms: f64,
+    /// How often the gateway scrapes engine metrics into the scheduler, ms (0 = never).
+    pub metrics_interval_ms: f64,
+    /// The scheduler's config; the policy is set per run.
+    pub scheduler: SchedulerConfig,
+}
+
+impl FleetSpec {
+    pub fn new(prefill: usize, decode: usize) -> Self {
+        let engine = EngineConfig::default();
+        Self {
+            prefill,
+            decode,
+            // A decode engine's prefix cache is as large as its pool, as in the reference engine.
+            decode_cache_blocks: engine.kv_blocks,
+            engine,
+            kv_gbps: 2.0,
+            overhead_ms: 0.0,
+            metrics_interval_ms: 500.0,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// Due times: fixed (open loop) or "when a slot frees" (closed loop).
+#[derive(Debug, Clone)]
+pub enum Arrivals {
+    At(Vec<f64>),
+    Closed(usize),
+}
+
+#[derive(Debug)]
+pub struct SimResult {
+    pub records: Vec<RequestRecord>,
+    pub instances: Vec<InstanceLoad>,
+    pub cache_hit_rate: Option<f64>,
+    pub events: u64,
+}
+
+#[derive(Debug, Default)]
+struct ReqState {
+    ticket: Option<Ticket>,
+    prefill: Option<usize>,
+    decode: usize,
+    blocks: Vec<BlockHash>,
+    reserved: usize,
+    prefill_submit_ms: f64,
+    prefill_ms: f64,
+    transfer_ms: f64,
+    kv_bytes: u64,
+    last_token_ms: f64,
+    tokens: u32,
+    rec: RequestRecord,
+}
+
+struct Sim<'a> {
+    trace: &'a Trace,
+    spec: &'a FleetSpec,
+    sched: Scheduler,
+    engines: Vec<SimEngine>,
+    ids: Vec<InstanceId>,
+    reqs: Vec<ReqState>,
+    q: EventQueue,
+    next_closed: usize,
+    closed: bool,
+    open: usize,
+}
+
+pub fn simulate(
+    trace: &Trace,
+    arrivals: &Arrivals,
+    spec: &FleetSpec,
+    policy: PolicyKind,
+) -> SimResult {
+    let mut sched = Scheduler::new(SchedulerConfig {
+        policy,
+        block_size: spec.engine.block_size,
+        kv_bytes_per_token: spec.engine.kv_bytes_per_token,
+        ..spec.scheduler.clone()
+    });
+    let mut engines = Vec::new();
+    let mut ids = Vec::new();
+    for role in std::iter::repeat_n(Role::Prefill, spec.prefill)
+        .chain(std::iter::repeat_n(Role::Decode, spec.decode))
+    {
+        let cfg = EngineConfig {
+            role,
+            ..spec.engine.clone()
+        };
+        let cache = if role == Role::Prefill {
+            cfg.kv_blocks
+        } else {
+            spec.decode_cache_blocks
+        };
+        // The gateway registers instances with an unknown size and learns the decode pool's
+        // from its metrics (`num_gpu_blocks`); the first scrape below does the same.
+        ids.push(sched.add_instance(role, InstanceSpec::default()));
+        engines.push(SimEngine::new(cfg, cache));
+    }
+    let n = trace.requests.len();
+    let mut sim = Sim {
+        trace,
+        spec,
+        sched,
+        engines,
+        ids,
+        reqs: (0..n).map(|_| ReqState::default()).collect(),
+        q: EventQueue::default(),
+        next_closed: 0,
+        closed: matches!(arrivals, Arrivals::Closed(_)),
+        open: n,
+    };
+    match arrivals {
+        Arrivals::At(times) => {
+            for (i, t) in times.iter().enumerate().take(n) {
+                sim.q.push(*t, Event::Arrival(i));
+            }
+            sim.open = times.len().min(n);
+        }
+        Arrivals::Closed(c) => {
+            for _ in 0..(*c).min(n) {
+                sim.q.push(0.0, Event::Arrival(sim.next_closed));
+                sim.next_closed += 1;
+            }
+        }
+    }
+    if spec.metrics_interval_ms > 0.0 {
+        sim.q.push(0.0, Event::Scrape);
+    }
+    let mut events = 0u64;
+    while let Some((now, ev)) = sim.q.pop() {
+        events += 1;
+        match ev {
+            Event::Arrival(r) => sim.arrive(r, now),
+            Event::Kick(e) => sim.kick(e, now),
+            Event::StepEnd(e) => sim.step_end(e, now),
+            Event::TransferDone(r) => sim.transfer_done(r, now),
+            Event::Scrape => {
+                sim.scrape();
+                // Keep scraping only while requests remain, so the queue drains.
+                if sim.open > 0 {
+                    sim.q.push(now + spec.metrics_interval_ms, Event::Scrape);
+                }
+            }
+        }
+    }
+    sim.finish(events)
+}
+
+fn at(ms: f64) -> Duration {
+    Duration::from_secs_f64(ms.max(0.0) / 1e3)
+}
+
+impl Sim<'_> {
+    fn engine_of(&self, id: InstanceId) -> usize {
+        self.ids.iter().position(|x| *x == id).unwrap_or(0)
+    }
+
+    fn fail(&mut self, r: usize, now: f64, status: u16, kind: &str, message: String) {
+        let s = &mut self.reqs[r];
+        s.rec.error = Some(RequestError {
+            status: Some(status),
+            kind: kind.into(),
+            message,
+        });
+        if let Some(t) = s.ticket.take() {
+            self.sched.decode_done(t, at(now));
+        }
+        let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
+        self.engines[d].pool_free += reserved;
+        self.done(now);
+    }
+
+    fn done(&mut self, now: f64) {
+        self.open = self.open.saturating_sub(1);
+        if self.closed && self.next_closed < self.trace.requests.len() {
+            self.q.push(now, Event::Arrival(self.next_closed));
+            self.next_closed += 1;
+        }
+    }
+
+    fn arrive(&mut self, r: usize, now: f64) {
+        let req = &self.trace.requests[r];
+        let bs = self.spec.engine.block_size;
+        let blocks = engine_blocks(req, bs);
+        let prompt = req.input_tokens as usize;
+        {
+            let s = &mut self.reqs[r];
+            s.rec = RequestRecord {
+                index: req.index,
+                scheduled_ms: now,
+                sent_ms: now,
+                input_tokens: req.input_tokens,
+                ..RequestRecord::default()
+            };
+        }
+        let key = RequestKey {
+            prompt_tokens: req.input_tokens,
+            max_tokens: req.output_tokens,
+            blocks,
+        };
+        let d = match self.sched.schedule(&key, at(now)) {
+            Ok(d) => d,
+            Err(rej) => {
+                let status = if matches!(rej, pdgate_scheduler::Rejection::NoHealthy(_)) {
+                    503
+                } else {
+                    429
+                };
+                return self.fail(r, now, status, rej.label(), rej.to_string());
+            }
+        };
+        let decode = self.engine_of(d.decode);
+        let prefill = d.prefill.map(|p| self.engine_of(p));
+        {
+            let s = &mut self.reqs[r];
+            s.ticket = Some(d.ticket);
+            s.decode = decode;
+            s.prefill = prefill;
+            s.rec.instance = Some(match prefill {
+                Some(p) => format!("p{p}>d{}", decode - self.spec.prefill),
+                None => format!("local>d{}", decode - self.spec.prefill),
+            });
+        }
+        if prefill.is_some() {
+            // The gateway reserves every block of the prompt (a partial last one too) on decode.
+            let need = prompt.div_ceil(bs.max(1));
+            if self.engines[decode].pool_free < need {
+                let free = self.engines[decode].pool_free;
+                return self.fail(
+                    r,
+                    now,
+                    503,
+                    "kv_pool_full",
+                    format!("needs {need} blocks, {free} free"),
+                );
+            }
+            self.engines[decode].pool_free -= need;
+            self.reqs[r].reserved = need;
+        }
+        let runner = prefill.unwrap_or(decode);
+        let uncached = self.engines[runner].lookup_prefix(prompt, &key.blocks);
+        self.engines[runner].prompt_tokens += prompt as u64;
+        let s = &mut self.reqs[r];
+        s.rec.cached_tokens = Some((prompt - uncached) as u32);
+        s.blocks = key.blocks;
+        s.prefill_submit_ms = now;
+        if self.engines[runner]
+            .submit(Job::Prefill { req: r, uncached })
+            .is_err()
+        {
+            return self.fail(
+                r,
+                now,
+                503,
+                "engine_overloaded",
+                "engine queue is full".into(),
+            );
+        }
+        self.q.push(now, Event::Kick(runner));
+    }
+
+    fn kick(&mut self, e: usize, now: f64) {
+        if let Some(ms) = self.engines[e].start_step() {
+            let step = self.engines[e].cfg.timing.scaled(ms).as_secs_f64() * 1e3;
+            self.q.push(now + step, Event::StepEnd(e));
+        }
+    }
+
+    fn step_end(&mut self, e: usize, now: f64) {
+        let out = self.engines[e].end_step();
+        for r in out.prefills_done {
+            let blocks = std::mem::take(&mut self.reqs[r].blocks);
+            self.engines[e].cache.insert(&blocks);
+            let s = &mut self.reqs[r];
+            s.prefill_ms = now - s.prefill_submit_ms;
+            if s.prefill.is_some() {
+                let bs = self.spec.engine.block_size.max(1);
+                let prompt = self.trace.requests[r].input_tokens as usize;
+                s.kv_bytes =
+                    (prompt.div_ceil(bs) * bs) as u64 * self.spec.engine.kv_bytes_per_token;
+                s.transfer_ms = s.kv_bytes as f64 / (self.spec.kv_gbps.max(1e-9) * 1e6);
+                self.q.push(now + s.transfer_ms, Event::TransferDone(r));
+            } else {
+                if let Some(t) = s.ticket {
+                    self.sched.prefill_done(t, at(now), None);
+                }
+                self.first_token(r, now + self.spec.overhead_ms);
+            }
+        }
+        for (r, last) in out.tokens {
+            let s = &mut self.reqs[r];
+            s.rec.itl_ms.push(now - s.last_token_ms);
+            s.last_token_ms = now;
+            s.tokens += 1;
+            if last {
+                self.complete(r, now);
+            }
+        }
+        self.q.push(now, Event::Kick(e));
+    }
+
+    fn transfer_done(&mut self, r: usize, now: f64) {
+        let s = &self.reqs[r];
+        if let Some(t) = s.ticket {
+            let o = Observed {
+                prefill_ms: s.prefill_ms,
+                transfer_ms: s.transfer_ms,
+                kv_bytes: s.kv_bytes,
+            };
+            self.sched.prefill_done(t, at(now), Some(o));
+        }
+        // Two legs (prefill, then decode) each pay the gateway's per-leg overhead.
+        self.first_token(r, now + 2.0 * self.spec.overhead_ms);
+    }
+
+    fn first_token(&mut self, r: usize, now: f64) {
+        let output = self.trace.requests[r].output_tokens;
+        let prompt = self.trace.requests[r].input_tokens as usize;
+        let s = &mut self.reqs[r];
+        s.rec.ttft_ms = Some(now - s.rec.sent_ms);
+        s.last_token_ms = now;
+        s.tokens = 1;
+        let d = s.decode;
+        if output <= 1 {
+            return self.complete(r, now);
+        }
+        let job = Job::Decode {
+            req: r,
+            context: prompt,
+            steps: output - 1,
+        };
+        if self.engines[d].submit(job).is_err() {
+            return self.fail(
+                r,
+                now,
+                503,
+                "engine_overloaded",
+                "engine queue is full".into(),
+            );
+        }
+        self.q.push(now, Event::Kick(d));
+    }
+
+    fn complete(&mut self, r: usize, now: f64) {
+        let s = &mut self.reqs[r];
+        s.rec.e2el_ms = Some(now - s.rec.sent_ms);
+        s.rec.output_tokens = s.tokens;
+        let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
+        if let Some(t) = s.ticket.take() {
+            self.sched.decode_done(t, at(now));
+        }
+        self.engines[d].pool_free += reserved;
+        self.engines[d].requests += 1;
+        self.done(now);
+    }
+
+    /// What the gateway's metrics scraper reads from each engine.
+    fn scrape(&mut self) {
+        for (i, e) in self.engines.iter().enumerate() {
+            let decode = e.cfg.role == Role::Decode;
+            let total = e.cfg.kv_blocks;
+            let usage = if decode && total > 0 {
+                1.0 - e.pool_free as f64 / total as f64
+            } else {
+                0.0
+            };
+            let report = EngineReport {
+                waiting: e.waiting() as u32,
+                running: e.running() as u32,
+                kv_usage: usage,
+            };
+            self.sched
+                .observe_engine(self.ids[i], report, decode.then_some(total as u64));
+        }
+    }
+
+    fn finish(self, events: u64) -> SimResult {
+        let (hits, queries) = self.engines.iter().fold((0u64, 0u64), |(h, q), e| {
+            (h + e.prefix_hits_tokens, q + e.prefix_queries_tokens)
+        });
+        let instances = self
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let (role, n) = if i < self.spec.prefill {
+                    ("prefill", i)
+                } else {
+                    ("decode", i - self.spec.prefill)
+                };
+                InstanceLoad {
+                    id: format!("{}{n}", &role[..1]),
+                    role: role.into(),
+                    requests: e.requests,
+                    prompt_tokens: e.prompt_tokens,
+                    generated_tokens: e.generated_tokens,
+                    cache_hit_rate: (e.prefix_queries_tokens > 0)
+                        .then(|| e.prefix_hits_tokens as f64 / e.prefix_queries_tokens as f64),
+                }
+            })
+            .collect();
+        SimResult {
+            records: self.reqs.into_iter().map(|s| s.rec).collect(),
+            instances,
+            cache_hit_rate: (queries > 0).then(|| hits as f64 / queries as f64),
+            events,
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Leg plumbing shared by the engine-protocol adapters: posting a JSON leg with the request id
+//! and a deadline, waiting for a decode head, reading a prefill's JSON answer, and aborting legs
+//! on engines that offer an abort call. Each adapter keeps only its own wire details.
+//!
+//! Nothing here may retry or swallow a failure: errors are attributed to their leg and returned.
+
+use super::{read_limited, unreachable, upstream_failure, LegContext, LegError};
+use crate::error::ApiError;
+use crate::metrics;
+use pdgate_engine_sim::openai::ApiKind;
+use pdgate_scheduler::Role;
+use serde_json::Value;
+use std::time::Duration;
+
+/// Largest prefill-leg answer read (one token plus protocol fields).
+const PREFILL_ANSWER_LIMIT: usize = 1024 * 1024;
+
+pub fn path(kind: ApiKind) -> &'static str {
+    match kind {
+        ApiKind::Chat => "/v1/chat/completions",
+        ApiKind::Completions => "/v1/completions",
+    }
+}
+
+/// The client's body turned into a prefill-only leg: one token, not streamed, no usage chunk.
+pub fn prefill_body(ctx: &LegContext<'_>) -> Value {
+    let mut body = ctx.req.body.clone();
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("stream".into(), Value::Bool(false));
+        obj.insert("max_tokens".into(), Value::from(1));
+        if obj.contains_key("max_completion_tokens") {
+            obj.insert("max_completion_tokens".into(), Value::from(1));
+        }
+        obj.remove("stream_options");
+    }
+    body
+}
+
+/// Posts a prefill leg and returns its JSON answer.
+pub async fn prefill_json(
+    ctx: &LegContext<'_>,
+    url: &str,
+    body: &Value,
+    headers: &[(&str, String)],
+) -> Result<Value, LegError> {
+    let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
+    let mut rb = ctx
+        .state
+        .client
+        .post(format!("{url}{}", path(ctx.req.kind)))
+        .header("x-request-id", ctx.request_id)
+        .json(body)
+        .timeout(timeout);
+    for (k, v) in headers {
+        rb = rb.header(*k, v);
+    }
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| unreachable(Role::Prefill, url, &e))?;
+    if !resp.status().is_success() {
+        metrics::leg(Role::Prefill, "error");
+        return Err(upstream_failure(Role::Prefill, resp).await);
+    }
+    let raw = read_limited(resp, PREFILL_ANSWER_LIMIT).await;
+    let answer = raw.and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let Some(answer) = answer else {
+        metrics::leg(Role::Prefill, "error");
+        return Err(LegError {
+            role: Role::Prefill,
+            retryable: true,
+            error: ApiError::upstream(
+                "prefill_failed",
+                format!("prefill engine {url} sent an unreadable answer"),
+            ),
+        });
+    };
+    metrics::leg(Role::Prefill, "ok");
+    Ok(answer)
+}
+
+/// Posts a decode leg and waits (bounded) for its response head.
+pub async fn decode_head(
+    ctx: &LegContext<'_>,
+    body: &Value,
+    headers: &[(&str, String)],
+) -> Result<reqwest::Response, LegError> {
+    let url = &ctx.decode.url;
+    let head_timeout = Duration::from_secs(ctx.state.cfg.upstream.decode_head_timeout_secs);
+    let mut rb = ctx
+        .state
+        .client
+        .post(format!("{url}{}", path(ctx.req.kind)))
+        .header("x-request-id", ctx.request_id)
+        .json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, v);
+    }
+    let resp = match tokio::time::timeout(head_timeout, rb.send()).await {
+        Ok(r) => r.map_err(|e| unreachable(Role::Decode, url, &e))?,
+        Err(_) => {
+            return Err(LegError {
+                role: Role::Decode,
+                retryable: true,
+                error: ApiError::timeout(format!(
+                    "decode engine {url} sent no response head in time"
+                )),
+            })
+        }
+    };
+    if !resp.status().is_success() {
+        metrics::leg(Role::Decode, "error");
+        return Err(upstream_failure(Role::Decode, resp).await);
+    }
+    metrics::leg(Role::Decode, "ok");
+    Ok(resp)
+}
+
+/// Fire-and-forget `POST {url}/abort_request {"rid"}` (SGLang's abort call), bounded in time.
+pub fn abort(client: &reqwest::Client, url: &str, rid: &str) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let req = client
+        .post(format!("{url}/abort_request"))
+        .json(&serde_json::json!({"rid": rid}))
+        .timeout(Duration::from_secs(5));
+    let (url, rid) = (url.to_string(), rid.to_string());
+    rt.spawn(async move {
+        match req.send().await {
+            Ok(_) => tracing::debug!(engine = %url, request_id = %rid, "aborted leg"),
+            Err(e) => tracing::warn!(engine = %url, request_id = %rid, error = %e, "abort failed"),
+        }
+    });
+}
+
+/// Aborts a request's legs on the listed engines when dropped armed (client gone mid-relay).
+pub struct AbortGuard {
+    client: reqwest::Client,
+    urls: Vec<String>,
+    rid: String,
+    armed: bool,
+}
+
+impl AbortGuard {
+    pub fn new(client: &reqwest::Client, urls: Vec<String>, rid: &str) -> Self {
+        Self {
+            client: client.clone(),
+            urls,
+            rid: rid.to_string(),
+            armed: true,
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbortGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            for url in &self.urls {
+                abort(&self.client, url, &self.rid);
+            }
+        }
+    }
+}

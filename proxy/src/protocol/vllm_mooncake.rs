@@ -1,0 +1,100 @@
+//! vLLM MooncakeConnector: concurrent legs, prefill pushes. The prefill's engine id is learnt
+//! once per instance from its bootstrap server (`GET /query` → data-parallel rank → engine id)
+//! and cached; each request gets a fresh `transfer_id` shared by both legs: prefill gets
+//! `{do_remote_decode: true, transfer_id}` (one token, not streamed, `X-data-parallel-rank`),
+//! decode gets the client's body with `{do_remote_prefill: true, remote_bootstrap_addr,
+//! remote_engine_id, transfer_id}` and is streamed as soon as its head arrives.
+//!
+//! vLLM has no abort call: a failed leg's partner is dropped (vLLM aborts on disconnect).
+
+use super::{legs, sglang, DecodeStart, LegContext, LegError};
+use crate::error::ApiError;
+use pdgate_scheduler::{Observed, Role};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+pub const FIELD: &str = "kv_transfer_params";
+
+pub async fn run(
+    ctx: &LegContext<'_>,
+    on_prefill_done: impl FnOnce(Option<Observed>),
+) -> Result<DecodeStart, LegError> {
+    let Some(prefill) = ctx.prefill else {
+        let response = legs::decode_head(ctx, &ctx.req.body, &[]).await?;
+        on_prefill_done(None);
+        return Ok(DecodeStart::new(response));
+    };
+    let (host, http_port) = sglang::host_port(&prefill.url);
+    let bootstrap = format!(
+        "http://{host}:{}",
+        prefill.bootstrap_port.unwrap_or(http_port)
+    );
+    let engine_id = engine_id(ctx, &bootstrap).await?;
+    let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4());
+    let mut prefill_body = legs::prefill_body(ctx);
+    prefill_body[FIELD] = json!({
+        "do_remote_decode": true,
+        "do_remote_prefill": false,
+        "transfer_id": transfer_id,
+    });
+    let mut decode_body = ctx.req.body.clone();
+    decode_body[FIELD] = json!({
+        "do_remote_decode": false,
+        "do_remote_prefill": true,
+        "remote_bootstrap_addr": bootstrap,
+        "remote_engine_id": engine_id,
+        "transfer_id": transfer_id,
+    });
+    sglang::concurrent(
+        ctx,
+        ctx.request_id,
+        &prefill.url,
+        prefill_body,
+        decode_body,
+        false,
+        on_prefill_done,
+    )
+    .await
+}
+
+/// The prefill's engine id (data-parallel rank 0), from the cache or its bootstrap server.
+async fn engine_id(ctx: &LegContext<'_>, bootstrap: &str) -> Result<String, LegError> {
+    if let Some(id) = ctx.state.engine_ids.lock().get(bootstrap) {
+        return Ok(id.clone());
+    }
+    let failed = |msg: String| LegError {
+        role: Role::Prefill,
+        retryable: true,
+        error: ApiError::upstream("bootstrap_failed", msg),
+    };
+    let resp = ctx
+        .state
+        .client
+        .get(format!("{bootstrap}/query"))
+        .timeout(Duration::from_millis(
+            ctx.state.cfg.upstream.control_timeout_ms,
+        ))
+        .send()
+        .await
+        .map_err(|e| failed(format!("bootstrap server {bootstrap} unreachable: {e}")))?;
+    let info: Value = resp
+        .json()
+        .await
+        .map_err(|e| failed(format!("bootstrap server {bootstrap} answered badly: {e}")))?;
+    let id = info
+        .pointer("/0/engine_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            failed(format!(
+                "bootstrap server {bootstrap} names no engine for rank 0"
+            ))
+        })?
+        .to_string();
+    let mut ids = ctx.state.engine_ids.lock();
+    // Bounded by the fleet's size; a flood of distinct addresses only resets the cache.
+    if ids.len() >= 4096 {
+        ids.clear();
+    }
+    ids.insert(bootstrap.to_string(), id.clone());
+    Ok(id)
+}
