@@ -106,6 +106,10 @@ pub struct SimulateArgs {
     /// Comma-separated policies, or `all`.
     #[arg(long, default_value = "slo")]
     pub policy: String,
+    /// TOML file with scheduler settings (the gateway's `[scheduler]` table without the
+    /// header), to compare e.g. SLOs or cost weights; flags here still win.
+    #[arg(long)]
+    pub scheduler_config: Option<std::path::PathBuf>,
     /// KV blocks per engine (prefill cache; decode reservation pool).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
@@ -292,6 +296,12 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     spec.engine.timing.time_scale = a.time_scale;
     spec.kv_gbps = a.kv_gbps;
     spec.overhead_ms = a.overhead_ms;
+    if let Some(path) = &a.scheduler_config {
+        spec.scheduler = config::Config::builder()
+            .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+    }
     spec.scheduler.seed = a.sched_seed;
     // The scheduler admits against the same SLOs the report measures goodput with.
     if let Some(t) = slo.ttft_ms {

@@ -72,10 +72,11 @@ impl Fleet {
         out
     }
 
+    /// Engines first, so they can still deregister their segments with the gateway's registry.
     pub async fn stop(self) {
-        self.gateway.stop().await;
         for (_, e) in self.engines {
             e.stop().await;
         }
+        self.gateway.stop().await;
     }
 }
