@@ -17,7 +17,9 @@ pub const DECODE_FIELD: &str = "pdgate_kv";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReserveRequest {
     pub request_id: String,
-    pub prompt_tokens: u32,
+    /// The rendered prompt: the engine sizes the reservation with its own tokenizer, which is
+    /// the one whose blocks the prefill will write (the gateway may key prefixes with another).
+    pub prompt: String,
 }
 
 /// Where a request's KV blocks must be written: slot offsets in a decode engine's segment.

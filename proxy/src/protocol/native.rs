@@ -66,7 +66,7 @@ async fn reserve(ctx: &LegContext<'_>) -> Result<KvDescriptor, LegError> {
     let url = format!("{}{}", ctx.decode.url, wire::RESERVE_PATH);
     let body = wire::ReserveRequest {
         request_id: ctx.request_id.into(),
-        prompt_tokens: ctx.prompt_tokens,
+        prompt: ctx.req.prompt.clone(),
     };
     let timeout = Duration::from_millis(ctx.state.cfg.upstream.control_timeout_ms);
     let resp = ctx
