@@ -165,14 +165,17 @@ pub struct TimingModel {
 }
 
 impl Default for TimingModel {
+    /// The emulated GPU behaves, by default, exactly as the scheduler's prior cost model says, so
+    /// an uncorrected prediction is right on the demo fleet; the numbers live there, once.
     fn default() -> Self {
+        let prior = pdgate_scheduler::CostModel::default();
         Self {
-            prefill_a: 4.21e-7,
-            prefill_b: 1.518e-2,
-            prefill_c: 16.5,
-            decode_base_ms: 6.0,
-            decode_per_seq_ms: 0.04,
-            decode_per_ktoken_ms: 0.02,
+            prefill_a: prior.prefill_a,
+            prefill_b: prior.prefill_b,
+            prefill_c: prior.prefill_c,
+            decode_base_ms: prior.decode_base_ms,
+            decode_per_seq_ms: prior.decode_per_seq_ms,
+            decode_per_ktoken_ms: prior.decode_per_ktoken_ms,
             time_scale: 1.0,
         }
     }
