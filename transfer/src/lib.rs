@@ -28,7 +28,7 @@ pub use error::TransferError;
 pub use etcd::EtcdStore;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
-pub use transport::handshake::{SegmentAdvert, ShmLocation};
+pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
 /// The RDMA transport's verbs-independent logic and thin verbs layer.
 #[cfg(feature = "rdma")]
 pub use transport::rdma;

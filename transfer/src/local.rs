@@ -112,6 +112,9 @@ impl LocalSegments {
             len: seg.len() as u64,
             generation: seg.generation(),
             shm: seg.shm_location().cloned(),
+            // Filled once the engine registers segments as MRs (see the
+            // README's RDMA status).
+            rdma: None,
         }
     }
 

@@ -24,6 +24,24 @@ pub struct SegmentAdvert {
     /// Present when the segment lives in a shared mapping.
     #[serde(default)]
     pub shm: Option<ShmLocation>,
+    /// Present when the owner has an RDMA device and registered the segment
+    /// as a memory region. Queue-pair numbers are not here: they are per
+    /// connection and travel in the RDMA connect exchange
+    /// (`rdma::session::ConnectRequest`/`ConnectReply`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<RdmaLocation>,
+}
+
+/// How to reach a segment with one-sided RDMA.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RdmaLocation {
+    /// Port address of the owner's device (GID all zero: InfiniBand
+    /// without GRH).
+    pub gid: [u8; 16],
+    pub lid: u16,
+    /// The segment's memory region: remote key and start address.
+    pub rkey: u32,
+    pub addr: u64,
 }
 
 /// Where a shared-memory segment can be mapped from, and on which host.
@@ -83,10 +101,21 @@ mod tests {
                 host: host_id(),
                 inode: 3,
             }),
+            rdma: None,
         };
         assert_eq!(SegmentAdvert::decode(&a.encode().unwrap()).unwrap(), a);
         let plain = SegmentAdvert::decode(br#"{"name":"kv","len":1,"generation":2}"#).unwrap();
-        assert!(plain.shm.is_none());
+        assert!(plain.shm.is_none() && plain.rdma.is_none());
+        let r = SegmentAdvert {
+            rdma: Some(RdmaLocation {
+                gid: [9; 16],
+                lid: 3,
+                rkey: 0xdead,
+                addr: 0x1000,
+            }),
+            ..a
+        };
+        assert_eq!(SegmentAdvert::decode(&r.encode().unwrap()).unwrap(), r);
         assert!(SegmentAdvert::decode(b"{").is_err());
         assert!(host_id().contains('/'));
     }

@@ -10,12 +10,19 @@
 //! must never post more work than a QP's send queue holds, and never report a
 //! batch complete before every one of its work requests has completed.
 //!
+//! `rdma/session.rs` is the orchestration on top (connect exchange, batch →
+//! WRs over QPs, CQ polling, retry on another QP, peer down, notification
+//! after data), written against the `session::Verbs` trait and unit-tested
+//! with a fake device.
+//!
 //! Status: device discovery, PD/MR/CQ/QP creation, the INIT→RTR→RTS bring-up
-//! and posting/polling are implemented in `verbs.rs` and compile in CI, but
-//! nothing here has run against an RDMA device, and the engine does not yet
-//! route batches through it: choosing `rdma` fails with a clear error and
-//! `auto` uses shm or tcp (see the README).
+//! and posting/polling are implemented in `verbs.rs` (`IbVerbs`) and compile
+//! in CI, but nothing here has run against an RDMA device, and the engine
+//! does not yet route batches through it (segments are not registered as
+//! MRs, the wire has no connect request): choosing `rdma` fails with a clear
+//! error and `auto` uses shm or tcp (see the README).
 
+pub mod session;
 pub mod verbs;
 
 use std::collections::HashMap;

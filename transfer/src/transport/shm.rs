@@ -533,6 +533,7 @@ mod tests {
             len: 4096,
             generation: 1,
             shm: Some(loc.clone()),
+            rdma: None,
         };
         let peer = map_peer(&loc, &advert).unwrap();
         let (_, reads) = apply_ops(

@@ -13,7 +13,8 @@ use std::ptr;
 
 use rdma_sys::*;
 
-use super::{QpEndpoint, QpState};
+use super::session::{StagingBuf, Verbs};
+use super::{QpEndpoint, QpState, RemoteRegion};
 
 fn last_err(what: &str) -> io::Error {
     let e = io::Error::last_os_error();
@@ -157,10 +158,26 @@ impl Context {
 
     /// Creates an RC queue pair on our PD and CQ.
     pub fn create_qp(&self, max_wr: u32) -> io::Result<QueuePair> {
+        self.create_qp_on(self.cq, max_wr)
+    }
+
+    /// A completion queue of its own (one per peer connection, so a batch
+    /// only ever polls its own completions).
+    pub fn create_cq(&self, depth: u32) -> io::Result<CompletionQueue> {
+        let depth = i32::try_from(depth).unwrap_or(i32::MAX);
+        // SAFETY: ctx is live; no completion channel, no context pointer.
+        let cq = unsafe { ibv_create_cq(self.ctx, depth, ptr::null_mut(), ptr::null_mut(), 0) };
+        if cq.is_null() {
+            return Err(last_err("ibv_create_cq"));
+        }
+        Ok(CompletionQueue { cq })
+    }
+
+    fn create_qp_on(&self, cq: *mut ibv_cq, max_wr: u32) -> io::Result<QueuePair> {
         // SAFETY: zeroed init attrs are valid; the fields that matter are set.
         let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        init.send_cq = self.cq;
-        init.recv_cq = self.cq;
+        init.send_cq = cq;
+        init.recv_cq = cq;
         init.qp_type = ibv_qp_type::IBV_QPT_RC;
         init.cap.max_send_wr = max_wr;
         init.cap.max_recv_wr = 1;
@@ -179,21 +196,25 @@ impl Context {
         })
     }
 
-    /// Polls up to `out.len()` completions: (wr_id, success).
+    /// Polls up to `max` (at most 16) completions: (wr_id, success).
     pub fn poll(&self, out: &mut Vec<(u64, bool)>, max: usize) -> io::Result<()> {
-        // SAFETY: a zeroed ibv_wc array is a valid out-buffer.
-        let mut wc: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
-        let want = max.min(wc.len()) as i32;
-        // SAFETY: cq is live; wc holds `want` entries.
-        let n = unsafe { ibv_poll_cq(self.cq, want, wc.as_mut_ptr()) };
-        if n < 0 {
-            return Err(last_err("ibv_poll_cq"));
-        }
-        for w in &wc[..n as usize] {
-            out.push((w.wr_id, w.status == ibv_wc_status::IBV_WC_SUCCESS));
-        }
-        Ok(())
+        poll_cq(self.cq, out, max)
     }
+}
+
+fn poll_cq(cq: *mut ibv_cq, out: &mut Vec<(u64, bool)>, max: usize) -> io::Result<()> {
+    // SAFETY: a zeroed ibv_wc array is a valid out-buffer.
+    let mut wc: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
+    let want = max.min(wc.len()) as i32;
+    // SAFETY: cq is live (callers own it); wc holds `want` entries.
+    let n = unsafe { ibv_poll_cq(cq, want, wc.as_mut_ptr()) };
+    if n < 0 {
+        return Err(last_err("ibv_poll_cq"));
+    }
+    for w in &wc[..n as usize] {
+        out.push((w.wr_id, w.status == ibv_wc_status::IBV_WC_SUCCESS));
+    }
+    Ok(())
 }
 
 impl Drop for Context {
@@ -391,5 +412,149 @@ impl Drop for QueuePair {
     fn drop(&mut self) {
         // SAFETY: created by us, destroyed once.
         unsafe { ibv_destroy_qp(self.qp) };
+    }
+}
+
+/// A completion queue owned by one peer connection.
+pub struct CompletionQueue {
+    cq: *mut ibv_cq,
+}
+
+// SAFETY: a CQ handle may be polled from any thread; the session polls it
+// from one task at a time.
+unsafe impl Send for CompletionQueue {}
+unsafe impl Sync for CompletionQueue {}
+
+impl Drop for CompletionQueue {
+    fn drop(&mut self) {
+        // SAFETY: created by us, destroyed once, after the QPs using it (the
+        // session's field order guarantees that).
+        unsafe { ibv_destroy_cq(self.cq) };
+    }
+}
+
+/// A heap buffer registered as its own MR: the RDMA path's staging memory.
+/// Field order: the MR is deregistered before the memory is freed.
+pub struct RegisteredBuf {
+    mr: MemoryRegion,
+    mem: Box<[u8]>,
+}
+
+impl RegisteredBuf {
+    fn addr(&self) -> u64 {
+        self.mem.as_ptr() as u64
+    }
+}
+
+impl StagingBuf for RegisteredBuf {
+    fn copy_in(&mut self, data: &[u8]) {
+        self.mem[..data.len()].copy_from_slice(data);
+    }
+    fn copy_out(&self, out: &mut [u8]) {
+        out.copy_from_slice(&self.mem[..out.len()]);
+    }
+}
+
+/// The [`Verbs`] implementation over libibverbs: one opened device and PD;
+/// CQs, QPs and staging buffers are created per connection.
+pub struct IbVerbs {
+    ctx: Context,
+}
+
+impl IbVerbs {
+    /// Opens the first RDMA device (or `want`) on `port`.
+    pub fn open(want: Option<&str>, port: u8) -> io::Result<IbVerbs> {
+        Ok(IbVerbs {
+            ctx: Context::open(want, port, 16)?,
+        })
+    }
+
+    /// Registers a segment's memory so peers can WRITE/READ it.
+    ///
+    /// # Safety
+    /// `[addr, addr+len)` must stay valid and unmoved until the returned
+    /// region is dropped.
+    pub unsafe fn register_segment(&self, addr: *mut u8, len: usize) -> io::Result<MemoryRegion> {
+        // SAFETY: forwarded contract.
+        unsafe { self.ctx.register(addr, len) }
+    }
+}
+
+impl Verbs for IbVerbs {
+    type Cq = CompletionQueue;
+    type Qp = QueuePair;
+    type Buf = RegisteredBuf;
+
+    fn port_address(&self) -> io::Result<(u16, [u8; 16])> {
+        self.ctx.port_address()
+    }
+
+    fn create_cq(&self, depth: u32) -> io::Result<CompletionQueue> {
+        self.ctx.create_cq(depth)
+    }
+
+    fn create_qp(&self, cq: &CompletionQueue, max_send_wr: u32) -> io::Result<QueuePair> {
+        self.ctx.create_qp_on(cq.cq, max_send_wr)
+    }
+
+    fn qp_num(&self, qp: &QueuePair) -> u32 {
+        qp.qp_num()
+    }
+
+    fn qp_state(&self, qp: &QueuePair) -> QpState {
+        qp.state()
+    }
+
+    fn connect_qp(
+        &self,
+        qp: &mut QueuePair,
+        local_psn: u32,
+        remote: &QpEndpoint,
+    ) -> io::Result<()> {
+        qp.connect(local_psn, remote)
+    }
+
+    fn alloc_buf(&self, len: usize) -> io::Result<RegisteredBuf> {
+        let mut mem = vec![0u8; len].into_boxed_slice();
+        // SAFETY: the boxed slice never moves (it is not resized) and is
+        // freed only after `mr` is deregistered (RegisteredBuf field order).
+        let mr = unsafe { self.ctx.register(mem.as_mut_ptr(), len) }?;
+        Ok(RegisteredBuf { mr, mem })
+    }
+
+    fn post(
+        &self,
+        qp: &QueuePair,
+        wr_id: u64,
+        buf: &RegisteredBuf,
+        len: u32,
+        write: bool,
+        remote: RemoteRegion,
+        remote_addr: u64,
+    ) -> io::Result<()> {
+        if len as usize > buf.mem.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "work request exceeds staging buffer",
+            ));
+        }
+        let t = OneSided {
+            write,
+            local_addr: buf.addr(),
+            len,
+            lkey: buf.mr.lkey(),
+            remote_addr,
+            rkey: remote.rkey,
+        };
+        // SAFETY: `[addr, +len)` lies in `buf`, registered with its lkey.
+        // The session owns `buf` in the same `Connection` as `qp`, destroys
+        // the QPs before freeing buffers, and never reuses a buffer before
+        // its completion is polled (a connection with work possibly in
+        // flight is poisoned and dropped, not reused).
+        unsafe { qp.post(wr_id, &t) }
+    }
+
+    fn poll(&self, cq: &CompletionQueue, out: &mut Vec<(u64, bool)>, max: usize) -> io::Result<()> {
+        poll_cq(cq.cq, out, max)
     }
 }
