@@ -213,6 +213,9 @@ impl TimingModel {
 pub struct Faults {
     /// A prefill engine flips one byte of every KV block it sends.
     pub corrupt_kv: bool,
+    /// A streamed answer breaks off (connection cut, no `[DONE]`) after this many tokens, as an
+    /// engine that crashes mid-decode would; 0 never.
+    pub cut_stream_after_tokens: u32,
 }
 
 #[cfg(test)]

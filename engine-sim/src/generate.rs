@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pdgate_scheduler::BuiltinTokenizer;
 use serde_json::Value;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -266,7 +265,7 @@ impl Output {
     }
 
     fn stream(self, mut rx: mpsc::Receiver<()>) -> Response {
-        let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+        let (tx, body_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
         let rid = self.rid.clone();
         tokio::spawn(async move {
             let id = self.id();
@@ -292,6 +291,18 @@ impl Output {
                     return; // client gone: dropping `rx` aborts the sequence
                 }
                 position += 1;
+                if position == self.engine.cfg.faults.cut_stream_after_tokens && !last {
+                    // A body error makes the server drop the connection mid-chunk; returning
+                    // drops `rx`, which aborts the sequence and frees its KV like a crash would.
+                    // The pause lets the tokens already sent reach the wire first (the server
+                    // discards its unflushed buffer on a body error), as a crash between decode
+                    // steps would have left them.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    let _ = tx
+                        .send(Err(std::io::Error::other("injected fault: stream cut")))
+                        .await;
+                    return;
+                }
                 if last || next_step(&mut rx, &abort).await.is_none() {
                     break;
                 }

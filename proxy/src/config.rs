@@ -2,6 +2,7 @@
 //! layers: file → `PDGATE_*` environment (`__` between levels, e.g. `PDGATE_SERVER__PORT`) → CLI
 //! flags. These structs are the only source of defaults.
 
+pub use crate::breaker::BreakerConfig;
 use pdgate_engine_sim::EngineConfig;
 use pdgate_scheduler::{Role, SchedulerConfig};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,8 @@ pub struct Config {
     pub workers: Vec<WorkerConfig>,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
+    /// Per-worker circuit breakers fed by leg outcomes.
+    pub breaker: BreakerConfig,
     /// The embedded demo fleet started by `pdgate up`.
     pub up: UpConfig,
     pub log: LogConfig,
@@ -131,6 +134,11 @@ pub struct UpstreamConfig {
     /// Prefill instances tried per request before giving up (retries happen before any byte
     /// reached the client).
     pub prefill_attempts: u32,
+    /// When every prefill attempt failed before any byte reached the client, send the plain
+    /// request to the decode instance (it prefills locally) instead of failing. Never silent:
+    /// the response carries `x-pdgate-fallback: decode-prefill` and `pdgate_fallbacks_total`
+    /// counts it. Off by default: a decode prefilling long prompts slows every stream it serves.
+    pub fallback_to_decode: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -141,6 +149,7 @@ impl Default for UpstreamConfig {
             prefill_timeout_secs: 120,
             decode_head_timeout_secs: 60,
             prefill_attempts: 2,
+            fallback_to_decode: false,
         }
     }
 }
@@ -196,6 +205,7 @@ impl Layered for Config {
         "workers",
         "health",
         "upstream",
+        "breaker",
         "up",
         "log",
     ];

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod booking;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod engine_metrics;

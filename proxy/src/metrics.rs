@@ -92,6 +92,18 @@ pub fn prefill_retry() {
     counter!("pdgate_prefill_retries_total").increment(1);
 }
 
+/// A circuit breaker changed state (`to`: open, half_open, closed); `open_now`: breakers of
+/// that role not closed after the change.
+pub fn breaker(role: Role, to: &'static str, open_now: usize) {
+    counter!("pdgate_breaker_transitions_total", "role" => role.as_str(), "to" => to).increment(1);
+    gauge!("pdgate_breakers_open", "role" => role.as_str()).set(open_now as f64);
+}
+
+/// Every prefill failed and the decode instance prefilled the request itself.
+pub fn fallback() {
+    counter!("pdgate_fallbacks_total", "to" => "decode_prefill").increment(1);
+}
+
 pub fn rejected(reason: &'static str) {
     counter!("pdgate_rejections_total", "reason" => reason).increment(1);
 }

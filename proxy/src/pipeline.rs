@@ -1,15 +1,20 @@
 //! The request path, top to bottom: parse → key → schedule → legs → stream → account.
 //!
 //! Retries happen only before any byte reached the client: a failed prefill is retried on
-//! another prefill instance (with a fresh pair), never a decode that already streamed.
+//! another prefill instance (with a fresh pair), never a decode that already streamed. Each leg's
+//! outcome feeds its own worker's circuit breaker; open breakers are avoided when scheduling.
+//! The decode-only fallback (off by default) is the one place a request runs without the
+//! disaggregated prefill it was scheduled for, and it always says so on the response.
 
 use crate::booking::Booking;
+use crate::breaker::Outcome;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::openai::{self, ClientRequest};
 use crate::protocol::{self, DecodeStart, LegContext, LegError};
 use crate::relay::Relay;
 use crate::state::AppState;
+use crate::workers::Worker;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -63,10 +68,34 @@ async fn run(
     let raw = body.map_err(|r| body_error(r, state.cfg.server.max_body_bytes))?;
     let req = openai::parse(kind, &raw, &state.cfg.model.name)?;
     let key = prefix_key(state, &req).await;
+    // Prefills that failed this request: not tried again, and they count against the attempts.
     let mut failed: Vec<InstanceId> = Vec::new();
+    // Workers whose half-open breaker's one probe another request claimed first: skipped, free.
+    let mut contested: Vec<InstanceId> = Vec::new();
     let attempts = state.cfg.upstream.prefill_attempts.max(1) as usize;
+    // The last pair whose prefill failed, for the decode-only fallback (when enabled).
+    let mut last_failed: Option<(Booking, Arc<Worker>, ApiError)> = None;
     loop {
-        let booking = schedule(state, &key, &failed)?;
+        let mut avoid: Vec<InstanceId> = failed.iter().chain(&contested).copied().collect();
+        state.workers.add_tripped(state.now(), &mut avoid);
+        let booking = match schedule(state, &key, &avoid) {
+            Ok(b) => b,
+            Err(r) => {
+                return match (r, last_failed.take()) {
+                    // Every prefill left has failed this request (or is cut off by its breaker).
+                    (Rejection::NoHealthy(Role::Prefill), Some((booking, decode, cause))) => {
+                        let f = Fallback {
+                            req: &req,
+                            request_id,
+                            prompt_tokens: key.prompt_tokens,
+                            started,
+                        };
+                        fallback(state, f, booking, decode, cause, permit).await
+                    }
+                    (r, _) => Err(rejection_error(r)),
+                };
+            }
+        };
         let decision = booking.decision;
         let decode = state.workers.get(decision.decode);
         let prefill = decision.prefill.map(|id| state.workers.get(id));
@@ -77,6 +106,12 @@ async fn run(
                 "the chosen pair left the fleet; retry",
             ));
         };
+        if let Err(id) = claim_pair(state, prefill.as_deref(), &decode) {
+            contested.push(id);
+            continue;
+        }
+        // A new pair is under way: the failed one's booking is released, not held alongside.
+        last_failed = None;
         tracing::info!(
             prefill = prefill.as_ref().map_or("(local)", |p| p.url.as_str()),
             decode = %decode.url,
@@ -93,25 +128,132 @@ async fn run(
             prefill: prefill.as_deref(),
             decode: &decode,
         };
-        match protocol::run_legs(decode.protocol, &ctx, |observed| {
+        let result = protocol::run_legs(decode.protocol, &ctx, |observed| {
             booking.prefill_done(observed)
         })
-        .await
-        {
+        .await;
+        account_breakers(state, prefill.as_deref(), &decode, &result);
+        match result {
             Ok(start) => return Ok(respond(&req, start, booking, started, request_id, permit)),
             Err(LegError {
                 role: Role::Prefill,
                 retryable: true,
                 error,
-            }) if failed.len() + 1 < attempts => {
-                tracing::warn!(message = %error.message, "prefill failed; retrying on another instance");
-                metrics::prefill_retry();
+            }) => {
                 failed.extend(decision.prefill);
+                if failed.len() < attempts {
+                    tracing::warn!(message = %error.message, "prefill failed; retrying on another instance");
+                    metrics::prefill_retry();
+                    if state.cfg.upstream.fallback_to_decode {
+                        last_failed = Some((booking, decode, error));
+                    }
+                    continue;
+                }
+                if state.cfg.upstream.fallback_to_decode {
+                    let f = Fallback {
+                        req: &req,
+                        request_id,
+                        prompt_tokens: key.prompt_tokens,
+                        started,
+                    };
+                    return fallback(state, f, booking, decode, error, permit).await;
+                }
+                return Err(error);
             }
             Err(e) => return Err(e.error),
         }
     }
 }
+
+/// Claims the breakers of a scheduled pair; `Err(id)`: that worker's half-open probe is taken.
+fn claim_pair(
+    state: &AppState,
+    prefill: Option<&Worker>,
+    decode: &Worker,
+) -> Result<(), InstanceId> {
+    let now = state.now();
+    if !state.workers.claim(decode, now) {
+        return Err(decode.id);
+    }
+    if let Some(p) = prefill {
+        if !state.workers.claim(p, now) {
+            // Give back the decode's claim (its probe, if half-open): it served nothing.
+            state
+                .workers
+                .record(decode, Outcome::Unknown, now, &state.cfg.breaker);
+            return Err(p.id);
+        }
+    }
+    Ok(())
+}
+
+/// Feeds each leg's outcome to its own worker's breaker: the failed leg is the failure; the
+/// other leg's fate is unknown (a decode aborted because its prefill failed did nothing wrong),
+/// and a request the engine refused as invalid says nothing about either engine.
+fn account_breakers(
+    state: &AppState,
+    prefill: Option<&Worker>,
+    decode: &Worker,
+    result: &Result<DecodeStart, LegError>,
+) {
+    let (p, d) = match result {
+        Ok(_) => (Outcome::Success, Outcome::Success),
+        Err(e) if !e.retryable => (Outcome::Unknown, Outcome::Unknown),
+        Err(e) if e.role == Role::Prefill => (Outcome::Failure, Outcome::Unknown),
+        Err(_) => (Outcome::Unknown, Outcome::Failure),
+    };
+    let (now, cfg) = (state.now(), &state.cfg.breaker);
+    if let Some(prefill) = prefill {
+        state.workers.record(prefill, p, now, cfg);
+    }
+    state.workers.record(decode, d, now, cfg);
+}
+
+/// What the decode-only fallback needs of the request.
+struct Fallback<'a> {
+    req: &'a ClientRequest,
+    request_id: &'a str,
+    prompt_tokens: u32,
+    started: Instant,
+}
+
+/// Every prefill attempt failed before any byte reached the client: the plain request goes to
+/// the last pair's decode instance, which prefills it itself. Marked on the response
+/// (`x-pdgate-fallback: decode-prefill`), counted and logged: never silent.
+async fn fallback(
+    state: &Arc<AppState>,
+    f: Fallback<'_>,
+    booking: Booking,
+    decode: Arc<Worker>,
+    cause: ApiError,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
+    if !state.workers.claim(&decode, state.now()) {
+        return Err(cause);
+    }
+    tracing::warn!(decode = %decode.url, cause = %cause.message, "every prefill failed; decode prefills the request itself (fallback_to_decode)");
+    metrics::fallback();
+    // Its prefill never ran: release that load; the decode stays booked for the stream.
+    booking.prefill_done(None);
+    let ctx = LegContext {
+        state,
+        request_id: f.request_id,
+        req: f.req,
+        prompt_tokens: f.prompt_tokens,
+        prefill: None,
+        decode: &decode,
+    };
+    let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;
+    account_breakers(state, None, &decode, &result);
+    let start = result.map_err(|e| e.error)?;
+    let mut resp = respond(f.req, start, booking, f.started, f.request_id, permit);
+    resp.headers_mut()
+        .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
+    Ok(resp)
+}
+
+/// Marks a response the decode instance prefilled itself because every prefill failed.
+pub const FALLBACK_HEADER: &str = "x-pdgate-fallback";
 
 /// Tokenises the whole rendered prompt and cuts it into chained block hashes. A real tokenizer
 /// takes ~2 ms per 1,000 tokens (measured in the scheduler's bench), so it runs on the blocking
@@ -137,7 +279,7 @@ fn schedule(
     state: &Arc<AppState>,
     key: &RequestKey,
     avoid: &[InstanceId],
-) -> Result<Booking, ApiError> {
+) -> Result<Booking, Rejection> {
     let began = Instant::now();
     let result = state
         .scheduler
@@ -148,17 +290,19 @@ fn schedule(
         began.elapsed(),
         &result,
     );
-    let decision = result.map_err(|r| {
-        metrics::rejected(r.label());
-        match r {
-            Rejection::NoHealthy(role) => ApiError::unavailable(
-                "no_healthy_pair",
-                format!("no healthy {role} instance is available"),
-            ),
-            other => ApiError::rejected(other.label(), other.to_string(), other.retry_after_secs()),
-        }
-    })?;
-    Ok(Booking::new(Arc::clone(state), decision))
+    Ok(Booking::new(Arc::clone(state), result?))
+}
+
+/// The client's answer to a scheduling rejection: 503 when nothing can serve, 429 admission.
+fn rejection_error(r: Rejection) -> ApiError {
+    metrics::rejected(r.label());
+    match r {
+        Rejection::NoHealthy(role) => ApiError::unavailable(
+            "no_healthy_pair",
+            format!("no healthy {role} instance is available"),
+        ),
+        other => ApiError::rejected(other.label(), other.to_string(), other.retry_after_secs()),
+    }
 }
 
 /// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.

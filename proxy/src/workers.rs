@@ -1,13 +1,17 @@
 //! The worker registry: every engine instance the gateway fronts, its role, URL, protocol and
 //! health, keyed by the scheduler's `InstanceId`. The scheduler holds the load; this holds the
-//! addresses. Adding or removing a worker updates both under one call.
+//! addresses, health and circuit breakers. Adding or removing a worker updates both under one
+//! call.
 
+use crate::breaker::{Breaker, BreakerConfig, Outcome, Transition};
 use crate::config::{Protocol, WorkerConfig};
 use parking_lot::{Mutex, RwLock};
 use pdgate_scheduler::{InstanceId, InstanceLoad, InstanceSpec, Role, Scheduler};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Worker {
@@ -17,6 +21,7 @@ pub struct Worker {
     pub protocol: Protocol,
     pub bootstrap_port: Option<u16>,
     pub health: Mutex<HealthState>,
+    pub breaker: Mutex<Breaker>,
 }
 
 /// Health with hysteresis: counts of consecutive results decide flips.
@@ -34,12 +39,16 @@ pub struct WorkerView {
     pub url: String,
     pub protocol: &'static str,
     pub healthy: bool,
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
     pub load: InstanceLoad,
 }
 
 #[derive(Default)]
 pub struct Workers {
     by_id: RwLock<BTreeMap<InstanceId, Arc<Worker>>>,
+    /// Breakers not closed, so the common case (all closed) skips the per-worker scan.
+    tripped: AtomicUsize,
 }
 
 impl Workers {
@@ -55,6 +64,7 @@ impl Workers {
             protocol: cfg.protocol,
             bootstrap_port: cfg.bootstrap_port,
             health: Mutex::new(HealthState::default()),
+            breaker: Mutex::new(Breaker::default()),
         });
         self.by_id.write().insert(id, Arc::clone(&w));
         w
@@ -78,9 +88,71 @@ impl Workers {
                 url: w.url.clone(),
                 protocol: w.protocol.as_str(),
                 healthy: w.health.lock().healthy,
+                breaker: w.breaker.lock().label(),
                 load: s.load(w.id).unwrap_or_default(),
             })
             .collect()
+    }
+
+    /// Appends the workers whose breaker admits no new request at `now` to `avoid`.
+    pub fn add_tripped(&self, now: Duration, avoid: &mut Vec<InstanceId>) {
+        if self.tripped.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        // A snapshot: `note` reads the map again, and a recursive read could deadlock behind a
+        // waiting writer (`add`).
+        for w in self.all() {
+            let (admits, t) = w.breaker.lock().admits(now);
+            self.note(&w, t);
+            if !admits && !avoid.contains(&w.id) {
+                avoid.push(w.id);
+            }
+        }
+    }
+
+    /// Claims a scheduled worker's breaker (the one probe of a half-open breaker); `false`: another
+    /// request holds the probe or the breaker opened since scheduling.
+    pub fn claim(&self, w: &Worker, now: Duration) -> bool {
+        let (ok, t) = w.breaker.lock().claim(now);
+        self.note(w, t);
+        ok
+    }
+
+    /// Folds the outcome of a leg `w` served into its breaker.
+    pub fn record(&self, w: &Worker, outcome: Outcome, now: Duration, cfg: &BreakerConfig) {
+        let t = w.breaker.lock().record(outcome, now, cfg);
+        self.note(w, t);
+    }
+
+    fn note(&self, w: &Worker, t: Option<Transition>) {
+        let Some(t) = t else { return };
+        match t {
+            Transition::Opened => {
+                self.tripped.fetch_add(1, Ordering::AcqRel);
+            }
+            Transition::Closed => {
+                self.tripped.fetch_sub(1, Ordering::AcqRel);
+            }
+            Transition::Reopened | Transition::HalfOpened => {}
+        }
+        let open_now = self
+            .by_id
+            .read()
+            .values()
+            .filter(|o| o.role == w.role && o.breaker.lock().label() != "closed")
+            .count();
+        match t {
+            Transition::Opened | Transition::Reopened => {
+                tracing::warn!(worker = %w.url, role = %w.role, "circuit breaker opened")
+            }
+            Transition::HalfOpened => {
+                tracing::info!(worker = %w.url, role = %w.role, "circuit breaker half-open: one probe")
+            }
+            Transition::Closed => {
+                tracing::info!(worker = %w.url, role = %w.role, "circuit breaker closed")
+            }
+        }
+        crate::metrics::breaker(w.role, t.as_str(), open_now);
     }
 }
 

@@ -306,3 +306,83 @@ async fn sglang_decode_without_its_prefill_times_out_and_frees_its_slots() {
     assert!(no_reservations_left(&fleet).await);
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_prefill_is_a_504_and_leaks_nothing() {
+    for protocol in PROTOCOLS {
+        // Scaled time: this prompt's prefill takes seconds, past the one-second deadline.
+        let mut cfg = pd_config(protocol, 1, 1, 300.0);
+        cfg.upstream.prefill_timeout_secs = 1;
+        cfg.upstream.prefill_attempts = 1;
+        cfg.up.engine.reservation_ttl_secs = 1;
+        let fleet = fleet(cfg).await;
+        let started = std::time::Instant::now();
+        let resp = post(
+            &fleet.url(),
+            "/v1/completions",
+            completion(&"a prompt that takes long to prefill ".repeat(20), 2),
+        )
+        .await;
+        assert_eq!(resp.status(), 504, "{protocol}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(
+            body["error"]["code"], "upstream_timeout",
+            "{protocol}: {body}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{protocol}: the deadline, not the engine, ended it"
+        );
+        assert!(
+            no_reservations_left(&fleet).await,
+            "{protocol}: reservation leaked"
+        );
+        fleet.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_cut_mid_stream_is_an_sse_error_and_leaks_nothing() {
+    for protocol in PROTOCOLS {
+        let mut cfg = pd_config(protocol, 1, 1, 0.0);
+        cfg.up.engine.faults.cut_stream_after_tokens = 2;
+        let fleet = fleet(cfg).await;
+        let mut body = completion(&format!("{protocol}: cut me off"), 6);
+        body["stream"] = json!(true);
+        let resp = post(&fleet.url(), "/v1/completions", body).await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "{protocol}: the head went out before the cut"
+        );
+        let events = sse_events(&resp.text().await.expect("gateway ends its body cleanly"));
+        let last = events.last().expect("some events");
+        assert_ne!(
+            last, "[DONE]",
+            "{protocol}: a cut stream must not look complete"
+        );
+        let err: Value = serde_json::from_str(last).expect("error event is JSON");
+        assert_eq!(
+            err["error"]["code"], "decode_stream_interrupted",
+            "{protocol}: {events:?}"
+        );
+        let tokens = events[..events.len() - 1]
+            .iter()
+            .filter(|e| e.contains("\"text\""))
+            .count();
+        assert_eq!(
+            tokens, 2,
+            "{protocol}: what came before the cut was relayed: {events:?}"
+        );
+        let stopped = eventually(Duration::from_secs(5), || async {
+            engine_sum(&fleet, Role::Decode, "vllm:num_requests_running").await == 0.0
+        })
+        .await;
+        assert!(stopped, "{protocol}: decode sequence still running");
+        assert!(
+            no_reservations_left(&fleet).await,
+            "{protocol}: reservation leaked"
+        );
+        fleet.stop().await;
+    }
+}

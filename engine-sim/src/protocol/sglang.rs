@@ -151,14 +151,18 @@ pub(super) async fn decode(
         return Err(ApiError::server(502, "bootstrap_failed", msg));
     }
     let claim = pool.claim(room, timeout).await.map_err(|err| match err {
-        crate::pool::PoolError::NotLanded(_) => ApiError::server(
-            504,
-            "bootstrap_timeout",
-            format!(
-                "no prefill for bootstrap room `{room}` arrived within {} ms",
-                timeout.as_millis()
-            ),
-        ),
+        // `Unknown`: the TTL sweep freed the reservation while we waited (a TTL no longer than
+        // the bootstrap timeout races it); for the client it is the same missing prefill.
+        crate::pool::PoolError::NotLanded(_) | crate::pool::PoolError::Unknown(_) => {
+            ApiError::server(
+                504,
+                "bootstrap_timeout",
+                format!(
+                    "no prefill for bootstrap room `{room}` arrived within {} ms",
+                    timeout.as_millis()
+                ),
+            )
+        }
         other => pull::pool_error(other),
     })?;
     let mut release = release;

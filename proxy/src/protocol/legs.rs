@@ -7,6 +7,7 @@
 use super::{read_limited, unreachable, upstream_failure, LegContext, LegError};
 use crate::error::ApiError;
 use crate::metrics;
+use bytes::Bytes;
 use pdgate_engine_sim::openai::ApiKind;
 use pdgate_scheduler::Role;
 use serde_json::Value;
@@ -79,10 +80,25 @@ pub async fn prefill_json(
     Ok(answer)
 }
 
+/// A leg's JSON body, serialised once: legs that send the same body to both engines share it.
+pub fn to_body(v: &Value) -> Bytes {
+    // A `Value` always serialises (its keys are strings); the empty fallback is unreachable.
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
 /// Posts a decode leg and waits (bounded) for its response head.
 pub async fn decode_head(
     ctx: &LegContext<'_>,
     body: &Value,
+    headers: &[(&str, String)],
+) -> Result<reqwest::Response, LegError> {
+    decode_head_raw(ctx, to_body(body), headers).await
+}
+
+/// [`decode_head`] with an already serialised body.
+pub async fn decode_head_raw(
+    ctx: &LegContext<'_>,
+    body: Bytes,
     headers: &[(&str, String)],
 ) -> Result<reqwest::Response, LegError> {
     let url = &ctx.decode.url;
@@ -92,7 +108,8 @@ pub async fn decode_head(
         .client
         .post(format!("{url}{}", path(ctx.req.kind)))
         .header("x-request-id", ctx.request_id)
-        .json(body);
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
     for (k, v) in headers {
         rb = rb.header(*k, v);
     }

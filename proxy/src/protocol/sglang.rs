@@ -10,6 +10,7 @@
 
 use super::{legs, DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
+use bytes::Bytes;
 use pdgate_scheduler::{Observed, Role};
 use serde_json::Value;
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub async fn run(
     // One rid per attempt: an abort sent for a failed attempt must not hit its retry.
     let rid = format!("{}-{room:x}", ctx.request_id);
     body["rid"] = Value::from(rid.as_str());
+    // Both legs get the same bytes: serialised once, shared by reference count.
+    let body = legs::to_body(&body);
     concurrent(
         ctx,
         &rid,
@@ -68,8 +71,8 @@ pub async fn concurrent(
     ctx: &LegContext<'_>,
     rid: &str,
     prefill_url: &str,
-    prefill_body: Value,
-    decode_body: Value,
+    prefill_body: Bytes,
+    decode_body: Bytes,
     abortable: bool,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
@@ -93,7 +96,7 @@ pub async fn concurrent(
         rid.clone(),
         timeout,
     ));
-    let decode = legs::decode_head(ctx, &decode_body, &[]);
+    let decode = legs::decode_head_raw(ctx, decode_body, &[]);
     tokio::pin!(decode);
     let first = tokio::select! {
         d = &mut decode => Ok(d),
@@ -180,14 +183,15 @@ async fn prefill_leg(
     client: reqwest::Client,
     url: String,
     engine: String,
-    body: Value,
+    body: Bytes,
     rid: String,
     timeout: Duration,
 ) -> Result<(), LegError> {
     let resp = client
         .post(&url)
         .header("x-request-id", &rid)
-        .json(&body)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
         .timeout(timeout)
         .send()
         .await

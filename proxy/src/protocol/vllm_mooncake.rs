@@ -49,8 +49,8 @@ pub async fn run(
         ctx,
         ctx.request_id,
         &prefill.url,
-        prefill_body,
-        decode_body,
+        legs::to_body(&prefill_body),
+        legs::to_body(&decode_body),
         false,
         on_prefill_done,
     )

@@ -94,3 +94,109 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_string))
         .collect()
 }
+
+/// A proxy in front of one engine that can be told to fail: every `/v1/*` call is counted, and
+/// answered 500 while `fail` is set, else forwarded (body buffered: non-streamed tests only).
+/// Everything else (`/health`, `/metrics`) is forwarded, so the worker looks alive to health
+/// checks while it fails requests: exactly what a circuit breaker, not a health check, must catch.
+pub struct Flaky {
+    pub url: String,
+    pub fail: std::sync::atomic::AtomicBool,
+    pub hits: std::sync::atomic::AtomicUsize,
+}
+
+impl Flaky {
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+pub async fn flaky(target: String) -> std::sync::Arc<Flaky> {
+    use axum::extract::{Request, State};
+    use axum::response::{IntoResponse, Response};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let flaky = Arc::new(Flaky {
+        url: format!("http://{}", listener.local_addr().expect("addr")),
+        fail: std::sync::atomic::AtomicBool::new(true),
+        hits: std::sync::atomic::AtomicUsize::new(0),
+    });
+    async fn handle(State((f, target)): State<(Arc<Flaky>, String)>, req: Request) -> Response {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if path.starts_with("/v1/") {
+            f.hits.fetch_add(1, Ordering::SeqCst);
+            if f.fail.load(Ordering::SeqCst) {
+                return (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(serde_json::json!({"error": {"message": "injected failure"}})),
+                )
+                    .into_response();
+            }
+        }
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, 16 << 20)
+            .await
+            .unwrap_or_default();
+        let mut rb = client().request(parts.method, format!("{target}{path}"));
+        for (k, v) in &parts.headers {
+            if k != "host" && k != "content-length" {
+                rb = rb.header(k, v);
+            }
+        }
+        match rb.body(body).send().await {
+            Ok(r) => {
+                let status = r.status();
+                let headers = r.headers().clone();
+                let bytes = r.bytes().await.unwrap_or_default();
+                let mut resp = Response::new(axum::body::Body::from(bytes));
+                *resp.status_mut() = status;
+                if let Some(ct) = headers.get("content-type") {
+                    resp.headers_mut().insert("content-type", ct.clone());
+                }
+                resp
+            }
+            Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state((Arc::clone(&flaky), target));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    flaky
+}
+
+/// `/admin/workers` of a gateway, as JSON.
+pub async fn admin_workers(url: &str) -> Vec<Value> {
+    client()
+        .get(format!("{url}/admin/workers"))
+        .send()
+        .await
+        .expect("admin")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The breaker state `/admin/workers` shows for the worker at `worker_url`.
+pub async fn breaker_of(gateway: &str, worker_url: &str) -> String {
+    admin_workers(gateway)
+        .await
+        .iter()
+        .find(|w| w["url"] == worker_url)
+        .and_then(|w| w["breaker"].as_str())
+        .unwrap_or("(missing)")
+        .to_string()
+}

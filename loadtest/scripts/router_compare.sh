@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Gateway overhead against the peer PD routers, in one run on this machine: a 2 prefill + 2 decode
+# fleet of instant reference engines (`--time-scale 0`, so what is measured is the routers, not
+# model time; KV_BYTES_PER_TOKEN=64 by default, so the engines' real KV copy over loopback, ~2 MB
+# per request at the model default, does not eat the CPU the routers share), loaded with `wrk` (2 threads x 32 connections, ~1 KB prompt, max_tokens 8, unique
+# prompts so nothing is served from a prefix cache) for DURATION each:
+#   direct        one decode engine, plain request (the floor every router adds to)
+#   pdgate-sglang pdgate serve, sglang pools     vs  smg-sglang   sglang-router --pd-disaggregation
+#   pdgate-vllm   pdgate serve, vllm-nixl pools  vs  vllm-router  vllm-router --vllm-pd-disaggregation
+# Prints a Markdown table (req/s, p50/p99, added p50/p99 over direct) and the ratios.
+# Needs: a release build (cargo build --release -p pdgate), wrk, sglang-router and vllm-router
+# (pip); a missing router is skipped.
+#
+#   DURATION=10s bash loadtest/scripts/router_compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PDGATE=${PDGATE:-target/release/pdgate}
+DURATION=${DURATION:-10s}
+OUT=${OUT:-target/router-compare}
+BASE_PORT=${BASE_PORT:-18300}
+PY=${PYTHON:-python3}
+KV_BYTES_PER_TOKEN=${KV_BYTES_PER_TOKEN:-64}
+SCRIPTS=loadtest/scripts
+export HF_ENDPOINT=http://127.0.0.1:9 HF_HUB_OFFLINE=1
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_ok() { # url what
+  for _ in $(seq 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "$2 not ready at $1" >&2; exit 1
+}
+stop_all() { cleanup; PIDS=(); sleep 0.5; }
+
+engines() { # protocol -> sets P1 P2 D1 D2
+  local proto=$1 i=0
+  for role in prefill prefill decode decode; do
+    local port=$((BASE_PORT + i)); i=$((i + 1))
+    PDGATE_ENGINE_KV_BYTES_PER_TOKEN=$KV_BYTES_PER_TOKEN RUST_LOG=warn "$PDGATE" engine --role "$role" --protocol "$proto" --port "$port" \
+      --time-scale 0 --bootstrap-timeout-ms 5000 >"$OUT/engine-$proto-$port.log" 2>&1 &
+    PIDS+=($!)
+    wait_ok "http://127.0.0.1:$port/health" "$role engine"
+  done
+  P1=http://127.0.0.1:$BASE_PORT P2=http://127.0.0.1:$((BASE_PORT + 1))
+  D1=http://127.0.0.1:$((BASE_PORT + 2)) D2=http://127.0.0.1:$((BASE_PORT + 3))
+}
+
+cpu_ticks() { # pid -> utime+stime of the process and its children threads, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+load() { # name url [router pid]
+  # A short warm-up opens the connection pools before the measured run.
+  wrk -t2 -c32 -d2s -s "$SCRIPTS/router_compare.lua" "$2" >/dev/null
+  local before=0
+  [ -n "${3:-}" ] && before=$(cpu_ticks "$3")
+  wrk -t2 -c32 -d"$DURATION" --latency -s "$SCRIPTS/router_compare.lua" "$2" | tee "$OUT/$1.txt"
+  # The router's own CPU over the measured run: what it costs, whatever the shared box did.
+  [ -n "${3:-}" ] && echo "Router CPU ticks: $(($(cpu_ticks "$3") - before)) at $(getconf CLK_TCK)/s" >>"$OUT/$1.txt"
+  # One connection: no queueing anywhere, so added latency is the router's own path.
+  wrk -t1 -c1 -d"${LAT_DURATION:-5s}" --latency -s "$SCRIPTS/router_compare.lua" "$2" >"$OUT/$1.c1"
+}
+
+pdgate() { # protocol name
+  local port=$((BASE_PORT + 10)) cfg="$OUT/pdgate-$1.toml"
+  {
+    printf '[server]\nport = %d\n[log]\nfilter = "warn"\n' "$port"
+    # Routers compared here do no admission control; neither does pdgate in this run.
+    printf '[scheduler.slo]\nadmission = false\n'
+    for u in "$P1" "$P2"; do printf '[[workers]]\nurl = "%s"\nrole = "prefill"\nprotocol = "%s"\n' "$u" "$1"; done
+    for u in "$D1" "$D2"; do printf '[[workers]]\nurl = "%s"\nrole = "decode"\nprotocol = "%s"\n' "$u" "$1"; done
+  } >"$cfg"
+  RUST_LOG=warn "$PDGATE" serve --config "$cfg" >"$OUT/$2.log" 2>&1 &
+  PIDS+=($!)
+  wait_ok "http://127.0.0.1:$port/ready" "pdgate"
+  load "$2" "http://127.0.0.1:$port" "${PIDS[-1]}"
+  curl -s "http://127.0.0.1:$port/metrics" | grep -E '^pdgate_(requests|legs)_total' >"$OUT/$2.metrics" || true
+}
+
+# --- SGLang mode -------------------------------------------------------------------------------
+engines sglang
+echo "== direct (one decode engine, plain request)"
+load direct "$D1"
+echo "== pdgate, sglang"
+pdgate sglang pdgate-sglang
+kill "${PIDS[-1]}"; unset 'PIDS[-1]'
+if "$PY" -c 'import sglang_router' 2>/dev/null; then
+  echo "== sglang-router (smg), PD mode"
+  port=$((BASE_PORT + 11))
+  # The reference engine serves its bootstrap endpoint on its HTTP port.
+  "$PY" -m sglang_router.launch_router --pd-disaggregation --host 127.0.0.1 --port "$port" \
+    --prefill "$P1" "${P1##*:}" --prefill "$P2" "${P2##*:}" --decode "$D1" --decode "$D2" \
+    --policy round_robin --log-level warn >"$OUT/smg-sglang.log" 2>&1 &
+  PIDS+=($!)
+  wait_ok "http://127.0.0.1:$port/health" "sglang-router"
+  load smg-sglang "http://127.0.0.1:$port" "${PIDS[-1]}"
+fi
+stop_all
+
+# --- vLLM mode ---------------------------------------------------------------------------------
+engines vllm-nixl
+echo "== pdgate, vllm-nixl"
+pdgate vllm-nixl pdgate-vllm
+kill "${PIDS[-1]}"; unset 'PIDS[-1]'
+if command -v vllm-router >/dev/null; then
+  echo "== vllm-router, vLLM PD mode"
+  port=$((BASE_PORT + 12))
+  vllm-router --vllm-pd-disaggregation --host 127.0.0.1 --port "$port" \
+    --prefill "$P1" --prefill "$P2" --decode "$D1" --decode "$D2" \
+    --prefill-policy round_robin --decode-policy round_robin --log-level warning \
+    >"$OUT/vllm-router.log" 2>&1 &
+  PIDS+=($!)
+  wait_ok "http://127.0.0.1:$port/health" "vllm-router"
+  load vllm-router "http://127.0.0.1:$port" "${PIDS[-1]}"
+fi
+stop_all
+
+echo
+"$PY" "$SCRIPTS/router_compare_report.py" "$OUT" | tee "$OUT/table.md"

@@ -1,0 +1,200 @@
+//! Circuit breakers and the decode-only fallback, end to end: a worker that answers `/health` but
+//! fails its legs is cut off by its own breaker (never its partner's), comes back through exactly
+//! one half-open probe, and a request whose every prefill failed is served by its decode only
+//! when the fallback is enabled, and then says so.
+
+mod support;
+
+use pdgate::config::{Protocol, WorkerConfig};
+use pdgate::Fleet;
+use pdgate_scheduler::{PolicyKind, Role};
+use std::time::Duration;
+use support::*;
+
+const COOLDOWN_MS: u64 = 500;
+
+async fn breaker_fleet() -> Fleet {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.up.engine.protocol = Protocol::VllmNixl;
+    cfg.up.engine.reservation_ttl_secs = 3;
+    cfg.scheduler.policy = PolicyKind::RoundRobin;
+    cfg.breaker.failure_threshold = 2;
+    cfg.breaker.cooldown_ms = COOLDOWN_MS;
+    cfg.upstream.prefill_attempts = 2;
+    fleet(cfg).await
+}
+
+fn engine_url(fleet: &Fleet, role: Role) -> String {
+    fleet
+        .engines
+        .iter()
+        .find(|(r, _)| *r == role)
+        .expect("engine")
+        .1
+        .url()
+}
+
+async fn add_worker(fleet: &Fleet, url: &str, role: Role) {
+    let state = &fleet.gateway.state;
+    state.workers.add(
+        &state.scheduler,
+        &WorkerConfig {
+            url: url.to_string(),
+            role,
+            protocol: Protocol::VllmNixl,
+            bootstrap_port: None,
+        },
+    );
+    pdgate::health::check_all(state).await;
+}
+
+async fn send(url: &str, i: usize) -> u16 {
+    post(
+        url,
+        "/v1/completions",
+        completion(&format!("breaker {i}"), 2),
+    )
+    .await
+    .status()
+    .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_prefill_opens_its_own_breaker_and_half_open_admits_one_probe() {
+    let fleet = breaker_fleet().await;
+    let url = fleet.url();
+    let bad = flaky(engine_url(&fleet, Role::Prefill)).await;
+    add_worker(&fleet, &bad.url, Role::Prefill).await;
+    let decode = engine_url(&fleet, Role::Decode);
+
+    // Every request succeeds (a failed prefill is retried on the good one) until the bad
+    // prefill has failed twice; from then on it gets nothing.
+    for i in 0..12 {
+        assert_eq!(send(&url, i).await, 200, "request {i}");
+    }
+    assert_eq!(
+        bad.hits(),
+        2,
+        "breaker opened after 2 failures and kept traffic away"
+    );
+    assert_eq!(breaker_of(&url, &bad.url).await, "open");
+    assert_eq!(
+        breaker_of(&url, &decode).await,
+        "closed",
+        "a prefill failure never counts against the decode that served the same request"
+    );
+    let m = metrics_text(&url).await;
+    assert!(
+        m.contains(r#"pdgate_breaker_transitions_total{role="prefill",to="open"} 1"#),
+        "{m}"
+    );
+
+    // Cooldown over: a burst of concurrent requests lets exactly one probe through; it fails,
+    // the breaker reopens, the burst is served by the good prefill.
+    tokio::time::sleep(Duration::from_millis(COOLDOWN_MS + 100)).await;
+    let burst = (0..8).map(|i| send(&url, 100 + i));
+    let statuses = futures::future::join_all(burst).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(bad.hits(), 3, "half-open admitted exactly one probe");
+    assert_eq!(
+        breaker_of(&url, &bad.url).await,
+        "open",
+        "failed probe reopens"
+    );
+
+    // Healed: after the next cooldown the probe succeeds, the breaker closes and traffic returns.
+    bad.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(COOLDOWN_MS + 100)).await;
+    for i in 0..6 {
+        assert_eq!(send(&url, 200 + i).await, 200);
+    }
+    assert_eq!(breaker_of(&url, &bad.url).await, "closed");
+    assert!(
+        bad.hits() >= 5,
+        "closed breaker shares traffic again: {}",
+        bad.hits()
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_decode_opens_only_its_own_breaker() {
+    let fleet = breaker_fleet().await;
+    let url = fleet.url();
+    let bad = flaky(engine_url(&fleet, Role::Decode)).await;
+    add_worker(&fleet, &bad.url, Role::Decode).await;
+    let prefill = engine_url(&fleet, Role::Prefill);
+
+    let mut failures = 0;
+    for i in 0..12 {
+        match send(&url, i).await {
+            200 => {}
+            502 => failures += 1,
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(
+        failures, 2,
+        "decode failures are 502 until its breaker opens"
+    );
+    assert_eq!(bad.hits(), 2);
+    assert_eq!(breaker_of(&url, &bad.url).await, "open");
+    assert_eq!(
+        breaker_of(&url, &prefill).await,
+        "closed",
+        "the prefill that served those requests is not blamed"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_to_decode_serves_when_every_prefill_failed_and_says_so() {
+    for protocol in [
+        Protocol::VllmNixl,
+        Protocol::VllmMooncake,
+        Protocol::Sglang,
+        Protocol::Trtllm,
+        Protocol::Native,
+    ] {
+        for enabled in [false, true] {
+            let mut cfg = config(1, 1, 0.0);
+            cfg.up.engine.protocol = protocol;
+            cfg.up.engine.bootstrap_timeout_ms = 3000;
+            cfg.upstream.fallback_to_decode = enabled;
+            // No health check notices the dead prefill during the test: the legs must.
+            cfg.health.interval_ms = 60_000;
+            let mut fleet = fleet(cfg).await;
+            let idx = fleet
+                .engines
+                .iter()
+                .position(|(r, _)| *r == Role::Prefill)
+                .expect("prefill");
+            let (_, dead) = fleet.engines.remove(idx);
+            dead.stop().await;
+            let fallbacks = || async {
+                let m = metrics_text(&fleet.url()).await;
+                pdgate_engine_sim::stats::sample(&m, "pdgate_fallbacks_total").unwrap_or(0.0)
+            };
+            let before = fallbacks().await;
+            let resp = post(&fleet.url(), "/v1/completions", completion("fall back", 3)).await;
+            let status = resp.status().as_u16();
+            let header = resp
+                .headers()
+                .get("x-pdgate-fallback")
+                .map(|v| v.to_str().unwrap_or("").to_string());
+            let body: serde_json::Value = resp.json().await.expect("json");
+            let counted = fallbacks().await - before;
+            if enabled {
+                assert_eq!(status, 200, "{protocol}: {body}");
+                assert_eq!(header.as_deref(), Some("decode-prefill"), "{protocol}");
+                assert_eq!(body["usage"]["completion_tokens"], 3, "{protocol}");
+                assert_eq!(counted, 1.0, "{protocol}: counted");
+            } else {
+                assert_eq!(status, 503, "{protocol}: no silent fallback: {body}");
+                assert_eq!(header, None, "{protocol}");
+                assert_eq!(counted, 0.0, "{protocol}");
+            }
+            fleet.stop().await;
+        }
+    }
+}
