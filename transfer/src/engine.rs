@@ -3,7 +3,8 @@
 //!
 //! It is the only type other crates need at runtime. It picks the transport
 //! per peer from `EngineOptions::transport` and a handshake with the owner
-//! (`auto`: shm on the same host, tcp otherwise), enforces the per-batch
+//! (`auto`: shm on the same host, rdma when built with the `rdma` feature
+//! and both sides have a device, tcp otherwise), enforces the per-batch
 //! deadline, and short-cuts batches addressed to itself. It must know nothing of HTTP,
 //! requests or models: a notification payload is opaque bytes.
 
@@ -22,6 +23,8 @@ use crate::local::{LocalSegments, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::host_id;
+#[cfg(feature = "rdma")]
+use crate::transport::rdma::runtime::{RdmaEngine, RdmaRuntime};
 use crate::transport::shm::{self, ShmTransport};
 use crate::transport::slice::DEFAULT_SLICE_SIZE;
 use crate::transport::tcp::{self, TcpTransport};
@@ -56,6 +59,9 @@ pub struct EngineOptions {
     pub slice_size: usize,
     /// Directory for shared-memory segment files (a tmpfs).
     pub shm_dir: PathBuf,
+    /// RC queue pairs per RDMA connection (1..=16).
+    #[cfg(feature = "rdma")]
+    pub rdma_qps_per_peer: usize,
 }
 
 impl Default for EngineOptions {
@@ -69,6 +75,8 @@ impl Default for EngineOptions {
             transport: TransportChoice::Auto,
             slice_size: DEFAULT_SLICE_SIZE,
             shm_dir: PathBuf::from(shm::SHM_DIR),
+            #[cfg(feature = "rdma")]
+            rdma_qps_per_peer: crate::transport::rdma::session::DEFAULT_QPS_PER_PEER,
         }
     }
 }
@@ -81,6 +89,9 @@ pub struct TransferEngine {
     endpoint: String,
     op_timeout: Duration,
     shutdown: watch::Sender<bool>,
+    /// Present when this engine opened an RDMA device (feature `rdma`).
+    #[cfg(feature = "rdma")]
+    rdma: Option<Arc<dyn RdmaEngine>>,
 }
 
 impl std::fmt::Debug for TransferEngine {
@@ -94,10 +105,46 @@ impl std::fmt::Debug for TransferEngine {
 impl TransferEngine {
     /// Binds the listener and starts serving remote ops into local segments.
     /// Must be called inside a tokio runtime.
+    #[cfg(not(feature = "rdma"))]
     pub async fn start(opts: EngineOptions) -> Result<Arc<TransferEngine>, TransferError> {
         if opts.transport == TransportChoice::Rdma {
             return Err(rdma_unavailable());
         }
+        Self::start_inner(opts).await
+    }
+
+    /// Binds the listener and starts serving remote ops into local segments.
+    /// Must be called inside a tokio runtime. With `rdma`/`auto`, opens the
+    /// first RDMA device: `rdma` without one fails, `auto` then uses shm/tcp.
+    #[cfg(feature = "rdma")]
+    pub async fn start(opts: EngineOptions) -> Result<Arc<TransferEngine>, TransferError> {
+        let rdma = match opts.transport {
+            TransportChoice::Tcp | TransportChoice::Shm => None,
+            TransportChoice::Auto | TransportChoice::Rdma => {
+                match crate::transport::rdma::verbs::IbVerbs::open(None, 1) {
+                    Ok(v) => Some(Arc::new(RdmaRuntime::new(
+                        v,
+                        rdma_config(&opts),
+                        opts.connections_per_peer,
+                    )) as Arc<dyn RdmaEngine>),
+                    Err(e) if opts.transport == TransportChoice::Rdma => {
+                        tracing::warn!(error = %e, "opening an RDMA device failed");
+                        return Err(rdma_unavailable());
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no usable RDMA device; auto uses shm/tcp");
+                        None
+                    }
+                }
+            }
+        };
+        Self::start_inner(opts, rdma).await
+    }
+
+    async fn start_inner(
+        opts: EngineOptions,
+        #[cfg(feature = "rdma")] rdma: Option<Arc<dyn RdmaEngine>>,
+    ) -> Result<Arc<TransferEngine>, TransferError> {
         let listener = TcpListener::bind(opts.listen).await?;
         let bound = listener.local_addr()?;
         let endpoint = match &opts.advertise_host {
@@ -119,6 +166,10 @@ impl TransferEngine {
             TransportChoice::Tcp | TransportChoice::Rdma => None,
         };
         let local = Arc::new(LocalSegments::with_shm(opts.notification_capacity, backing));
+        #[cfg(feature = "rdma")]
+        if let Some(r) = &rdma {
+            local.set_rdma(r.clone());
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(tcp::serve(listener, local.clone(), shutdown_rx));
         tracing::debug!(%endpoint, "transfer engine listening");
@@ -134,6 +185,8 @@ impl TransferEngine {
             endpoint,
             op_timeout: opts.op_timeout,
             shutdown,
+            #[cfg(feature = "rdma")]
+            rdma,
         }))
     }
 
@@ -222,8 +275,20 @@ impl TransferEngine {
                 TransportChoice::Shm => self.shm.submit(target, &batch).await,
                 TransportChoice::Auto => match self.shm.submit_routed(target, &batch).await? {
                     Some(report) => Ok(report),
+                    #[cfg(feature = "rdma")]
+                    None => match self.submit_rdma(target, &batch, started, false).await? {
+                        Some(report) => Ok(report),
+                        None => self.tcp.submit(target, &batch).await,
+                    },
+                    #[cfg(not(feature = "rdma"))]
                     None => self.tcp.submit(target, &batch).await,
                 },
+                #[cfg(feature = "rdma")]
+                TransportChoice::Rdma => self
+                    .submit_rdma(target, &batch, started, true)
+                    .await?
+                    .ok_or_else(rdma_unavailable),
+                #[cfg(not(feature = "rdma"))]
                 TransportChoice::Rdma => Err(rdma_unavailable()),
             }
         };
@@ -242,7 +307,47 @@ impl TransferEngine {
         }
         self.tcp.close();
         self.shm.close();
+        #[cfg(feature = "rdma")]
+        if let Some(r) = &self.rdma {
+            r.close();
+        }
         self.local.unlink_all();
+    }
+
+    /// The RDMA route: `Ok(None)` when `required` is false and either side
+    /// lacks RDMA (the caller falls back to tcp). The owner's advert is
+    /// fetched per batch, as the connect exchange needs its generation.
+    #[cfg(feature = "rdma")]
+    async fn submit_rdma(
+        &self,
+        target: &SegmentDesc,
+        batch: &Batch,
+        started: Instant,
+        required: bool,
+    ) -> Result<Option<BatchReport>, TransferError> {
+        let Some(rdma) = &self.rdma else {
+            return if required {
+                Err(rdma_unavailable())
+            } else {
+                Ok(None)
+            };
+        };
+        let advert = self.tcp.describe(&target.endpoint, &target.name).await?;
+        if advert.rdma.is_none() {
+            return if required {
+                Err(TransferError::Unsupported(format!(
+                    "{}: segment {:?} is not registered for RDMA at its owner (no device \
+                     there?); use transport \"auto\" or \"tcp\"",
+                    target.endpoint, target.name
+                )))
+            } else {
+                Ok(None)
+            };
+        }
+        let deadline = started + self.op_timeout;
+        rdma.submit(&*self.tcp, &target.endpoint, &advert, batch, deadline)
+            .await
+            .map(Some)
     }
 
     fn is_shutdown(&self) -> bool {
@@ -265,6 +370,14 @@ fn rdma_unavailable() -> TransferError {
     #[cfg(feature = "rdma")]
     let why = crate::transport::rdma::unavailable_reason();
     TransferError::Unsupported(why.to_string())
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_config(opts: &EngineOptions) -> crate::transport::rdma::session::RdmaConfig {
+    crate::transport::rdma::session::RdmaConfig {
+        qps_per_peer: opts.rdma_qps_per_peer,
+        ..Default::default()
+    }
 }
 
 fn join_host_port(host: &str, port: u16) -> String {
@@ -366,5 +479,159 @@ mod tests {
             e.submit(&desc, b).await,
             Err(TransferError::NotificationTooLarge(4097))
         ));
+    }
+
+    #[cfg(feature = "rdma")]
+    mod rdma {
+        use super::*;
+        use crate::transport::rdma::runtime::fake::{Fabric, FakeVerbs};
+        use crate::transport::rdma::session::{ConnectRequest, ControlChannel, RdmaConfig};
+        use crate::transport::rdma::QpEndpoint;
+
+        fn runtime(fabric: &Arc<Fabric>) -> Arc<RdmaRuntime<FakeVerbs>> {
+            let cfg = RdmaConfig {
+                staging_len: 100,
+                staging_buffers: 3,
+                ..RdmaConfig::default()
+            };
+            Arc::new(RdmaRuntime::new(FakeVerbs::new(fabric.clone()), cfg, 4))
+        }
+
+        async fn start_fake(
+            transport: TransportChoice,
+            rdma: Option<Arc<dyn RdmaEngine>>,
+        ) -> Arc<TransferEngine> {
+            TransferEngine::start_inner(
+                EngineOptions {
+                    transport,
+                    ..EngineOptions::default()
+                },
+                rdma,
+            )
+            .await
+            .unwrap()
+        }
+
+        fn count(fabric: &Fabric, prefix: &str) -> usize {
+            fabric
+                .log
+                .lock()
+                .iter()
+                .filter(|e| e.starts_with(prefix))
+                .count()
+        }
+
+        #[tokio::test]
+        async fn batch_runs_over_fake_verbs_through_the_engines_control_channel() {
+            let fabric = Arc::new(Fabric::default());
+            let owner = start_fake(TransportChoice::Rdma, Some(runtime(&fabric))).await;
+            let mut rx = owner.take_notifications().unwrap();
+            let seg = owner.register_segment("kv", 1000).unwrap();
+            let desc = owner.describe(&seg);
+            let advert = owner.tcp.describe(&owner.endpoint(), "kv").await.unwrap();
+            assert!(advert.rdma.is_some(), "advert carries the MR");
+
+            let client = start_fake(TransportChoice::Rdma, Some(runtime(&fabric))).await;
+            let data: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+            let b = Batch::new()
+                .write(10, Bytes::from(data.clone()))
+                .read(10, 250)
+                .notify(Bytes::from_static(b"ready"));
+            let r = client.submit(&desc, b).await.unwrap();
+            assert_eq!(r.transport, TransportKind::Rdma);
+            assert_eq!(r.reads, vec![Bytes::from(data.clone())]);
+            assert_eq!(
+                seg.read(10, 250).unwrap(),
+                data,
+                "bytes landed in the owner"
+            );
+            let n = rx.recv().await.unwrap();
+            assert_eq!((n.segment.as_str(), &n.payload[..]), ("kv", &b"ready"[..]));
+            // 2 QPs on each side were brought up; 3 WRITE + 3 READ posts.
+            assert_eq!(count(&fabric, "qp "), 4);
+            assert_eq!(count(&fabric, "post "), 6);
+
+            // The pooled connection is reused: no second connect exchange.
+            let r = client.submit(&desc, Batch::new().read(0, 5)).await.unwrap();
+            assert_eq!(r.reads[0].len(), 5);
+            assert_eq!(count(&fabric, "qp "), 4);
+
+            // A re-registered segment (new generation, new MR): the next
+            // batch re-describes and connects anew.
+            assert!(owner.unregister_segment("kv"));
+            let seg2 = owner.register_segment("kv", 1000).unwrap();
+            client
+                .submit(&desc, Batch::new().write(0, Bytes::from_static(b"new")))
+                .await
+                .unwrap();
+            assert_eq!(seg2.read(0, 3).unwrap(), b"new");
+            assert_eq!(count(&fabric, "qp "), 8);
+        }
+
+        #[tokio::test]
+        async fn peer_without_rdma_fails_when_required_and_falls_back_in_auto() {
+            let fabric = Arc::new(Fabric::default());
+            let owner = start_fake(TransportChoice::Tcp, None).await;
+            let seg = owner.register_segment("kv", 10).unwrap();
+            let desc = owner.describe(&seg);
+            let forced = start_fake(TransportChoice::Rdma, Some(runtime(&fabric))).await;
+            let r = forced
+                .submit(&desc, Batch::new().write(0, Bytes::from_static(b"x")))
+                .await;
+            assert!(
+                matches!(&r, Err(TransferError::Unsupported(m)) if m.contains("not registered for RDMA")),
+                "{r:?}"
+            );
+            let auto = start_fake(TransportChoice::Auto, Some(runtime(&fabric))).await;
+            let r = auto
+                .submit(&desc, Batch::new().write(0, Bytes::from_static(b"y")))
+                .await
+                .unwrap();
+            assert_eq!(r.transport, TransportKind::Tcp);
+            assert_eq!(seg.read(0, 1).unwrap(), b"y");
+            assert_eq!(count(&fabric, "post "), 0);
+        }
+
+        #[tokio::test]
+        async fn connect_requests_are_checked_and_accepted_qps_capped_per_peer() {
+            let fabric = Arc::new(Fabric::default());
+            let rt = runtime(&fabric);
+            let owner = start_fake(TransportChoice::Rdma, Some(rt.clone())).await;
+            let seg = owner.register_segment("kv", 10).unwrap();
+            let client = start_fake(TransportChoice::Tcp, None).await;
+            let control: &dyn ControlChannel = &*client.tcp;
+            let req = |generation| ConnectRequest {
+                segment: "kv".into(),
+                generation,
+                qps: vec![QpEndpoint {
+                    qp_num: 1,
+                    lid: 1,
+                    gid: [0; 16],
+                    psn: 1,
+                }],
+            };
+            let stale = control
+                .connect(&owner.endpoint(), req(seg.generation() + 1))
+                .await;
+            assert!(
+                matches!(stale, Err(TransferError::UnknownSegment(_))),
+                "{stale:?}"
+            );
+            for _ in 0..crate::transport::rdma::runtime::MAX_ACCEPTED_PER_PEER + 3 {
+                let reply = control
+                    .connect(&owner.endpoint(), req(seg.generation()))
+                    .await
+                    .unwrap();
+                assert_eq!(reply.qps.len(), 1);
+                assert_eq!(reply.region.len, 10);
+            }
+            assert_eq!(
+                rt.accepted_from("127.0.0.1"),
+                crate::transport::rdma::runtime::MAX_ACCEPTED_PER_PEER
+            );
+            // An engine without a device refuses the exchange.
+            let plain = control.connect(&client.endpoint(), req(1)).await;
+            assert!(plain.is_err());
+        }
     }
 }

@@ -40,6 +40,9 @@ pub(crate) struct LocalSegments {
     notify_rx: Mutex<Option<mpsc::Receiver<Notification>>>,
     // Checked on the data path instead of locking `notify_rx`.
     notify_taken: AtomicBool,
+    /// Set once at engine start when this engine has an RDMA device.
+    #[cfg(feature = "rdma")]
+    rdma: std::sync::OnceLock<std::sync::Arc<dyn crate::transport::rdma::runtime::RdmaEngine>>,
 }
 
 impl LocalSegments {
@@ -57,6 +60,36 @@ impl LocalSegments {
             notify_tx: tx,
             notify_rx: Mutex::new(Some(rx)),
             notify_taken: AtomicBool::new(false),
+            #[cfg(feature = "rdma")]
+            rdma: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Registers every later segment as an RDMA memory region and answers
+    /// connect requests; call before any segment is registered.
+    #[cfg(feature = "rdma")]
+    pub(crate) fn set_rdma(
+        &self,
+        rdma: std::sync::Arc<dyn crate::transport::rdma::runtime::RdmaEngine>,
+    ) {
+        if self.rdma.set(rdma).is_err() {
+            tracing::warn!("rdma runtime set twice; keeping the first");
+        }
+    }
+
+    /// Target half of an RDMA connect exchange (from the TCP listener).
+    #[cfg(feature = "rdma")]
+    pub(crate) fn rdma_accept(
+        &self,
+        peer_host: &str,
+        seg: Option<Segment>,
+        raw_request: &[u8],
+    ) -> Result<Vec<u8>, TransferError> {
+        match self.rdma.get() {
+            Some(r) => r.accept(peer_host, seg, raw_request),
+            None => Err(TransferError::Unsupported(
+                "this engine has no RDMA device".into(),
+            )),
         }
     }
 
@@ -83,6 +116,12 @@ impl LocalSegments {
             },
             _ => Segment::new(name, len),
         };
+        // Before the segment is visible: a handshake never sees it without
+        // its memory region.
+        #[cfg(feature = "rdma")]
+        if let Some(r) = self.rdma.get() {
+            r.register(&seg);
+        }
         segments.insert(name.to_owned(), seg.clone());
         Ok(seg)
     }
@@ -91,6 +130,10 @@ impl LocalSegments {
         match self.segments.write().remove(name) {
             Some(seg) => {
                 seg.unlink_shared();
+                #[cfg(feature = "rdma")]
+                if let Some(r) = self.rdma.get() {
+                    r.unregister(name);
+                }
                 true
             }
             None => false,
@@ -112,10 +155,18 @@ impl LocalSegments {
             len: seg.len() as u64,
             generation: seg.generation(),
             shm: seg.shm_location().cloned(),
-            // Filled once the engine registers segments as MRs (see the
-            // README's RDMA status).
-            rdma: None,
+            rdma: self.rdma_location(seg),
         }
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma_location(&self, seg: &Segment) -> Option<crate::transport::handshake::RdmaLocation> {
+        self.rdma.get().and_then(|r| r.location(seg))
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma_location(&self, _seg: &Segment) -> Option<crate::transport::handshake::RdmaLocation> {
+        None
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Segment> {

@@ -22,6 +22,11 @@
 //!                          the reply is ok with msg_len bytes of JSON advert
 //!                   bit 2: an expected segment generation (u64) follows the
 //!                          notify bytes; a mismatch fails as unknown segment
+//!                   bit 3: rdma connect (cargo feature `rdma` only; a build
+//!                          without it rejects the flag as unknown): n_ops = 0,
+//!                          bit 0 set, the notify bytes carry a JSON
+//!                          `rdma::session::ConnectRequest`; the reply is ok
+//!                          with msg_len bytes of JSON `ConnectReply`
 //!   reserved   u16  = 0
 //!   name_len   u32  <= 256       segment name, UTF-8
 //!   notify_len u32  <= 4096      0 when flag bit 0 is clear
@@ -76,7 +81,12 @@ pub const REPLY_HEADER_LEN: usize = 40;
 const FLAG_NOTIFY: u8 = 1;
 const FLAG_DESCRIBE: u8 = 2;
 const FLAG_GENERATION: u8 = 4;
+#[cfg(feature = "rdma")]
+const FLAG_RDMA_CONNECT: u8 = 8;
+#[cfg(not(feature = "rdma"))]
 const KNOWN_FLAGS: u8 = FLAG_NOTIFY | FLAG_DESCRIBE | FLAG_GENERATION;
+#[cfg(feature = "rdma")]
+const KNOWN_FLAGS: u8 = FLAG_NOTIFY | FLAG_DESCRIBE | FLAG_GENERATION | FLAG_RDMA_CONNECT;
 const OP_WRITE: u8 = 1;
 const OP_READ: u8 = 2;
 
@@ -91,6 +101,9 @@ pub struct RequestHeader {
     pub describe: bool,
     /// An 8-byte expected segment generation follows the notify bytes.
     pub has_generation: bool,
+    /// An RDMA connect request; the notify bytes carry it.
+    #[cfg(feature = "rdma")]
+    pub rdma_connect: bool,
 }
 
 impl RequestHeader {
@@ -106,6 +119,10 @@ impl RequestHeader {
         }
         if self.has_generation {
             flags |= FLAG_GENERATION;
+        }
+        #[cfg(feature = "rdma")]
+        if self.rdma_connect {
+            flags |= FLAG_RDMA_CONNECT;
         }
         out.put_u8(flags);
         out.put_u16_le(0);
@@ -145,12 +162,22 @@ impl RequestHeader {
                 "describe request carries ops or a notification".into(),
             ));
         }
+        #[cfg(feature = "rdma")]
+        let rdma_connect = flags & FLAG_RDMA_CONNECT != 0;
+        #[cfg(feature = "rdma")]
+        if rdma_connect && (n_ops != 0 || describe || flags & FLAG_NOTIFY == 0) {
+            return Err(proto(
+                "rdma connect request without its body, or with ops".into(),
+            ));
+        }
         Ok(RequestHeader {
             name_len,
             notify_len: (flags & FLAG_NOTIFY != 0).then_some(notify_len),
             n_ops,
             describe,
             has_generation: flags & FLAG_GENERATION != 0,
+            #[cfg(feature = "rdma")]
+            rdma_connect,
         })
     }
 }
@@ -166,6 +193,9 @@ pub struct RequestHead {
     pub describe: bool,
     /// The generation the submitter expects the segment to have.
     pub generation: Option<u64>,
+    /// An RDMA connect request whose JSON body is in `notify`.
+    #[cfg(feature = "rdma")]
+    pub rdma_connect: bool,
 }
 
 /// Reads the next request head. `Ok(None)` means the peer closed the
@@ -202,6 +232,8 @@ pub async fn read_request_head<R: AsyncRead + Unpin>(
         n_ops: h.n_ops,
         describe: h.describe,
         generation,
+        #[cfg(feature = "rdma")]
+        rdma_connect: h.rdma_connect,
     }))
 }
 
@@ -274,6 +306,8 @@ pub fn encode_request_at(segment: &str, batch: &Batch, generation: Option<u64>) 
         n_ops: batch.ops.len(),
         describe: false,
         has_generation: generation.is_some(),
+        #[cfg(feature = "rdma")]
+        rdma_connect: false,
     }
     .encode(&mut head);
     head.put_slice(segment.as_bytes());
@@ -340,10 +374,34 @@ pub fn encode_describe(segment: &str) -> BytesMut {
         n_ops: 0,
         describe: true,
         has_generation: false,
+        #[cfg(feature = "rdma")]
+        rdma_connect: false,
     }
     .encode(&mut out);
     out.put_slice(segment.as_bytes());
     out
+}
+
+/// An RDMA connect request for `segment` carrying `body` (a JSON
+/// `ConnectRequest`, at most `MAX_NOTIFY_LEN` bytes).
+#[cfg(feature = "rdma")]
+pub fn encode_rdma_connect(segment: &str, body: &[u8]) -> Result<BytesMut, TransferError> {
+    if body.len() > MAX_NOTIFY_LEN || segment.len() > MAX_SEGMENT_NAME_LEN {
+        return Err(proto("rdma connect request too large".into()));
+    }
+    let mut out = BytesMut::with_capacity(REQUEST_HEADER_LEN + segment.len() + body.len());
+    RequestHeader {
+        name_len: segment.len(),
+        notify_len: Some(body.len()),
+        n_ops: 0,
+        describe: false,
+        has_generation: false,
+        rdma_connect: true,
+    }
+    .encode(&mut out);
+    out.put_slice(segment.as_bytes());
+    out.put_slice(body);
+    Ok(out)
 }
 
 /// The ok reply to a describe request: header plus the advert bytes.
@@ -574,6 +632,8 @@ mod tests {
             n_ops: 3,
             describe: false,
             has_generation: true,
+            #[cfg(feature = "rdma")]
+            rdma_connect: false,
         };
         let mut b = BytesMut::new();
         h.encode(&mut b);
@@ -608,6 +668,26 @@ mod tests {
             );
         }
         assert!(RequestHeader::decode(&raw_request(256, 1, 4096, 65536)).is_ok());
+    }
+
+    #[cfg(feature = "rdma")]
+    #[tokio::test]
+    async fn rdma_connect_frame_round_trips_and_is_checked() {
+        let frame = encode_rdma_connect("kv", br#"{"x":1}"#).unwrap();
+        let mut r: &[u8] = &frame;
+        let head = read_request_head(&mut r).await.unwrap().unwrap();
+        assert!(head.rdma_connect && !head.describe && head.n_ops == 0);
+        assert_eq!(head.segment, "kv");
+        assert_eq!(head.notify.as_deref(), Some(&br#"{"x":1}"#[..]));
+        // Without its body, or with ops: refused.
+        for raw in [
+            raw_request(1, FLAG_RDMA_CONNECT, 0, 0),
+            raw_request(1, FLAG_RDMA_CONNECT | FLAG_NOTIFY, 0, 1),
+            raw_request(1, FLAG_RDMA_CONNECT | FLAG_NOTIFY | FLAG_DESCRIBE, 0, 0),
+        ] {
+            assert!(RequestHeader::decode(&raw).is_err(), "accepted {raw:?}");
+        }
+        assert!(encode_rdma_connect("kv", &[0; MAX_NOTIFY_LEN + 1]).is_err());
     }
 
     #[tokio::test]

@@ -15,13 +15,16 @@
 //! after data), written against the `session::Verbs` trait and unit-tested
 //! with a fake device.
 //!
+//! `rdma/runtime.rs` is the engine's side: segments registered as MRs, the
+//! target half of accepted connections, the initiator's connection pool.
+//!
 //! Status: device discovery, PD/MR/CQ/QP creation, the INIT→RTR→RTS bring-up
 //! and posting/polling are implemented in `verbs.rs` (`IbVerbs`) and compile
-//! in CI, but nothing here has run against an RDMA device, and the engine
-//! does not yet route batches through it (segments are not registered as
-//! MRs, the wire has no connect request): choosing `rdma` fails with a clear
-//! error and `auto` uses shm or tcp (see the README).
+//! in CI, and the engine routes batches through the session when both sides
+//! have a device; but nothing here has run against an RDMA device (see the
+//! README). The wiring is tested end to end with a fake device.
 
+pub(crate) mod runtime;
 pub mod session;
 pub mod verbs;
 
@@ -231,8 +234,8 @@ impl Completions {
 pub fn unavailable_reason() -> String {
     match verbs::device_names() {
         Ok(names) if !names.is_empty() => format!(
-            "RDMA device(s) {names:?} found, but this build's engine does not route batches \
-             over RDMA yet (the verbs layer is unverified on hardware); use transport \"auto\" \
+            "RDMA device(s) {names:?} found, but opening the first one (port 1) failed: check \
+             the port is ACTIVE and the memlock limit (`ulimit -l`); or use transport \"auto\" \
              or \"tcp\""
         ),
         Ok(_) | Err(_) => "no RDMA device found (ibv_get_device_list returned none): install an \

@@ -247,6 +247,37 @@ impl TcpTransport {
         SegmentAdvert::decode(&msg)
     }
 
+    /// Sends one RDMA connect request to the owner at `endpoint` and returns
+    /// its reply, over a fresh connection like `describe`.
+    #[cfg(feature = "rdma")]
+    async fn rdma_connect(
+        &self,
+        endpoint: &str,
+        req: &crate::transport::rdma::session::ConnectRequest,
+    ) -> Result<crate::transport::rdma::session::ConnectReply, TransferError> {
+        let frame = wire::encode_rdma_connect(&req.segment, &req.encode()?)?;
+        let peer = self.peer(endpoint);
+        peer.check_up(endpoint)?;
+        let _permit = peer
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TransferError::Shutdown)?;
+        let mut conn = connect(endpoint).await?;
+        conn.write_all(&frame).await?;
+        let mut raw = [0u8; REPLY_HEADER_LEN];
+        conn.read_exact(&mut raw).await?;
+        let h = ReplyHeader::decode(&raw)?;
+        let mut msg = vec![0u8; h.msg_len as usize];
+        conn.read_exact(&mut msg).await?;
+        if h.status != ReplyStatus::Ok {
+            return Err(h.into_error(&msg));
+        }
+        peer.put_idle(conn, self.per_peer);
+        crate::transport::rdma::session::ConnectReply::decode(&msg)
+    }
+
     /// One exchange carrying the whole `batch` (never sliced), optionally
     /// checking the segment's generation at the target. Batches without a
     /// notification are retried on a fresh connection after a path failure.
@@ -382,6 +413,37 @@ impl Transport for TcpTransport {
             self.submit_at(endpoint, segment, &done, None).await?;
         }
         Ok(report)
+    }
+}
+
+/// The RDMA path's control channel is this transport: the connect exchange
+/// on the owner's listener, and the notification as a zero-op commit whose
+/// generation check refuses a re-registered segment.
+#[cfg(feature = "rdma")]
+#[async_trait::async_trait]
+impl crate::transport::rdma::session::ControlChannel for TcpTransport {
+    async fn connect(
+        &self,
+        endpoint: &str,
+        req: crate::transport::rdma::session::ConnectRequest,
+    ) -> Result<crate::transport::rdma::session::ConnectReply, TransferError> {
+        self.rdma_connect(endpoint, &req).await
+    }
+
+    async fn commit(
+        &self,
+        endpoint: &str,
+        segment: &str,
+        generation: u64,
+        notify: Bytes,
+    ) -> Result<(), TransferError> {
+        let done = Batch {
+            ops: Vec::new(),
+            notify: Some(notify),
+        };
+        self.submit_at(endpoint, segment, &done, Some(generation))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -569,6 +631,10 @@ async fn handle_connection(
         rd: BufReader::with_capacity(SERVER_READ_BUFFER, rd),
         wr,
         scratch: Vec::new(),
+        // RDMA connections are capped per peer host: each connect exchange
+        // arrives on a fresh TCP connection, so the port says nothing.
+        #[cfg(feature = "rdma")]
+        peer_host: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
     };
     tokio::select! {
         _ = wait_shutdown(&mut shutdown) => {}
@@ -584,6 +650,8 @@ struct ServerConn {
     rd: BufReader<OwnedReadHalf>,
     wr: OwnedWriteHalf,
     scratch: Vec<u8>,
+    #[cfg(feature = "rdma")]
+    peer_host: String,
 }
 
 impl ServerConn {
@@ -621,6 +689,16 @@ impl ServerConn {
                     &TransferError::UnknownSegment(head.segment.clone()),
                     false,
                 ),
+            };
+            self.wr.write_all(&reply).await?;
+            return Ok(());
+        }
+        #[cfg(feature = "rdma")]
+        if head.rdma_connect {
+            let body = head.notify.unwrap_or_default();
+            let reply = match local.rdma_accept(&self.peer_host, seg, &body) {
+                Ok(raw) => wire::encode_describe_reply(&raw),
+                Err(e) => wire::encode_error_reply(&e, false),
             };
             self.wr.write_all(&reply).await?;
             return Ok(());

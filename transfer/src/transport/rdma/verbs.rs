@@ -13,8 +13,10 @@ use std::ptr;
 
 use rdma_sys::*;
 
+use super::runtime::RegisterSegment;
 use super::session::{StagingBuf, Verbs};
 use super::{QpEndpoint, QpState, RemoteRegion};
+use crate::segment::Segment;
 
 fn last_err(what: &str) -> io::Error {
     let e = io::Error::last_os_error();
@@ -556,5 +558,47 @@ impl Verbs for IbVerbs {
 
     fn poll(&self, cq: &CompletionQueue, out: &mut Vec<(u64, bool)>, max: usize) -> io::Result<()> {
         poll_cq(cq.cq, out, max)
+    }
+}
+
+/// A segment registered for remote access. Field order: the MR is
+/// deregistered before the segment handle (and so possibly its memory) goes.
+pub struct SegmentMr {
+    _mr: MemoryRegion,
+    _seg: Segment,
+}
+
+impl RegisterSegment for IbVerbs {
+    type Mr = SegmentMr;
+
+    fn register_segment(&self, seg: &Segment) -> io::Result<(SegmentMr, RemoteRegion)> {
+        let len = seg.len();
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cannot register an empty segment",
+            ));
+        }
+        let addr = seg
+            .with_range_mut(0, len, |b| b.as_mut_ptr())
+            .map_err(io::Error::other)?;
+        // SAFETY: a segment's memory (a boxed slice or a shared mapping) is
+        // allocated once at registration and never moved or resized, and
+        // `SegmentMr` holds a handle to it until after the MR is
+        // deregistered (field order), so `[addr, addr+len)` stays valid for
+        // the MR's lifetime.
+        let mr = unsafe { self.ctx.register(addr, len) }?;
+        let rkey = mr.rkey();
+        Ok((
+            SegmentMr {
+                _mr: mr,
+                _seg: seg.clone(),
+            },
+            RemoteRegion {
+                addr: addr as u64,
+                rkey,
+                len: len as u64,
+            },
+        ))
     }
 }
