@@ -54,6 +54,9 @@ pub struct EngineConfig {
     /// Gateway-hosted segment registry (`http://host:port`); without it peers are reached
     /// through the endpoint carried in the transfer descriptor (P2P mode).
     pub registry_url: Option<String>,
+    /// Seconds between re-publications of this engine's segment in the registry: a heartbeat,
+    /// so the registry can expire the entries of an engine that died without deregistering.
+    pub registry_heartbeat_secs: u64,
     pub faults: Faults,
 }
 
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
             protocol: Protocol::Native,
             bootstrap_timeout_ms: 300_000,
             registry_url: None,
+            registry_heartbeat_secs: 10,
             faults: Faults::default(),
         }
     }

@@ -37,6 +37,8 @@ pub struct Engine {
     pub registry: Option<Arc<dyn MetadataStore>>,
     /// Segments looked up in the registry, so a prefill does not ask for every request.
     pub peers: Mutex<std::collections::HashMap<String, pdgate_transfer::SegmentDesc>>,
+    /// Re-publishes the KV segment in the registry; stopped before deregistering.
+    heartbeat: Mutex<Option<JoinHandle<()>>>,
     pub started: u64,
     pub http_addr: SocketAddr,
     /// For engine-to-engine calls (a decode offering its slots to a prefill's bootstrap server).
@@ -149,6 +151,7 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         pool,
         registry,
         peers: Mutex::new(std::collections::HashMap::new()),
+        heartbeat: Mutex::new(None),
         started: now_secs(),
         http_addr: addr,
         client: reqwest::Client::builder()
@@ -163,6 +166,7 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         spawn_landing_listener(&engine, Arc::clone(pool));
         spawn_sweeper(Arc::clone(pool));
     }
+    spawn_heartbeat(&engine);
     Ok(engine)
 }
 
@@ -207,7 +211,30 @@ fn spawn_sweeper(pool: Arc<KvPool>) {
     });
 }
 
+/// Re-publishes the segment every `registry_heartbeat_secs`, so a registry with a TTL keeps it.
+fn spawn_heartbeat(engine: &Arc<Engine>) {
+    let (Some(reg), Some(pool)) = (engine.registry.clone(), engine.pool.clone()) else {
+        return;
+    };
+    let every = Duration::from_secs(engine.cfg.registry_heartbeat_secs.max(1));
+    let desc = engine.transfer.describe(pool.segment());
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await; // the first tick is immediate; the segment was just published
+        loop {
+            tick.tick().await;
+            if let Err(e) = reg.publish(desc.clone()).await {
+                tracing::warn!(error = %e, "could not refresh the KV segment in the registry");
+            }
+        }
+    });
+    *engine.heartbeat.lock() = Some(task);
+}
+
 async fn deregister(engine: &Engine) {
+    if let Some(task) = engine.heartbeat.lock().take() {
+        task.abort();
+    }
     if let (Some(reg), Some(pool)) = (&engine.registry, &engine.pool) {
         if let Err(e) = reg.remove(pool.segment().name()).await {
             tracing::warn!(error = %e, "could not deregister KV segment");

@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Seconds to let in-flight requests finish after SIGTERM.
     pub drain_secs: u64,
+    /// Segment-registry entries not re-published (engines heartbeat every 10 s by default)
+    /// within this many seconds are stale: their engine died without deregistering.
+    pub segment_ttl_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +57,7 @@ impl Default for ServerConfig {
             api_key: None,
             admin_token: None,
             drain_secs: 30,
+            segment_ttl_secs: 30,
         }
     }
 }
@@ -233,6 +237,7 @@ impl Layered for EngineConfig {
         "protocol",
         "bootstrap_timeout_ms",
         "registry_url",
+        "registry_heartbeat_secs",
         "faults",
     ];
 }

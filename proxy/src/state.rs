@@ -55,7 +55,8 @@ impl AppState {
                 pdgate_scheduler::blocks::DEFAULT_SEED,
             ),
             client,
-            segments: MemoryRegistry::default(),
+            segments: MemoryRegistry::default()
+                .with_ttl(Duration::from_secs(cfg.server.segment_ttl_secs.max(1))),
             metrics: crate::metrics::install(),
             in_flight: Arc::new(Semaphore::new(cfg.server.max_in_flight.max(1))),
             epoch: Instant::now(),

@@ -134,3 +134,62 @@ async fn client_disconnect_mid_stream_frees_the_decode_reservation() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_keeps_heartbeating_segments_and_drops_stale_ones() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.server.segment_ttl_secs = 2;
+    cfg.up.engine.registry_heartbeat_secs = 1;
+    let fleet = fleet(cfg).await;
+    let url = fleet.url();
+    // A segment whose owner died without deregistering: published once, never refreshed.
+    let ghost = serde_json::json!({"name": "ghost", "endpoint": "127.0.0.1:9", "len": 4096, "transport": "tcp"});
+    assert_eq!(
+        client()
+            .post(format!("{url}/registry/segments"))
+            .json(&ghost)
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        201
+    );
+    let names = || async {
+        let list: Value = client()
+            .get(format!("{url}/registry/segments"))
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("json");
+        list.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d["name"].as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names().await.len(), 2);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let left = names().await;
+    assert_eq!(
+        left.len(),
+        1,
+        "only the live decode engine's segment remains: {left:?}"
+    );
+    assert!(left[0].starts_with("kv-"));
+    // The handoff still works through the refreshed entry.
+    assert_eq!(
+        post(
+            &url,
+            "/v1/completions",
+            completion(&"still moving KV ".repeat(20), 2)
+        )
+        .await
+        .status(),
+        200
+    );
+    fleet.stop().await;
+}

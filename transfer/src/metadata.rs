@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -41,8 +42,11 @@ pub trait MetadataStore: Send + Sync {
 /// In-process [`MetadataStore`] holding at most `capacity` descriptors.
 #[derive(Clone)]
 pub struct MemoryRegistry {
-    entries: Arc<RwLock<HashMap<String, SegmentDesc>>>,
+    entries: Arc<RwLock<HashMap<String, (SegmentDesc, Instant)>>>,
     capacity: usize,
+    /// Entries not re-published within this long are stale (their owner died without
+    /// deregistering) and are neither listed nor found. `None`: entries live until removed.
+    ttl: Option<Duration>,
 }
 
 impl MemoryRegistry {
@@ -52,7 +56,18 @@ impl MemoryRegistry {
         MemoryRegistry {
             entries: Arc::new(RwLock::new(HashMap::new())),
             capacity,
+            ttl: None,
         }
+    }
+
+    /// Entries expire unless their owner re-publishes them within `ttl` (a heartbeat).
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    fn fresh(&self, published: Instant) -> bool {
+        self.ttl.is_none_or(|ttl| published.elapsed() < ttl)
     }
 
     pub fn capacity(&self) -> usize {
@@ -70,17 +85,25 @@ impl Default for MemoryRegistry {
 impl MetadataStore for MemoryRegistry {
     async fn publish(&self, desc: SegmentDesc) -> Result<(), TransferError> {
         let mut entries = self.entries.write();
+        if entries.len() >= self.capacity {
+            entries.retain(|_, (_, at)| self.fresh(*at));
+        }
         // Replacing an existing name never grows the map, so it is allowed
         // even at capacity; owners re-publish after a restart.
         if !entries.contains_key(&desc.name) && entries.len() >= self.capacity {
             return Err(TransferError::RegistryFull(self.capacity));
         }
-        entries.insert(desc.name.clone(), desc);
+        entries.insert(desc.name.clone(), (desc, Instant::now()));
         Ok(())
     }
 
     async fn lookup(&self, name: &str) -> Result<Option<SegmentDesc>, TransferError> {
-        Ok(self.entries.read().get(name).cloned())
+        Ok(self
+            .entries
+            .read()
+            .get(name)
+            .filter(|(_, at)| self.fresh(*at))
+            .map(|(d, _)| d.clone()))
     }
 
     async fn remove(&self, name: &str) -> Result<(), TransferError> {
@@ -89,7 +112,13 @@ impl MetadataStore for MemoryRegistry {
     }
 
     async fn list(&self) -> Result<Vec<SegmentDesc>, TransferError> {
-        let mut all: Vec<SegmentDesc> = self.entries.read().values().cloned().collect();
+        let mut all: Vec<SegmentDesc> = self
+            .entries
+            .read()
+            .values()
+            .filter(|(_, at)| self.fresh(*at))
+            .map(|(d, _)| d.clone())
+            .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
     }
@@ -172,5 +201,23 @@ mod tests {
         let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
             "Tcp".into_deserializer();
         assert!(TransportKind::deserialize(de).is_err());
+    }
+
+    #[tokio::test]
+    async fn entries_not_republished_within_the_ttl_go_stale() {
+        let reg = MemoryRegistry::with_capacity(2).with_ttl(Duration::from_millis(50));
+        reg.publish(desc("dead", 1)).await.unwrap();
+        reg.publish(desc("alive", 2)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        reg.publish(desc("alive", 2)).await.unwrap(); // heartbeat
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            reg.lookup("dead").await.unwrap().is_none(),
+            "its owner stopped re-publishing"
+        );
+        assert!(reg.lookup("alive").await.unwrap().is_some());
+        assert_eq!(reg.list().await.unwrap().len(), 1);
+        // A stale entry frees its slot for a new owner even at capacity.
+        reg.publish(desc("new", 3)).await.unwrap();
     }
 }
