@@ -293,7 +293,8 @@ fn schedule(
     Ok(Booking::new(Arc::clone(state), result?))
 }
 
-/// The client's answer to a scheduling rejection: 503 when nothing can serve, 429 admission.
+/// The client's answer to a scheduling rejection: 503 when nothing can serve, 400 when nothing
+/// ever could, 429 admission.
 fn rejection_error(r: Rejection) -> ApiError {
     metrics::rejected(r.label());
     match r {
@@ -301,6 +302,9 @@ fn rejection_error(r: Rejection) -> ApiError {
             "no_healthy_pair",
             format!("no healthy {role} instance is available"),
         ),
+        too_large @ Rejection::TooLarge { .. } => {
+            ApiError::invalid("max_tokens", too_large.to_string())
+        }
         other => ApiError::rejected(other.label(), other.to_string(), other.retry_after_secs()),
     }
 }

@@ -191,7 +191,14 @@ async fn bad_input_gets_openai_errors_with_the_right_status() {
     let (status, _) = error_of(c.get(format!("{url}/v1/nope")).send().await.expect("sent")).await;
     assert_eq!(status, 404);
 
-    // The engine's own limit surfaces as the client's error, not a gateway failure.
+    // The engine's own limit (4,096) surfaces as the client's error, not a gateway failure.
+    let (status, body) =
+        error_of(post(&url, "/v1/completions", completion("x", 5_000)).await).await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("max_tokens"))
+    );
+    // A request no decode instance could ever hold is a 400 from admission, not a 429 "retry".
     let (status, body) =
         error_of(post(&url, "/v1/completions", completion("x", 1_000_000)).await).await;
     assert_eq!(

@@ -58,6 +58,8 @@ pub enum Rejection {
     },
     #[error("no decode instance has KV-cache room for this request")]
     KvFull,
+    #[error("the request needs {needed} KV blocks (prompt plus max_tokens) but the largest decode instance holds {largest}")]
+    TooLarge { needed: u64, largest: u64 },
 }
 
 impl Rejection {
@@ -75,6 +77,7 @@ impl Rejection {
                 ..
             } => "slo_tbt",
             Rejection::KvFull => "kv_full",
+            Rejection::TooLarge { .. } => "too_large",
         }
     }
 

@@ -47,6 +47,17 @@ impl Policy for SloPolicy {
             .copied()
             .collect();
         let pool = if roomy.is_empty() {
+            let needed = pred.decode_blocks(ctx.key);
+            let largest = ctx
+                .decode
+                .iter()
+                .map(|d| d.capacity_blocks)
+                .max()
+                .unwrap_or(0);
+            if needed > largest {
+                // Waiting would not help: no decode instance could ever hold it.
+                return Err(Rejection::TooLarge { needed, largest });
+            }
             if slo.admission {
                 return Err(Rejection::KvFull);
             }
@@ -191,9 +202,27 @@ mod tests {
                 ..*c
             })
             .collect();
-        assert_eq!(
+        assert!(matches!(
             pick(&mut SloPolicy, &cfg, &key(512), &p, &full),
-            Err(Rejection::KvFull)
+            Err(Rejection::TooLarge {
+                needed: 33,
+                largest: 1
+            })
+        ));
+        let busy: Vec<_> = d
+            .iter()
+            .map(|c| crate::policy::Candidate {
+                load: crate::load::InstanceLoad {
+                    decode_blocks: c.capacity_blocks,
+                    ..c.load
+                },
+                ..*c
+            })
+            .collect();
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &key(512), &p, &busy),
+            Err(Rejection::KvFull),
+            "full now, not forever"
         );
     }
 
