@@ -303,6 +303,8 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
             .try_deserialize()?;
     }
     spec.scheduler.seed = a.sched_seed;
+    // The scheduler's prior describes the modelled engines, which run time-scaled.
+    spec.scheduler.cost = spec.scheduler.cost.time_scaled(a.time_scale);
     // The scheduler admits against the same SLOs the report measures goodput with.
     if let Some(t) = slo.ttft_ms {
         spec.scheduler.slo.ttft_ms = t;

@@ -26,6 +26,11 @@ impl Fleet {
         let mut cfg = cfg;
         // The demo fleet's model is authoritative for what a handoff moves.
         cfg.scheduler.kv_bytes_per_token = cfg.up.engine.kv_bytes_per_token;
+        // ... and for how fast it computes: a time-scaled fleet is predicted time-scaled.
+        cfg.scheduler.cost = cfg
+            .scheduler
+            .cost
+            .time_scaled(cfg.up.engine.timing.time_scale);
         let up = cfg.up.clone();
         let gateway = Gateway::start(cfg).await?;
         let mut engines = Vec::with_capacity(up.prefill + up.decode);

@@ -312,6 +312,8 @@ async fn slow_prefill_is_a_504_and_leaks_nothing() {
     for protocol in PROTOCOLS {
         // Scaled time: this prompt's prefill takes seconds, past the one-second deadline.
         let mut cfg = pd_config(protocol, 1, 1, 300.0);
+        // Admission would (rightly) turn this request away up front: it is the deadline under test.
+        cfg.scheduler.slo.admission = false;
         cfg.upstream.prefill_timeout_secs = 1;
         cfg.upstream.prefill_attempts = 1;
         cfg.up.engine.reservation_ttl_secs = 1;

@@ -12,7 +12,8 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
-    let mut cfg = config(1, 1, 0.0);
+    // Real-time engines: the scheduler's prior is time-scaled like the fleet it describes.
+    let mut cfg = config(1, 1, 1.0);
     cfg.scheduler.slo.ttft_ms = 20.0; // a 4k-token prefill is predicted at ~86 ms
     let fleet = fleet(cfg).await;
     let resp = post(

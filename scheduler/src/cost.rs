@@ -29,6 +29,21 @@ impl CostModel {
             + self.decode_per_ktoken_ms * context_tokens as f64 / 1000.0
     }
 
+    /// The same model for engines running `factor` times as slow (the reference engine's
+    /// `time_scale`): compute terms scale, transfer bandwidth does not.
+    pub fn time_scaled(&self, factor: f64) -> CostModel {
+        let f = factor.max(0.0);
+        CostModel {
+            prefill_a: self.prefill_a * f,
+            prefill_b: self.prefill_b * f,
+            prefill_c: self.prefill_c * f,
+            decode_base_ms: self.decode_base_ms * f,
+            decode_per_seq_ms: self.decode_per_seq_ms * f,
+            decode_per_ktoken_ms: self.decode_per_ktoken_ms * f,
+            ..self.clone()
+        }
+    }
+
     pub fn prior_bytes_per_ms(&self) -> f64 {
         self.transfer_gbps * 1e6
     }
@@ -76,6 +91,15 @@ mod tests {
         );
         assert_eq!(m.decode_step_ms(0, 5), 0.0);
         assert!((m.decode_step_ms(10, 50_000) - (6.0 + 0.4 + 1.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn time_scaling_scales_compute_not_bandwidth() {
+        let m = CostModel::default();
+        let q = m.time_scaled(0.25);
+        assert!((q.prefill_ms(4000) - 0.25 * m.prefill_ms(4000)).abs() < 1e-9);
+        assert!((q.decode_step_ms(8, 9000) - 0.25 * m.decode_step_ms(8, 9000)).abs() < 1e-9);
+        assert_eq!(q.prior_bytes_per_ms(), m.prior_bytes_per_ms());
     }
 
     #[test]
