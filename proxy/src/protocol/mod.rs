@@ -60,12 +60,18 @@ pub async fn run_legs(
     ctx: &LegContext<'_>,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
+    let Some(prefill) = ctx.prefill else {
+        // The scheduler chose decode-local prefill: the plain request, in every protocol.
+        let response = legs::decode_head(ctx, &ctx.req.body, &[]).await?;
+        on_prefill_done(None);
+        return Ok(DecodeStart::new(response));
+    };
     match protocol {
-        Protocol::Native => native::run(ctx, on_prefill_done).await,
-        Protocol::VllmNixl => vllm_nixl::run(ctx, on_prefill_done).await,
-        Protocol::VllmMooncake => vllm_mooncake::run(ctx, on_prefill_done).await,
-        Protocol::Sglang => sglang::run(ctx, on_prefill_done).await,
-        Protocol::Trtllm => trtllm::run(ctx, on_prefill_done).await,
+        Protocol::Native => native::run(ctx, prefill, on_prefill_done).await,
+        Protocol::VllmNixl => vllm_nixl::run(ctx, prefill, on_prefill_done).await,
+        Protocol::VllmMooncake => vllm_mooncake::run(ctx, prefill, on_prefill_done).await,
+        Protocol::Sglang => sglang::run(ctx, prefill, on_prefill_done).await,
+        Protocol::Trtllm => trtllm::run(ctx, prefill, on_prefill_done).await,
     }
 }
 

@@ -9,21 +9,15 @@ use super::{unreachable, upstream_failure, DecodeStart, LegContext, LegError};
 use crate::metrics;
 use crate::workers::Worker;
 use pdgate_engine_sim::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};
-use pdgate_engine_sim::openai::ApiKind;
 use pdgate_scheduler::Observed;
 use pdgate_scheduler::Role;
 use std::time::Duration;
 
 pub async fn run(
     ctx: &LegContext<'_>,
+    prefill_worker: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let Some(prefill_worker) = ctx.prefill else {
-        // Decode prefills locally: the plain request, no reservation, no transfer.
-        let response = decode(ctx, None).await?;
-        on_prefill_done(None);
-        return Ok(DecodeStart::new(response));
-    };
     let kv = reserve(ctx).await?;
     let guard = ReleaseOnDrop {
         client: ctx.state.client.clone(),
@@ -57,7 +51,7 @@ pub async fn run(
         transfer_ms = report.transfer_ms,
         "KV handed off"
     );
-    let response = decode(ctx, Some(&report)).await?;
+    let response = decode(ctx, &report).await?;
     guard.disarm();
     Ok(DecodeStart::new(response))
 }
@@ -121,50 +115,18 @@ async fn prefill(
     Ok(report)
 }
 
+/// The decode leg: the client's body plus `pdgate_kv`, so decode verifies the landed blocks.
 async fn decode(
     ctx: &LegContext<'_>,
-    report: Option<&PrefillReport>,
+    report: &PrefillReport,
 ) -> Result<reqwest::Response, LegError> {
-    let path = match ctx.req.kind {
-        ApiKind::Chat => "/v1/chat/completions",
-        ApiKind::Completions => "/v1/completions",
-    };
     let mut body = ctx.req.body.clone();
-    if let Some(report) = report {
-        let leg = DecodeLeg {
-            request_id: ctx.request_id.into(),
-            first_token: report.first_token,
-        };
-        body[wire::DECODE_FIELD] = serde_json::to_value(leg).unwrap_or_default();
-    }
-    let head_timeout = Duration::from_secs(ctx.state.cfg.upstream.decode_head_timeout_secs);
-    let send = ctx
-        .state
-        .client
-        .post(format!("{}{path}", ctx.decode.url))
-        .header("x-request-id", ctx.request_id)
-        .json(&body)
-        .send();
-    let resp = match tokio::time::timeout(head_timeout, send).await {
-        Ok(r) => r.map_err(|e| unreachable(Role::Decode, &ctx.decode.url, &e))?,
-        Err(_) => {
-            let error = crate::error::ApiError::timeout(format!(
-                "decode engine {} sent no response head in time",
-                ctx.decode.url
-            ));
-            return Err(LegError {
-                role: Role::Decode,
-                retryable: true,
-                error,
-            });
-        }
+    let leg = DecodeLeg {
+        request_id: ctx.request_id.into(),
+        first_token: report.first_token,
     };
-    if !resp.status().is_success() {
-        metrics::leg(Role::Decode, "error");
-        return Err(upstream_failure(Role::Decode, resp).await);
-    }
-    metrics::leg(Role::Decode, "ok");
-    Ok(resp)
+    body[wire::DECODE_FIELD] = serde_json::to_value(leg).unwrap_or_default();
+    super::legs::decode_head(ctx, &body, &[]).await
 }
 
 /// Frees the decode reservation unless the decode leg took it over. Runs on error paths and when

@@ -10,6 +10,7 @@
 
 use super::{legs, DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
+use crate::workers::Worker;
 use bytes::Bytes;
 use pdgate_scheduler::{Observed, Role};
 use serde_json::Value;
@@ -20,13 +21,9 @@ pub const DEFAULT_BOOTSTRAP_PORT: u16 = 8998;
 
 pub async fn run(
     ctx: &LegContext<'_>,
+    prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let Some(prefill) = ctx.prefill else {
-        let response = legs::decode_head(ctx, &ctx.req.body, &[]).await?;
-        on_prefill_done(None);
-        return Ok(DecodeStart::new(response));
-    };
     let (host, http_port) = host_port(&prefill.url);
     let mut body = ctx.req.body.clone();
     body["bootstrap_host"] = Value::from(host);

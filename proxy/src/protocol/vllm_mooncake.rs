@@ -9,6 +9,7 @@
 
 use super::{legs, sglang, DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
+use crate::workers::Worker;
 use pdgate_scheduler::{Observed, Role};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -17,13 +18,9 @@ pub const FIELD: &str = "kv_transfer_params";
 
 pub async fn run(
     ctx: &LegContext<'_>,
+    prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let Some(prefill) = ctx.prefill else {
-        let response = legs::decode_head(ctx, &ctx.req.body, &[]).await?;
-        on_prefill_done(None);
-        return Ok(DecodeStart::new(response));
-    };
     let (host, http_port) = sglang::host_port(&prefill.url);
     let bootstrap = format!(
         "http://{host}:{}",

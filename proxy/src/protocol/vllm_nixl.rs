@@ -11,6 +11,7 @@
 
 use super::{legs, DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
+use crate::workers::Worker;
 use pdgate_scheduler::{Observed, Role};
 use serde_json::json;
 
@@ -18,13 +19,9 @@ pub const FIELD: &str = "kv_transfer_params";
 
 pub async fn run(
     ctx: &LegContext<'_>,
+    prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let Some(prefill) = ctx.prefill else {
-        let response = legs::decode_head(ctx, &ctx.req.body, &[]).await?;
-        on_prefill_done(None);
-        return Ok(DecodeStart::new(response));
-    };
     let mut body = legs::prefill_body(ctx);
     body[FIELD] = json!({
         "do_remote_decode": true,
