@@ -223,6 +223,20 @@ impl TcpTransport {
         if segment.len() > wire::MAX_SEGMENT_NAME_LEN {
             return Err(TransferError::InvalidName(segment.to_owned()));
         }
+        let msg = self
+            .control_exchange(endpoint, &wire::encode_describe(segment))
+            .await?;
+        SegmentAdvert::decode(&msg)
+    }
+
+    /// Sends one control frame (describe, RDMA connect) to the owner at `endpoint` and returns
+    /// the reply message. A fresh connection: control exchanges are rare, and an old server
+    /// closes the connection after rejecting a frame it does not know.
+    async fn control_exchange(
+        &self,
+        endpoint: &str,
+        frame: &[u8],
+    ) -> Result<Vec<u8>, TransferError> {
         let peer = self.peer(endpoint);
         peer.check_up(endpoint)?;
         let _permit = peer
@@ -231,10 +245,8 @@ impl TcpTransport {
             .acquire_owned()
             .await
             .map_err(|_| TransferError::Shutdown)?;
-        // A fresh connection: a handshake is rare, and an old server closes
-        // the connection after rejecting it.
         let mut conn = connect(endpoint).await?;
-        conn.write_all(&wire::encode_describe(segment)).await?;
+        conn.write_all(frame).await?;
         let mut raw = [0u8; REPLY_HEADER_LEN];
         conn.read_exact(&mut raw).await?;
         let h = ReplyHeader::decode(&raw)?;
@@ -244,7 +256,7 @@ impl TcpTransport {
             return Err(h.into_error(&msg));
         }
         peer.put_idle(conn, self.per_peer);
-        SegmentAdvert::decode(&msg)
+        Ok(msg)
     }
 
     /// Sends one RDMA connect request to the owner at `endpoint` and returns
@@ -256,25 +268,7 @@ impl TcpTransport {
         req: &crate::transport::rdma::session::ConnectRequest,
     ) -> Result<crate::transport::rdma::session::ConnectReply, TransferError> {
         let frame = wire::encode_rdma_connect(&req.segment, &req.encode()?)?;
-        let peer = self.peer(endpoint);
-        peer.check_up(endpoint)?;
-        let _permit = peer
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| TransferError::Shutdown)?;
-        let mut conn = connect(endpoint).await?;
-        conn.write_all(&frame).await?;
-        let mut raw = [0u8; REPLY_HEADER_LEN];
-        conn.read_exact(&mut raw).await?;
-        let h = ReplyHeader::decode(&raw)?;
-        let mut msg = vec![0u8; h.msg_len as usize];
-        conn.read_exact(&mut msg).await?;
-        if h.status != ReplyStatus::Ok {
-            return Err(h.into_error(&msg));
-        }
-        peer.put_idle(conn, self.per_peer);
+        let msg = self.control_exchange(endpoint, &frame).await?;
         crate::transport::rdma::session::ConnectReply::decode(&msg)
     }
 
