@@ -23,6 +23,7 @@ pub mod state;
 pub mod telemetry;
 pub mod transfer_bench;
 pub mod up;
+pub mod upstream;
 pub mod workers;
 
 pub use gateway::Gateway;

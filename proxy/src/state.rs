@@ -19,7 +19,7 @@ pub struct AppState {
     pub scheduler: Mutex<Scheduler>,
     pub tokenizer: Tokenizer,
     pub hasher: BlockHasher,
-    pub client: reqwest::Client,
+    pub client: crate::upstream::Client,
     pub segments: MemoryRegistry,
     pub metrics: PrometheusHandle,
     /// Bounds requests in flight; acquisition never waits.
@@ -32,11 +32,10 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(cfg.upstream.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()?;
+        let client = crate::upstream::Client::new(
+            Duration::from_millis(cfg.upstream.connect_timeout_ms),
+            Duration::from_secs(30),
+        );
         let tokenizer = match &cfg.model.tokenizer {
             Some(path) => {
                 let bytes = std::fs::read(path)

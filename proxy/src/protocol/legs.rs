@@ -91,7 +91,7 @@ pub async fn decode_head(
     ctx: &LegContext<'_>,
     body: &Value,
     headers: &[(&str, String)],
-) -> Result<reqwest::Response, LegError> {
+) -> Result<crate::upstream::Response, LegError> {
     decode_head_raw(ctx, to_body(body), headers).await
 }
 
@@ -100,7 +100,7 @@ pub async fn decode_head_raw(
     ctx: &LegContext<'_>,
     body: Bytes,
     headers: &[(&str, String)],
-) -> Result<reqwest::Response, LegError> {
+) -> Result<crate::upstream::Response, LegError> {
     let url = &ctx.decode.url;
     let head_timeout = Duration::from_secs(ctx.state.cfg.upstream.decode_head_timeout_secs);
     let mut rb = ctx
@@ -108,7 +108,7 @@ pub async fn decode_head_raw(
         .client
         .post(format!("{url}{}", path(ctx.req.kind)))
         .header("x-request-id", ctx.request_id)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, "application/json")
         .body(body);
     for (k, v) in headers {
         rb = rb.header(*k, v);
@@ -134,7 +134,7 @@ pub async fn decode_head_raw(
 }
 
 /// Fire-and-forget `POST {url}/abort_request {"rid"}` (SGLang's abort call), bounded in time.
-pub fn abort(client: &reqwest::Client, url: &str, rid: &str) {
+pub fn abort(client: &crate::upstream::Client, url: &str, rid: &str) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -153,14 +153,14 @@ pub fn abort(client: &reqwest::Client, url: &str, rid: &str) {
 
 /// Aborts a request's legs on the listed engines when dropped armed (client gone mid-relay).
 pub struct AbortGuard {
-    client: reqwest::Client,
+    client: crate::upstream::Client,
     urls: Vec<String>,
     rid: String,
     armed: bool,
 }
 
 impl AbortGuard {
-    pub fn new(client: &reqwest::Client, urls: Vec<String>, rid: &str) -> Self {
+    pub fn new(client: &crate::upstream::Client, urls: Vec<String>, rid: &str) -> Self {
         Self {
             client: client.clone(),
             urls,

@@ -119,7 +119,7 @@ async fn prefill(
 async fn decode(
     ctx: &LegContext<'_>,
     report: &PrefillReport,
-) -> Result<reqwest::Response, LegError> {
+) -> Result<crate::upstream::Response, LegError> {
     let mut body = ctx.req.body.clone();
     let leg = DecodeLeg {
         request_id: ctx.request_id.into(),
@@ -132,7 +132,7 @@ async fn decode(
 /// Frees the decode reservation unless the decode leg took it over. Runs on error paths and when
 /// the request future is dropped (client disconnect), so it must not need the caller's task.
 struct ReleaseOnDrop {
-    client: reqwest::Client,
+    client: crate::upstream::Client,
     url: String,
     request_id: String,
     armed: bool,
@@ -155,7 +155,7 @@ impl ReleaseOnDrop {
     }
 }
 
-async fn release(client: reqwest::Client, url: String, request_id: String) {
+async fn release(client: crate::upstream::Client, url: String, request_id: String) {
     let body = wire::ReleaseRequest {
         request_id: request_id.clone(),
     };

@@ -177,7 +177,7 @@ fn join_failed(e: &tokio::task::JoinError) -> LegError {
 
 /// The prefill leg: sent, its answer drained and discarded (the client gets decode's).
 async fn prefill_leg(
-    client: reqwest::Client,
+    client: crate::upstream::Client,
     url: String,
     engine: String,
     body: Bytes,
@@ -187,7 +187,7 @@ async fn prefill_leg(
     let resp = client
         .post(&url)
         .header("x-request-id", &rid)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
         .timeout(timeout)
         .send()
