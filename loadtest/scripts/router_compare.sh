@@ -38,7 +38,10 @@ engines() { # protocol -> sets P1 P2 D1 D2
   local proto=$1 i=0
   for role in prefill prefill decode decode; do
     local port=$((BASE_PORT + i)); i=$((i + 1))
-    PDGATE_ENGINE_KV_BYTES_PER_TOKEN=$KV_BYTES_PER_TOKEN RUST_LOG=warn "$PDGATE" engine --role "$role" --protocol "$proto" --port "$port" \
+    # One async thread per engine, like the single event loop of vLLM's and SGLang's API servers:
+    # four engines, a router and wrk share two cores, and idle worker threads only add switches.
+    PDGATE_ENGINE_KV_BYTES_PER_TOKEN=$KV_BYTES_PER_TOKEN RUST_LOG=warn "$PDGATE" engine --worker-threads "${ENGINE_THREADS:-1}" \
+      --role "$role" --protocol "$proto" --port "$port" \
       --time-scale 0 --bootstrap-timeout-ms 5000 >"$OUT/engine-$proto-$port.log" 2>&1 &
     PIDS+=($!)
     wait_ok "http://127.0.0.1:$port/health" "$role engine"

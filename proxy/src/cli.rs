@@ -15,6 +15,10 @@ use std::path::PathBuf;
     about = "Prefill/decode disaggregation gateway for LLM serving"
 )]
 pub struct Cli {
+    /// Async worker threads of this process (default: one per core). A process-level knob, so
+    /// it is a flag, not a config key: e.g. `1` for engines packed many to a small host.
+    #[arg(long, global = true, env = "PDGATE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,6 +9,8 @@
 use crate::blocks::BlockHash;
 use crate::config::IndexConfig;
 use crate::types::InstanceId;
+use smallvec::SmallVec;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
@@ -22,6 +24,13 @@ struct Holder {
     seq: u64,
     touched: Duration,
     precise: bool,
+}
+
+impl Holder {
+    /// Precise entries live until the engine removes them; approximate ones for the TTL.
+    fn is_live(&self, now: Duration, ttl: Duration) -> bool {
+        self.precise || now.saturating_sub(self.touched) < ttl
+    }
 }
 
 /// Age order for LRU and TTL: (sequence number of a touch, block), oldest first. A touch
@@ -88,7 +97,9 @@ impl Table {
 
 #[derive(Debug)]
 pub struct PrefixIndex {
-    holders: BlockMap<Vec<Holder>>,
+    /// Inline for up to two holders (a routed block usually lands on one prefill and one
+    /// decode), so a lookup is one probe, not a probe and a pointer chase.
+    holders: BlockMap<SmallVec<[Holder; 2]>>,
     instances: Table,
     seq: u64,
     entries: u64,
@@ -206,7 +217,7 @@ impl PrefixIndex {
     }
 
     fn live(&self, h: &Holder, now: Duration) -> bool {
-        h.precise || now.saturating_sub(h.touched) < self.ttl
+        h.is_live(now, self.ttl)
     }
 
     fn live_holders<'a>(
@@ -257,23 +268,38 @@ impl PrefixIndex {
         }
     }
 
-    /// The oldest live (seq, block) of `id`, dropping stale pairs on the way.
-    fn oldest(&mut self, id: InstanceId) -> Option<(BlockHash, Holder)> {
-        let per = self.instances.get_mut(&id)?;
+    /// Drops `id`'s oldest live entry if `evict` says so (skipping stale age-order pairs on the
+    /// way), with one map probe per pair. False when nothing was dropped.
+    fn pop_oldest_if(&mut self, id: InstanceId, evict: impl Fn(&Holder) -> bool) -> bool {
+        let Some(per) = self.instances.get_mut(&id) else {
+            return false;
+        };
         while let Some(&(seq, block)) = per.order.front() {
-            let holder = self
-                .holders
-                .get(&block)
-                .and_then(|hs| hs.iter().find(|h| h.instance == id && h.seq == seq))
-                .copied();
-            match holder {
-                Some(h) => return Some((block, h)),
-                None => {
-                    per.order.pop_front();
-                }
+            let Entry::Occupied(mut slot) = self.holders.entry(block) else {
+                per.order.pop_front();
+                continue;
+            };
+            let holders = slot.get_mut();
+            let Some(pos) = holders
+                .iter()
+                .position(|h| h.instance == id && h.seq == seq)
+            else {
+                per.order.pop_front();
+                continue;
+            };
+            if !evict(&holders[pos]) {
+                return false;
             }
+            holders.swap_remove(pos);
+            if holders.is_empty() {
+                slot.remove();
+            }
+            per.order.pop_front();
+            per.live -= 1;
+            self.entries -= 1;
+            return true;
         }
-        None
+        false
     }
 
     fn drop_entry(&mut self, id: InstanceId, block: BlockHash) {
@@ -296,20 +322,15 @@ impl PrefixIndex {
 
     /// Drops approximate entries of `id` older than the TTL (oldest first, so it stops early).
     fn expire(&mut self, id: InstanceId, now: Duration) {
-        while let Some((block, h)) = self.oldest(id) {
-            if self.live(&h, now) {
-                return;
-            }
-            self.drop_entry(id, block);
-        }
+        let ttl = self.ttl;
+        while self.pop_oldest_if(id, |h| !h.is_live(now, ttl)) {}
     }
 
     fn evict_over_capacity(&mut self, id: InstanceId) {
         while self.instances.get(&id).is_some_and(|p| p.live > p.capacity) {
-            let Some((block, _)) = self.oldest(id) else {
+            if !self.pop_oldest_if(id, |_| true) {
                 return;
-            };
-            self.drop_entry(id, block);
+            }
         }
     }
 
@@ -333,10 +354,9 @@ impl PrefixIndex {
             while self.entries > target
                 && self.instances.get(&largest).is_some_and(|p| p.live > floor)
             {
-                let Some((block, _)) = self.oldest(largest) else {
+                if !self.pop_oldest_if(largest, |_| true) {
                     return;
-                };
-                self.drop_entry(largest, block);
+                }
             }
         }
     }
