@@ -42,10 +42,27 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder is installed; then ours stays empty but harmless.
             let _ = metrics::set_global_recorder(recorder);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
 }
+
+/// Histogram samples queue in the recorder until something drains them; a gateway nobody
+/// scrapes would grow that queue without bound, so it is drained on a timer too.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("pdgate-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread; histograms drain only on scrape");
+    }
+}
+
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 pub fn request_done(api: &'static str, status: u16, elapsed: Duration) {
     counter!("pdgate_requests_total", "api" => api, "status" => status_class(status)).increment(1);
