@@ -3,6 +3,7 @@
 //! engine's pool and every one of them is verified before a token is produced.
 
 use crate::config::Protocol;
+use crate::logprobs::Logprobs;
 use crate::native::{DecodeLeg, DECODE_FIELD};
 use crate::openai::{usage, ApiError, ApiKind, Envelope, GenRequest};
 use crate::pool::Claim;
@@ -86,20 +87,27 @@ async fn handle(
     let abort_rx = abort.as_ref().map(AbortHandle::receiver);
     let mut req = req;
     let mut decorate = None;
-    let (first, claim) = match leg {
-        Some(leg) => (leg.first_token, Some(take_kv(&e, &leg, &tokens).await?)),
+    // `prompt_here`: the prompt ran through this engine's forward pass, so its logprobs exist
+    // here; a decode leg received the KV instead and has only the generated tokens'.
+    let (first, claim, prompt_here) = match leg {
+        Some(leg) => (
+            leg.first_token,
+            Some(take_kv(&e, &leg, &tokens).await?),
+            false,
+        ),
         None => match protocol::prepare(&e, &body, &rid, &tokens, abort_rx.clone()).await? {
-            Prepared::Plain => (prefill_locally(&e, &tokens, key).await?, None),
+            Prepared::Plain => (prefill_locally(&e, &tokens, key).await?, None, true),
             Prepared::PrefillOnly(d) => {
                 // A prefill-only leg produces exactly the first token, whatever was asked.
                 req.max_tokens = 1;
                 decorate = Some(d);
-                (text::token_at(key, e.cfg.seed, 0), None)
+                (text::token_at(key, e.cfg.seed, 0), None, true)
             }
             Prepared::Decode(leg) => (
                 leg.first
                     .unwrap_or_else(|| text::token_at(key, e.cfg.seed, 0)),
                 leg.claim,
+                false,
             ),
         },
     };
@@ -115,6 +123,7 @@ async fn handle(
         key,
         first,
         prompt_tokens: tokens.len() as u32,
+        prompt_here,
         decorate,
         abort: abort.map(|h| (h, abort_rx)),
     };
@@ -212,6 +221,8 @@ struct Output {
     key: u64,
     first: u32,
     prompt_tokens: u32,
+    /// Whether this engine ran the prompt (and so has its logprobs).
+    prompt_here: bool,
     decorate: Option<Decorate>,
     /// The leg's abort registration (kept alive while it generates) and its signal.
     abort: Option<(AbortHandle, Option<watch::Receiver<bool>>)>,
@@ -232,12 +243,34 @@ impl Output {
         text::piece(text::token_at(self.key, self.engine.cfg.seed, position))
     }
 
+    /// The logprobs of the answer's first `generated` tokens, or `None` if none were asked for;
+    /// the prompt's lead them when asked for and computed here.
+    fn logprobs(&self, generated: std::ops::Range<u32>) -> Option<Value> {
+        let wanted = self.req.logprobs?;
+        let mut lp = Logprobs::new(wanted);
+        if wanted.prompt && self.prompt_here && generated.start == 0 {
+            lp.push_prompt(&self.req.prompt);
+        }
+        for position in generated {
+            lp.push(self.piece(position));
+        }
+        Some(lp.to_json())
+    }
+
+    /// The text of the token at `position`, the prompt in front of the first when echoed.
+    fn text_at(&self, position: u32) -> std::borrow::Cow<'static, str> {
+        if position == 0 && self.req.echo {
+            return format!("{}{}", self.req.prompt, self.piece(0)).into();
+        }
+        self.piece(position).into()
+    }
+
     fn abort_signal(&self) -> Option<watch::Receiver<bool>> {
         self.abort.as_ref().and_then(|(_, rx)| rx.clone())
     }
 
     async fn collect(mut self, mut rx: mpsc::Receiver<()>) -> Response {
-        let mut text = String::from(self.piece(0));
+        let mut text = self.text_at(0).into_owned();
         let mut n = 1;
         let abort = self.abort_signal();
         while next_step(&mut rx, &abort).await.is_some() {
@@ -258,6 +291,9 @@ impl Output {
             "abort"
         };
         let mut resp = env.full_response(&text, finish, usage(self.prompt_tokens, n));
+        if let Some(lp) = self.logprobs(0..n) {
+            resp["choices"][0]["logprobs"] = lp;
+        }
         if let Some(decorate) = self.decorate.take() {
             decorate(&mut resp);
         }
@@ -281,12 +317,15 @@ impl Output {
             let mut position = 0u32;
             loop {
                 let last = position + 1 == total;
-                let chunk = env.chunk(
-                    self.piece(position),
+                let mut chunk = env.chunk(
+                    &self.text_at(position),
                     position == 0,
                     last.then_some("length"),
                     with_usage,
                 );
+                if let Some(lp) = self.logprobs(position..position + 1) {
+                    chunk["choices"][0]["logprobs"] = lp;
+                }
                 if tx.send(Ok(sse(&chunk))).await.is_err() {
                     return; // client gone: dropping `rx` aborts the sequence
                 }

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod generate;
 pub mod kv;
+pub mod logprobs;
 pub mod native;
 pub mod openai;
 pub mod pd;

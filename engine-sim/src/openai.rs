@@ -3,6 +3,7 @@
 //!
 //! It never validates beyond what the engine needs; the gateway does its own, stricter checks.
 
+use crate::logprobs::Wanted;
 use pdgate_scheduler::prompt::{render_chat, ChatTurn};
 use serde_json::{json, Value};
 
@@ -21,6 +22,10 @@ pub struct GenRequest {
     pub max_tokens: u32,
     pub stream: bool,
     pub include_usage: bool,
+    /// Completions `echo`: the answer's text starts with the prompt.
+    pub echo: bool,
+    /// Completions `logprobs` (chat logprobs are not emulated).
+    pub logprobs: Option<Wanted>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +121,30 @@ pub fn prompt_of(kind: ApiKind, body: &Value) -> Result<String, ApiError> {
     }
 }
 
+/// What a completions request asks for in logprobs: `None` unless `logprobs` is an integer (0
+/// included: the chosen tokens' logprobs without alternatives); the prompt's too with
+/// `echo: true`. Chat requests: always `None`.
+pub fn logprobs_wanted(kind: ApiKind, body: &Value) -> Result<Option<Wanted>, ApiError> {
+    if kind != ApiKind::Completions {
+        return Ok(None);
+    }
+    let top = match body.get("logprobs") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|k| u32::try_from(k).ok())
+            .ok_or_else(|| ApiError::invalid("logprobs", "`logprobs` must be an integer"))?,
+    };
+    Ok(Some(Wanted {
+        top,
+        prompt: echo(body),
+    }))
+}
+
+fn echo(body: &Value) -> bool {
+    body.get("echo").and_then(Value::as_bool).unwrap_or(false)
+}
+
 impl GenRequest {
     pub fn parse(
         kind: ApiKind,
@@ -152,6 +181,8 @@ impl GenRequest {
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            echo: kind == ApiKind::Completions && echo(body),
+            logprobs: logprobs_wanted(kind, body)?,
         })
     }
 }

@@ -6,12 +6,12 @@
 //! The decode-only fallback (off by default) is the one place a request runs without the
 //! disaggregated prefill it was scheduled for, and it always says so on the response.
 
-use crate::booking::Booking;
+use crate::booking::{Booking, Verdict};
 use crate::breaker::Outcome;
 use crate::error::ApiError;
 use crate::metrics;
 use crate::openai::{self, ClientRequest};
-use crate::protocol::{self, DecodeStart, LegContext, LegError};
+use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::Relay;
 use crate::state::AppState;
 use crate::workers::Worker;
@@ -128,13 +128,25 @@ async fn run(
             prefill: prefill.as_deref(),
             decode: &decode,
         };
+        let verdicts = (
+            prefill.as_ref().map(|p| Verdict::new(state, p)),
+            Verdict::new(state, &decode),
+        );
         let result = protocol::run_legs(decode.protocol, &ctx, |observed| {
             booking.prefill_done(observed)
         })
         .await;
-        account_breakers(state, prefill.as_deref(), &decode, &result);
-        match result {
-            Ok(start) => return Ok(respond(&req, start, booking, started, request_id, permit)),
+        match account_breakers(verdicts, result) {
+            Ok((start, decode_verdict)) => {
+                let served = Served {
+                    booking,
+                    verdict: decode_verdict,
+                    started,
+                    request_id,
+                    permit,
+                };
+                return Ok(respond(&req, start, served));
+            }
             Err(LegError {
                 role: Role::Prefill,
                 retryable: true,
@@ -189,24 +201,29 @@ fn claim_pair(
 
 /// Feeds each leg's outcome to its own worker's breaker: the failed leg is the failure; the
 /// other leg's fate is unknown (a decode aborted because its prefill failed did nothing wrong),
-/// and a request the engine refused as invalid says nothing about either engine.
+/// and a request the engine refused as invalid says nothing about either engine. A decode that
+/// sent its head is not judged yet: its verdict is returned for the relay, which gives it at
+/// the end of the body (a stream cut mid-way is that decode's failure).
 fn account_breakers(
-    state: &AppState,
-    prefill: Option<&Worker>,
-    decode: &Worker,
-    result: &Result<DecodeStart, LegError>,
-) {
-    let (p, d) = match result {
-        Ok(_) => (Outcome::Success, Outcome::Success),
+    (prefill, decode): (Option<Verdict>, Verdict),
+    result: Result<DecodeStart, LegError>,
+) -> Result<(DecodeStart, Verdict), LegError> {
+    let (p, d) = match &result {
+        Ok(_) => (Outcome::Success, Outcome::Unknown),
         Err(e) if !e.retryable => (Outcome::Unknown, Outcome::Unknown),
         Err(e) if e.role == Role::Prefill => (Outcome::Failure, Outcome::Unknown),
         Err(_) => (Outcome::Unknown, Outcome::Failure),
     };
-    let (now, cfg) = (state.now(), &state.cfg.breaker);
     if let Some(prefill) = prefill {
-        state.workers.record(prefill, p, now, cfg);
+        prefill.record(p);
     }
-    state.workers.record(decode, d, now, cfg);
+    match result {
+        Ok(start) => Ok((start, decode)),
+        Err(e) => {
+            decode.record(d);
+            Err(e)
+        }
+    }
 }
 
 /// What the decode-only fallback needs of the request.
@@ -243,10 +260,17 @@ async fn fallback(
         prefill: None,
         decode: &decode,
     };
+    let verdicts = (None, Verdict::new(state, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;
-    account_breakers(state, None, &decode, &result);
-    let start = result.map_err(|e| e.error)?;
-    let mut resp = respond(f.req, start, booking, f.started, f.request_id, permit);
+    let (start, verdict) = account_breakers(verdicts, result).map_err(|e| e.error)?;
+    let served = Served {
+        booking,
+        verdict,
+        started: f.started,
+        request_id: f.request_id,
+        permit,
+    };
+    let mut resp = respond(f.req, start, served);
     resp.headers_mut()
         .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
     Ok(resp)
@@ -309,27 +333,37 @@ fn rejection_error(r: Rejection) -> ApiError {
     }
 }
 
-/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.
-fn respond(
-    req: &ClientRequest,
-    start: DecodeStart,
+/// What a request that reached its decode's head holds until its relay ends.
+struct Served<'a> {
     booking: Booking,
+    /// The decode worker's breaker verdict, given by the relay.
+    verdict: Verdict,
     started: Instant,
-    request_id: &str,
+    request_id: &'a str,
     permit: tokio::sync::OwnedSemaphorePermit,
-) -> Response {
-    let DecodeStart {
-        response: upstream,
+}
+
+/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.
+fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>) -> Response {
+    let DecodeBody {
+        content_type,
+        body: upstream,
+        sse,
         abort_on_drop,
-    } = start;
-    let content_type = upstream
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("application/json"));
-    let relay = Relay::new(
-        Box::pin(upstream.bytes_stream()),
+    } = start.into_body();
+    let content_type = content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
+    let Served {
         booking,
+        verdict,
+        started,
+        request_id,
+        permit,
+    } = served;
+    let relay = Relay::new(
+        upstream,
+        booking,
+        verdict,
+        sse,
         started,
         request_id.to_string(),
     );

@@ -2,8 +2,14 @@
 //! stream is polled only when the client's connection asks for more, so backpressure reaches the
 //! engine, and dropping the relay (client gone) drops the upstream connection, which aborts the
 //! decode and frees its KV. An upstream failure after bytes went out becomes one SSE error event.
+//!
+//! The relay also judges the decode worker: a body that ended properly (an SSE stream with its
+//! closing `data: [DONE]`, any other body at its end) is its success; a body error or an SSE
+//! stream that stopped without `[DONE]` is its failure; a relay dropped before the end (client
+//! gone) says nothing about it.
 
-use crate::booking::Booking;
+use crate::booking::{Booking, Verdict};
+use crate::breaker::Outcome;
 use crate::error::ApiError;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -11,11 +17,37 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, crate::upstream::Error>> + Send>>;
+/// A decode leg's body as it arrives.
+pub type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, crate::upstream::Error>> + Send>>;
+
+/// The last bytes of a body: enough to tell whether an SSE stream ended with `data: [DONE]`.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    const DONE: &'static [u8] = b"data: [DONE]";
+    const KEEP: usize = 32;
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.0
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
+        let excess = self.0.len().saturating_sub(Self::KEEP);
+        self.0.drain(..excess);
+    }
+
+    fn done(&self) -> bool {
+        self.0.trim_ascii_end().ends_with(Self::DONE)
+    }
+}
 
 pub struct Relay {
     upstream: Upstream,
     booking: Option<Booking>,
+    /// The decode worker's breaker verdict, given at the end of the body.
+    verdict: Option<Verdict>,
+    /// The body is SSE: it must end with `data: [DONE]`.
+    sse: bool,
+    tail: Tail,
     started: Instant,
     first_seen: bool,
     finished: bool,
@@ -23,10 +55,20 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(upstream: Upstream, booking: Booking, started: Instant, request_id: String) -> Self {
+    pub fn new(
+        upstream: Upstream,
+        booking: Booking,
+        verdict: Verdict,
+        sse: bool,
+        started: Instant,
+        request_id: String,
+    ) -> Self {
         Self {
             upstream,
             booking: Some(booking),
+            verdict: Some(verdict),
+            sse,
+            tail: Tail::default(),
             started,
             first_seen: false,
             finished: false,
@@ -34,9 +76,24 @@ impl Relay {
         }
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, outcome: Outcome) {
         self.finished = true;
+        if let Some(v) = self.verdict.take() {
+            v.record(outcome);
+        }
         self.booking.take();
+    }
+
+    fn ended_properly(&self) -> bool {
+        !self.sse || self.tail.done()
+    }
+
+    /// The one SSE event a client gets when the decode stream broke after bytes went out.
+    fn interrupted(&mut self, why: String) -> Bytes {
+        tracing::warn!(request_id = %self.request_id, error = %why, "decode stream broke mid-response");
+        self.finish(Outcome::Failure);
+        let err = ApiError::upstream("decode_stream_interrupted", why);
+        Bytes::from(format!("\n\ndata: {}\n\n", err.body()))
     }
 }
 
@@ -57,25 +114,43 @@ impl Stream for Relay {
                         crate::metrics::ttft_prediction_error(ttft, b.decision.predicted_ttft_ms);
                     }
                 }
+                if self.sse {
+                    self.tail.push(&chunk);
+                }
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(request_id = %self.request_id, error = %e, "decode stream broke mid-response");
-                self.finish();
-                let err = ApiError::upstream(
-                    "decode_stream_interrupted",
-                    format!("decode engine stream ended early: {e}"),
-                );
-                Poll::Ready(Some(Ok(Bytes::from(format!(
-                    "\n\ndata: {}\n\n",
-                    err.body()
-                )))))
+                let event = self.interrupted(format!("decode engine stream ended early: {e}"));
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Ready(None) if self.ended_properly() => {
+                self.finish(Outcome::Success);
+                Poll::Ready(None)
             }
             Poll::Ready(None) => {
-                self.finish();
-                Poll::Ready(None)
+                let event =
+                    self.interrupted("decode engine stream ended without `data: [DONE]`".into());
+                Poll::Ready(Some(Ok(event)))
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_is_found_across_chunks_and_only_at_the_end() {
+        let done = |chunks: &[&str]| {
+            let mut t = Tail::default();
+            chunks.iter().for_each(|c| t.push(c.as_bytes()));
+            t.done()
+        };
+        assert!(done(&["data: {\"x\": 1}\n\ndata: [DO", "NE]\n\n"]));
+        assert!(done(&[&"x".repeat(100), "data: [DONE]\n\n"]));
+        assert!(!done(&["data: [DONE]\n\n", "data: {\"late\": true}\n\n"]));
+        assert!(!done(&["data: {\"x\": 1}\n\n"]));
     }
 }

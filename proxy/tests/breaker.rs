@@ -1,7 +1,8 @@
 //! Circuit breakers and the decode-only fallback, end to end: a worker that answers `/health` but
 //! fails its legs is cut off by its own breaker (never its partner's), comes back through exactly
 //! one half-open probe, and a request whose every prefill failed is served by its decode only
-//! when the fallback is enabled, and then says so.
+//! when the fallback is enabled, and then says so. A decode whose stream breaks after its head
+//! went out fails too; a client that leaves mid-stream says nothing about the decode.
 
 mod support;
 
@@ -13,7 +14,7 @@ use support::*;
 
 const COOLDOWN_MS: u64 = 500;
 
-async fn breaker_fleet() -> Fleet {
+fn breaker_config() -> pdgate::config::Config {
     let mut cfg = config(1, 1, 0.0);
     cfg.up.engine.protocol = Protocol::VllmNixl;
     cfg.up.engine.reservation_ttl_secs = 3;
@@ -21,7 +22,11 @@ async fn breaker_fleet() -> Fleet {
     cfg.breaker.failure_threshold = 2;
     cfg.breaker.cooldown_ms = COOLDOWN_MS;
     cfg.upstream.prefill_attempts = 2;
-    fleet(cfg).await
+    cfg
+}
+
+async fn breaker_fleet() -> Fleet {
+    fleet(breaker_config()).await
 }
 
 fn engine_url(fleet: &Fleet, role: Role) -> String {
@@ -197,4 +202,115 @@ async fn fallback_to_decode_serves_when_every_prefill_failed_and_says_so() {
             fleet.stop().await;
         }
     }
+}
+
+/// A streamed completion: `true` if it ended with `[DONE]`, `false` if it ended with the
+/// gateway's `decode_stream_interrupted` error event.
+async fn stream_completes(url: &str, i: usize, max_tokens: u32) -> bool {
+    let mut body = completion(&format!("stream {i}"), max_tokens);
+    body["stream"] = serde_json::json!(true);
+    let resp = post(url, "/v1/completions", body).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "request {i}: the head goes out before any cut"
+    );
+    let events = sse_events(&resp.text().await.expect("body"));
+    let last = events.last().expect("events");
+    if last == "[DONE]" {
+        return true;
+    }
+    assert!(last.contains("decode_stream_interrupted"), "{events:?}");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_cut_mid_stream_opens_its_own_breaker() {
+    let mut cfg = breaker_config();
+    // Long enough that the breaker stays open for the whole test.
+    cfg.breaker.cooldown_ms = 60_000;
+    let fleet = fleet(cfg).await;
+    let url = fleet.url();
+    let good = engine_url(&fleet, Role::Decode);
+    let prefill = engine_url(&fleet, Role::Prefill);
+    // A second decode, same as the first but crashing two tokens into every stream.
+    let (_, template) = fleet
+        .engines
+        .iter()
+        .find(|(r, _)| *r == Role::Decode)
+        .expect("decode");
+    let mut bad_cfg = template.engine.cfg.clone();
+    bad_cfg.port = 0;
+    bad_cfg.transfer_port = 0;
+    bad_cfg.faults.cut_stream_after_tokens = 2;
+    let bad = pdgate_engine_sim::spawn(bad_cfg).await.expect("engine");
+    add_worker(&fleet, &bad.url(), Role::Decode).await;
+
+    let mut cut = 0;
+    for i in 0..12 {
+        if !stream_completes(&url, i, 6).await {
+            cut += 1;
+        }
+    }
+    assert_eq!(
+        cut, 2,
+        "cut streams count until the breaker opens; then only the good decode"
+    );
+    assert_eq!(breaker_of(&url, &bad.url()).await, "open");
+    assert_eq!(breaker_of(&url, &good).await, "closed");
+    assert_eq!(
+        breaker_of(&url, &prefill).await,
+        "closed",
+        "the prefill of a request whose decode broke is not blamed"
+    );
+    let m = metrics_text(&url).await;
+    assert!(
+        m.contains(r#"pdgate_breaker_transitions_total{role="decode",to="open"} 1"#),
+        "{m}"
+    );
+    bad.stop().await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_stream_counts_neither_way() {
+    let mut cfg = breaker_config();
+    cfg.breaker.cooldown_ms = 60_000;
+    // Slow enough that a 2,000-token stream is still running when the client leaves; a stream
+    // read to the end breaks at token 50.
+    cfg.up.engine.timing.time_scale = 0.2;
+    cfg.up.engine.faults.cut_stream_after_tokens = 50;
+    cfg.scheduler.slo.admission = false;
+    let fleet = fleet(cfg).await;
+    let url = fleet.url();
+    let decode = engine_url(&fleet, Role::Decode);
+
+    assert!(!stream_completes(&url, 0, 60).await, "cut at token 50");
+    assert_eq!(
+        breaker_of(&url, &decode).await,
+        "closed",
+        "one failure of two"
+    );
+    for i in 1..=3 {
+        let mut body = completion(&format!("leave early {i}"), 2000);
+        body["stream"] = serde_json::json!(true);
+        let mut resp = post(&url, "/v1/completions", body).await;
+        assert_eq!(resp.status(), 200);
+        resp.chunk().await.expect("chunk").expect("first bytes");
+        drop(resp);
+        let stopped = eventually(Duration::from_secs(5), || async {
+            engine_sum(&fleet, Role::Decode, "vllm:num_requests_running").await == 0.0
+        })
+        .await;
+        assert!(stopped, "decode kept generating after the client left");
+    }
+    assert_eq!(
+        breaker_of(&url, &decode).await,
+        "closed",
+        "a client leaving is no failure of the decode"
+    );
+    // Nor a success: the failure before them still counts, so one more cut opens the breaker.
+    assert!(!stream_completes(&url, 4, 60).await);
+    assert_eq!(breaker_of(&url, &decode).await, "open");
+    fleet.stop().await;
 }

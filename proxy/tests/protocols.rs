@@ -388,3 +388,237 @@ async fn decode_cut_mid_stream_is_an_sse_error_and_leaks_nothing() {
         fleet.stop().await;
     }
 }
+
+/// The chunks of an SSE body (before `[DONE]`, which must end it), as JSON.
+async fn stream_chunks(resp: reqwest::Response) -> Vec<Value> {
+    assert_eq!(resp.status(), 200);
+    let events = sse_events(&resp.text().await.expect("body"));
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk json"))
+        .collect()
+}
+
+/// `logprobs` objects concatenated field by field, in order.
+fn concat_logprobs<'a>(parts: impl Iterator<Item = &'a Value>) -> Value {
+    let mut out =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for part in parts {
+        for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            let more = part[field].as_array().expect("array").clone();
+            out[field].as_array_mut().expect("array").extend(more);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_echo_logprobs_get_the_prefills_prompt_logprobs_in_front() {
+    let fleet = fleet(pd_config(Protocol::Sglang, 1, 1, 0.0)).await;
+    let url = fleet.url();
+    let prefill = fleet
+        .engines
+        .iter()
+        .find(|(r, _)| *r == Role::Prefill)
+        .expect("prefill")
+        .1
+        .url();
+    for stream in [false, true] {
+        let prompt = format!(
+            "stream={stream}: score every prompt token {}",
+            "on the prefill ".repeat(6)
+        );
+        let n = BuiltinTokenizer.count(&prompt);
+        let mut body = completion(&prompt, 4);
+        body["echo"] = json!(true);
+        body["logprobs"] = json!(1);
+        // What one engine that ran the whole request (prompt included) answers: the reference.
+        let plain: Value = post(&prefill, "/v1/completions", body.clone())
+            .await
+            .json()
+            .await
+            .expect("json");
+        let want = &plain["choices"][0]["logprobs"];
+        assert_eq!(want["tokens"].as_array().map(Vec::len), Some(n + 4));
+
+        let verified_before =
+            engine_sum(&fleet, Role::Decode, "pdgate_sim_kv_blocks_verified_total").await;
+        let (text, logprobs, usage, finish) = if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+            let chunks = stream_chunks(post(&url, "/v1/completions", body).await).await;
+            let choices: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).collect();
+            let first = &choices[0]["logprobs"];
+            assert_eq!(
+                first["tokens"].as_array().map(Vec::len),
+                Some(n + 1),
+                "the prompt's logprobs ride on the first chunk: {first}"
+            );
+            assert!(
+                choices[1..].iter().all(|c| c["logprobs"]["tokens"]
+                    .as_array()
+                    .is_some_and(|t| t.len() == 1)),
+                "later chunks carry only their own token"
+            );
+            let text: String = choices.iter().filter_map(|c| c["text"].as_str()).collect();
+            let logprobs = concat_logprobs(choices.iter().map(|c| &c["logprobs"]));
+            let finish = choices.last().expect("choices")["finish_reason"].clone();
+            let usage = chunks.last().expect("usage chunk")["usage"].clone();
+            (text, logprobs, usage, finish)
+        } else {
+            let resp = post(&url, "/v1/completions", body).await;
+            assert_eq!(resp.status(), 200);
+            let v: Value = resp.json().await.expect("json");
+            let choice = &v["choices"][0];
+            (
+                choice["text"].as_str().expect("text").to_string(),
+                choice["logprobs"].clone(),
+                v["usage"].clone(),
+                choice["finish_reason"].clone(),
+            )
+        };
+        let verified =
+            engine_sum(&fleet, Role::Decode, "pdgate_sim_kv_blocks_verified_total").await;
+        assert!(
+            verified > verified_before,
+            "stream={stream}: disaggregated, KV handed off"
+        );
+        // Prompt tokens (the real ones, first without a logprob) from the prefill, then the
+        // generated ones from the decode: exactly what a single engine answers.
+        let tokens: Vec<&str> = BuiltinTokenizer::pieces(&prompt).collect();
+        let got = logprobs["tokens"].as_array().expect("tokens");
+        assert_eq!(got.len(), n + 4, "stream={stream}");
+        assert_eq!(
+            got[..n],
+            json!(tokens).as_array().expect("array")[..],
+            "stream={stream}"
+        );
+        assert_eq!(logprobs["token_logprobs"][0], Value::Null);
+        assert_eq!(
+            &logprobs, want,
+            "stream={stream}: merged = single-engine answer"
+        );
+        assert_eq!(text, plain["choices"][0]["text"].as_str().expect("text"));
+        assert!(text.starts_with(&prompt), "echoed");
+        assert_eq!(usage["prompt_tokens"], n as u64, "stream={stream}");
+        assert_eq!(usage["completion_tokens"], 4, "stream={stream}");
+        assert_eq!(finish, "length", "stream={stream}");
+    }
+    // Logprobs without echo: nothing of the prompt, no merge.
+    let mut body = completion("generated tokens only", 3);
+    body["logprobs"] = json!(0);
+    let v: Value = post(&url, "/v1/completions", body)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "{v}"
+    );
+    assert!(no_reservations_left(&fleet).await);
+    fleet.stop().await;
+}
+
+/// A gateway in front of one SGLang prefill whose answers arrive `delay` late (its bootstrap
+/// server, reached directly, is not delayed) and one decode.
+async fn sglang_slow_prefill_answers(
+    delay: Duration,
+) -> (pdgate::Gateway, Vec<pdgate_engine_sim::EngineHandle>) {
+    let engine = |role| {
+        let mut cfg = pdgate_engine_sim::EngineConfig {
+            role,
+            protocol: Protocol::Sglang,
+            kv_blocks: 1024,
+            bootstrap_timeout_ms: 3000,
+            ..Default::default()
+        };
+        cfg.timing.time_scale = 0.0;
+        pdgate_engine_sim::spawn(cfg)
+    };
+    let prefill = engine(Role::Prefill).await.expect("prefill");
+    let decode = engine(Role::Decode).await.expect("decode");
+    let slow = delayed(prefill.url(), delay).await;
+    let mut cfg = config(1, 1, 0.0);
+    cfg.workers = vec![
+        pdgate::config::WorkerConfig {
+            url: slow.url.clone(),
+            role: Role::Prefill,
+            protocol: Protocol::Sglang,
+            bootstrap_port: Some(prefill.addr.port()),
+        },
+        pdgate::config::WorkerConfig {
+            url: decode.url(),
+            role: Role::Decode,
+            protocol: Protocol::Sglang,
+            bootstrap_port: None,
+        },
+    ];
+    let gateway = pdgate::Gateway::start(cfg).await.expect("gateway");
+    pdgate::health::check_all(&gateway.state).await;
+    (gateway, vec![prefill, decode])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_waits_for_the_prefill_answer_only_when_merging_prompt_logprobs() {
+    let delay = Duration::from_millis(1500);
+    let (gateway, engines) = sglang_slow_prefill_answers(delay).await;
+    let url = gateway.url();
+
+    // No echo: decode streams as soon as its head arrives, whole, before prefill even answers.
+    let mut body = completion(&"no prompt logprobs, no wait ".repeat(4), 4);
+    body["stream"] = json!(true);
+    body["logprobs"] = json!(1);
+    let started = std::time::Instant::now();
+    let resp = post(&url, "/v1/completions", body).await;
+    let chunks = stream_chunks(resp).await;
+    assert!(
+        started.elapsed() < delay / 2,
+        "decode was held for the prefill: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(chunks.len(), 4);
+
+    // Echo + logprobs: the prefill's answer is awaited and merged.
+    for stream in [false, true] {
+        let prompt = format!("stream={stream}: prompt logprobs, so wait ");
+        let mut body = completion(&prompt, 2);
+        body["echo"] = json!(true);
+        body["logprobs"] = json!(1);
+        body["stream"] = json!(stream);
+        let started = std::time::Instant::now();
+        let resp = post(&url, "/v1/completions", body).await;
+        let logprobs = if stream {
+            let chunks = stream_chunks(resp).await;
+            chunks[0]["choices"][0]["logprobs"].clone()
+        } else {
+            let v: Value = resp.json().await.expect("json");
+            v["choices"][0]["logprobs"].clone()
+        };
+        assert!(
+            started.elapsed() >= delay,
+            "stream={stream}: merged without waiting?"
+        );
+        let n = BuiltinTokenizer.count(&prompt);
+        assert_eq!(
+            logprobs["tokens"][0], "stream",
+            "stream={stream}: {logprobs}"
+        );
+        assert!(
+            logprobs["tokens"].as_array().is_some_and(|t| t.len() > n),
+            "stream={stream}: {logprobs}"
+        );
+    }
+    gateway.stop().await;
+    for e in engines {
+        e.stop().await;
+    }
+}

@@ -3,6 +3,7 @@
 //! protocol and never needs to know a protocol's wire details.
 
 pub mod legs;
+pub mod logprobs;
 pub mod native;
 pub mod sglang;
 pub mod trtllm;
@@ -42,6 +43,17 @@ pub struct DecodeStart {
     /// Aborts the legs still running on the engines if the client goes away before the relay
     /// finished (protocols with an abort call); the relay disarms it on a clean end.
     pub abort_on_drop: Option<legs::AbortGuard>,
+    /// Prompt logprobs a prefill leg computed, to merge in front of the decode's answer.
+    pub prompt_logprobs: Option<logprobs::PromptLogprobs>,
+}
+
+/// A decode answer ready for the relay: its content type, its body (merged, if there was
+/// anything to merge), whether that body is SSE, and the legs' abort guard.
+pub struct DecodeBody {
+    pub content_type: Option<http::HeaderValue>,
+    pub body: crate::relay::Upstream,
+    pub sse: bool,
+    pub abort_on_drop: Option<legs::AbortGuard>,
 }
 
 impl DecodeStart {
@@ -49,6 +61,30 @@ impl DecodeStart {
         Self {
             response,
             abort_on_drop: None,
+            prompt_logprobs: None,
+        }
+    }
+
+    pub fn into_body(self) -> DecodeBody {
+        let content_type = self
+            .response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .cloned();
+        let sse = content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let body: crate::relay::Upstream = Box::pin(self.response.bytes_stream());
+        let body = match self.prompt_logprobs {
+            Some(p) => p.wrap(body, sse),
+            None => body,
+        };
+        DecodeBody {
+            content_type,
+            body,
+            sse,
+            abort_on_drop: self.abort_on_drop,
         }
     }
 }

@@ -5,9 +5,17 @@
 //! (`POST /abort_request {"rid"}`) and the client gets one error naming the failed leg; a
 //! client that leaves aborts both.
 //!
+//! One exception: a completions request with `echo` + `logprobs` wants the prompt's logprobs,
+//! which only the prefill computed. Then the prefill's answer is awaited too (a prefill failing
+//! then is retried elsewhere like any other: no byte reached the client) and its prompt logprobs
+//! are merged in front of decode's (`logprobs.rs`). SGLang's router waits for the prefill
+//! whenever `logprobs` is set and merges only the native `/generate` shape
+//! (`meta_info.input_token_logprobs`); without `echo` the prefill has nothing to add, so we
+//! don't wait.
+//!
 //! Batched prompts are refused by the gateway's parser, so room, host and port are scalars here.
-//! Prefill logprobs are not merged (SGLang's router prepends them when logprobs are requested).
 
+use super::logprobs::{PromptLogprobs, ANSWER_LIMIT};
 use super::{legs, DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
 use crate::workers::Worker;
@@ -33,18 +41,30 @@ pub async fn run(
     // One rid per attempt: an abort sent for a failed attempt must not hit its retry.
     let rid = format!("{}-{room:x}", ctx.request_id);
     body["rid"] = Value::from(rid.as_str());
+    let wanted = pdgate_engine_sim::openai::logprobs_wanted(ctx.req.kind, &ctx.req.body);
     // Both legs get the same bytes: serialised once, shared by reference count.
     let body = legs::to_body(&body);
-    concurrent(
-        ctx,
-        &rid,
-        &prefill.url,
-        body.clone(),
-        body,
-        true,
-        on_prefill_done,
-    )
-    .await
+    let legs = Concurrent {
+        rid: &rid,
+        prefill_url: &prefill.url,
+        prefill_body: body.clone(),
+        decode_body: body,
+        abortable: true,
+        prompt_logprobs: wanted.ok().flatten().is_some_and(|w| w.prompt),
+    };
+    concurrent(ctx, legs, on_prefill_done).await
+}
+
+/// Two legs sent at once (SGLang, vLLM Mooncake).
+pub struct Concurrent<'a> {
+    pub rid: &'a str,
+    pub prefill_url: &'a str,
+    pub prefill_body: Bytes,
+    pub decode_body: Bytes,
+    /// The engines take `/abort_request`; otherwise a failed leg's partner is only dropped.
+    pub abortable: bool,
+    /// The client asked for prompt logprobs: wait for the prefill's answer and merge them.
+    pub prompt_logprobs: bool,
 }
 
 /// A random bootstrap room in [0, 2^63).
@@ -62,17 +82,21 @@ pub fn host_port(url: &str) -> (String, u16) {
     }
 }
 
-/// Sends both legs at once and returns decode's head as soon as it arrives. `abortable`: the
-/// engines take `/abort_request`; otherwise a failed leg's partner is only dropped.
+/// Sends both legs at once and returns decode's head as soon as it arrives (with prompt
+/// logprobs wanted: once the prefill's answer is in too).
 pub async fn concurrent(
     ctx: &LegContext<'_>,
-    rid: &str,
-    prefill_url: &str,
-    prefill_body: Bytes,
-    decode_body: Bytes,
-    abortable: bool,
+    legs: Concurrent<'_>,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
+    let Concurrent {
+        rid,
+        prefill_url,
+        prefill_body,
+        decode_body,
+        abortable,
+        prompt_logprobs,
+    } = legs;
     let client = ctx.state.client.clone();
     let rid = rid.to_string();
     // Armed until the legs' fate is known: a client leaving mid-handoff aborts both legs.
@@ -92,6 +116,7 @@ pub async fn concurrent(
         prefill_body,
         rid.clone(),
         timeout,
+        prompt_logprobs,
     ));
     let decode = legs::decode_head_raw(ctx, decode_body, &[]);
     tokio::pin!(decode);
@@ -102,19 +127,22 @@ pub async fn concurrent(
     let decode_result = match first {
         Ok(d) => d,
         Err(joined) => {
-            let prefill_result = joined.unwrap_or_else(|e| Err(join_failed(&e)));
-            if let Err(e) = prefill_result {
-                disarm(&mut guard);
-                if abortable {
-                    legs::abort(&client, &ctx.decode.url, &rid);
+            let answer = match joined.unwrap_or_else(|e| Err(join_failed(&e))) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    disarm(&mut guard);
+                    if abortable {
+                        legs::abort(&client, &ctx.decode.url, &rid);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            };
             on_prefill_done(None);
             return match decode.await {
                 Ok(response) => Ok(DecodeStart {
                     response,
                     abort_on_drop: guard,
+                    prompt_logprobs: answer.as_deref().and_then(prompt_part),
                 }),
                 Err(e) => {
                     disarm(&mut guard);
@@ -124,6 +152,26 @@ pub async fn concurrent(
         }
     };
     match decode_result {
+        Ok(response) if prompt_logprobs => {
+            // The prompt's logprobs are the prefill's: wait for its answer (bounded by its
+            // deadline). A prefill failing now is retried elsewhere; nothing reached the client.
+            let answer = prefill.await.unwrap_or_else(|e| Err(join_failed(&e)));
+            on_prefill_done(None);
+            match answer {
+                Ok(answer) => Ok(DecodeStart {
+                    response,
+                    abort_on_drop: guard,
+                    prompt_logprobs: answer.as_deref().and_then(prompt_part),
+                }),
+                Err(e) => {
+                    disarm(&mut guard);
+                    if abortable {
+                        legs::abort(&client, &ctx.decode.url, &rid);
+                    }
+                    Err(e)
+                }
+            }
+        }
         Ok(response) => {
             on_prefill_done(None);
             // Decode streams now; a prefill failing later must not leave it waiting.
@@ -139,6 +187,7 @@ pub async fn concurrent(
             Ok(DecodeStart {
                 response,
                 abort_on_drop: guard,
+                prompt_logprobs: None,
             })
         }
         Err(e) => {
@@ -175,7 +224,18 @@ fn join_failed(e: &tokio::task::JoinError) -> LegError {
     }
 }
 
-/// The prefill leg: sent, its answer drained and discarded (the client gets decode's).
+/// The prompt's logprobs in a prefill's answer; a prefill that sent none is logged, and the
+/// decode's answer goes out as it is.
+fn prompt_part(answer: &[u8]) -> Option<PromptLogprobs> {
+    let part = PromptLogprobs::from_answer(answer);
+    if part.is_none() {
+        tracing::warn!("prompt logprobs asked for, but the prefill's answer has none to merge");
+    }
+    part
+}
+
+/// The prefill leg: sent, its answer drained and discarded (the client gets decode's), or, with
+/// `keep`, returned for its prompt logprobs (`None` past [`ANSWER_LIMIT`]).
 async fn prefill_leg(
     client: crate::upstream::Client,
     url: String,
@@ -183,7 +243,8 @@ async fn prefill_leg(
     body: Bytes,
     rid: String,
     timeout: Duration,
-) -> Result<(), LegError> {
+    keep: bool,
+) -> Result<Option<Vec<u8>>, LegError> {
     let resp = client
         .post(&url)
         .header("x-request-id", &rid)
@@ -198,11 +259,20 @@ async fn prefill_leg(
         return Err(super::upstream_failure(Role::Prefill, resp).await);
     }
     let mut stream = resp.bytes_stream();
+    let mut answer = keep.then(Vec::new);
     while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-        chunk.map_err(|e| super::unreachable(Role::Prefill, &engine, &e))?;
+        let chunk = chunk.map_err(|e| super::unreachable(Role::Prefill, &engine, &e))?;
+        if let Some(a) = answer.as_mut() {
+            if a.len() + chunk.len() > ANSWER_LIMIT {
+                tracing::warn!(request_id = %rid, "prefill answer too large to merge its prompt logprobs");
+                answer = None;
+            } else {
+                a.extend_from_slice(&chunk);
+            }
+        }
     }
     crate::metrics::leg(Role::Prefill, "ok");
-    Ok(())
+    Ok(answer)
 }
 
 #[cfg(test)]

@@ -42,16 +42,16 @@ pub async fn run(
         "remote_engine_id": engine_id,
         "transfer_id": transfer_id,
     });
-    sglang::concurrent(
-        ctx,
-        ctx.request_id,
-        &prefill.url,
-        legs::to_body(&prefill_body),
-        legs::to_body(&decode_body),
-        false,
-        on_prefill_done,
-    )
-    .await
+    let legs = sglang::Concurrent {
+        rid: ctx.request_id,
+        prefill_url: &prefill.url,
+        prefill_body: legs::to_body(&prefill_body),
+        decode_body: legs::to_body(&decode_body),
+        abortable: false,
+        // vLLM's prompt logprobs are not merged (not implemented for vLLM's protocols).
+        prompt_logprobs: false,
+    };
+    sglang::concurrent(ctx, legs, on_prefill_done).await
 }
 
 /// The prefill's engine id (data-parallel rank 0), from the cache or its bootstrap server.

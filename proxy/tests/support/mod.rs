@@ -96,13 +96,15 @@ pub fn sse_events(body: &str) -> Vec<String> {
 }
 
 /// A proxy in front of one engine that can be told to fail: every `/v1/*` call is counted, and
-/// answered 500 while `fail` is set, else forwarded (body buffered: non-streamed tests only).
-/// Everything else (`/health`, `/metrics`) is forwarded, so the worker looks alive to health
-/// checks while it fails requests: exactly what a circuit breaker, not a health check, must catch.
+/// answered 500 while `fail` is set, else forwarded (body buffered: non-streamed tests only) and
+/// answered after `delay`. Everything else (`/health`, `/metrics`, a bootstrap call) is forwarded
+/// at once, so the worker looks alive to health checks while it fails requests: exactly what a
+/// circuit breaker, not a health check, must catch.
 pub struct Flaky {
     pub url: String,
     pub fail: std::sync::atomic::AtomicBool,
     pub hits: std::sync::atomic::AtomicUsize,
+    pub delay: Duration,
 }
 
 impl Flaky {
@@ -115,7 +117,17 @@ impl Flaky {
     }
 }
 
+/// A [`Flaky`] proxy failing every `/v1/*` call until told otherwise.
 pub async fn flaky(target: String) -> std::sync::Arc<Flaky> {
+    proxy(target, true, Duration::ZERO).await
+}
+
+/// A [`Flaky`] proxy that never fails but answers every `/v1/*` call `delay` late.
+pub async fn delayed(target: String, delay: Duration) -> std::sync::Arc<Flaky> {
+    proxy(target, false, delay).await
+}
+
+async fn proxy(target: String, fail: bool, delay: Duration) -> std::sync::Arc<Flaky> {
     use axum::extract::{Request, State};
     use axum::response::{IntoResponse, Response};
     use std::sync::atomic::Ordering;
@@ -125,8 +137,9 @@ pub async fn flaky(target: String) -> std::sync::Arc<Flaky> {
         .expect("bind");
     let flaky = Arc::new(Flaky {
         url: format!("http://{}", listener.local_addr().expect("addr")),
-        fail: std::sync::atomic::AtomicBool::new(true),
+        fail: std::sync::atomic::AtomicBool::new(fail),
         hits: std::sync::atomic::AtomicUsize::new(0),
+        delay,
     });
     async fn handle(State((f, target)): State<(Arc<Flaky>, String)>, req: Request) -> Response {
         let path = req
@@ -159,6 +172,9 @@ pub async fn flaky(target: String) -> std::sync::Arc<Flaky> {
                 let status = r.status();
                 let headers = r.headers().clone();
                 let bytes = r.bytes().await.unwrap_or_default();
+                if path.starts_with("/v1/") {
+                    tokio::time::sleep(f.delay).await;
+                }
                 let mut resp = Response::new(axum::body::Body::from(bytes));
                 *resp.status_mut() = status;
                 if let Some(ct) = headers.get("content-type") {
