@@ -67,6 +67,18 @@ def test_completions_non_streaming_and_streaming(client):
     assert "".join(pieces) == r.choices[0].text
 
 
+def test_completions_batched_prompts(client):
+    prompts = ["Once upon a time", "In a galaxy far away"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=3) for p in prompts]
+    assert [c.text for c in r.choices] == [s.choices[0].text for s in singles]
+    assert r.usage.total_tokens == sum(s.usage.total_tokens for s in singles)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=3)
+    assert e.value.body["param"] == "prompt"
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

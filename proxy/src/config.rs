@@ -35,7 +35,11 @@ pub struct ServerConfig {
     /// Request bodies larger than this are refused with 413.
     pub max_body_bytes: usize,
     /// Requests in flight at once; beyond it the gateway answers 503 at once instead of queueing.
+    /// Each prompt of a batched completions request counts as one.
     pub max_in_flight: usize,
+    /// Most prompts one `/v1/completions` request may batch (`"prompt": [...]`); each becomes
+    /// its own routed request, so this bounds one client request's fan-out.
+    pub max_batch_prompts: usize,
     /// Bearer token required on `/v1/*` when set.
     pub api_key: Option<String>,
     /// Bearer token required on `/admin/*` when set.
@@ -54,6 +58,7 @@ impl Default for ServerConfig {
             port: 8000,
             max_body_bytes: 4 * 1024 * 1024,
             max_in_flight: 4096,
+            max_batch_prompts: 32,
             api_key: None,
             admin_token: None,
             drain_secs: 30,

@@ -3,6 +3,7 @@
 //! (decisions), the transfer engine (KV movement) and the reference engine (the demo fleet).
 
 pub mod admin;
+pub mod batch;
 pub mod booking;
 pub mod breaker;
 pub mod cli;

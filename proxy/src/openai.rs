@@ -1,5 +1,8 @@
 //! Validation of client requests at the gateway: malformed JSON, missing or mistyped fields
 //! (named in the error), unknown models. Unknown fields pass through untouched to the engines.
+//! A completions `prompt` array of several strings is split here into one request per prompt
+//! (the batch is fanned out and merged by `batch/`); token-id prompts are refused, since the
+//! prefix cache is keyed on text.
 
 use crate::error::ApiError;
 use pdgate_engine_sim::openai::{prompt_of, ApiKind};
@@ -20,8 +23,22 @@ pub struct ClientRequest {
     pub max_tokens: u32,
 }
 
-pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequest, ApiError> {
-    let body: Value = serde_json::from_slice(raw).map_err(ApiError::malformed_json)?;
+/// A request that passed validation: one prompt, or a batch of several (each its own request,
+/// in the client's order, with `prompt` set to that one string).
+#[derive(Debug)]
+pub enum Parsed {
+    One(ClientRequest),
+    Batch(Vec<ClientRequest>),
+}
+
+/// What validation needs of the gateway's config.
+pub struct Limits<'a> {
+    pub served_model: &'a str,
+    pub max_batch_prompts: usize,
+}
+
+pub fn parse(kind: ApiKind, raw: &[u8], limits: &Limits<'_>) -> Result<Parsed, ApiError> {
+    let mut body: Value = serde_json::from_slice(raw).map_err(ApiError::malformed_json)?;
     let obj = body
         .as_object()
         .ok_or_else(|| ApiError::invalid("body", "request body must be a JSON object"))?;
@@ -32,7 +49,7 @@ pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequ
     };
     match kind {
         ApiKind::Chat => check_messages(obj.get("messages"))?,
-        ApiKind::Completions => check_prompt(obj.get("prompt"))?,
+        ApiKind::Completions => check_prompt(obj.get("prompt"), limits.max_batch_prompts)?,
     }
     for field in ["max_tokens", "max_completion_tokens"] {
         if let Some(v) = obj.get(field).filter(|v| !v.is_null()) {
@@ -54,15 +71,36 @@ pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequ
             return Err(ApiError::invalid("n", "only `n: 1` is supported"));
         }
     }
-    if model != served_model {
+    if model != limits.served_model {
         return Err(ApiError::model_not_found(model));
     }
-    let prompt = prompt_of(kind, &body)
-        .map_err(|e| ApiError::invalid(e.param.unwrap_or("body"), e.message))?;
     let max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|f| obj.get(*f).and_then(Value::as_u64))
         .map_or(DEFAULT_MAX_TOKENS, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    let Some(prompts) = take_batch(&mut body) else {
+        return request(kind, body, stream, max_tokens).map(Parsed::One);
+    };
+    // `body` no longer holds the prompt array, so each copy costs only the other fields.
+    prompts
+        .into_iter()
+        .map(|p| {
+            let mut sub = body.clone();
+            sub["prompt"] = Value::String(p);
+            request(kind, sub, stream, max_tokens)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Parsed::Batch)
+}
+
+fn request(
+    kind: ApiKind,
+    body: Value,
+    stream: bool,
+    max_tokens: u32,
+) -> Result<ClientRequest, ApiError> {
+    let prompt = prompt_of(kind, &body)
+        .map_err(|e| ApiError::invalid(e.param.unwrap_or("body"), e.message))?;
     Ok(ClientRequest {
         kind,
         body,
@@ -70,6 +108,27 @@ pub fn parse(kind: ApiKind, raw: &[u8], served_model: &str) -> Result<ClientRequ
         stream,
         max_tokens,
     })
+}
+
+/// Takes a validated `prompt` array of two or more strings out of the body; a one-element array
+/// stays, as it means exactly what the plain string does.
+fn take_batch(body: &mut Value) -> Option<Vec<String>> {
+    let obj = body.as_object_mut()?;
+    let is_batch = obj
+        .get("prompt")
+        .and_then(Value::as_array)
+        .is_some_and(|list| list.len() > 1);
+    if !is_batch {
+        return None;
+    }
+    let Some(Value::Array(list)) = obj.remove("prompt") else {
+        return None;
+    };
+    let strings = list.into_iter().filter_map(|v| match v {
+        Value::String(s) => Some(s),
+        _ => None,
+    });
+    Some(strings.collect())
 }
 
 fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
@@ -104,17 +163,45 @@ fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_prompt(prompt: Option<&Value>) -> Result<(), ApiError> {
-    match prompt {
-        Some(Value::String(_)) => Ok(()),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(()),
-        Some(Value::Array(_)) => Err(ApiError::invalid(
-            "prompt",
-            "batched prompts are not supported; send one string",
-        )),
-        Some(_) => Err(ApiError::invalid("prompt", "`prompt` must be a string")),
-        None => Err(ApiError::invalid("prompt", "`prompt` is required")),
+fn check_prompt(prompt: Option<&Value>, max_prompts: usize) -> Result<(), ApiError> {
+    let list = match prompt {
+        Some(Value::String(_)) => return Ok(()),
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "`prompt` must be a string or an array of strings",
+            ))
+        }
+        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+    };
+    if list.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
     }
+    if list.iter().any(|v| v.is_number() || v.is_array()) {
+        return Err(ApiError::invalid(
+            "prompt",
+            "token-id prompts are not supported (the gateway routes on the prompt's text); \
+             send a string or an array of strings",
+        ));
+    }
+    if let Some(i) = list.iter().position(|v| !v.is_string()) {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("`prompt[{i}]` must be a string"),
+        ));
+    }
+    if list.len() > max_prompts {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "{} prompts in one request; at most {max_prompts} are allowed \
+                 (`server.max_batch_prompts`)",
+                list.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,8 +209,20 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
+    const LIMITS: Limits<'static> = Limits {
+        served_model: "m",
+        max_batch_prompts: 3,
+    };
+
     fn err(kind: ApiKind, raw: &str) -> ApiError {
-        parse(kind, raw.as_bytes(), "m").expect_err("should fail")
+        parse(kind, raw.as_bytes(), &LIMITS).expect_err("should fail")
+    }
+
+    fn one(kind: ApiKind, raw: &str) -> ClientRequest {
+        match parse(kind, raw.as_bytes(), &LIMITS) {
+            Ok(Parsed::One(r)) => r,
+            other => panic!("expected one request, got {other:?}"),
+        }
     }
 
     #[test]
@@ -193,9 +292,51 @@ mod tests {
     #[test]
     fn valid_request_keeps_unknown_fields_and_renders_every_message() {
         let raw = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}],"stream":true,"vendor_x":1}"#;
-        let r = parse(ApiKind::Chat, raw.as_bytes(), "m").expect("valid");
+        let r = one(ApiKind::Chat, raw);
         assert!(r.stream);
         assert_eq!(r.body["vendor_x"], 1);
         assert!(r.prompt.contains("<|system|>\ns\n") && r.prompt.contains("<|user|>\nu\n"));
+    }
+
+    #[test]
+    fn a_prompt_array_fans_out_one_request_per_string() {
+        let raw = r#"{"model":"m","prompt":["a b","c"],"max_tokens":2,"x":1}"#;
+        let Ok(Parsed::Batch(reqs)) = parse(ApiKind::Completions, raw.as_bytes(), &LIMITS) else {
+            panic!("expected a batch");
+        };
+        let prompts: Vec<_> = reqs.iter().map(|r| r.prompt.as_str()).collect();
+        assert_eq!(prompts, ["a b", "c"]);
+        assert_eq!(reqs[1].body["prompt"], "c", "engines see one string");
+        assert_eq!(
+            (reqs[1].body["x"].clone(), reqs[1].max_tokens),
+            (1.into(), 2)
+        );
+    }
+
+    #[test]
+    fn a_one_element_array_is_a_plain_prompt() {
+        let r = one(ApiKind::Completions, r#"{"model":"m","prompt":["only"]}"#);
+        assert_eq!(r.prompt, "only");
+    }
+
+    #[test]
+    fn bad_prompt_arrays_name_prompt() {
+        for raw in [
+            r#"{"model":"m","prompt":[]}"#,
+            r#"{"model":"m","prompt":["a",2]}"#,
+            r#"{"model":"m","prompt":["a",null]}"#,
+            r#"{"model":"m","prompt":[1,2,3]}"#,
+            r#"{"model":"m","prompt":[[1,2],[3]]}"#,
+            r#"{"model":"m","prompt":["a","b","c","d"]}"#,
+        ] {
+            let e = err(ApiKind::Completions, raw);
+            assert_eq!(
+                (e.status, e.param.as_deref()),
+                (StatusCode::BAD_REQUEST, Some("prompt")),
+                "{raw}"
+            );
+        }
+        let e = err(ApiKind::Completions, r#"{"model":"m","prompt":[1,2,3]}"#);
+        assert!(e.message.contains("token-id"), "{}", e.message);
     }
 }

@@ -5,12 +5,14 @@
 //! outcome feeds its own worker's circuit breaker; open breakers are avoided when scheduling.
 //! The decode-only fallback (off by default) is the one place a request runs without the
 //! disaggregated prefill it was scheduled for, and it always says so on the response.
+//! A batched completions prompt takes [`route`] once per prompt (`batch`).
 
+use crate::batch;
 use crate::booking::{Booking, Verdict};
 use crate::breaker::Outcome;
 use crate::error::ApiError;
 use crate::metrics;
-use crate::openai::{self, ClientRequest};
+use crate::openai::{self, ClientRequest, Parsed};
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::Relay;
 use crate::state::AppState;
@@ -24,6 +26,7 @@ use pdgate_engine_sim::openai::ApiKind;
 use pdgate_scheduler::{InstanceId, Rejection, RequestKey, Role};
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 pub async fn serve(
@@ -56,7 +59,21 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let permit = Arc::clone(&state.in_flight)
+    let permit = in_flight_permit(state)?;
+    let raw = body.map_err(|r| body_error(r, state.cfg.server.max_body_bytes))?;
+    let limits = openai::Limits {
+        served_model: &state.cfg.model.name,
+        max_batch_prompts: state.cfg.server.max_batch_prompts,
+    };
+    match openai::parse(kind, &raw, &limits)? {
+        Parsed::One(req) => route(state, &req, request_id, started, permit).await,
+        Parsed::Batch(reqs) => batch::run(state, reqs, request_id, started, permit).await,
+    }
+}
+
+/// One in-flight slot, or 503 at once: the gateway never queues requests itself.
+pub fn in_flight_permit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&state.in_flight)
         .try_acquire_owned()
         .map_err(|_| {
             metrics::rejected("gateway_full");
@@ -64,10 +81,19 @@ async fn run(
                 "gateway_overloaded",
                 "too many requests in flight; retry shortly",
             )
-        })?;
-    let raw = body.map_err(|r| body_error(r, state.cfg.server.max_body_bytes))?;
-    let req = openai::parse(kind, &raw, &state.cfg.model.name)?;
-    let key = prefix_key(state, &req).await;
+        })
+}
+
+/// One parsed request from key to the relayed response; each prompt of a batch takes it on its
+/// own, under its own request id. The permit lives as long as the response body.
+pub async fn route(
+    state: &Arc<AppState>,
+    req: &ClientRequest,
+    request_id: &str,
+    started: Instant,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
+    let key = prefix_key(state, req).await;
     // Prefills that failed this request: not tried again, and they count against the attempts.
     let mut failed: Vec<InstanceId> = Vec::new();
     // Workers whose half-open breaker's one probe another request claimed first: skipped, free.
@@ -85,7 +111,7 @@ async fn run(
                     // Every prefill left has failed this request (or is cut off by its breaker).
                     (Rejection::NoHealthy(Role::Prefill), Some((booking, decode, cause))) => {
                         let f = Fallback {
-                            req: &req,
+                            req,
                             request_id,
                             prompt_tokens: key.prompt_tokens,
                             started,
@@ -123,7 +149,7 @@ async fn run(
         let ctx = LegContext {
             state,
             request_id,
-            req: &req,
+            req,
             prompt_tokens: key.prompt_tokens,
             prefill: prefill.as_deref(),
             decode: &decode,
@@ -145,7 +171,7 @@ async fn run(
                     request_id,
                     permit,
                 };
-                return Ok(respond(&req, start, served));
+                return Ok(respond(req, start, served));
             }
             Err(LegError {
                 role: Role::Prefill,
@@ -163,7 +189,7 @@ async fn run(
                 }
                 if state.cfg.upstream.fallback_to_decode {
                     let f = Fallback {
-                        req: &req,
+                        req,
                         request_id,
                         prompt_tokens: key.prompt_tokens,
                         started,
@@ -243,7 +269,7 @@ async fn fallback(
     booking: Booking,
     decode: Arc<Worker>,
     cause: ApiError,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
     if !state.workers.claim(&decode, state.now()) {
         return Err(cause);
@@ -340,7 +366,7 @@ struct Served<'a> {
     verdict: Verdict,
     started: Instant,
     request_id: &'a str,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 /// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.

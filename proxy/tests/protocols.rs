@@ -5,7 +5,6 @@
 mod support;
 
 use pdgate::config::Protocol;
-use pdgate::Fleet;
 use pdgate_scheduler::{BlockHasher, BuiltinTokenizer, Role};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -29,14 +28,6 @@ fn pd_config(
     cfg.up.engine.bootstrap_timeout_ms = 3000;
     cfg.up.engine.reservation_ttl_secs = 3;
     cfg
-}
-
-async fn no_reservations_left(fleet: &Fleet) -> bool {
-    eventually(Duration::from_secs(6), || async {
-        engine_sum(fleet, Role::Decode, "pdgate_sim_kv_reservations_active").await == 0.0
-            && engine_sum(fleet, Role::Prefill, "pdgate_sim_kv_reservations_active").await == 0.0
-    })
-    .await
 }
 
 async fn stream_text(resp: reqwest::Response, chat: bool) -> (String, Value) {

@@ -18,13 +18,16 @@ pub async fn run(
     prefill_worker: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let kv = reserve(ctx).await?;
+    // Armed before the reserve is sent: a request dropped while the reserve is in flight (client
+    // gone, or a batch failing on another prompt) must not leave the reservation to the TTL.
+    // Releasing a reservation the engine never made is a no-op there.
     let guard = ReleaseOnDrop {
         client: ctx.state.client.clone(),
         url: ctx.decode.url.clone(),
         request_id: ctx.request_id.to_string(),
         armed: true,
     };
+    let kv = reserve(ctx).await?;
     let report = match prefill(ctx, prefill_worker, &kv).await {
         Ok(r) => r,
         Err(e) => {

@@ -88,6 +88,15 @@ where
     }
 }
 
+/// Waits (up to 6 s) until no engine of the fleet holds a KV reservation.
+pub async fn no_reservations_left(fleet: &Fleet) -> bool {
+    eventually(Duration::from_secs(6), || async {
+        engine_sum(fleet, Role::Decode, "pdgate_sim_kv_reservations_active").await == 0.0
+            && engine_sum(fleet, Role::Prefill, "pdgate_sim_kv_reservations_active").await == 0.0
+    })
+    .await
+}
+
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -95,21 +104,30 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// A proxy in front of one engine that can be told to fail: every `/v1/*` call is counted, and
-/// answered 500 while `fail` is set, else forwarded (body buffered: non-streamed tests only) and
-/// answered after `delay`. Everything else (`/health`, `/metrics`, a bootstrap call) is forwarded
-/// at once, so the worker looks alive to health checks while it fails requests: exactly what a
-/// circuit breaker, not a health check, must catch.
+/// A proxy in front of one engine that can be told to fail: every `/v1/*` call is counted (and
+/// its `x-request-id` kept), and answered 500 while `fail` is set, else forwarded (body
+/// buffered: non-streamed tests only) and answered after `delay`. Everything else (`/health`,
+/// `/metrics`, a bootstrap call) is forwarded at once, so the worker looks alive to health
+/// checks while it fails requests: exactly what a circuit breaker, not a health check, must catch.
 pub struct Flaky {
     pub url: String,
     pub fail: std::sync::atomic::AtomicBool,
     pub hits: std::sync::atomic::AtomicUsize,
     pub delay: Duration,
+    pub request_ids: std::sync::Mutex<Vec<String>>,
 }
 
 impl Flaky {
     pub fn hits(&self) -> usize {
         self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The `x-request-id` of every `/v1/*` call so far, in arrival order.
+    pub fn request_ids(&self) -> Vec<String> {
+        self.request_ids
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default()
     }
 
     pub fn set_failing(&self, fail: bool) {
@@ -140,6 +158,7 @@ async fn proxy(target: String, fail: bool, delay: Duration) -> std::sync::Arc<Fl
         fail: std::sync::atomic::AtomicBool::new(fail),
         hits: std::sync::atomic::AtomicUsize::new(0),
         delay,
+        request_ids: std::sync::Mutex::new(Vec::new()),
     });
     async fn handle(State((f, target)): State<(Arc<Flaky>, String)>, req: Request) -> Response {
         let path = req
@@ -149,6 +168,13 @@ async fn proxy(target: String, fail: bool, delay: Duration) -> std::sync::Arc<Fl
             .to_string();
         if path.starts_with("/v1/") {
             f.hits.fetch_add(1, Ordering::SeqCst);
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok());
+            if let (Some(id), Ok(mut ids)) = (id, f.request_ids.lock()) {
+                ids.push(id.to_string());
+            }
             if f.fail.load(Ordering::SeqCst) {
                 return (
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
