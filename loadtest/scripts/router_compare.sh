@@ -2,20 +2,24 @@
 # Gateway overhead against the peer PD routers, in one run on this machine: a 2 prefill + 2 decode
 # fleet of instant reference engines (`--time-scale 0`, so what is measured is the routers, not
 # model time; KV_BYTES_PER_TOKEN=64 by default, so the engines' real KV copy over loopback, ~2 MB
-# per request at the model default, does not eat the CPU the routers share), loaded with `wrk` (2 threads x 32 connections, ~1 KB prompt, max_tokens 8, unique
-# prompts so nothing is served from a prefix cache) for DURATION each:
+# per request at the model default, does not eat the CPU the routers share; one async thread per
+# engine), loaded with `wrk` (2 threads x 32 connections, ~1 KB prompt, max_tokens 8, unique
+# prompts so nothing is served from a prefix cache) for DURATION each, ROUNDS times alternating:
 #   direct        one decode engine, plain request (the floor every router adds to)
 #   pdgate-sglang pdgate serve, sglang pools     vs  smg-sglang   sglang-router --pd-disaggregation
 #   pdgate-vllm   pdgate serve, vllm-nixl pools  vs  vllm-router  vllm-router --vllm-pd-disaggregation
-# Prints a Markdown table (req/s, p50/p99, added p50/p99 over direct) and the ratios.
+# Prints a Markdown table of medians over the rounds (req/s, p50/p99, added p50/p99 over direct,
+# the router's and the fleet's CPU per request) and the ratios, with their range over the rounds.
 # Needs: a release build (cargo build --release -p pdgate), wrk, sglang-router and vllm-router
 # (pip); a missing router is skipped.
 #
-#   DURATION=10s bash loadtest/scripts/router_compare.sh
+#   DURATION=10s ROUNDS=3 bash loadtest/scripts/router_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PDGATE=${PDGATE:-target/release/pdgate}
 DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+ROUND=1
 OUT=${OUT:-target/router-compare}
 BASE_PORT=${BASE_PORT:-18300}
 PY=${PYTHON:-python3}
@@ -36,6 +40,7 @@ stop_all() { cleanup; PIDS=(); sleep 0.5; }
 
 engines() { # protocol -> sets P1 P2 D1 D2
   local proto=$1 i=0
+  ENGINE_PIDS=()
   for role in prefill prefill decode decode; do
     local port=$((BASE_PORT + i)); i=$((i + 1))
     # One async thread per engine, like the single event loop of vLLM's and SGLang's API servers:
@@ -44,10 +49,17 @@ engines() { # protocol -> sets P1 P2 D1 D2
       --role "$role" --protocol "$proto" --port "$port" \
       --time-scale 0 --bootstrap-timeout-ms 5000 >"$OUT/engine-$proto-$port.log" 2>&1 &
     PIDS+=($!)
+    ENGINE_PIDS+=($!)
     wait_ok "http://127.0.0.1:$port/health" "$role engine"
   done
   P1=http://127.0.0.1:$BASE_PORT P2=http://127.0.0.1:$((BASE_PORT + 1))
   D1=http://127.0.0.1:$((BASE_PORT + 2)) D2=http://127.0.0.1:$((BASE_PORT + 3))
+}
+
+fleet_ticks() { # the four engines' CPU, in clock ticks
+  local t=0
+  for p in "${ENGINE_PIDS[@]}"; do t=$((t + $(cpu_ticks "$p"))); done
+  echo "$t"
 }
 
 cpu_ticks() { # pid -> utime+stime of the process and its children threads, in clock ticks
@@ -59,11 +71,14 @@ load() { # name url [router pid]
   wrk -t2 -c32 -d2s -s "$SCRIPTS/router_compare.lua" "$2" >/dev/null
   local before=0
   [ -n "${3:-}" ] && before=$(cpu_ticks "$3")
-  wrk -t2 -c32 -d"$DURATION" --latency -s "$SCRIPTS/router_compare.lua" "$2" | tee "$OUT/$1.txt"
+  local fleet_before
+  fleet_before=$(fleet_ticks)
+  wrk -t2 -c32 -d"$DURATION" --latency -s "$SCRIPTS/router_compare.lua" "$2" | tee "$OUT/$1.r$ROUND.txt"
+  echo "Fleet CPU ticks: $(($(fleet_ticks) - fleet_before)) at $(getconf CLK_TCK)/s" >>"$OUT/$1.r$ROUND.txt"
   # The router's own CPU over the measured run: what it costs, whatever the shared box did.
-  [ -n "${3:-}" ] && echo "Router CPU ticks: $(($(cpu_ticks "$3") - before)) at $(getconf CLK_TCK)/s" >>"$OUT/$1.txt"
+  [ -n "${3:-}" ] && echo "Router CPU ticks: $(($(cpu_ticks "$3") - before)) at $(getconf CLK_TCK)/s" >>"$OUT/$1.r$ROUND.txt"
   # One connection: no queueing anywhere, so added latency is the router's own path.
-  wrk -t1 -c1 -d"${LAT_DURATION:-5s}" --latency -s "$SCRIPTS/router_compare.lua" "$2" >"$OUT/$1.c1"
+  wrk -t1 -c1 -d"${LAT_DURATION:-5s}" --latency -s "$SCRIPTS/router_compare.lua" "$2" >"$OUT/$1.r$ROUND.c1"
 }
 
 pdgate() { # protocol name
@@ -82,16 +97,10 @@ pdgate() { # protocol name
   curl -s "http://127.0.0.1:$port/metrics" | grep -E '^pdgate_(requests|legs)_total' >"$OUT/$2.metrics" || true
 }
 
-# --- SGLang mode -------------------------------------------------------------------------------
-engines sglang
-echo "== direct (one decode engine, plain request)"
-load direct "$D1"
-echo "== pdgate, sglang"
-pdgate sglang pdgate-sglang
-kill "${PIDS[-1]}"; unset 'PIDS[-1]'
-if "$PY" -c 'import sglang_router' 2>/dev/null; then
-  echo "== sglang-router (smg), PD mode"
-  port=$((BASE_PORT + 11))
+stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
+
+smg() {
+  local port=$((BASE_PORT + 11))
   # The reference engine serves its bootstrap endpoint on its HTTP port.
   "$PY" -m sglang_router.launch_router --pd-disaggregation --host 127.0.0.1 --port "$port" \
     --prefill "$P1" "${P1##*:}" --prefill "$P2" "${P2##*:}" --decode "$D1" --decode "$D2" \
@@ -99,17 +108,11 @@ if "$PY" -c 'import sglang_router' 2>/dev/null; then
   PIDS+=($!)
   wait_ok "http://127.0.0.1:$port/health" "sglang-router"
   load smg-sglang "http://127.0.0.1:$port" "${PIDS[-1]}"
-fi
-stop_all
+  stop_last
+}
 
-# --- vLLM mode ---------------------------------------------------------------------------------
-engines vllm-nixl
-echo "== pdgate, vllm-nixl"
-pdgate vllm-nixl pdgate-vllm
-kill "${PIDS[-1]}"; unset 'PIDS[-1]'
-if command -v vllm-router >/dev/null; then
-  echo "== vllm-router, vLLM PD mode"
-  port=$((BASE_PORT + 12))
+vllm_router() {
+  local port=$((BASE_PORT + 12))
   vllm-router --vllm-pd-disaggregation --host 127.0.0.1 --port "$port" \
     --prefill "$P1" --prefill "$P2" --decode "$D1" --decode "$D2" \
     --prefill-policy round_robin --decode-policy round_robin --log-level warning \
@@ -117,7 +120,37 @@ if command -v vllm-router >/dev/null; then
   PIDS+=($!)
   wait_ok "http://127.0.0.1:$port/health" "vllm-router"
   load vllm-router "http://127.0.0.1:$port" "${PIDS[-1]}"
-fi
+  stop_last
+}
+
+# Rounds alternate the routers on one fleet, so a slow spell of this shared machine hits both;
+# the report takes each figure's median over the rounds.
+# --- SGLang mode -------------------------------------------------------------------------------
+engines sglang
+for ROUND in $(seq "$ROUNDS"); do
+  echo "== round $ROUND: direct (one decode engine, plain request)"
+  load direct "$D1"
+  echo "== round $ROUND: pdgate, sglang"
+  pdgate sglang pdgate-sglang
+  stop_last
+  if "$PY" -c 'import sglang_router' 2>/dev/null; then
+    echo "== round $ROUND: sglang-router (smg), PD mode"
+    smg
+  fi
+done
+stop_all
+
+# --- vLLM mode ---------------------------------------------------------------------------------
+engines vllm-nixl
+for ROUND in $(seq "$ROUNDS"); do
+  echo "== round $ROUND: pdgate, vllm-nixl"
+  pdgate vllm-nixl pdgate-vllm
+  stop_last
+  if command -v vllm-router >/dev/null; then
+    echo "== round $ROUND: vllm-router, vLLM PD mode"
+    vllm_router
+  fi
+done
 stop_all
 
 echo
