@@ -13,7 +13,8 @@
 //! (`meta_info.input_token_logprobs`); without `echo` the prefill has nothing to add, so we
 //! don't wait.
 //!
-//! Batched prompts are refused by the gateway's parser, so room, host and port are scalars here.
+//! A batched prompt reaches this adapter one prompt at a time (`batch`), so room, host and port
+//! are scalars here.
 
 use super::logprobs::{PromptLogprobs, ANSWER_LIMIT};
 use super::{legs, DecodeStart, LegContext, LegError};
