@@ -409,8 +409,19 @@ fn concat_logprobs<'a>(parts: impl Iterator<Item = &'a Value>) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sglang_echo_logprobs_get_the_prefills_prompt_logprobs_in_front() {
-    let fleet = fleet(pd_config(Protocol::Sglang, 1, 1, 0.0)).await;
+async fn echo_logprobs_get_the_prefills_prompt_logprobs_in_front_in_every_protocol() {
+    for protocol in [
+        Protocol::Sglang,
+        Protocol::VllmNixl,
+        Protocol::VllmMooncake,
+        Protocol::Trtllm,
+    ] {
+        echo_logprobs_merged(protocol).await;
+    }
+}
+
+async fn echo_logprobs_merged(protocol: Protocol) {
+    let fleet = fleet(pd_config(protocol, 1, 1, 0.0)).await;
     let url = fleet.url();
     let prefill = fleet
         .engines
@@ -448,7 +459,7 @@ async fn sglang_echo_logprobs_get_the_prefills_prompt_logprobs_in_front() {
             assert_eq!(
                 first["tokens"].as_array().map(Vec::len),
                 Some(n + 1),
-                "the prompt's logprobs ride on the first chunk: {first}"
+                "{protocol:?}: the prompt's logprobs ride on the first chunk: {first}"
             );
             assert!(
                 choices[1..].iter().all(|c| c["logprobs"]["tokens"]
@@ -477,28 +488,34 @@ async fn sglang_echo_logprobs_get_the_prefills_prompt_logprobs_in_front() {
             engine_sum(&fleet, Role::Decode, "pdgate_sim_kv_blocks_verified_total").await;
         assert!(
             verified > verified_before,
-            "stream={stream}: disaggregated, KV handed off"
+            "{protocol:?} stream={stream}: disaggregated, KV handed off"
         );
         // Prompt tokens (the real ones, first without a logprob) from the prefill, then the
         // generated ones from the decode: exactly what a single engine answers.
         let tokens: Vec<&str> = BuiltinTokenizer::pieces(&prompt).collect();
         let got = logprobs["tokens"].as_array().expect("tokens");
-        assert_eq!(got.len(), n + 4, "stream={stream}");
+        assert_eq!(got.len(), n + 4, "{protocol:?} stream={stream}");
         assert_eq!(
             got[..n],
             json!(tokens).as_array().expect("array")[..],
-            "stream={stream}"
+            "{protocol:?} stream={stream}"
         );
         assert_eq!(logprobs["token_logprobs"][0], Value::Null);
         assert_eq!(
             &logprobs, want,
-            "stream={stream}: merged = single-engine answer"
+            "{protocol:?} stream={stream}: merged = single-engine answer"
         );
         assert_eq!(text, plain["choices"][0]["text"].as_str().expect("text"));
         assert!(text.starts_with(&prompt), "echoed");
-        assert_eq!(usage["prompt_tokens"], n as u64, "stream={stream}");
-        assert_eq!(usage["completion_tokens"], 4, "stream={stream}");
-        assert_eq!(finish, "length", "stream={stream}");
+        assert_eq!(
+            usage["prompt_tokens"], n as u64,
+            "{protocol:?} stream={stream}"
+        );
+        assert_eq!(
+            usage["completion_tokens"], 4,
+            "{protocol:?} stream={stream}"
+        );
+        assert_eq!(finish, "length", "{protocol:?} stream={stream}");
     }
     // Logprobs without echo: nothing of the prompt, no merge.
     let mut body = completion("generated tokens only", 3);

@@ -4,6 +4,7 @@
 //!
 //! Nothing here may retry or swallow a failure: errors are attributed to their leg and returned.
 
+use super::logprobs::PromptLogprobs;
 use super::{read_limited, unreachable, upstream_failure, LegContext, LegError};
 use crate::error::ApiError;
 use crate::metrics;
@@ -35,6 +36,27 @@ pub fn prefill_body(ctx: &LegContext<'_>) -> Value {
         obj.remove("stream_options");
     }
     body
+}
+
+/// The client asked for the prompt's logprobs (completions `echo` + `logprobs`): only the
+/// prefill ran the prompt, so its answer has them and the decode's does not.
+pub fn wants_prompt_logprobs(ctx: &LegContext<'_>) -> bool {
+    pdgate_engine_sim::openai::logprobs_wanted(ctx.req.kind, &ctx.req.body)
+        .ok()
+        .flatten()
+        .is_some_and(|w| w.prompt)
+}
+
+/// The prompt's logprobs out of a sequential protocol's prefill answer, when the client asked.
+pub fn prompt_logprobs_of(ctx: &LegContext<'_>, answer: &Value) -> Option<PromptLogprobs> {
+    if !wants_prompt_logprobs(ctx) {
+        return None;
+    }
+    let part = PromptLogprobs::from_json(answer);
+    if part.is_none() {
+        tracing::warn!("prefill answer carries no prompt logprobs to merge");
+    }
+    part
 }
 
 /// Posts a prefill leg and returns its JSON answer.

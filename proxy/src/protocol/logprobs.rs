@@ -42,6 +42,15 @@ impl PromptLogprobs {
                 .filter_map(|p| serde_json::from_slice(p).ok())
                 .collect(),
         };
+        Self::from_objects(&objects)
+    }
+
+    /// [`Self::from_answer`] for an answer already parsed (the sequential protocols' prefill).
+    pub fn from_json(answer: &Value) -> Option<Self> {
+        Self::from_objects(std::slice::from_ref(answer))
+    }
+
+    fn from_objects(objects: &[Value]) -> Option<Self> {
         let prompt_tokens = objects
             .iter()
             .find_map(|o| o.pointer("/usage/prompt_tokens").and_then(Value::as_u64));

@@ -42,7 +42,6 @@ pub async fn run(
     // One rid per attempt: an abort sent for a failed attempt must not hit its retry.
     let rid = format!("{}-{room:x}", ctx.request_id);
     body["rid"] = Value::from(rid.as_str());
-    let wanted = pdgate_engine_sim::openai::logprobs_wanted(ctx.req.kind, &ctx.req.body);
     // Both legs get the same bytes: serialised once, shared by reference count.
     let body = legs::to_body(&body);
     let legs = Concurrent {
@@ -51,7 +50,7 @@ pub async fn run(
         prefill_body: body.clone(),
         decode_body: body,
         abortable: true,
-        prompt_logprobs: wanted.ok().flatten().is_some_and(|w| w.prompt),
+        prompt_logprobs: legs::wants_prompt_logprobs(ctx),
     };
     concurrent(ctx, legs, on_prefill_done).await
 }

@@ -53,5 +53,8 @@ pub async fn run(
     let mut gen_body = ctx.req.body.clone();
     gen_body[FIELD] = params;
     let response = legs::decode_head(ctx, &gen_body, &[]).await?;
-    Ok(DecodeStart::new(response))
+    Ok(DecodeStart {
+        prompt_logprobs: legs::prompt_logprobs_of(ctx, &answer),
+        ..DecodeStart::new(response)
+    })
 }

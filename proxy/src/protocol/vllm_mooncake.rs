@@ -48,8 +48,7 @@ pub async fn run(
         prefill_body: legs::to_body(&prefill_body),
         decode_body: legs::to_body(&decode_body),
         abortable: false,
-        // vLLM's prompt logprobs are not merged (not implemented for vLLM's protocols).
-        prompt_logprobs: false,
+        prompt_logprobs: legs::wants_prompt_logprobs(ctx),
     };
     sglang::concurrent(ctx, legs, on_prefill_done).await
 }

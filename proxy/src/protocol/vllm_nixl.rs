@@ -3,8 +3,9 @@
 //! Prefill leg: the client's body with `kv_transfer_params {do_remote_decode: true, ...}`,
 //! `max_tokens: 1` (and `max_completion_tokens: 1` if present), `stream: false`, no
 //! `stream_options`. Its answer's `kv_transfer_params` go verbatim into the decode leg: the
-//! client's original body. Both legs carry the same `X-Request-Id`. Nothing is merged: the
-//! decode answer is complete (usage, finish reason) on its own. Unknown fields pass through.
+//! client's original body. Both legs carry the same `X-Request-Id`. The decode answer is complete
+//! (usage, finish reason) on its own, except for the prompt's logprobs (`echo` + `logprobs`):
+//! only the prefill ran the prompt, so they come from its answer. Unknown fields pass through.
 //!
 //! It never sends a decode leg without the params a prefill returned: that would make vLLM
 //! recompute silently.
@@ -44,7 +45,10 @@ pub async fn run(
     let mut decode_body = ctx.req.body.clone();
     decode_body[FIELD] = params;
     let response = legs::decode_head(ctx, &decode_body, &[]).await?;
-    Ok(DecodeStart::new(response))
+    Ok(DecodeStart {
+        prompt_logprobs: legs::prompt_logprobs_of(ctx, &answer),
+        ..DecodeStart::new(response)
+    })
 }
 
 fn missing(url: &str) -> LegError {
