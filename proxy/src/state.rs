@@ -32,9 +32,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        // A leg holds one connection and in-flight requests are capped, so the pool is too.
         let client = crate::upstream::Client::new(
             Duration::from_millis(cfg.upstream.connect_timeout_ms),
             Duration::from_secs(30),
+            cfg.server.max_in_flight.max(1),
         );
         let tokenizer = match &cfg.model.tokenizer {
             Some(path) => {

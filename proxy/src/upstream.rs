@@ -70,12 +70,15 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(connect_timeout: Duration, pool_idle: Duration) -> Self {
+    /// `max_idle_per_host`: kept-alive connections per engine; more in flight at once are closed
+    /// after use instead of pooled.
+    pub fn new(connect_timeout: Duration, pool_idle: Duration, max_idle_per_host: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool_idle)
+            .pool_max_idle_per_host(max_idle_per_host)
             .pool_timer(TokioTimer::new())
             .build(connector);
         Self { inner }
@@ -277,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_url_and_unreachable_are_errors_not_panics() {
-        let c = Client::new(Duration::from_millis(200), Duration::from_secs(1));
+        let c = Client::new(Duration::from_millis(200), Duration::from_secs(1), 8);
         let e = c.get("not a url").send().await.err().expect("error");
         assert!(e.to_string().contains("bad upstream URL"));
         // Port 9 (discard) on loopback: nothing listens there.
@@ -307,7 +310,7 @@ mod tests {
                 .await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let c = Client::new(Duration::from_millis(200), Duration::from_secs(1));
+        let c = Client::new(Duration::from_millis(200), Duration::from_secs(1), 8);
         let resp = c
             .post(format!("http://{addr}/"))
             .json(&serde_json::json!({"a": 1}))
