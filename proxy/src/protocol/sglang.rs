@@ -18,7 +18,6 @@
 
 use super::logprobs::{PromptLogprobs, ANSWER_LIMIT};
 use super::{legs, DecodeStart, LegContext, LegError};
-use crate::error::ApiError;
 use crate::workers::Worker;
 use bytes::Bytes;
 use pdgate_scheduler::{Observed, Role};
@@ -109,7 +108,9 @@ pub async fn concurrent(
     });
     let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
     let url = format!("{prefill_url}{}", legs::path(ctx.req.kind));
-    let mut prefill = tokio::spawn(prefill_leg(
+    // Polled here alongside the decode leg; handed to a task of its own only if it outlives
+    // decode's head (most prefills answer first, so most requests spawn nothing).
+    let mut prefill: PrefillLeg = Box::pin(prefill_leg(
         client.clone(),
         url,
         prefill_url.to_string(),
@@ -126,8 +127,8 @@ pub async fn concurrent(
     };
     let decode_result = match first {
         Ok(d) => d,
-        Err(joined) => {
-            let answer = match joined.unwrap_or_else(|e| Err(join_failed(&e))) {
+        Err(prefill_result) => {
+            let answer = match prefill_result {
                 Ok(answer) => answer,
                 Err(e) => {
                     disarm(&mut guard);
@@ -155,7 +156,7 @@ pub async fn concurrent(
         Ok(response) if prompt_logprobs => {
             // The prompt's logprobs are the prefill's: wait for its answer (bounded by its
             // deadline). A prefill failing now is retried elsewhere; nothing reached the client.
-            let answer = prefill.await.unwrap_or_else(|e| Err(join_failed(&e)));
+            let answer = prefill.await;
             on_prefill_done(None);
             match answer {
                 Ok(answer) => Ok(DecodeStart {
@@ -177,7 +178,7 @@ pub async fn concurrent(
             // Decode streams now; a prefill failing later must not leave it waiting.
             let (decode_url, client2, rid2) = (ctx.decode.url.clone(), client.clone(), rid.clone());
             tokio::spawn(async move {
-                if let Ok(Err(e)) = prefill.await {
+                if let Err(e) = prefill.await {
                     tracing::warn!(request_id = %rid2, message = %e.error.message, "prefill failed after decode started; aborting decode");
                     if abortable {
                         legs::abort(&client2, &decode_url, &rid2);
@@ -194,18 +195,23 @@ pub async fn concurrent(
             disarm(&mut guard);
             // A decode that failed because its prefill is gone (bootstrap unreachable) is the
             // prefill's failure: attribute it there, so the request is retried elsewhere.
-            if let Ok(Ok(Err(pe))) = tokio::time::timeout(BLAME_WINDOW, &mut prefill).await {
+            if let Ok(Err(pe)) = tokio::time::timeout(BLAME_WINDOW, &mut prefill).await {
                 return Err(pe);
             }
             if abortable {
                 legs::abort(&client, prefill_url, &rid);
-            } else {
-                prefill.abort();
             }
+            // Dropping the prefill leg closes its connection: engines without an abort call
+            // (vLLM) abort on disconnect.
+            drop(prefill);
             Err(e)
         }
     }
 }
+
+/// The prefill leg's future, boxed so it can move to a task of its own mid-flight.
+type PrefillLeg =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Vec<u8>>, LegError>> + Send>>;
 
 /// How long a failed decode waits to see whether its prefill failed first.
 const BLAME_WINDOW: Duration = Duration::from_millis(200);
@@ -213,14 +219,6 @@ const BLAME_WINDOW: Duration = Duration::from_millis(200);
 fn disarm(guard: &mut Option<legs::AbortGuard>) {
     if let Some(g) = guard.as_mut() {
         g.disarm();
-    }
-}
-
-fn join_failed(e: &tokio::task::JoinError) -> LegError {
-    LegError {
-        role: Role::Prefill,
-        retryable: true,
-        error: ApiError::upstream("prefill_failed", format!("prefill leg task failed: {e}")),
     }
 }
 
