@@ -24,18 +24,47 @@ pub fn path(kind: ApiKind) -> &'static str {
     }
 }
 
-/// The client's body turned into a prefill-only leg: one token, not streamed, no usage chunk.
-pub fn prefill_body(ctx: &LegContext<'_>) -> Value {
-    let mut body = ctx.req.body.clone();
-    if let Some(obj) = body.as_object_mut() {
-        obj.insert("stream".into(), Value::Bool(false));
-        obj.insert("max_tokens".into(), Value::from(1));
-        if obj.contains_key("max_completion_tokens") {
-            obj.insert("max_completion_tokens".into(), Value::from(1));
-        }
-        obj.remove("stream_options");
+/// The client's body turned into a prefill-only leg (one token, not streamed, no usage chunk),
+/// with the protocol's `fields` set.
+pub fn prefill_body(ctx: &LegContext<'_>, fields: &[(&str, Value)]) -> Bytes {
+    let mut set = vec![
+        ("stream", Value::Bool(false)),
+        ("max_tokens", Value::from(1)),
+    ];
+    if ctx.req.body.get("max_completion_tokens").is_some() {
+        set.push(("max_completion_tokens", Value::from(1)));
     }
-    body
+    set.extend(fields.iter().cloned());
+    overlay(&ctx.req.body, &set, &["stream_options"])
+}
+
+/// The client's body with `set` fields put in (replacing any the client sent) and `omit`
+/// fields left out, serialised straight from the parsed body: the prompt is never copied.
+pub fn overlay(body: &Value, set: &[(&str, Value)], omit: &[&str]) -> Bytes {
+    let empty = serde_json::Map::new();
+    let base = body.as_object().unwrap_or(&empty);
+    to_body(&Overlay { base, set, omit })
+}
+
+struct Overlay<'a> {
+    base: &'a serde_json::Map<String, Value>,
+    set: &'a [(&'a str, Value)],
+    omit: &'a [&'a str],
+}
+
+impl serde::Serialize for Overlay<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let replaced = |k: &str| self.omit.contains(&k) || self.set.iter().any(|(f, _)| *f == k);
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.base.iter().filter(|(k, _)| !replaced(k)) {
+            map.serialize_entry(k, v)?;
+        }
+        for (k, v) in self.set {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 /// The client asked for the prompt's logprobs (completions `echo` + `logprobs`): only the
@@ -63,7 +92,7 @@ pub fn prompt_logprobs_of(ctx: &LegContext<'_>, answer: &Value) -> Option<Prompt
 pub async fn prefill_json(
     ctx: &LegContext<'_>,
     url: &str,
-    body: &Value,
+    body: Bytes,
     headers: &[(&str, String)],
 ) -> Result<Value, LegError> {
     let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
@@ -72,7 +101,8 @@ pub async fn prefill_json(
         .client
         .post(format!("{url}{}", path(ctx.req.kind)))
         .header("x-request-id", ctx.request_id)
-        .json(body)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
         .timeout(timeout);
     for (k, v) in headers {
         rb = rb.header(*k, v);
@@ -103,8 +133,8 @@ pub async fn prefill_json(
 }
 
 /// A leg's JSON body, serialised once: legs that send the same body to both engines share it.
-pub fn to_body(v: &Value) -> Bytes {
-    // A `Value` always serialises (its keys are strings); the empty fallback is unreachable.
+pub fn to_body(v: &impl serde::Serialize) -> Bytes {
+    // JSON values and overlays always serialise (string keys); the empty fallback is unreachable.
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
@@ -203,5 +233,31 @@ impl Drop for AbortGuard {
                 abort(&self.client, url, &self.rid);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn overlay_sets_replaces_and_omits_without_touching_the_rest() {
+        let body = json!({"model": "m", "prompt": "p \"q\"", "stream": true,
+            "stream_options": {"include_usage": true}, "bootstrap_room": 1, "extra": [1, {"a": null}]});
+        let out = overlay(
+            &body,
+            &[("bootstrap_room", json!(7)), ("rid", json!("r"))],
+            &["stream_options"],
+        );
+        let v: Value = serde_json::from_slice(&out).expect("valid JSON");
+        assert_eq!(
+            v,
+            json!({"model": "m", "prompt": "p \"q\"", "stream": true, "bootstrap_room": 7,
+                "rid": "r", "extra": [1, {"a": null}]})
+        );
+        // One key each: the client's `bootstrap_room` was replaced, not duplicated.
+        let text = String::from_utf8(out.to_vec()).expect("utf8");
+        assert_eq!(text.matches("\"bootstrap_room\"").count(), 1);
     }
 }

@@ -33,16 +33,20 @@ pub async fn run(
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
     let (host, http_port) = host_port(&prefill.url);
-    let mut body = ctx.req.body.clone();
-    body["bootstrap_host"] = Value::from(host);
-    body["bootstrap_port"] = Value::from(prefill.bootstrap_port.unwrap_or(http_port));
     let room = room();
-    body["bootstrap_room"] = Value::from(room);
     // One rid per attempt: an abort sent for a failed attempt must not hit its retry.
     let rid = format!("{}-{room:x}", ctx.request_id);
-    body["rid"] = Value::from(rid.as_str());
+    let fields = [
+        ("bootstrap_host", Value::from(host)),
+        (
+            "bootstrap_port",
+            Value::from(prefill.bootstrap_port.unwrap_or(http_port)),
+        ),
+        ("bootstrap_room", Value::from(room)),
+        ("rid", Value::from(rid.as_str())),
+    ];
     // Both legs get the same bytes: serialised once, shared by reference count.
-    let body = legs::to_body(&body);
+    let body = legs::overlay(&ctx.req.body, &fields, &[]);
     let legs = Concurrent {
         rid: &rid,
         prefill_url: &prefill.url,

@@ -22,10 +22,9 @@ pub async fn run(
     prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let mut body = legs::prefill_body(ctx);
-    body[FIELD] = json!({"request_type": "context_only"});
+    let body = legs::prefill_body(ctx, &[(FIELD, json!({"request_type": "context_only"}))]);
     let started = std::time::Instant::now();
-    let answer = legs::prefill_json(ctx, &prefill.url, &body, &[]).await?;
+    let answer = legs::prefill_json(ctx, &prefill.url, body, &[]).await?;
     let params = answer
         .pointer("/choices/0/disaggregated_params")
         .or_else(|| answer.get(FIELD))
@@ -50,9 +49,8 @@ pub async fn run(
         kv_bytes: 0,
     }));
     params["request_type"] = Value::from("generation_only");
-    let mut gen_body = ctx.req.body.clone();
-    gen_body[FIELD] = params;
-    let response = legs::decode_head(ctx, &gen_body, &[]).await?;
+    let gen_body = legs::overlay(&ctx.req.body, &[(FIELD, params)], &[]);
+    let response = legs::decode_head_raw(ctx, gen_body, &[]).await?;
     Ok(DecodeStart {
         prompt_logprobs: legs::prompt_logprobs_of(ctx, &answer),
         ..DecodeStart::new(response)

@@ -28,25 +28,36 @@ pub async fn run(
     );
     let engine_id = engine_id(ctx, &bootstrap).await?;
     let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4());
-    let mut prefill_body = legs::prefill_body(ctx);
-    prefill_body[FIELD] = json!({
-        "do_remote_decode": true,
-        "do_remote_prefill": false,
-        "transfer_id": transfer_id,
-    });
-    let mut decode_body = ctx.req.body.clone();
-    decode_body[FIELD] = json!({
-        "do_remote_decode": false,
-        "do_remote_prefill": true,
-        "remote_bootstrap_addr": bootstrap,
-        "remote_engine_id": engine_id,
-        "transfer_id": transfer_id,
-    });
+    let prefill_body = legs::prefill_body(
+        ctx,
+        &[(
+            FIELD,
+            json!({
+                "do_remote_decode": true,
+                "do_remote_prefill": false,
+                "transfer_id": transfer_id,
+            }),
+        )],
+    );
+    let decode_body = legs::overlay(
+        &ctx.req.body,
+        &[(
+            FIELD,
+            json!({
+                "do_remote_decode": false,
+                "do_remote_prefill": true,
+                "remote_bootstrap_addr": bootstrap,
+                "remote_engine_id": engine_id,
+                "transfer_id": transfer_id,
+            }),
+        )],
+        &[],
+    );
     let legs = sglang::Concurrent {
         rid: ctx.request_id,
         prefill_url: &prefill.url,
-        prefill_body: legs::to_body(&prefill_body),
-        decode_body: legs::to_body(&decode_body),
+        prefill_body,
+        decode_body,
         abortable: false,
         prompt_logprobs: legs::wants_prompt_logprobs(ctx),
     };

@@ -23,17 +23,22 @@ pub async fn run(
     prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let mut body = legs::prefill_body(ctx);
-    body[FIELD] = json!({
-        "do_remote_decode": true,
-        "do_remote_prefill": false,
-        "remote_engine_id": null,
-        "remote_block_ids": null,
-        "remote_host": null,
-        "remote_port": null,
-    });
+    let body = legs::prefill_body(
+        ctx,
+        &[(
+            FIELD,
+            json!({
+                "do_remote_decode": true,
+                "do_remote_prefill": false,
+                "remote_engine_id": null,
+                "remote_block_ids": null,
+                "remote_host": null,
+                "remote_port": null,
+            }),
+        )],
+    );
     let started = std::time::Instant::now();
-    let answer = legs::prefill_json(ctx, &prefill.url, &body, &[]).await?;
+    let answer = legs::prefill_json(ctx, &prefill.url, body, &[]).await?;
     let Some(params) = answer.get(FIELD).filter(|p| p.is_object()).cloned() else {
         return Err(missing(&prefill.url));
     };
@@ -42,9 +47,8 @@ pub async fn run(
         transfer_ms: 0.0,
         kv_bytes: 0,
     }));
-    let mut decode_body = ctx.req.body.clone();
-    decode_body[FIELD] = params;
-    let response = legs::decode_head(ctx, &decode_body, &[]).await?;
+    let decode_body = legs::overlay(&ctx.req.body, &[(FIELD, params)], &[]);
+    let response = legs::decode_head_raw(ctx, decode_body, &[]).await?;
     Ok(DecodeStart {
         prompt_logprobs: legs::prompt_logprobs_of(ctx, &answer),
         ..DecodeStart::new(response)
