@@ -104,34 +104,40 @@ pub async fn prefill(
 }
 
 async fn resolve(e: &Engine, target: &KvDescriptor) -> Result<SegmentDesc, ApiError> {
+    let len = target
+        .block_offsets
+        .iter()
+        .max()
+        .map_or(0, |m| m + target.block_bytes);
+    locate(e, &target.segment, &target.endpoint, len)
+        .await
+        .map_err(|msg| ApiError::server(502, "kv_transfer_failed", msg))
+}
+
+/// Where a peer's segment `name` is: the registry's entry when one is configured (cached in
+/// `e.peers`), else what its owner told us (`endpoint`, at least `len` bytes long).
+pub(crate) async fn locate(
+    e: &Engine,
+    name: &str,
+    endpoint: &str,
+    len: u64,
+) -> Result<SegmentDesc, String> {
     let Some(reg) = &e.registry else {
-        let len = target
-            .block_offsets
-            .iter()
-            .max()
-            .map_or(0, |m| m + target.block_bytes);
         return Ok(SegmentDesc {
-            name: target.segment.clone(),
-            endpoint: target.endpoint.clone(),
+            name: name.to_string(),
+            endpoint: endpoint.to_string(),
             len,
             transport: TransportKind::Tcp,
         });
     };
-    if let Some(desc) = e.peers.lock().get(&target.segment) {
+    if let Some(desc) = e.peers.lock().get(name) {
         return Ok(desc.clone());
     }
-    let unknown = || {
-        ApiError::server(
-            502,
-            "kv_transfer_failed",
-            format!("segment `{}` is not registered", target.segment),
-        )
-    };
     let desc = reg
-        .lookup(&target.segment)
+        .lookup(name)
         .await
-        .map_err(|err| ApiError::server(502, "kv_transfer_failed", err.to_string()))?
-        .ok_or_else(unknown)?;
+        .map_err(|err| err.to_string())?
+        .ok_or_else(|| format!("segment `{name}` is not registered"))?;
     remember_peer(e, desc.clone());
     Ok(desc)
 }

@@ -1,6 +1,6 @@
 //! The engine's HTTP surface and lifecycle: state shared by the handlers, the router, background
-//! tasks (KV landing notifications, reservation sweeping), registration with the segment
-//! registry, and graceful shutdown.
+//! tasks (transfer notifications: KV landed or pulled, bootstrap offers; reservation sweeping),
+//! registration with the segment registry, and graceful shutdown.
 
 use crate::batcher::Gpu;
 use crate::cache::PrefixCache;
@@ -41,12 +41,14 @@ pub struct Engine {
     heartbeat: Mutex<Option<JoinHandle<()>>>,
     pub started: u64,
     pub http_addr: SocketAddr,
-    /// For engine-to-engine calls (a decode offering its slots to a prefill's bootstrap server).
+    /// For engine-to-engine calls (a decode asking a prefill's bootstrap server for its mailbox).
     pub client: reqwest::Client,
     /// Running legs by request id, for `/abort_request`.
     pub aborts: Arc<protocol::abort::Aborts>,
     /// Push-mode bootstrap rooms (SGLang, vLLM Mooncake) on a prefill engine.
     pub rendezvous: protocol::rendezvous::Rendezvous,
+    /// Push-mode offers: the mailbox a prefill takes them on, the mailboxes a decode learnt.
+    pub bootstrap: protocol::bootstrap::Bootstrap,
 }
 
 impl IntoResponse for ApiError {
@@ -142,6 +144,18 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         }
         false => None,
     };
+    let bootstrap = match cfg.role == Role::Prefill && protocol::prefill_takes_offers(cfg.protocol)
+    {
+        true => {
+            let name = protocol::bootstrap::mailbox_name(&cfg.model, addr.port());
+            let mailbox = transfer.register_segment(&name, protocol::bootstrap::MAILBOX_BYTES)?;
+            if let Some(reg) = &registry {
+                reg.publish(transfer.describe(&mailbox)).await?;
+            }
+            protocol::bootstrap::Bootstrap::with_mailbox(mailbox)
+        }
+        false => protocol::bootstrap::Bootstrap::default(),
+    };
     let engine = Arc::new(Engine {
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
         cache: Mutex::new(PrefixCache::new(cfg.kv_blocks)),
@@ -160,36 +174,52 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
             .unwrap_or_default(),
         aborts: Arc::new(protocol::abort::Aborts::default()),
         rendezvous: protocol::rendezvous::Rendezvous::default(),
+        bootstrap,
         cfg,
     });
+    spawn_notification_listener(&engine);
     if let Some(pool) = &engine.pool {
-        spawn_landing_listener(&engine, Arc::clone(pool));
         spawn_sweeper(Arc::clone(pool));
     }
     spawn_heartbeat(&engine);
     Ok(engine)
 }
 
-fn spawn_landing_listener(engine: &Arc<Engine>, pool: Arc<KvPool>) {
+/// Every notification this engine's transfer engine delivers (the receiver can be taken only
+/// once): offers on the bootstrap mailbox; KV landed in, or pulled from, the KV segment.
+fn spawn_notification_listener(engine: &Arc<Engine>) {
+    if engine.pool.is_none() && engine.bootstrap.mailbox().is_none() {
+        return;
+    }
     let Some(mut rx) = engine.transfer.take_notifications() else {
         return;
     };
-    let stats = Arc::clone(&engine.stats);
+    // Weak: the receiver's sender lives in the engine, so a strong reference would keep both.
+    let weak = Arc::downgrade(engine);
     tokio::spawn(async move {
         while let Some(n) = rx.recv().await {
-            if let Ok(landed) = serde_json::from_slice::<native::KvLanded>(&n.payload) {
-                Stats::add(&stats.kv_blocks_received, u64::from(landed.blocks));
-                pool.mark_landed(&landed.request_id, landed.blocks);
-            } else if let Ok(pulled) =
-                serde_json::from_slice::<protocol::pull::KvPulled>(&n.payload)
-            {
-                // A decode read our held blocks: free them now rather than at the TTL.
-                pool.release(&pulled.pulled);
+            let Some(e) = weak.upgrade() else { return };
+            if e.bootstrap.is_mailbox(&n.segment) {
+                protocol::bootstrap::receive(&e, &n.payload);
+            } else if let Some(pool) = &e.pool {
+                on_kv_notification(&e.stats, pool, &n.payload);
             } else {
-                tracing::warn!("ignoring malformed KV notification");
+                tracing::warn!(segment = %n.segment, "ignoring a notification for no segment of ours");
             }
         }
     });
+}
+
+fn on_kv_notification(stats: &Stats, pool: &KvPool, payload: &[u8]) {
+    if let Ok(landed) = serde_json::from_slice::<native::KvLanded>(payload) {
+        Stats::add(&stats.kv_blocks_received, u64::from(landed.blocks));
+        pool.mark_landed(&landed.request_id, landed.blocks);
+    } else if let Ok(pulled) = serde_json::from_slice::<protocol::pull::KvPulled>(payload) {
+        // A decode read our held blocks: free them now rather than at the TTL.
+        pool.release(&pulled.pulled);
+    } else {
+        tracing::warn!("ignoring malformed KV notification");
+    }
 }
 
 fn spawn_sweeper(pool: Arc<KvPool>) {
@@ -211,20 +241,35 @@ fn spawn_sweeper(pool: Arc<KvPool>) {
     });
 }
 
-/// Re-publishes the segment every `registry_heartbeat_secs`, so a registry with a TTL keeps it.
+/// This engine's registered segments (KV pool, bootstrap mailbox), as peers find them.
+fn own_segments(engine: &Engine) -> Vec<pdgate_transfer::SegmentDesc> {
+    let pool = engine.pool.as_ref().map(|p| p.segment());
+    pool.into_iter()
+        .chain(engine.bootstrap.mailbox())
+        .map(|s| engine.transfer.describe(s))
+        .collect()
+}
+
+/// Re-publishes the segments every `registry_heartbeat_secs`, so a registry with a TTL keeps
+/// them.
 fn spawn_heartbeat(engine: &Arc<Engine>) {
-    let (Some(reg), Some(pool)) = (engine.registry.clone(), engine.pool.clone()) else {
+    let Some(reg) = engine.registry.clone() else {
         return;
     };
+    let descs = own_segments(engine);
+    if descs.is_empty() {
+        return;
+    }
     let every = Duration::from_secs(engine.cfg.registry_heartbeat_secs.max(1));
-    let desc = engine.transfer.describe(pool.segment());
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
-        tick.tick().await; // the first tick is immediate; the segment was just published
+        tick.tick().await; // the first tick is immediate; the segments were just published
         loop {
             tick.tick().await;
-            if let Err(e) = reg.publish(desc.clone()).await {
-                tracing::warn!(error = %e, "could not refresh the KV segment in the registry");
+            for desc in &descs {
+                if let Err(e) = reg.publish(desc.clone()).await {
+                    tracing::warn!(segment = %desc.name, error = %e, "could not refresh a segment in the registry");
+                }
             }
         }
     });
@@ -235,9 +280,12 @@ async fn deregister(engine: &Engine) {
     if let Some(task) = engine.heartbeat.lock().take() {
         task.abort();
     }
-    if let (Some(reg), Some(pool)) = (&engine.registry, &engine.pool) {
-        if let Err(e) = reg.remove(pool.segment().name()).await {
-            tracing::warn!(error = %e, "could not deregister KV segment");
+    let Some(reg) = &engine.registry else {
+        return;
+    };
+    for desc in own_segments(engine) {
+        if let Err(e) = reg.remove(&desc.name).await {
+            tracing::warn!(segment = %desc.name, error = %e, "could not deregister a segment");
         }
     }
 }
@@ -254,8 +302,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route(native::PREFILL_PATH, post(pd::prefill))
         .route("/abort_request", post(protocol::abort_request))
         .route(
-            protocol::rendezvous::BOOTSTRAP_PATH,
-            post(protocol::bootstrap),
+            protocol::bootstrap::BOOTSTRAP_PATH,
+            get(protocol::bootstrap::query),
         )
         .route(
             protocol::vllm_mooncake::QUERY_PATH,

@@ -24,6 +24,9 @@ pub struct Stats {
     pub kv_blocks_received: AtomicU64,
     pub kv_blocks_verified: AtomicU64,
     pub kv_verify_failures: AtomicU64,
+    pub bootstrap_queries: AtomicU64,
+    pub bootstrap_offers: AtomicU64,
+    pub bootstrap_offers_refused: AtomicU64,
 }
 
 impl Stats {
@@ -130,6 +133,24 @@ impl Stats {
             "counter",
             "Decode legs refused because a KV block was wrong.",
             g(&self.kv_verify_failures).to_string(),
+        );
+        metric(
+            "pdgate_sim_bootstrap_queries_total",
+            "counter",
+            "GET /pd/bootstrap answered (a decode learning where to send offers).",
+            g(&self.bootstrap_queries).to_string(),
+        );
+        metric(
+            "pdgate_sim_bootstrap_offers_total",
+            "counter",
+            "Bootstrap offers received from decode engines as transfer notifications.",
+            g(&self.bootstrap_offers).to_string(),
+        );
+        metric(
+            "pdgate_sim_bootstrap_offers_refused_total",
+            "counter",
+            "Bootstrap offers refused (duplicate room, too many rooms); their decode times out.",
+            g(&self.bootstrap_offers_refused).to_string(),
         );
         let _ = writeln!(
             out,

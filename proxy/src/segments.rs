@@ -1,5 +1,5 @@
-//! The segment registry the gateway hosts for transfer engines: engines publish their KV
-//! segments here and look peers' segments up by name. Backed by the transfer crate's bounded
+//! The segment registry the gateway hosts for transfer engines: engines publish their segments
+//! (KV pools, push-mode prefills' bootstrap mailboxes) here and look peers' segments up by name. Backed by the transfer crate's bounded
 //! in-memory registry; this file is only its HTTP face.
 
 use crate::error::ApiError;

@@ -5,7 +5,8 @@
 //! transport: writes are applied in op order and the batch stops at the first
 //! failing op (earlier writes stay applied, no notification is delivered);
 //! reads are served after all writes of the batch, so a read observes the
-//! batch's own writes. This module must never do I/O; it only describes work
+//! batch's own writes. A batch of no ops but a notification is valid: a small
+//! message to the segment's owner, acknowledged like any batch. This module must never do I/O; it only describes work
 //! and checks it against the protocol limits before anything is sent.
 
 use std::time::Duration;
@@ -38,7 +39,8 @@ impl Op {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     pub ops: Vec<Op>,
-    /// At most 4096 bytes, else submit fails with `NotificationTooLarge`.
+    /// At most [`MAX_NOTIFY_LEN`] bytes, else submit fails with
+    /// `NotificationTooLarge`.
     pub notify: Option<Bytes>,
 }
 

@@ -34,3 +34,4 @@ pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
 pub use transport::rdma;
 pub use transport::slice::DEFAULT_SLICE_SIZE;
 pub use transport::{Transport, TransportChoice, TransportKind};
+pub use wire::MAX_NOTIFY_LEN;

@@ -71,6 +71,7 @@ pub const VERSION: u8 = 1;
 pub const MAX_SEGMENT_NAME_LEN: usize = 256;
 pub const MAX_OPS_PER_BATCH: usize = 65536;
 pub const MAX_OP_LEN: u64 = 1 << 30;
+/// Largest notification payload a batch may carry.
 pub const MAX_NOTIFY_LEN: usize = 4096;
 pub const MAX_MESSAGE_LEN: usize = 4096;
 

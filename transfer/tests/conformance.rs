@@ -185,6 +185,38 @@ async fn notification_follows_data(c: Case) {
     assert!(rx.try_recv().is_err());
 }
 
+/// A batch of no ops but a notification is a message to the segment's owner: delivered once,
+/// acknowledged like any batch, and refused for a segment the owner does not have.
+async fn a_notification_alone_is_a_message(c: Case) {
+    let a = engine(&c, Duration::from_secs(10)).await;
+    let b = engine(&c, Duration::from_secs(10)).await;
+    let seg = b.register_segment("mailbox", 1).unwrap();
+    let desc = b.describe(&seg);
+    let mut rx = b.take_notifications().unwrap();
+    for i in 0..3u8 {
+        let r = a
+            .submit(&desc, Batch::new().notify(Bytes::from(vec![i; 3])))
+            .await
+            .unwrap();
+        assert_eq!((r.transport, r.bytes_written, r.bytes_read), (c.kind, 0, 0));
+        let n = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (n.segment.as_str(), &n.payload[..]),
+            ("mailbox", &[i; 3][..])
+        );
+    }
+    assert!(b.unregister_segment("mailbox"));
+    assert!(a
+        .submit(&desc, Batch::new().notify(Bytes::from_static(b"gone")))
+        .await
+        .is_err());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(rx.try_recv().is_err());
+}
+
 async fn wrong_offsets_and_names_are_rejected(c: Case) {
     let a = engine(&c, Duration::from_secs(10)).await;
     let b = engine(&c, Duration::from_secs(10)).await;
@@ -321,6 +353,7 @@ macro_rules! conformance {
             }
             conformance!(@tests sizes_round_trip, mixed_batch_reads_see_writes,
                 many_concurrent_batches, notification_follows_data,
+                a_notification_alone_is_a_message,
                 wrong_offsets_and_names_are_rejected,
                 peer_death_mid_transfer_is_an_error_not_a_hang,
                 silent_peer_hits_the_deadline, p2p_discovery_without_registry);

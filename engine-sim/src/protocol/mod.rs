@@ -8,6 +8,7 @@
 //! exactly the handoff bugs these modes exist to catch.
 
 pub mod abort;
+pub mod bootstrap;
 pub mod pull;
 pub mod rendezvous;
 pub mod sglang;
@@ -60,6 +61,11 @@ pub async fn prepare(
     }
 }
 
+/// Whether prefill engines of this mode take bootstrap offers and push KV (push-mode protocols).
+pub fn prefill_takes_offers(p: Protocol) -> bool {
+    matches!(p, Protocol::Sglang | Protocol::VllmMooncake)
+}
+
 /// Whether this mode keeps KV blocks in a pool on prefill engines too (pull-mode protocols).
 pub fn prefill_holds_kv(p: Protocol) -> bool {
     matches!(p, Protocol::VllmNixl | Protocol::Trtllm)
@@ -80,16 +86,4 @@ pub async fn abort_request(
         .and_then(|v| v.get("rid").and_then(Value::as_str).map(str::to_string));
     let aborted = rid.as_deref().is_some_and(|r| e.aborts.abort(r));
     axum::Json(serde_json::json!({"aborted": aborted}))
-}
-
-/// `POST /pd/bootstrap`: a decode engine offers its slots for a room (push-mode protocols).
-pub async fn bootstrap(
-    axum::extract::State(e): axum::extract::State<std::sync::Arc<Engine>>,
-    body: axum::body::Bytes,
-) -> Result<axum::Json<Value>, ApiError> {
-    let offer: rendezvous::Offer = serde_json::from_slice(&body)
-        .map_err(|err| ApiError::invalid("body", format!("invalid bootstrap offer: {err}")))?;
-    let stale = std::time::Duration::from_millis(e.cfg.bootstrap_timeout_ms);
-    e.rendezvous.offer(offer, stale)?;
-    Ok(axum::Json(serde_json::json!({"ok": true})))
 }

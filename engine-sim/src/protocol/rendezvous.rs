@@ -1,6 +1,7 @@
 //! The prefill side of a push-mode handoff (SGLang bootstrap rooms, vLLM Mooncake transfer ids):
-//! a decode engine offers the slots it reserved for a room; the prefill leg with the same room
-//! takes them (waiting if it came first) and writes its KV there. Either side may arrive first.
+//! a decode engine offers the slots it reserved for a room (as a transfer notification on this
+//! engine's bootstrap mailbox, see `bootstrap`); the prefill leg with the same room takes them
+//! (waiting if it came first) and writes its KV there. Either side may arrive first.
 //!
 //! Bounded: at most `MAX_ROOMS` open rooms; stale offers and abandoned waits are purged before
 //! a new room is refused.
@@ -15,14 +16,12 @@ use tokio::sync::oneshot;
 
 const MAX_ROOMS: usize = 4096;
 
-/// What a decode engine posts to the prefill's bootstrap endpoint.
+/// What a decode engine sends the prefill for a room: where to write the room's KV.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Offer {
     pub room: String,
     pub target: KvDescriptor,
 }
-
-pub const BOOTSTRAP_PATH: &str = "/pd/bootstrap";
 
 enum Slot {
     Offered(KvDescriptor, Instant),

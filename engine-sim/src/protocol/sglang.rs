@@ -1,15 +1,16 @@
 //! SGLang PD mode. The gateway sends the same body, carrying `bootstrap_host`, `bootstrap_port`
 //! and `bootstrap_room`, to a prefill and a decode engine at once. The decode engine reserves
-//! KV slots and offers them to the prefill engine's bootstrap endpoint (served on the prefill's
-//! HTTP port, so `bootstrap_port` is that port), then waits for the prefill with the same room
-//! to write the blocks (up to `bootstrap_timeout_ms`); the prefill engine prefills, takes the
-//! offer and pushes every block through pdgate-transfer. `/abort_request {"rid"}` ends either
-//! leg at once.
+//! KV slots and offers them to the prefill as SGLang does: it asks the prefill's bootstrap
+//! server (served on the prefill's HTTP port, so `bootstrap_port` is that port) once where its
+//! KV sender listens, then sends each room's offer as a message over pdgate-transfer (see
+//! `bootstrap`), and waits for the prefill with the same room to write the blocks (up to
+//! `bootstrap_timeout_ms`); the prefill engine prefills, takes the offer and pushes every block
+//! through pdgate-transfer. `/abort_request {"rid"}` ends either leg at once.
 //!
 //! It never generates on a decode leg whose room no prefill filled in time: that is an error,
 //! as in SGLang, not a local recompute.
 
-use super::rendezvous::{Offer, BOOTSTRAP_PATH};
+use super::rendezvous::Offer;
 use super::{abort, pull, Leg, Prepared};
 use crate::openai::ApiError;
 use crate::server::Engine;
@@ -103,7 +104,8 @@ pub(super) async fn prefill(
     Ok(Prepared::PrefillOnly(Box::new(|_| {})))
 }
 
-/// Reserve, offer the slots to the prefill's bootstrap endpoint, wait for them to fill, verify.
+/// Reserve, offer the slots to the prefill (through its bootstrap mailbox), wait for them to
+/// fill, verify.
 pub(super) async fn decode(
     e: &Engine,
     room: &str,
@@ -128,28 +130,7 @@ pub(super) async fn decode(
         room: room.to_string(),
         target,
     };
-    let url = format!("{bootstrap}{BOOTSTRAP_PATH}");
-    let resp = e
-        .client
-        .post(&url)
-        .json(&offer)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(|err| {
-            ApiError::server(
-                502,
-                "bootstrap_unreachable",
-                format!("bootstrap server {bootstrap} unreachable: {err}"),
-            )
-        })?;
-    if !resp.status().is_success() {
-        let msg = format!(
-            "bootstrap server {bootstrap} refused room `{room}`: {}",
-            resp.status()
-        );
-        return Err(ApiError::server(502, "bootstrap_failed", msg));
-    }
+    super::bootstrap::send(e, bootstrap, &offer).await?;
     let claim = pool.claim(room, timeout).await.map_err(|err| match err {
         // `Unknown`: the TTL sweep freed the reservation while we waited (a TTL no longer than
         // the bootstrap timeout races it); for the client it is the same missing prefill.

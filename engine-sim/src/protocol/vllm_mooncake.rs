@@ -2,8 +2,9 @@
 //! answers `GET /query` with data-parallel rank → engine id; the gateway sends both legs at once
 //! with a shared `transfer_id`: the prefill leg `{do_remote_decode: true, transfer_id}`, the
 //! decode leg `{do_remote_prefill: true, remote_bootstrap_addr, remote_engine_id, transfer_id}`.
-//! The decode engine offers its reserved slots to the prefill's bootstrap server under the
-//! transfer id and waits; the prefill engine prefills and writes the blocks there.
+//! The decode engine offers its reserved slots to the prefill under the transfer id, the way
+//! the SGLang mode does (mailbox learnt once from the bootstrap server, then one transfer
+//! notification per request), and waits; the prefill engine prefills and writes the blocks there.
 //!
 //! It never generates on a decode leg whose transfer did not complete in time.
 

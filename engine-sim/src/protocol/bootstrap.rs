@@ -1,0 +1,391 @@
+//! The push-mode bootstrap (SGLang, vLLM Mooncake), done the way SGLang does it: a decode
+//! engine asks a prefill's bootstrap server once where its KV sender listens (`GET
+//! /pd/bootstrap` on the prefill's HTTP port, which is the `bootstrap_port`), then hands each
+//! request's KV destination to that prefill as a message: a pdgate-transfer notification on
+//! the prefill's small "mailbox" segment, carried by the transfer engine's persistent
+//! connection to that peer (SGLang uses ZMQ). The prefill gives every offer to its
+//! `Rendezvous`.
+//!
+//! An offer whose block list does not fit one notification goes in parts, put back together
+//! here. A refused offer (duplicate room, too many rooms) is only logged: its decode cannot be
+//! told and times out, as in SGLang. This must never turn back into an HTTP call per request.
+
+use super::rendezvous::Offer;
+use crate::native::KvDescriptor;
+use crate::openai::ApiError;
+use crate::server::Engine;
+use crate::stats::Stats;
+use axum::extract::State;
+use axum::Json;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use pdgate_transfer::{Batch, Segment, SegmentDesc, MAX_NOTIFY_LEN};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const BOOTSTRAP_PATH: &str = "/pd/bootstrap";
+
+/// The mailbox holds no data (offers arrive as notifications); one byte rather than none so
+/// every transport, shared memory included, can address it.
+pub const MAILBOX_BYTES: usize = 1;
+
+/// Mailboxes of prefill engines a decode remembers; a fleet has few, so past this they are all
+/// forgotten rather than grown without end.
+const MAX_KNOWN_MAILBOXES: usize = 4096;
+
+/// How long a decode may take to learn a mailbox or deliver one offer (the HTTP call this
+/// replaced had the same bound).
+const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Offers arriving in parts at once; more are refused (their decodes time out).
+const MAX_PARTIAL_OFFERS: usize = 1024;
+
+/// Parts one offer may come in (each holds a few hundred block offsets).
+const MAX_PARTS: usize = 4096;
+
+/// What `GET /pd/bootstrap` answers: where this prefill's transfer engine takes offers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mailbox {
+    pub segment: String,
+    /// The owner's transfer endpoint, used when no registry is configured (P2P mode).
+    pub endpoint: String,
+    pub len: u64,
+}
+
+/// Bootstrap state: the mailbox on a prefill engine, the mailboxes a decode engine has learnt.
+#[derive(Default)]
+pub struct Bootstrap {
+    mailbox: Option<Segment>,
+    partial: Mutex<HashMap<String, Partial>>,
+    /// Bootstrap address (`http://host:port`) → its mailbox.
+    known: Mutex<HashMap<String, SegmentDesc>>,
+}
+
+impl Bootstrap {
+    /// A prefill engine's: offers arrive on `mailbox`.
+    pub fn with_mailbox(mailbox: Segment) -> Self {
+        Self {
+            mailbox: Some(mailbox),
+            ..Self::default()
+        }
+    }
+
+    pub fn mailbox(&self) -> Option<&Segment> {
+        self.mailbox.as_ref()
+    }
+
+    /// Whether a notification addressed to `segment` is an offer.
+    pub fn is_mailbox(&self, segment: &str) -> bool {
+        self.mailbox.as_ref().is_some_and(|m| m.name() == segment)
+    }
+}
+
+/// The mailbox segment's name on the engine serving HTTP on `port`.
+pub fn mailbox_name(model: &str, port: u16) -> String {
+    format!("bootstrap-{model}-{port}")
+}
+
+/// One notification on a mailbox: an offer whole (`part` 0 of 1) or one part of it, each part
+/// carrying a run of the block offsets in order.
+#[derive(Serialize)]
+struct PartOut<'a> {
+    room: &'a str,
+    part: usize,
+    parts: usize,
+    target: TargetOut<'a>,
+}
+
+/// `KvDescriptor`'s wire shape, borrowing a run of its offsets.
+#[derive(Serialize)]
+struct TargetOut<'a> {
+    request_id: &'a str,
+    segment: &'a str,
+    endpoint: &'a str,
+    block_bytes: u64,
+    block_offsets: &'a [u64],
+}
+
+#[derive(Deserialize)]
+struct PartIn {
+    room: String,
+    part: usize,
+    parts: usize,
+    target: KvDescriptor,
+}
+
+struct Partial {
+    target: KvDescriptor,
+    runs: Vec<Option<Vec<u64>>>,
+    missing: usize,
+    started: Instant,
+}
+
+fn unreachable(bootstrap: &str, err: impl std::fmt::Display) -> ApiError {
+    ApiError::server(
+        502,
+        "bootstrap_unreachable",
+        format!("bootstrap server {bootstrap} unreachable: {err}"),
+    )
+}
+
+/// `GET /pd/bootstrap`: where a decode sends this prefill its offers.
+pub async fn query(State(e): State<Arc<Engine>>) -> Result<Json<Mailbox>, ApiError> {
+    let seg = e.bootstrap.mailbox().ok_or_else(|| {
+        ApiError::server(
+            404,
+            "not_a_bootstrap_server",
+            "this engine takes no bootstrap offers (not a push-mode prefill engine)",
+        )
+    })?;
+    Stats::add(&e.stats.bootstrap_queries, 1);
+    Ok(Json(Mailbox {
+        segment: seg.name().to_string(),
+        endpoint: e.transfer.endpoint(),
+        len: seg.len() as u64,
+    }))
+}
+
+/// Decode side: hands `offer` to the prefill whose bootstrap server is `bootstrap`
+/// (`http://host:port`), learning its mailbox on first use.
+pub(crate) async fn send(e: &Engine, bootstrap: &str, offer: &Offer) -> Result<(), ApiError> {
+    let parts = encode(offer)?;
+    let mailbox = locate(e, bootstrap).await?;
+    for part in parts {
+        let batch = Batch::new().notify(Bytes::from(part));
+        let failed =
+            match tokio::time::timeout(OFFER_TIMEOUT, e.transfer.submit(&mailbox, batch)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(err)) => Some(err.to_string()),
+                Err(_) => Some(format!("no answer within {OFFER_TIMEOUT:?}")),
+            };
+        if let Some(err) = failed {
+            // The prefill may have moved (restart on a new transfer port): ask afresh next time.
+            e.bootstrap.known.lock().remove(bootstrap);
+            e.peers.lock().remove(&mailbox.name);
+            return Err(unreachable(bootstrap, err));
+        }
+    }
+    Ok(())
+}
+
+async fn locate(e: &Engine, bootstrap: &str) -> Result<SegmentDesc, ApiError> {
+    if let Some(desc) = e.bootstrap.known.lock().get(bootstrap) {
+        return Ok(desc.clone());
+    }
+    let url = format!("{bootstrap}{BOOTSTRAP_PATH}");
+    let resp = e
+        .client
+        .get(&url)
+        .timeout(OFFER_TIMEOUT)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|err| unreachable(bootstrap, err))?;
+    let mailbox: Mailbox = resp
+        .json()
+        .await
+        .map_err(|err| unreachable(bootstrap, err))?;
+    let desc = crate::pd::locate(e, &mailbox.segment, &mailbox.endpoint, mailbox.len)
+        .await
+        .map_err(|err| unreachable(bootstrap, err))?;
+    let mut known = e.bootstrap.known.lock();
+    if known.len() >= MAX_KNOWN_MAILBOXES {
+        known.clear();
+    }
+    known.insert(bootstrap.to_string(), desc.clone());
+    Ok(desc)
+}
+
+/// `offer` as notification payloads: one when it fits, else as few parts as fit.
+fn encode(offer: &Offer) -> Result<Vec<Vec<u8>>, ApiError> {
+    let t = &offer.target;
+    let part = |part: usize, parts: usize, block_offsets: &[u64]| {
+        serde_json::to_vec(&PartOut {
+            room: &offer.room,
+            part,
+            parts,
+            target: TargetOut {
+                request_id: &t.request_id,
+                segment: &t.segment,
+                endpoint: &t.endpoint,
+                block_bytes: t.block_bytes,
+                block_offsets,
+            },
+        })
+        .unwrap_or_default()
+    };
+    let whole = part(0, 1, &t.block_offsets);
+    if whole.len() <= MAX_NOTIFY_LEN {
+        return Ok(vec![whole]);
+    }
+    // Room for offsets beside the fixed fields (part numbers up to 20 digits each); one offset
+    // is at most 21 bytes, so a budget of that much always makes progress.
+    let fixed = part(usize::MAX, usize::MAX, &[]).len();
+    let budget = MAX_NOTIFY_LEN.saturating_sub(fixed);
+    if budget < 21 {
+        return Err(ApiError::invalid(
+            "bootstrap_room",
+            "bootstrap room or request id too long to offer",
+        ));
+    }
+    let mut parts = whole.len().div_ceil(budget);
+    loop {
+        let per = t.block_offsets.len().div_ceil(parts);
+        let runs: Vec<&[u64]> = t.block_offsets.chunks(per).collect();
+        let encoded: Vec<Vec<u8>> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, run)| part(i, runs.len(), run))
+            .collect();
+        if encoded.iter().all(|p| p.len() <= MAX_NOTIFY_LEN) {
+            return Ok(encoded);
+        }
+        parts += 1;
+    }
+}
+
+/// Prefill side: one notification on the mailbox.
+pub(crate) fn receive(e: &Engine, payload: &[u8]) {
+    let Ok(part) = serde_json::from_slice::<PartIn>(payload) else {
+        tracing::warn!("ignoring a malformed bootstrap offer");
+        return;
+    };
+    let stale = Duration::from_millis(e.cfg.bootstrap_timeout_ms);
+    let Some(offer) = assemble(&e.bootstrap, part, stale) else {
+        return;
+    };
+    Stats::add(&e.stats.bootstrap_offers, 1);
+    let room = offer.room.clone();
+    if let Err(err) = e.rendezvous.offer(offer, stale) {
+        Stats::add(&e.stats.bootstrap_offers_refused, 1);
+        tracing::warn!(room, code = ?err.code, error = %err.message,
+            "refused a bootstrap offer; its decode will time out");
+    }
+}
+
+/// The whole offer once its last part arrived.
+fn assemble(b: &Bootstrap, part: PartIn, stale: Duration) -> Option<Offer> {
+    let PartIn {
+        room,
+        part,
+        parts,
+        mut target,
+    } = part;
+    if parts <= 1 {
+        return Some(Offer { room, target });
+    }
+    if part >= parts || parts > MAX_PARTS {
+        tracing::warn!(
+            room,
+            part,
+            parts,
+            "ignoring a bootstrap offer part out of range"
+        );
+        return None;
+    }
+    let mut partial = b.partial.lock();
+    if !partial.contains_key(&room) && partial.len() >= MAX_PARTIAL_OFFERS {
+        let now = Instant::now();
+        partial.retain(|_, p| now.duration_since(p.started) < stale);
+        if partial.len() >= MAX_PARTIAL_OFFERS {
+            tracing::warn!(room, "too many bootstrap offers in parts; refusing one");
+            return None;
+        }
+    }
+    let run = std::mem::take(&mut target.block_offsets);
+    let entry = partial.entry(room.clone()).or_insert_with(|| Partial {
+        target,
+        runs: vec![None; parts],
+        missing: parts,
+        started: Instant::now(),
+    });
+    let same_split = entry.runs.len() == parts;
+    match entry.runs.get_mut(part) {
+        Some(slot) if slot.is_none() && same_split => {
+            *slot = Some(run);
+            entry.missing -= 1;
+        }
+        _ => {
+            tracing::warn!(
+                room,
+                part,
+                parts,
+                "ignoring a repeated or mismatched offer part"
+            );
+            return None;
+        }
+    }
+    if entry.missing > 0 {
+        return None;
+    }
+    let Partial {
+        mut target, runs, ..
+    } = partial.remove(&room)?;
+    target.block_offsets = runs.into_iter().flatten().flatten().collect();
+    Some(Offer { room, target })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(blocks: u64) -> Offer {
+        Offer {
+            room: "sglang-42".into(),
+            target: KvDescriptor {
+                request_id: "sglang-42".into(),
+                segment: "kv-pdgate-sim-8b-18401".into(),
+                endpoint: "127.0.0.1:40000".into(),
+                block_bytes: 131_072,
+                block_offsets: (0..blocks).rev().map(|b| (1 << 32) + b * 131_072).collect(),
+            },
+        }
+    }
+
+    fn decode(payload: &[u8]) -> PartIn {
+        serde_json::from_slice(payload).expect("a part")
+    }
+
+    #[test]
+    fn a_small_offer_is_one_notification() {
+        let o = offer(16);
+        let parts = encode(&o).expect("encoded");
+        assert_eq!(parts.len(), 1);
+        let got = assemble(
+            &Bootstrap::default(),
+            decode(&parts[0]),
+            Duration::from_secs(1),
+        );
+        assert_eq!(got, Some(o));
+    }
+
+    #[test]
+    fn a_long_block_list_goes_in_parts_and_comes_back_whole_in_any_order() {
+        let o = offer(4096);
+        let mut parts = encode(&o).expect("encoded");
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        assert!(parts.iter().all(|p| p.len() <= MAX_NOTIFY_LEN));
+        parts.reverse();
+        let b = Bootstrap::default();
+        let (last, rest) = parts.split_last().expect("parts");
+        for p in rest {
+            assert_eq!(assemble(&b, decode(p), Duration::from_secs(1)), None);
+        }
+        // A repeated part is ignored, not counted twice.
+        assert_eq!(assemble(&b, decode(&rest[0]), Duration::from_secs(1)), None);
+        assert_eq!(
+            assemble(&b, decode(last), Duration::from_secs(1)),
+            Some(o.clone())
+        );
+        assert!(b.partial.lock().is_empty());
+    }
+
+    #[test]
+    fn an_absurd_room_is_refused_rather_than_split_forever() {
+        let mut o = offer(8);
+        o.room = "r".repeat(MAX_NOTIFY_LEN);
+        assert_eq!(encode(&o).unwrap_err().status, 400);
+    }
+}
