@@ -184,24 +184,18 @@ async fn a_prefill_restarted_on_a_new_transfer_port_is_looked_up_again() {
     cfg.port = port;
     let p = pdgate_engine_sim::spawn(cfg).await.expect("restarted");
     assert_ne!(p.engine.transfer.endpoint(), old_transfer);
-    // The remembered mailbox is gone: this decode fails as if its prefill were down (the
-    // gateway retries elsewhere) and forgets it.
-    let body = leg(
-        Protocol::Sglang,
-        Role::Decode,
-        &p,
-        2,
-        "sent to the old mailbox",
-    );
-    let (status, v) = post_to(&d, &body).await;
-    assert_eq!(
-        (status, &v["error"]["code"]),
-        (502, &json!("bootstrap_unreachable")),
-        "{v}"
-    );
+    // The remembered mailbox is gone: the decode forgets it, asks the bootstrap server once
+    // more and succeeds, so no request fails for the restart.
     let (status, v) = request(Protocol::Sglang, &p, &d, 3, "after the restart").await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(count(&p, |s| &s.bootstrap_queries), 1);
+    let (status, v) = request(Protocol::Sglang, &p, &d, 4, "and after that").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        count(&p, |s| &s.bootstrap_queries),
+        1,
+        "asked once, then remembered"
+    );
     assert_eq!(d.engine.pool.as_ref().map(|p| p.active()), Some(0));
     p.stop().await;
     d.stop().await;

@@ -148,26 +148,43 @@ pub async fn query(State(e): State<Arc<Engine>>) -> Result<Json<Mailbox>, ApiErr
 }
 
 /// Decode side: hands `offer` to the prefill whose bootstrap server is `bootstrap`
-/// (`http://host:port`), learning its mailbox on first use.
+/// (`http://host:port`), learning its mailbox on first use. A remembered mailbox that fails is
+/// forgotten and looked up once more (the prefill may have restarted on a new transfer port);
+/// a second failure is the prefill's.
 pub(crate) async fn send(e: &Engine, bootstrap: &str, offer: &Offer) -> Result<(), ApiError> {
     let parts = encode(offer)?;
+    let remembered = e.bootstrap.known.lock().get(bootstrap).cloned();
+    if let Some(mailbox) = remembered {
+        match deliver(e, &mailbox, &parts).await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                forget(e, bootstrap, &mailbox);
+                tracing::debug!(bootstrap, error = %err, "remembered mailbox failed; asking again");
+            }
+        }
+    }
     let mailbox = locate(e, bootstrap).await?;
+    deliver(e, &mailbox, &parts).await.map_err(|err| {
+        forget(e, bootstrap, &mailbox);
+        unreachable(bootstrap, err)
+    })
+}
+
+async fn deliver(e: &Engine, mailbox: &SegmentDesc, parts: &[Vec<u8>]) -> Result<(), String> {
     for part in parts {
-        let batch = Batch::new().notify(Bytes::from(part));
-        let failed =
-            match tokio::time::timeout(OFFER_TIMEOUT, e.transfer.submit(&mailbox, batch)).await {
-                Ok(Ok(_)) => None,
-                Ok(Err(err)) => Some(err.to_string()),
-                Err(_) => Some(format!("no answer within {OFFER_TIMEOUT:?}")),
-            };
-        if let Some(err) = failed {
-            // The prefill may have moved (restart on a new transfer port): ask afresh next time.
-            e.bootstrap.known.lock().remove(bootstrap);
-            e.peers.lock().remove(&mailbox.name);
-            return Err(unreachable(bootstrap, err));
+        let batch = Batch::new().notify(Bytes::from(part.clone()));
+        match tokio::time::timeout(OFFER_TIMEOUT, e.transfer.submit(mailbox, batch)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => return Err(format!("no answer within {OFFER_TIMEOUT:?}")),
         }
     }
     Ok(())
+}
+
+fn forget(e: &Engine, bootstrap: &str, mailbox: &SegmentDesc) {
+    e.bootstrap.known.lock().remove(bootstrap);
+    e.peers.lock().remove(&mailbox.name);
 }
 
 async fn locate(e: &Engine, bootstrap: &str) -> Result<SegmentDesc, ApiError> {
