@@ -90,7 +90,9 @@ pdgate() { # protocol name
     for u in "$P1" "$P2"; do printf '[[workers]]\nurl = "%s"\nrole = "prefill"\nprotocol = "%s"\n' "$u" "$1"; done
     for u in "$D1" "$D2"; do printf '[[workers]]\nurl = "%s"\nrole = "decode"\nprotocol = "%s"\n' "$u" "$1"; done
   } >"$cfg"
-  RUST_LOG=warn "$PDGATE" serve --config "$cfg" >"$OUT/$2.log" 2>&1 &
+  # PDGATE_THREADS: pdgate's async threads (default: one per core, as shipped).
+  RUST_LOG=warn "$PDGATE" serve ${PDGATE_THREADS:+--worker-threads "$PDGATE_THREADS"} \
+    --config "$cfg" >"$OUT/$2.log" 2>&1 &
   PIDS+=($!)
   wait_ok "http://127.0.0.1:$port/ready" "pdgate"
   load "$2" "http://127.0.0.1:$port" "${PIDS[-1]}"
