@@ -13,6 +13,7 @@ use crate::breaker::Outcome;
 use crate::error::ApiError;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use pdgate_scheduler::Role;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -78,6 +79,12 @@ impl Relay {
 
     fn finish(&mut self, outcome: Outcome) {
         self.finished = true;
+        let counted = if matches!(outcome, Outcome::Success) {
+            "ok"
+        } else {
+            "error"
+        };
+        crate::metrics::leg(Role::Decode, counted);
         if let Some(v) = self.verdict.take() {
             v.record(outcome);
         }
@@ -94,6 +101,15 @@ impl Relay {
         self.finish(Outcome::Failure);
         let err = ApiError::upstream("decode_stream_interrupted", why);
         Bytes::from(format!("\n\ndata: {}\n\n", err.body()))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The client left before the body's end: nothing is known of the engine.
+            crate::metrics::leg(Role::Decode, "cancelled");
+        }
     }
 }
 

@@ -268,6 +268,8 @@ async fn decode_cut_mid_stream_opens_its_own_breaker() {
         m.contains(r#"pdgate_breaker_transitions_total{role="decode",to="open"} 1"#),
         "{m}"
     );
+    // The cut streams' decode legs count as errors (at least: tests share the recorder).
+    assert!(legs(&m, "decode", "error") >= 2.0, "{m}");
     bad.stop().await;
     fleet.stop().await;
 }
@@ -309,8 +311,22 @@ async fn client_leaving_mid_stream_counts_neither_way() {
         "closed",
         "a client leaving is no failure of the decode"
     );
+    // Only clients leaving make cancelled decode legs in this binary.
+    let m = metrics_text(&url).await;
+    assert!(legs(&m, "decode", "cancelled") >= 3.0, "{m}");
     // Nor a success: the failure before them still counts, so one more cut opens the breaker.
     assert!(!stream_completes(&url, 4, 60).await);
     assert_eq!(breaker_of(&url, &decode).await, "open");
     fleet.stop().await;
+}
+
+/// `pdgate_legs_total{role,outcome}` in a Prometheus text dump (0 when absent).
+fn legs(metrics: &str, role: &str, outcome: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("pdgate_legs_total{"))
+        .filter(|l| l.contains(&format!("role=\"{role}\"")))
+        .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

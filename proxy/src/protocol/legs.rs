@@ -181,7 +181,7 @@ pub async fn decode_head_raw(
         metrics::leg(Role::Decode, "error");
         return Err(upstream_failure(Role::Decode, resp).await);
     }
-    metrics::leg(Role::Decode, "ok");
+    // A decode leg that sent its head is counted by the relay, once its body ended.
     Ok(resp)
 }
 
