@@ -574,6 +574,7 @@ pub(crate) async fn serve(
     let slots = Arc::new(Semaphore::new(MAX_INBOUND_CONNECTIONS));
     loop {
         let permit = tokio::select! {
+            biased;
             _ = wait_shutdown(&mut shutdown) => break,
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -581,6 +582,7 @@ pub(crate) async fn serve(
             },
         };
         let accepted = tokio::select! {
+            biased;
             _ = wait_shutdown(&mut shutdown) => break,
             r = listener.accept() => r,
         };
@@ -630,7 +632,10 @@ async fn handle_connection(
         #[cfg(feature = "rdma")]
         peer_host: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
     };
+    // Biased: once the engine shut down, a batch already waiting on the socket must not be
+    // applied to a segment its owner has let go (an unbiased pick did, now and then).
     tokio::select! {
+        biased;
         _ = wait_shutdown(&mut shutdown) => {}
         r = conn.run(&local) => {
             if let Err(e) = r {
