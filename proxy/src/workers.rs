@@ -19,7 +19,10 @@ pub struct Worker {
     pub url: String,
     pub role: Role,
     pub protocol: Protocol,
-    pub bootstrap_port: Option<u16>,
+    /// Where a push-mode prefill's bootstrap server listens (SGLang, vLLM Mooncake): the URL's
+    /// host, and the configured `bootstrap_port` or else the URL's port. Resolved once here.
+    pub bootstrap_host: String,
+    pub bootstrap_port: u16,
     pub health: Mutex<HealthState>,
     pub breaker: Mutex<Breaker>,
 }
@@ -57,12 +60,15 @@ impl Workers {
         let mut s = sched.lock();
         let id = s.add_instance(cfg.role, InstanceSpec::default());
         s.set_healthy(id, false);
+        let url = cfg.url.trim_end_matches('/').to_string();
+        let (bootstrap_host, http_port) = host_port(&url);
         let w = Arc::new(Worker {
             id,
-            url: cfg.url.trim_end_matches('/').to_string(),
             role: cfg.role,
             protocol: cfg.protocol,
-            bootstrap_port: cfg.bootstrap_port,
+            bootstrap_host,
+            bootstrap_port: cfg.bootstrap_port.unwrap_or(http_port),
+            url,
             health: Mutex::new(HealthState::default()),
             breaker: Mutex::new(Breaker::default()),
         });
@@ -176,6 +182,16 @@ impl Worker {
             }
         }
         None
+    }
+}
+
+/// `(host, port)` of an `http://host:port` URL (port 80 when absent).
+pub fn host_port(url: &str) -> (String, u16) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(80)),
+        None => (authority.to_string(), 80),
     }
 }
 

@@ -282,7 +282,7 @@ async fn sglang_decode_without_its_prefill_times_out_and_frees_its_slots() {
             .1
             .url(),
     );
-    let (host, port) = pdgate::protocol::sglang::host_port(&prefill);
+    let (host, port) = pdgate::workers::host_port(&prefill);
     let mut body = completion("a lonely decode", 2);
     body["bootstrap_host"] = json!(host);
     body["bootstrap_port"] = json!(port);

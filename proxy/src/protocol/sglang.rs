@@ -32,16 +32,15 @@ pub async fn run(
     prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let (host, http_port) = host_port(&prefill.url);
     let room = room();
     // One rid per attempt: an abort sent for a failed attempt must not hit its retry.
     let rid = format!("{}-{room:x}", ctx.request_id);
     let fields = [
-        ("bootstrap_host", Value::from(host)),
         (
-            "bootstrap_port",
-            Value::from(prefill.bootstrap_port.unwrap_or(http_port)),
+            "bootstrap_host",
+            Value::from(prefill.bootstrap_host.as_str()),
         ),
+        ("bootstrap_port", Value::from(prefill.bootstrap_port)),
         ("bootstrap_room", Value::from(room)),
         ("rid", Value::from(rid.as_str())),
     ];
@@ -73,16 +72,6 @@ pub struct Concurrent<'a> {
 /// A random bootstrap room in [0, 2^63).
 pub fn room() -> u64 {
     uuid::Uuid::new_v4().as_u64_pair().0 >> 1
-}
-
-/// `(host, port)` of an `http://host:port` URL (port 80 when absent).
-pub fn host_port(url: &str) -> (String, u16) {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    match authority.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(80)),
-        None => (authority.to_string(), 80),
-    }
 }
 
 /// Sends both legs at once and returns decode's head as soon as it arrives (with prompt
@@ -283,6 +272,7 @@ mod tests {
 
     #[test]
     fn host_port_and_room_range() {
+        use crate::workers::host_port;
         assert_eq!(
             host_port("http://10.0.0.1:30000"),
             ("10.0.0.1".into(), 30000)

@@ -21,10 +21,9 @@ pub async fn run(
     prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let (host, http_port) = sglang::host_port(&prefill.url);
     let bootstrap = format!(
-        "http://{host}:{}",
-        prefill.bootstrap_port.unwrap_or(http_port)
+        "http://{}:{}",
+        prefill.bootstrap_host, prefill.bootstrap_port
     );
     let engine_id = engine_id(ctx, &bootstrap).await?;
     let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4());
