@@ -20,6 +20,7 @@ pub mod relay;
 pub mod replay_cmd;
 pub mod segments;
 pub mod server;
+pub mod sse;
 pub mod state;
 pub mod telemetry;
 pub mod transfer_bench;

@@ -3,6 +3,7 @@
 //! is unit-tested on its own.
 
 use super::BatchInfo;
+use crate::sse::frame;
 use serde_json::{json, Value};
 
 /// Token counts summed over the prompts of a batch.
@@ -183,18 +184,6 @@ fn is_usage_chunk(chunk: &Value) -> bool {
         .and_then(Value::as_array)
         .is_some_and(Vec::is_empty)
         && chunk.get("usage").is_some_and(Value::is_object)
-}
-
-/// One SSE event carrying `data` (a `data:` line per line of it).
-fn frame(data: &str) -> String {
-    let mut out = String::with_capacity(data.len() + 8);
-    for line in data.split('\n') {
-        out.push_str("data: ");
-        out.push_str(line);
-        out.push('\n');
-    }
-    out.push('\n');
-    out
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use super::merge::{ChunkMerge, Step};
 use super::BatchInfo;
 use crate::error::ApiError;
+use crate::sse;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -98,7 +99,7 @@ fn steps(merge: &mut ChunkMerge, events: &mut SseEvents, i: usize, piece: Piece)
             "decode_stream_interrupted",
             format!("prompt {i}: decode stream {detail}"),
         );
-        vec![Step::Fail(format!("data: {}\n\n", err.body()))]
+        vec![Step::Fail(sse::frame(&err.body().to_string()))]
     };
     match piece {
         Piece::End => merge.ended(i).map(Step::Fail).into_iter().collect(),
@@ -115,36 +116,24 @@ async fn send(tx: &mpsc::Sender<Bytes>, event: String) -> bool {
     tx.send(Bytes::from(event)).await.is_ok()
 }
 
-/// Cuts one SSE byte stream into events, whatever its chunking; holds at most one partial event.
+/// One prompt's SSE body cut into events' data; holds at most one partial event, bounded.
 #[derive(Debug, Default)]
 struct SseEvents {
-    buf: Vec<u8>,
+    split: sse::Splitter,
 }
 
 impl SseEvents {
     /// Appends a chunk and returns the `data` of every event it completed (events without data,
     /// such as comments, yield nothing); `None` if a partial event outgrew the bound.
     fn push(&mut self, chunk: &[u8]) -> Option<Vec<String>> {
-        // CR only ever ends lines here (JSON escapes it in strings): CRLF framing becomes LF.
-        self.buf
-            .extend(chunk.iter().copied().filter(|&b| b != b'\r'));
-        let mut out = Vec::new();
-        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
-            out.extend(data_of(&event));
-        }
-        (self.buf.len() <= MAX_EVENT_BYTES).then_some(out)
+        let datas = self
+            .split
+            .push(chunk)
+            .iter()
+            .filter_map(|e| sse::data(e))
+            .collect();
+        (self.split.pending() <= MAX_EVENT_BYTES).then_some(datas)
     }
-}
-
-fn data_of(event: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(event);
-    let lines: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect();
-    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! hide an upstream error: errors pass through for the relay to report.
 
 use crate::relay::Upstream;
+use crate::sse;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value};
@@ -38,8 +39,9 @@ impl PromptLogprobs {
     pub fn from_answer(answer: &[u8]) -> Option<Self> {
         let objects: Vec<Value> = match serde_json::from_slice::<Value>(answer) {
             Ok(v) => vec![v],
-            Err(_) => sse_payloads(answer)
-                .filter_map(|p| serde_json::from_slice(p).ok())
+            Err(_) => sse::datas(answer)
+                .iter()
+                .filter_map(|d| serde_json::from_str(d).ok())
                 .collect(),
         };
         Self::from_objects(&objects)
@@ -128,6 +130,7 @@ impl PromptLogprobs {
                 Mode::Json
             },
             buf: BytesMut::new(),
+            events: sse::Splitter::default(),
         })
     }
 }
@@ -147,14 +150,6 @@ fn append(acc: &mut Map<String, Value>, more: &Map<String, Value>) {
     }
 }
 
-/// The `data:` payloads of an SSE body, `[DONE]` excluded.
-fn sse_payloads(body: &[u8]) -> impl Iterator<Item = &[u8]> {
-    body.split(|b| *b == b'\n')
-        .filter_map(|line| line.strip_prefix(b"data:"))
-        .map(<[u8]>::trim_ascii)
-        .filter(|p| *p != b"[DONE]")
-}
-
 enum Mode {
     /// Buffering a whole JSON body.
     Json,
@@ -171,53 +166,47 @@ struct Merging {
     upstream: Upstream,
     prompt: PromptLogprobs,
     mode: Mode,
+    /// A whole JSON body being buffered, or (`Through`) bytes still to pass on.
     buf: BytesMut,
+    /// SSE events being cut (`Sse`).
+    events: sse::Splitter,
 }
 
 impl Merging {
-    /// Takes the complete events out of the buffer and merges into the first chunk of every
-    /// choice still pending; `None` while no event is complete.
-    fn sse_events(&mut self) -> Option<Bytes> {
-        let end = find(&self.buf, true)? + 2;
-        let events = self.buf.split_to(end).freeze();
+    /// Whole events, merged into the first chunk of every choice still pending; once none is,
+    /// the rest passes through untouched.
+    fn merge_events(&mut self, events: Vec<Bytes>) -> Bytes {
         let Mode::Sse { pending } = &mut self.mode else {
-            return Some(events);
+            return Bytes::from(events.concat());
         };
-        let mut out = BytesMut::with_capacity(events.len() + 4096);
-        let mut rest = &events[..];
-        while let Some(pos) = find(rest, false) {
-            let (event, tail) = rest.split_at(pos + 2);
-            rest = tail;
+        let mut out = BytesMut::new();
+        for event in &events {
             match merge_event(&self.prompt, pending, event) {
-                Some(merged) => out.extend_from_slice(&merged),
+                Some(merged) => out.extend_from_slice(merged.as_bytes()),
                 None => out.extend_from_slice(event),
             }
         }
         if pending.is_empty() {
-            self.mode = Mode::Through;
+            self.pass_through();
         }
-        Some(out.freeze())
+        out.freeze()
     }
-}
 
-/// The first (or, with `last`, the last) event separator in `b`.
-fn find(b: &[u8], last: bool) -> Option<usize> {
-    let mut w = b.windows(2);
-    if last {
-        w.rposition(|w| w == b"\n\n")
-    } else {
-        w.position(|w| w == b"\n\n")
+    /// Stops merging: whatever was held back goes out first, as it came.
+    fn pass_through(&mut self) {
+        self.mode = Mode::Through;
+        let rest = self.events.take_rest();
+        self.buf.extend_from_slice(&rest);
     }
 }
 
 /// One SSE event with the prompt's logprobs merged into the choices still pending, or `None`
 /// if it holds none of them (then it is sent as it came).
-fn merge_event(prompt: &PromptLogprobs, pending: &mut Vec<u64>, event: &[u8]) -> Option<Vec<u8>> {
+fn merge_event(prompt: &PromptLogprobs, pending: &mut Vec<u64>, event: &[u8]) -> Option<String> {
     if pending.is_empty() {
         return None;
     }
-    let payload = event.trim_ascii().strip_prefix(b"data:")?.trim_ascii();
-    let mut v: Value = serde_json::from_slice(payload).ok()?;
+    let mut v: Value = serde_json::from_str(&sse::data(event)?).ok()?;
     let mut changed = false;
     for c in v.get_mut("choices")?.as_array_mut()? {
         let index = c["index"].as_u64().unwrap_or(0);
@@ -228,7 +217,7 @@ fn merge_event(prompt: &PromptLogprobs, pending: &mut Vec<u64>, event: &[u8]) ->
             }
         }
     }
-    changed.then(|| format!("data: {v}\n\n").into_bytes())
+    changed.then(|| sse::frame(&v.to_string()))
 }
 
 impl Stream for Merging {
@@ -245,27 +234,32 @@ impl Stream for Merging {
             }
             match ready!(this.upstream.poll_next_unpin(cx)) {
                 Some(Ok(chunk)) => {
-                    this.buf.extend_from_slice(&chunk);
-                    if matches!(this.mode, Mode::Sse { .. }) {
-                        if let Some(out) = this.sse_events() {
-                            return Poll::Ready(Some(Ok(out)));
+                    if matches!(this.mode, Mode::Json) {
+                        this.buf.extend_from_slice(&chunk);
+                    } else {
+                        let events = this.events.push(&chunk);
+                        if !events.is_empty() {
+                            return Poll::Ready(Some(Ok(this.merge_events(events))));
                         }
                     }
-                    if this.buf.len() > ANSWER_LIMIT {
+                    if this.buf.len().max(this.events.pending()) > ANSWER_LIMIT {
                         tracing::warn!(
                             "decode answer too large to merge prompt logprobs into; relayed as is"
                         );
-                        this.mode = Mode::Through;
+                        this.pass_through();
                     }
                 }
                 Some(Err(e)) => {
                     // A broken body has nothing left worth merging; the relay reports the error.
                     this.buf.clear();
+                    this.events.take_rest();
                     this.mode = Mode::Through;
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => {
-                    let rest = this.buf.split().freeze();
+                    let mut rest = this.buf.split();
+                    rest.extend_from_slice(&this.events.take_rest());
+                    let rest = rest.freeze();
                     let out = match std::mem::replace(&mut this.mode, Mode::Done) {
                         Mode::Json => match serde_json::from_slice::<Value>(&rest) {
                             Ok(mut body) => {
