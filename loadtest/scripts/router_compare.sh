@@ -8,10 +8,14 @@
 #   direct        one decode engine, plain request (the floor every router adds to)
 #   pdgate-sglang pdgate serve, sglang pools     vs  smg-sglang   sglang-router --pd-disaggregation
 #   pdgate-vllm   pdgate serve, vllm-nixl pools  vs  vllm-router  vllm-router --vllm-pd-disaggregation
-# Prints a Markdown table of medians over the rounds (req/s, p50/p99, added p50/p99 over direct,
-# the router's and the fleet's CPU per request) and the ratios, with their range over the rounds.
-# Needs: a release build (cargo build --release -p pdgate), wrk, sglang-router and vllm-router
-# (pip); a missing router is skipped.
+# each router under every policy setting in SETTINGS (both by default):
+#   shipped       each router's own default policy, all three prefix-aware: pdgate `slo`, the
+#                 peers `cache_aware`
+#   round_robin   all three on `round_robin`, the cheapest policy each has
+# Prints, per setting, a Markdown table of medians over the rounds (req/s, p50/p99, added p50/p99
+# over direct, the router's and the fleet's CPU per request) and the ratios, with their range over
+# the rounds. Needs: a release build (cargo build --release -p pdgate), wrk, sglang-router and
+# vllm-router (pip); a missing router is skipped.
 #
 #   DURATION=10s ROUNDS=3 bash loadtest/scripts/router_compare.sh
 set -euo pipefail
@@ -24,6 +28,7 @@ OUT=${OUT:-target/router-compare}
 BASE_PORT=${BASE_PORT:-18300}
 PY=${PYTHON:-python3}
 KV_BYTES_PER_TOKEN=${KV_BYTES_PER_TOKEN:-64}
+SETTINGS=${SETTINGS:-shipped round_robin}
 SCRIPTS=loadtest/scripts
 export HF_ENDPOINT=http://127.0.0.1:9 HF_HUB_OFFLINE=1
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -81,12 +86,19 @@ load() { # name url [router pid]
   wrk -t1 -c1 -d"${LAT_DURATION:-5s}" --latency -s "$SCRIPTS/router_compare.lua" "$2" >"$OUT/$1.r$ROUND.c1"
 }
 
-pdgate() { # protocol name
+policy() { # setting router(pdgate|peer) -> the policy that router runs under that setting
+  case "$1" in
+    shipped) [ "$2" = pdgate ] && echo slo || echo cache_aware ;;
+    *) echo "$1" ;;
+  esac
+}
+
+pdgate() { # protocol name setting
   local port=$((BASE_PORT + 10)) cfg="$OUT/pdgate-$1.toml"
   {
     printf '[server]\nport = %d\n[log]\nfilter = "warn"\n' "$port"
     # Routers compared here do no admission control; neither does pdgate in this run.
-    printf '[scheduler.slo]\nadmission = false\n'
+    printf '[scheduler]\npolicy = "%s"\n[scheduler.slo]\nadmission = false\n' "$(policy "$3" pdgate)"
     for u in "$P1" "$P2"; do printf '[[workers]]\nurl = "%s"\nrole = "prefill"\nprotocol = "%s"\n' "$u" "$1"; done
     for u in "$D1" "$D2"; do printf '[[workers]]\nurl = "%s"\nrole = "decode"\nprotocol = "%s"\n' "$u" "$1"; done
   } >"$cfg"
@@ -101,27 +113,27 @@ pdgate() { # protocol name
 
 stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
 
-smg() {
+smg() { # setting
   local port=$((BASE_PORT + 11))
   # The reference engine serves its bootstrap endpoint on its HTTP port.
   "$PY" -m sglang_router.launch_router --pd-disaggregation --host 127.0.0.1 --port "$port" \
     --prefill "$P1" "${P1##*:}" --prefill "$P2" "${P2##*:}" --decode "$D1" --decode "$D2" \
-    --policy round_robin --log-level warn >"$OUT/smg-sglang.log" 2>&1 &
+    --policy "$(policy "$1" peer)" --log-level warn >"$OUT/smg-sglang-$1.log" 2>&1 &
   PIDS+=($!)
   wait_ok "http://127.0.0.1:$port/health" "sglang-router"
-  load smg-sglang "http://127.0.0.1:$port" "${PIDS[-1]}"
+  load "smg-sglang-$1" "http://127.0.0.1:$port" "${PIDS[-1]}"
   stop_last
 }
 
-vllm_router() {
+vllm_router() { # setting
   local port=$((BASE_PORT + 12))
   vllm-router --vllm-pd-disaggregation --host 127.0.0.1 --port "$port" \
     --prefill "$P1" --prefill "$P2" --decode "$D1" --decode "$D2" \
-    --prefill-policy round_robin --decode-policy round_robin --log-level warning \
-    >"$OUT/vllm-router.log" 2>&1 &
+    --policy "$(policy "$1" peer)" --log-level warning \
+    >"$OUT/vllm-router-$1.log" 2>&1 &
   PIDS+=($!)
   wait_ok "http://127.0.0.1:$port/health" "vllm-router"
-  load vllm-router "http://127.0.0.1:$port" "${PIDS[-1]}"
+  load "vllm-router-$1" "http://127.0.0.1:$port" "${PIDS[-1]}"
   stop_last
 }
 
@@ -132,26 +144,30 @@ engines sglang
 for ROUND in $(seq "$ROUNDS"); do
   echo "== round $ROUND: direct (one decode engine, plain request)"
   load direct "$D1"
-  echo "== round $ROUND: pdgate, sglang"
-  pdgate sglang pdgate-sglang
-  stop_last
-  if "$PY" -c 'import sglang_router' 2>/dev/null; then
-    echo "== round $ROUND: sglang-router (smg), PD mode"
-    smg
-  fi
+  for S in $SETTINGS; do
+    echo "== round $ROUND, $S: pdgate, sglang"
+    pdgate sglang "pdgate-sglang-$S" "$S"
+    stop_last
+    if "$PY" -c 'import sglang_router' 2>/dev/null; then
+      echo "== round $ROUND, $S: sglang-router (smg), PD mode"
+      smg "$S"
+    fi
+  done
 done
 stop_all
 
 # --- vLLM mode ---------------------------------------------------------------------------------
 engines vllm-nixl
 for ROUND in $(seq "$ROUNDS"); do
-  echo "== round $ROUND: pdgate, vllm-nixl"
-  pdgate vllm-nixl pdgate-vllm
-  stop_last
-  if command -v vllm-router >/dev/null; then
-    echo "== round $ROUND: vllm-router, vLLM PD mode"
-    vllm_router
-  fi
+  for S in $SETTINGS; do
+    echo "== round $ROUND, $S: pdgate, vllm-nixl"
+    pdgate vllm-nixl "pdgate-vllm-$S" "$S"
+    stop_last
+    if command -v vllm-router >/dev/null; then
+      echo "== round $ROUND, $S: vllm-router, vLLM PD mode"
+      vllm_router "$S"
+    fi
+  done
 done
 stop_all
 

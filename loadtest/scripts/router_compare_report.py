@@ -1,7 +1,8 @@
 """Parses router_compare.sh's `wrk --latency` outputs and prints the comparison table (Markdown).
 
-Usage: router_compare_report.py OUT_DIR  (reads OUT_DIR/<name>.r<round>.txt and .c1 files).
-Every figure is the median over the rounds; each ratio is also given per round (min–max), since
+Usage: router_compare_report.py OUT_DIR  (reads OUT_DIR/<name>.r<round>.txt and .c1 files, where
+<name> is `direct` or `<router>-<setting>`, the setting being the policy setting it ran under).
+One table per setting, all against the same direct runs. Every figure is the median over the rounds; each ratio is also given per round (min–max), since
 the routers of one round shared the machine's slow and fast spells."""
 
 import re
@@ -65,6 +66,25 @@ def fmt(v, spec):
 ROWS = [("direct", "one decode engine, plain request"),
         ("pdgate-sglang", "pdgate, protocol sglang"), ("smg-sglang", "sglang-router (smg) PD mode"),
         ("pdgate-vllm", "pdgate, protocol vllm-nixl"), ("vllm-router", "vllm-router --vllm-pd-disaggregation")]
+ROUTERS = [name for name, _ in ROWS[1:]]
+POLICIES = {"shipped": ("slo", "cache_aware")}
+
+
+def settings(runs: dict) -> list:
+    """The policy settings present, in the order the script runs them."""
+    found = []
+    for name in sorted(runs):
+        for router in ROUTERS:
+            if name.startswith(router + "-") and name[len(router) + 1:] not in found:
+                found.append(name[len(router) + 1:])
+    return sorted(found, key=lambda s: (s != "shipped", s))
+
+
+def of(runs: dict, setting: str) -> dict:
+    """The runs of one setting, keyed by router name (plus direct)."""
+    out = {r: runs[f"{r}-{setting}"] for r in ROUTERS if f"{r}-{setting}" in runs}
+    out["direct"] = runs["direct"]
+    return out
 
 
 def table(runs: dict) -> None:
@@ -121,9 +141,13 @@ def main() -> None:
     runs = load(Path(sys.argv[1]))
     if "direct" not in runs:
         sys.exit("no direct run found")
-    table(runs)
-    print()
-    ratios(runs)
+    for setting in settings(runs):
+        ours, theirs = POLICIES.get(setting, (setting, setting))
+        print(f"#### Policy setting `{setting}`: pdgate `{ours}`, peers `{theirs}`\n")
+        table(of(runs, setting))
+        print()
+        ratios(of(runs, setting))
+        print()
 
 
 if __name__ == "__main__":
