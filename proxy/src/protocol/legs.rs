@@ -88,7 +88,53 @@ pub fn prompt_logprobs_of(ctx: &LegContext<'_>, answer: &Value) -> Option<Prompt
     part
 }
 
-/// Posts a prefill leg and returns its JSON answer.
+/// What the sequential protocols read out of a prefill's answer: its KV transfer params, at the
+/// top (vLLM) or in the first choice (TensorRT-LLM).
+#[derive(serde::Deserialize)]
+struct LeanAnswer {
+    #[serde(default)]
+    kv_transfer_params: Option<Value>,
+    #[serde(default)]
+    choices: Option<Vec<LeanChoice>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeanChoice {
+    #[serde(default)]
+    disaggregated_params: Option<Value>,
+}
+
+/// The prefill's answer as JSON. Unless the prompt's logprobs are to be merged from it, only the
+/// transfer params are kept: the rest (text, usage, ids) is checked to be JSON but never built
+/// into values, since nothing reads it.
+fn parse_prefill_answer(raw: &[u8], whole: bool) -> Option<Value> {
+    if whole {
+        return serde_json::from_slice(raw).ok();
+    }
+    let lean: LeanAnswer = serde_json::from_slice(raw).ok()?;
+    let mut answer = serde_json::Map::new();
+    if let Some(p) = lean.kv_transfer_params {
+        answer.insert("kv_transfer_params".into(), p);
+    }
+    let choices: Vec<Value> = lean
+        .choices
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let mut choice = serde_json::Map::new();
+            if let Some(p) = c.disaggregated_params {
+                choice.insert("disaggregated_params".into(), p);
+            }
+            Value::Object(choice)
+        })
+        .collect();
+    if !choices.is_empty() {
+        answer.insert("choices".into(), Value::Array(choices));
+    }
+    Some(Value::Object(answer))
+}
+
+/// Posts a prefill leg and returns its JSON answer (see [`parse_prefill_answer`]).
 pub async fn prefill_json(
     ctx: &LegContext<'_>,
     url: &str,
@@ -116,7 +162,7 @@ pub async fn prefill_json(
         return Err(upstream_failure(Role::Prefill, resp).await);
     }
     let raw = read_limited(resp, PREFILL_ANSWER_LIMIT).await;
-    let answer = raw.and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let answer = raw.and_then(|b| parse_prefill_answer(&b, wants_prompt_logprobs(ctx)));
     let Some(answer) = answer else {
         metrics::leg(Role::Prefill, "error");
         return Err(LegError {
@@ -238,6 +284,7 @@ impl Drop for AbortGuard {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use serde_json::json;
 
@@ -259,5 +306,29 @@ mod tests {
         // One key each: the client's `bootstrap_room` was replaced, not duplicated.
         let text = String::from_utf8(out.to_vec()).expect("utf8");
         assert_eq!(text.matches("\"bootstrap_room\"").count(), 1);
+    }
+
+    #[test]
+    fn prefill_answer_keeps_the_transfer_params_and_only_them_unless_asked() {
+        let raw = br#"{"id":"x","choices":[{"text":"a","logprobs":{"tokens":["a"]},"disaggregated_params":{"ctx":7}}],
+            "usage":{"prompt_tokens":3},"kv_transfer_params":{"remote_block_ids":[1,2],"remote_engine_id":"e"}}"#;
+        let lean = parse_prefill_answer(raw, false).expect("parses");
+        assert_eq!(
+            lean["kv_transfer_params"]["remote_block_ids"],
+            json!([1, 2])
+        );
+        assert_eq!(
+            lean.pointer("/choices/0/disaggregated_params/ctx"),
+            Some(&json!(7))
+        );
+        assert!(lean.get("usage").is_none() && lean.pointer("/choices/0/text").is_none());
+        let whole = parse_prefill_answer(raw, true).expect("parses");
+        assert_eq!(whole, serde_json::from_slice::<Value>(raw).expect("json"));
+        assert_eq!(
+            parse_prefill_answer(br#"{"choices":null}"#, false),
+            Some(json!({}))
+        );
+        assert!(parse_prefill_answer(b"not json", false).is_none());
+        assert!(parse_prefill_answer(br#"{"kv_transfer_params":1,"#, false).is_none());
     }
 }
