@@ -16,6 +16,7 @@ mod pool;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::uri::Authority;
 use http::{HeaderMap, Method, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -106,8 +107,8 @@ impl Client {
         let uri = url
             .parse::<Uri>()
             .map_err(|e| Error::new(Kind::Request, format!("bad upstream URL `{url}`: {e}")))
-            .and_then(|uri| match (uri.scheme_str(), uri.authority()) {
-                (Some("http"), Some(_)) => Ok(uri),
+            .and_then(|uri| match (uri.scheme_str(), uri.authority().cloned()) {
+                (Some("http"), Some(authority)) => Ok((uri, authority)),
                 _ => Err(Error::new(
                     Kind::Request,
                     format!("bad upstream URL `{url}`: engines are reached over http://host:port"),
@@ -128,7 +129,8 @@ impl Client {
 pub struct RequestBuilder {
     client: Client,
     method: Method,
-    uri: Result<Uri, Error>,
+    /// The URL and its `host:port`, which keys the connection pool.
+    uri: Result<(Uri, Authority), Error>,
     headers: HeaderMap,
     body: Bytes,
     timeout: Option<Duration>,
@@ -183,11 +185,15 @@ impl RequestBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let uri = self.uri?;
+        let (uri, authority) = self.uri?;
         let deadline = self.timeout.map(|t| Instant::now() + t);
-        let request = encode(&self.method, &uri, &self.headers, &self.body);
-        let key = uri.authority().map_or("", |a| a.as_str());
-        let exchange = exchange(&self.client, key, &request, self.method == Method::HEAD);
+        let request = encode(&self.method, &uri, &authority, &self.headers, &self.body);
+        let exchange = exchange(
+            &self.client,
+            authority.as_str(),
+            &request,
+            self.method == Method::HEAD,
+        );
         let (conn, head) = match deadline {
             Some(at) => tokio::time::timeout_at(at, exchange)
                 .await
@@ -199,7 +205,7 @@ impl RequestBuilder {
             framing: head.framing,
             keep_alive: head.keep_alive,
             pool: self.client.pool.clone(),
-            key: key.to_owned(),
+            key: authority,
             deadline,
         };
         Ok(Response {
@@ -211,9 +217,15 @@ impl RequestBuilder {
 }
 
 /// The request's bytes, head and body, for one write.
-fn encode(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+fn encode(
+    method: &Method,
+    uri: &Uri,
+    authority: &Authority,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Vec<u8> {
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let host = uri.authority().map_or("", |a| a.as_str());
+    let host = authority.as_str();
     let mut out = Vec::with_capacity(128 + headers.len() * 48 + body.len());
     for part in [
         method.as_str(),
@@ -438,7 +450,7 @@ struct BodyReader {
     framing: Framing,
     keep_alive: bool,
     pool: Arc<Pool>,
-    key: String,
+    key: Authority,
     deadline: Option<Instant>,
 }
 
@@ -499,7 +511,7 @@ impl BodyReader {
         if let Some(conn) = self.conn.take() {
             // Bytes past the body mean the engine broke framing: never reuse that connection.
             if self.keep_alive && conn.buf.is_empty() {
-                self.pool.put(&self.key, conn);
+                self.pool.put(self.key.as_str(), conn);
             }
         }
     }
@@ -728,33 +740,19 @@ mod tests {
         }
         let (addr, _) = raw_server(garbage, |_| true).await;
         let c = client();
-        let e = c
-            .get(format!("http://{addr}/"))
-            .send()
-            .await
-            .err()
-            .expect("bad head");
+        let url = format!("http://{addr}/");
+        let fails = |url: String| {
+            let request = c.get(url);
+            async move { request.send().await.err().expect("an error") }
+        };
+        let e = fails(url.clone()).await;
         assert!(e.to_string().contains("bad response head"), "{e}");
-        let e = c
-            .get(format!("http://{addr}/"))
-            .send()
-            .await
-            .err()
-            .expect("bad length");
+        let e = fails(url.clone()).await;
         assert!(e.to_string().contains("content-length"), "{e}");
-        let resp = c
-            .get(format!("http://{addr}/"))
-            .send()
-            .await
-            .expect("head is fine");
+        let resp = c.get(&url).send().await.expect("head is fine");
         let e = resp.bytes().await.expect_err("truncated body");
         assert!(e.to_string().contains("still to come"), "{e}");
-        let e = c
-            .get("https://127.0.0.1:1/")
-            .send()
-            .await
-            .err()
-            .expect("https");
+        let e = fails("https://127.0.0.1:1/".into()).await;
         assert!(e.to_string().contains("http://host:port"), "{e}");
     }
 }
