@@ -139,6 +139,9 @@ vllm_router() { # setting
 
 # Rounds alternate the routers on one fleet, so a slow spell of this shared machine hits both;
 # the report takes each figure's median over the rounds.
+# The report names each setting's policies from here, so the mapping lives in one place.
+for S in $SETTINGS; do echo "$S $(policy "$S" pdgate) $(policy "$S" peer)"; done >"$OUT/settings.txt"
+
 # --- SGLang mode -------------------------------------------------------------------------------
 engines sglang
 for ROUND in $(seq "$ROUNDS"); do

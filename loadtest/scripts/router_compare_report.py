@@ -67,7 +67,6 @@ ROWS = [("direct", "one decode engine, plain request"),
         ("pdgate-sglang", "pdgate, protocol sglang"), ("smg-sglang", "sglang-router (smg) PD mode"),
         ("pdgate-vllm", "pdgate, protocol vllm-nixl"), ("vllm-router", "vllm-router --vllm-pd-disaggregation")]
 ROUTERS = [name for name, _ in ROWS[1:]]
-POLICIES = {"shipped": ("slo", "cache_aware")}
 
 
 def settings(runs: dict) -> list:
@@ -137,12 +136,21 @@ def ratios(runs: dict) -> None:
         print(line)
 
 
+def policies(out: Path) -> dict:
+    """setting -> (pdgate's policy, the peers'), as the script wrote them to settings.txt."""
+    path = out / "settings.txt"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {f[0]: (f[1], f[2]) for f in map(str.split, lines) if len(f) == 3}
+
+
 def main() -> None:
-    runs = load(Path(sys.argv[1]))
+    out = Path(sys.argv[1])
+    runs = load(out)
     if "direct" not in runs:
         sys.exit("no direct run found")
+    named = policies(out)
     for setting in settings(runs):
-        ours, theirs = POLICIES.get(setting, (setting, setting))
+        ours, theirs = named.get(setting, (setting, setting))
         print(f"#### Policy setting `{setting}`: pdgate `{ours}`, peers `{theirs}`\n")
         table(of(runs, setting))
         print()
