@@ -78,7 +78,13 @@ pub fn parse(kind: ApiKind, raw: &[u8], limits: &Limits<'_>) -> Result<Parsed, A
         .iter()
         .find_map(|f| obj.get(*f).and_then(Value::as_u64))
         .map_or(DEFAULT_MAX_TOKENS, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    let Some(prompts) = take_batch(&mut body) else {
+    // Only completions take a prompt array: a chat body's stray `prompt` is the engine's business,
+    // never a reason to send the conversation once per element.
+    let batch = match kind {
+        ApiKind::Completions => take_batch(&mut body),
+        ApiKind::Chat => None,
+    };
+    let Some(prompts) = batch else {
         return request(kind, body, stream, max_tokens).map(Parsed::One);
     };
     // `body` no longer holds the prompt array, so each copy costs only the other fields.
@@ -311,6 +317,13 @@ mod tests {
             (reqs[1].body["x"].clone(), reqs[1].max_tokens),
             (1.into(), 2)
         );
+    }
+
+    #[test]
+    fn a_chat_body_with_a_stray_prompt_array_stays_one_request() {
+        let raw = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"prompt":["a","b","c","d","e"]}"#;
+        let r = one(ApiKind::Chat, raw);
+        assert_eq!(r.body["prompt"].as_array().map(Vec::len), Some(5));
     }
 
     #[test]
