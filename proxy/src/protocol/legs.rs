@@ -14,7 +14,8 @@ use pdgate_scheduler::Role;
 use serde_json::Value;
 use std::time::Duration;
 
-/// Largest prefill-leg answer read (one token plus protocol fields).
+/// Largest prefill-leg answer read when it carries no prompt logprobs (one token plus protocol
+/// fields).
 const PREFILL_ANSWER_LIMIT: usize = 1024 * 1024;
 
 pub fn path(kind: ApiKind) -> &'static str {
@@ -89,11 +90,13 @@ pub fn prompt_logprobs_of(ctx: &LegContext<'_>, answer: &Value) -> Option<Prompt
 }
 
 /// What the sequential protocols read out of a prefill's answer: its KV transfer params, at the
-/// top (vLLM) or in the first choice (TensorRT-LLM).
+/// top (vLLM, older TensorRT-LLM) or in the first choice (TensorRT-LLM).
 #[derive(serde::Deserialize)]
 struct LeanAnswer {
     #[serde(default)]
     kv_transfer_params: Option<Value>,
+    #[serde(default)]
+    disaggregated_params: Option<Value>,
     #[serde(default)]
     choices: Option<Vec<LeanChoice>>,
 }
@@ -113,8 +116,13 @@ fn parse_prefill_answer(raw: &[u8], whole: bool) -> Option<Value> {
     }
     let lean: LeanAnswer = serde_json::from_slice(raw).ok()?;
     let mut answer = serde_json::Map::new();
-    if let Some(p) = lean.kv_transfer_params {
-        answer.insert("kv_transfer_params".into(), p);
+    for (field, p) in [
+        ("kv_transfer_params", lean.kv_transfer_params),
+        ("disaggregated_params", lean.disaggregated_params),
+    ] {
+        if let Some(p) = p {
+            answer.insert(field.into(), p);
+        }
     }
     let choices: Vec<Value> = lean
         .choices
@@ -161,8 +169,15 @@ pub async fn prefill_json(
         metrics::leg(Role::Prefill, "error");
         return Err(upstream_failure(Role::Prefill, resp).await);
     }
-    let raw = read_limited(resp, PREFILL_ANSWER_LIMIT).await;
-    let answer = raw.and_then(|b| parse_prefill_answer(&b, wants_prompt_logprobs(ctx)));
+    // With its prompt's logprobs, an answer grows with the prompt, as in the concurrent protocols.
+    let whole = wants_prompt_logprobs(ctx);
+    let limit = if whole {
+        super::logprobs::ANSWER_LIMIT
+    } else {
+        PREFILL_ANSWER_LIMIT
+    };
+    let raw = read_limited(resp, limit).await;
+    let answer = raw.and_then(|b| parse_prefill_answer(&b, whole));
     let Some(answer) = answer else {
         metrics::leg(Role::Prefill, "error");
         return Err(LegError {
@@ -310,6 +325,12 @@ mod tests {
 
     #[test]
     fn prefill_answer_keeps_the_transfer_params_and_only_them_unless_asked() {
+        let old = br#"{"choices":[{"text":"a"}],"disaggregated_params":{"ctx":8}}"#;
+        let lean = parse_prefill_answer(old, false).expect("parses");
+        assert_eq!(
+            lean["disaggregated_params"]["ctx"], 8,
+            "older servers: top level"
+        );
         let raw = br#"{"id":"x","choices":[{"text":"a","logprobs":{"tokens":["a"]},"disaggregated_params":{"ctx":7}}],
             "usage":{"prompt_tokens":3},"kv_transfer_params":{"remote_block_ids":[1,2],"remote_engine_id":"e"}}"#;
         let lean = parse_prefill_answer(raw, false).expect("parses");
