@@ -36,9 +36,10 @@ fn reindex(choices: &mut Value, prompt: usize, n: u64) {
     let Some(list) = choices.as_array_mut() else {
         return;
     };
-    for choice in list {
+    // Engine data: a choice that is not an object is left as it came, never indexed into.
+    for choice in list.iter_mut().filter_map(Value::as_object_mut) {
         let own = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-        choice["index"] = Value::from(prompt as u64 * n + own);
+        choice.insert("index".into(), Value::from(prompt as u64 * n + own));
     }
 }
 
@@ -124,7 +125,9 @@ impl ChunkMerge {
             self.usage.add(&chunk["usage"]);
             return Step::Skip;
         }
-        reindex(&mut chunk["choices"], i, self.info.n);
+        if let Some(choices) = chunk.get_mut("choices") {
+            reindex(choices, i, self.info.n);
+        }
         if let Some(obj) = chunk.as_object_mut() {
             obj.insert("id".into(), Value::from(self.info.id.as_str()));
             obj.insert("object".into(), object);
@@ -290,6 +293,14 @@ mod tests {
         let c = forwarded(m.event(0, &chunk("y", 0, 10)));
         assert_eq!(c["choices"][0]["index"], 0);
         assert_eq!(c["created"], 9, "the first chunk's `created` for all");
+    }
+
+    #[test]
+    fn odd_engine_events_pass_without_panicking() {
+        let mut m = ChunkMerge::new(info(1, false), 2);
+        for odd in ["1", "[]", r#"{"choices":[1,"x",null]}"#, r#"{"choices":7}"#] {
+            assert!(matches!(m.event(0, odd), Step::Forward(_)), "{odd}");
+        }
     }
 
     #[test]

@@ -91,7 +91,10 @@ impl PromptLogprobs {
 
     /// Puts the prompt's logprobs in front of one decode choice's; `false` if not ours.
     fn merge_choice(&self, choice: &mut Value) -> bool {
-        let index = choice["index"].as_u64().unwrap_or(0);
+        let Some(choice) = choice.as_object_mut() else {
+            return false;
+        };
+        let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
         let Some((_, prompt)) = self.by_choice.iter().find(|(i, _)| *i == index) else {
             return false;
         };
@@ -103,7 +106,7 @@ impl PromptLogprobs {
                 merged.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        choice["logprobs"] = Value::Object(merged);
+        choice.insert("logprobs".into(), Value::Object(merged));
         true
     }
 
@@ -319,6 +322,16 @@ mod tests {
         let (a, b) = body.split_at(at);
         let frames = [a, b].map(|f| Ok(Bytes::from(f.to_string())));
         Box::pin(futures::stream::iter(frames))
+    }
+
+    #[test]
+    fn a_choice_that_is_not_an_object_is_left_alone() {
+        let prompt = PromptLogprobs::from_json(&json!({"choices": [{"index": 0,
+            "logprobs": {"tokens": ["a"], "token_logprobs": [null]}}]}))
+        .expect("prompt part");
+        let mut body = json!({"choices": [3, "x", null]});
+        prompt.merge_body(&mut body);
+        assert_eq!(body, json!({"choices": [3, "x", null]}));
     }
 
     #[test]
