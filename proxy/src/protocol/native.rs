@@ -123,13 +123,13 @@ async fn decode(
     ctx: &LegContext<'_>,
     report: &PrefillReport,
 ) -> Result<crate::upstream::Response, LegError> {
-    let mut body = ctx.req.body.clone();
     let leg = DecodeLeg {
         request_id: ctx.request_id.into(),
         first_token: report.first_token,
     };
-    body[wire::DECODE_FIELD] = serde_json::to_value(leg).unwrap_or_default();
-    super::legs::decode_head(ctx, &body, &[]).await
+    let leg = serde_json::to_value(leg).unwrap_or_default();
+    let body = super::legs::overlay(&ctx.req.body, &[(wire::DECODE_FIELD, leg)], &[]);
+    super::legs::decode_head_raw(ctx, body, &[]).await
 }
 
 /// Frees the decode reservation unless the decode leg took it over. Runs on error paths and when
