@@ -51,7 +51,6 @@ pub struct Relay {
     tail: Tail,
     started: Instant,
     first_seen: bool,
-    finished: bool,
     request_id: String,
 }
 
@@ -72,13 +71,16 @@ impl Relay {
             tail: Tail::default(),
             started,
             first_seen: false,
-            finished: false,
             request_id,
         }
     }
 
+    /// The verdict is given once, at the body's end: taken, it marks the relay finished.
+    fn finished(&self) -> bool {
+        self.verdict.is_none()
+    }
+
     fn finish(&mut self, outcome: Outcome) {
-        self.finished = true;
         let counted = if matches!(outcome, Outcome::Success) {
             "ok"
         } else {
@@ -106,7 +108,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished() {
             // The client left before the body's end: nothing is known of the engine.
             crate::metrics::leg(Role::Decode, "cancelled");
         }
@@ -117,7 +119,7 @@ impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.finished {
+        if self.finished() {
             return Poll::Ready(None);
         }
         match self.upstream.poll_next_unpin(cx) {
