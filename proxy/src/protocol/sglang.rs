@@ -24,9 +24,6 @@ use pdgate_scheduler::{Observed, Role};
 use serde_json::Value;
 use std::time::Duration;
 
-/// SGLang's default `--disaggregation-bootstrap-port`.
-pub const DEFAULT_BOOTSTRAP_PORT: u16 = 8998;
-
 pub async fn run(
     ctx: &LegContext<'_>,
     prefill: &Worker,
