@@ -313,14 +313,16 @@ fn assemble(b: &Bootstrap, part: PartIn, stale: Duration) -> Option<Offer> {
     }
     let run = std::mem::take(&mut target.block_offsets);
     let entry = partial.entry(room.clone()).or_insert_with(|| Partial {
-        target,
+        target: target.clone(),
         runs: vec![None; parts],
         missing: parts,
         started: Instant::now(),
     });
-    let same_split = entry.runs.len() == parts;
+    // Parts of another decode's offer for the same room must never be spliced into this one:
+    // its offsets address a different pool.
+    let same_offer = entry.runs.len() == parts && entry.target == target;
     match entry.runs.get_mut(part) {
-        Some(slot) if slot.is_none() && same_split => {
+        Some(slot) if slot.is_none() && same_offer => {
             *slot = Some(run);
             entry.missing -= 1;
         }
@@ -397,6 +399,29 @@ mod tests {
             Some(o.clone())
         );
         assert!(b.partial.lock().is_empty());
+    }
+
+    #[test]
+    fn parts_of_another_decodes_offer_for_the_room_are_not_spliced_in() {
+        let mine = offer(4096);
+        let mut theirs = offer(4096);
+        theirs.target.segment = "kv-other-decode".into();
+        let (mine_parts, their_parts) = (
+            encode(&mine).expect("encoded"),
+            encode(&theirs).expect("encoded"),
+        );
+        assert_eq!(mine_parts.len(), their_parts.len());
+        let b = Bootstrap::default();
+        let stale = Duration::from_secs(1);
+        assert_eq!(assemble(&b, decode(&mine_parts[0]), stale), None);
+        for p in &their_parts[1..] {
+            assert_eq!(assemble(&b, decode(p), stale), None, "refused");
+        }
+        let mut got = None;
+        for p in &mine_parts[1..] {
+            got = assemble(&b, decode(p), stale);
+        }
+        assert_eq!(got, Some(mine));
     }
 
     #[test]

@@ -9,7 +9,6 @@
 use crate::native::KvDescriptor;
 use crate::openai::ApiError;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -17,7 +16,7 @@ use tokio::sync::oneshot;
 const MAX_ROOMS: usize = 4096;
 
 /// What a decode engine sends the prefill for a room: where to write the room's KV.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
     pub room: String,
     pub target: KvDescriptor,
