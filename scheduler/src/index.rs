@@ -309,14 +309,13 @@ impl PrefixIndex {
         let Some(pos) = holders.iter().position(|h| h.instance == id) else {
             return;
         };
-        let h = holders.swap_remove(pos);
+        holders.swap_remove(pos);
         if holders.is_empty() {
             self.holders.remove(&block);
         }
         if let Some(per) = self.instances.get_mut(&id) {
             per.live -= 1;
         }
-        let _ = h;
         self.entries -= 1;
     }
 
