@@ -28,9 +28,6 @@ use tracing::Instrument;
 
 pub use merge::{merge_answers, ChunkMerge, Step, Usage};
 
-/// Largest non-streamed answer read from one prompt's decode leg.
-const ANSWER_LIMIT: usize = 16 * 1024 * 1024;
-
 /// What the merge needs to know of the whole batch.
 #[derive(Debug, Clone)]
 pub struct BatchInfo {
@@ -152,7 +149,8 @@ async fn read_answer(i: usize, resp: Response) -> Result<Value, ApiError> {
             format!("prompt {i}: decode engine's answer {detail}"),
         )
     };
-    let bytes = axum::body::to_bytes(resp.into_body(), ANSWER_LIMIT)
+    // The same bound as the prompt-logprob merge that may have produced this answer.
+    let bytes = axum::body::to_bytes(resp.into_body(), crate::protocol::logprobs::ANSWER_LIMIT)
         .await
         .map_err(|e| cut(format!("could not be read: {e}")))?;
     // A decode leg that broke mid-body leaves the relay's error event appended: not JSON.
