@@ -170,9 +170,9 @@ pub(crate) async fn send(e: &Engine, bootstrap: &str, offer: &Offer) -> Result<(
     })
 }
 
-async fn deliver(e: &Engine, mailbox: &SegmentDesc, parts: &[Vec<u8>]) -> Result<(), String> {
+async fn deliver(e: &Engine, mailbox: &SegmentDesc, parts: &[Bytes]) -> Result<(), String> {
     for part in parts {
-        let batch = Batch::new().notify(Bytes::from(part.clone()));
+        let batch = Batch::new().notify(part.clone());
         match tokio::time::timeout(OFFER_TIMEOUT, e.transfer.submit(mailbox, batch)).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => return Err(err.to_string()),
@@ -216,10 +216,10 @@ async fn locate(e: &Engine, bootstrap: &str) -> Result<SegmentDesc, ApiError> {
 }
 
 /// `offer` as notification payloads: one when it fits, else as few parts as fit.
-fn encode(offer: &Offer) -> Result<Vec<Vec<u8>>, ApiError> {
+fn encode(offer: &Offer) -> Result<Vec<Bytes>, ApiError> {
     let t = &offer.target;
     let part = |part: usize, parts: usize, block_offsets: &[u64]| {
-        serde_json::to_vec(&PartOut {
+        let encoded = serde_json::to_vec(&PartOut {
             room: &offer.room,
             part,
             parts,
@@ -231,7 +231,8 @@ fn encode(offer: &Offer) -> Result<Vec<Vec<u8>>, ApiError> {
                 block_offsets,
             },
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+        Bytes::from(encoded)
     };
     let whole = part(0, 1, &t.block_offsets);
     if whole.len() <= MAX_NOTIFY_LEN {
@@ -247,20 +248,14 @@ fn encode(offer: &Offer) -> Result<Vec<Vec<u8>>, ApiError> {
             "bootstrap room or request id too long to offer",
         ));
     }
-    let mut parts = whole.len().div_ceil(budget);
-    loop {
-        let per = t.block_offsets.len().div_ceil(parts);
-        let runs: Vec<&[u64]> = t.block_offsets.chunks(per).collect();
-        let encoded: Vec<Vec<u8>> = runs
-            .iter()
-            .enumerate()
-            .map(|(i, run)| part(i, runs.len(), run))
-            .collect();
-        if encoded.iter().all(|p| p.len() <= MAX_NOTIFY_LEN) {
-            return Ok(encoded);
-        }
-        parts += 1;
-    }
+    // Every part fits by construction: at most `per` offsets of at most 21 bytes each.
+    let per = budget / 21;
+    let runs: Vec<&[u64]> = t.block_offsets.chunks(per).collect();
+    Ok(runs
+        .iter()
+        .enumerate()
+        .map(|(i, run)| part(i, runs.len(), run))
+        .collect())
 }
 
 /// Prefill side: one notification on the mailbox.
