@@ -111,6 +111,13 @@ pub async fn concurrent(
     ));
     let decode = legs::decode_head_raw(ctx, decode_body, &[]);
     tokio::pin!(decode);
+    // A failed prefill before any byte reached the client: the decode leg goes too.
+    let drop_decode = |guard: &mut Option<legs::AbortGuard>| {
+        disarm(guard);
+        if abortable {
+            legs::abort(&client, &ctx.decode.url, &rid);
+        }
+    };
     let first = tokio::select! {
         d = &mut decode => Ok(d),
         p = &mut prefill => Err(p),
@@ -121,20 +128,13 @@ pub async fn concurrent(
             let answer = match prefill_result {
                 Ok(answer) => answer,
                 Err(e) => {
-                    disarm(&mut guard);
-                    if abortable {
-                        legs::abort(&client, &ctx.decode.url, &rid);
-                    }
+                    drop_decode(&mut guard);
                     return Err(e);
                 }
             };
             on_prefill_done(None);
             return match decode.await {
-                Ok(response) => Ok(DecodeStart {
-                    response,
-                    abort_on_drop: guard,
-                    prompt_logprobs: answer.as_deref().and_then(prompt_part),
-                }),
+                Ok(response) => Ok(started(response, guard, answer)),
                 Err(e) => {
                     disarm(&mut guard);
                     Err(e)
@@ -149,16 +149,9 @@ pub async fn concurrent(
             let answer = prefill.await;
             on_prefill_done(None);
             match answer {
-                Ok(answer) => Ok(DecodeStart {
-                    response,
-                    abort_on_drop: guard,
-                    prompt_logprobs: answer.as_deref().and_then(prompt_part),
-                }),
+                Ok(answer) => Ok(started(response, guard, answer)),
                 Err(e) => {
-                    disarm(&mut guard);
-                    if abortable {
-                        legs::abort(&client, &ctx.decode.url, &rid);
-                    }
+                    drop_decode(&mut guard);
                     Err(e)
                 }
             }
@@ -205,6 +198,19 @@ type PrefillLeg =
 
 /// How long a failed decode waits to see whether its prefill failed first.
 const BLAME_WINDOW: Duration = Duration::from_millis(200);
+
+/// Decode's head, to go out with the prompt logprobs of the prefill's answer (when it was kept).
+fn started(
+    response: crate::upstream::Response,
+    guard: Option<legs::AbortGuard>,
+    answer: Option<Vec<u8>>,
+) -> DecodeStart {
+    DecodeStart {
+        response,
+        abort_on_drop: guard,
+        prompt_logprobs: answer.as_deref().and_then(prompt_part),
+    }
+}
 
 fn disarm(guard: &mut Option<legs::AbortGuard>) {
     if let Some(g) = guard.as_mut() {
