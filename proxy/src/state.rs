@@ -24,8 +24,6 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Bounds requests in flight; acquisition never waits.
     pub in_flight: Arc<Semaphore>,
-    /// vLLM Mooncake prefill engine ids by bootstrap address, learnt once per instance.
-    pub engine_ids: Mutex<std::collections::HashMap<String, String>>,
     /// The scheduler's time origin: it is fed `epoch.elapsed()`, never reads a clock itself.
     pub epoch: Instant,
 }
@@ -61,7 +59,6 @@ impl AppState {
             metrics: crate::metrics::install(),
             in_flight: Arc::new(Semaphore::new(cfg.server.max_in_flight.max(1))),
             epoch: Instant::now(),
-            engine_ids: Mutex::new(std::collections::HashMap::new()),
             cfg,
         });
         for w in &state.cfg.workers {

@@ -23,6 +23,11 @@ pub struct Worker {
     /// host, and the configured `bootstrap_port` or else the URL's port. Resolved once here.
     pub bootstrap_host: String,
     pub bootstrap_port: u16,
+    /// `http://{bootstrap_host}:{bootstrap_port}`, as vLLM Mooncake legs name it.
+    pub bootstrap_url: String,
+    /// A vLLM Mooncake prefill's engine id (data-parallel rank 0), learnt from its bootstrap
+    /// server on first use.
+    pub engine_id: Mutex<Option<String>>,
     pub health: Mutex<HealthState>,
     pub breaker: Mutex<Breaker>,
 }
@@ -62,12 +67,15 @@ impl Workers {
         s.set_healthy(id, false);
         let url = cfg.url.trim_end_matches('/').to_string();
         let (bootstrap_host, http_port) = host_port(&url);
+        let bootstrap_port = cfg.bootstrap_port.unwrap_or(http_port);
         let w = Arc::new(Worker {
             id,
             role: cfg.role,
             protocol: cfg.protocol,
+            bootstrap_url: format!("http://{bootstrap_host}:{bootstrap_port}"),
             bootstrap_host,
-            bootstrap_port: cfg.bootstrap_port.unwrap_or(http_port),
+            bootstrap_port,
+            engine_id: Mutex::new(None),
             url,
             health: Mutex::new(HealthState::default()),
             breaker: Mutex::new(Breaker::default()),

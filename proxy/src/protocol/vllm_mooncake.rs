@@ -21,11 +21,8 @@ pub async fn run(
     prefill: &Worker,
     on_prefill_done: impl FnOnce(Option<Observed>),
 ) -> Result<DecodeStart, LegError> {
-    let bootstrap = format!(
-        "http://{}:{}",
-        prefill.bootstrap_host, prefill.bootstrap_port
-    );
-    let engine_id = engine_id(ctx, &bootstrap).await?;
+    let bootstrap = &prefill.bootstrap_url;
+    let engine_id = engine_id(ctx, prefill).await?;
     let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4());
     let prefill_body = legs::prefill_body(
         ctx,
@@ -63,11 +60,13 @@ pub async fn run(
     sglang::concurrent(ctx, legs, on_prefill_done).await
 }
 
-/// The prefill's engine id (data-parallel rank 0), from the cache or its bootstrap server.
-async fn engine_id(ctx: &LegContext<'_>, bootstrap: &str) -> Result<String, LegError> {
-    if let Some(id) = ctx.state.engine_ids.lock().get(bootstrap) {
+/// The prefill's engine id (data-parallel rank 0), remembered on the worker or asked of its
+/// bootstrap server.
+async fn engine_id(ctx: &LegContext<'_>, prefill: &Worker) -> Result<String, LegError> {
+    if let Some(id) = prefill.engine_id.lock().as_ref() {
         return Ok(id.clone());
     }
+    let bootstrap = &prefill.bootstrap_url;
     let failed = |msg: String| LegError {
         role: Role::Prefill,
         retryable: true,
@@ -96,11 +95,6 @@ async fn engine_id(ctx: &LegContext<'_>, bootstrap: &str) -> Result<String, LegE
             ))
         })?
         .to_string();
-    let mut ids = ctx.state.engine_ids.lock();
-    // Bounded by the fleet's size; a flood of distinct addresses only resets the cache.
-    if ids.len() >= 4096 {
-        ids.clear();
-    }
-    ids.insert(bootstrap.to_string(), id.clone());
+    *prefill.engine_id.lock() = Some(id.clone());
     Ok(id)
 }
