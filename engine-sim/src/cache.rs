@@ -3,15 +3,21 @@
 //! It holds block hashes only: contents are a function of the hash (see `kv`), so a hit means the
 //! engine can skip computing that block. It never grows past its capacity in blocks.
 
+use pdgate_scheduler::index::PassThroughHasher;
 use pdgate_scheduler::BlockHash;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 
+/// Every request touches each of its blocks, so a touch must be O(1) with no rehash of an
+/// already-uniform hash: the map holds each block's latest touch, and the age queue keeps every
+/// touch, oldest first. A queued touch older than its block's latest is stale and skipped at
+/// eviction; the queue is compacted when stale touches outnumber live blocks.
 #[derive(Debug)]
 pub struct PrefixCache {
     capacity: usize,
     tick: u64,
-    last_use: HashMap<BlockHash, u64>,
-    by_age: BTreeMap<u64, BlockHash>,
+    last_use: HashMap<BlockHash, u64, BuildHasherDefault<PassThroughHasher>>,
+    by_age: VecDeque<(u64, BlockHash)>,
 }
 
 impl PrefixCache {
@@ -19,8 +25,8 @@ impl PrefixCache {
         Self {
             capacity,
             tick: 0,
-            last_use: HashMap::new(),
-            by_age: BTreeMap::new(),
+            last_use: HashMap::default(),
+            by_age: VecDeque::new(),
         }
     }
 
@@ -57,19 +63,23 @@ impl PrefixCache {
             self.touch(*b);
         }
         while self.last_use.len() > self.capacity {
-            let Some((_, victim)) = self.by_age.pop_first() else {
+            let Some((tick, victim)) = self.by_age.pop_front() else {
                 break;
             };
-            self.last_use.remove(&victim);
+            if self.last_use.get(&victim) == Some(&tick) {
+                self.last_use.remove(&victim);
+            }
         }
     }
 
     fn touch(&mut self, b: BlockHash) {
         self.tick += 1;
-        if let Some(old) = self.last_use.insert(b, self.tick) {
-            self.by_age.remove(&old);
+        self.last_use.insert(b, self.tick);
+        self.by_age.push_back((self.tick, b));
+        if self.by_age.len() > 2 * self.last_use.len() + 64 {
+            let last_use = &self.last_use;
+            self.by_age.retain(|(t, b)| last_use.get(b) == Some(t));
         }
-        self.by_age.insert(self.tick, b);
     }
 }
 
@@ -100,6 +110,24 @@ mod tests {
         assert_eq!(c.match_prefix(&hs(&[1])), 1);
         assert_eq!(c.match_prefix(&hs(&[3])), 1);
         assert_eq!(c.match_prefix(&hs(&[4])), 1);
+    }
+
+    #[test]
+    fn repeated_touches_keep_the_age_queue_bounded() {
+        let mut c = PrefixCache::new(4);
+        c.insert(&hs(&[1, 2, 3, 4]));
+        for _ in 0..10_000 {
+            c.match_prefix(&hs(&[1, 2]));
+        }
+        assert!(
+            c.by_age.len() <= 2 * c.len() + 65,
+            "queue {}",
+            c.by_age.len()
+        );
+        c.insert(&hs(&[5, 6]));
+        assert_eq!(c.match_prefix(&hs(&[3])), 0, "3 and 4 were the oldest");
+        assert_eq!(c.match_prefix(&hs(&[4])), 0);
+        assert_eq!(c.match_prefix(&hs(&[1, 2, 5, 6])), 4);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pdgate_scheduler::BuiltinTokenizer;
+use pdgate_scheduler::{BlockHash, BuiltinTokenizer};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,29 +184,34 @@ pub fn verify_claim(
     }
     Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
     // Decode now holds this prefix, as a real engine would after receiving it.
-    e.cache.lock().insert(&e.hasher.full_blocks(tokens));
+    e.cache.lock().insert(e.full_blocks(&hashes, tokens));
     Ok(())
 }
 
 /// Prefills on this engine (a non-PD request), reusing cached leading blocks.
 async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, ApiError> {
-    let uncached = e.lookup_prefix(tokens);
+    let full = e.hasher.full_blocks(tokens);
+    let uncached = e.lookup_prefix(tokens, &full);
     e.gpu
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(&e.hasher.full_blocks(tokens));
+    e.cache.lock().insert(&full);
     Stats::add(&e.stats.generation_tokens, 1);
     Ok(text::token_at(key, e.cfg.seed, 0))
 }
 
 impl Engine {
-    /// Matches `tokens` against the prefix cache, counts the query, returns uncached tokens.
-    pub fn lookup_prefix(&self, tokens: &[u32]) -> usize {
-        let hit_blocks = self
-            .cache
-            .lock()
-            .match_prefix(&self.hasher.full_blocks(tokens));
+    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache, counts the
+    /// query, returns uncached tokens.
+    /// The full blocks among `all`, the hashes of every block of `tokens`: what a prefix cache
+    /// holds, without hashing the prompt a second time.
+    pub fn full_blocks<'a>(&self, all: &'a [BlockHash], tokens: &[u32]) -> &'a [BlockHash] {
+        &all[..(tokens.len() / self.hasher.block_size()).min(all.len())]
+    }
+
+    pub fn lookup_prefix(&self, tokens: &[u32], full: &[BlockHash]) -> usize {
+        let hit_blocks = self.cache.lock().match_prefix(full);
         let hit_tokens = hit_blocks * self.hasher.block_size();
         Stats::add(&self.stats.prefix_queries_tokens, tokens.len() as u64);
         Stats::add(&self.stats.prefix_hits_tokens, hit_tokens as u64);

@@ -78,13 +78,14 @@ pub async fn prefill(
         );
         return Err(ApiError::invalid("target", msg));
     }
-    let uncached = e.lookup_prefix(&tokens);
+    let full = e.full_blocks(&blocks, &tokens);
+    let uncached = e.lookup_prefix(&tokens, full);
     let started = Instant::now();
     e.gpu
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(&e.hasher.full_blocks(&tokens));
+    e.cache.lock().insert(full);
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     Stats::add(&e.stats.generation_tokens, 1);

@@ -9,7 +9,7 @@
 //! requests or models: a notification payload is opaque bytes.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::transport::handshake::host_id;
 use crate::transport::rdma::runtime::{RdmaEngine, RdmaRuntime};
 use crate::transport::shm::{self, ShmTransport};
 use crate::transport::slice::DEFAULT_SLICE_SIZE;
+use crate::transport::stream::Listener;
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportChoice, TransportKind};
 
@@ -87,6 +88,8 @@ pub struct TransferEngine {
     shm: ShmTransport,
     choice: TransportChoice,
     endpoint: String,
+    /// This engine's Unix socket for same-host shm commits, removed at shutdown.
+    control: Option<PathBuf>,
     op_timeout: Duration,
     shutdown: watch::Sender<bool>,
     /// Present when this engine opened an RDMA device (feature `rdma`).
@@ -171,7 +174,17 @@ impl TransferEngine {
             local.set_rdma(r.clone());
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
-        tokio::spawn(tcp::serve(listener, local.clone(), shutdown_rx));
+        tokio::spawn(tcp::serve(
+            Listener::Tcp(listener),
+            local.clone(),
+            shutdown_rx.clone(),
+        ));
+        let control = match &opts.transport {
+            TransportChoice::Auto | TransportChoice::Shm => {
+                Self::serve_control(&opts.shm_dir, &local, shutdown_rx)
+            }
+            TransportChoice::Tcp | TransportChoice::Rdma => None,
+        };
         tracing::debug!(%endpoint, "transfer engine listening");
         let tcp = Arc::new(TcpTransport::new(
             opts.connections_per_peer,
@@ -183,11 +196,42 @@ impl TransferEngine {
             tcp,
             choice: opts.transport,
             endpoint,
+            control,
             op_timeout: opts.op_timeout,
             shutdown,
             #[cfg(feature = "rdma")]
             rdma,
         }))
+    }
+
+    /// Serves the Unix socket same-host peers commit shm batches on, and
+    /// names it in this engine's adverts. Without one (e.g. a path too long
+    /// for a socket), peers commit over TCP as before.
+    fn serve_control(
+        dir: &Path,
+        local: &Arc<LocalSegments>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<PathBuf> {
+        match shm::bind_control(dir) {
+            Ok((listener, path)) => {
+                local.set_control(path.to_string_lossy().into_owned());
+                tokio::spawn(tcp::serve(
+                    Listener::Unix(listener),
+                    local.clone(),
+                    shutdown,
+                ));
+                Some(path)
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "no Unix socket for shm commits; peers commit over tcp");
+                None
+            }
+        }
+    }
+
+    /// The Unix socket same-host peers send shm commits to, if any.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control.as_deref()
     }
 
     /// "host:port" peers use to reach this engine.
@@ -307,6 +351,10 @@ impl TransferEngine {
         }
         self.tcp.close();
         self.shm.close();
+        if let Some(path) = &self.control {
+            // Already gone on a second call.
+            let _ = std::fs::remove_file(path);
+        }
         #[cfg(feature = "rdma")]
         if let Some(r) = &self.rdma {
             r.close();

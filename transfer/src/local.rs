@@ -20,7 +20,7 @@ use crate::batch::{Batch, BatchReport, Op};
 use crate::engine::Notification;
 use crate::error::TransferError;
 use crate::segment::Segment;
-use crate::transport::handshake::SegmentAdvert;
+use crate::transport::handshake::{SegmentAdvert, ShmLocation};
 use crate::transport::shm::ShmRegion;
 use crate::wire::MAX_SEGMENT_NAME_LEN;
 
@@ -40,6 +40,8 @@ pub(crate) struct LocalSegments {
     notify_rx: Mutex<Option<mpsc::Receiver<Notification>>>,
     // Checked on the data path instead of locking `notify_rx`.
     notify_taken: AtomicBool,
+    /// This engine's Unix socket for shm commits, set once at start.
+    control: std::sync::OnceLock<String>,
     /// Set once at engine start when this engine has an RDMA device.
     #[cfg(feature = "rdma")]
     rdma: std::sync::OnceLock<std::sync::Arc<dyn crate::transport::rdma::runtime::RdmaEngine>>,
@@ -60,6 +62,7 @@ impl LocalSegments {
             notify_tx: tx,
             notify_rx: Mutex::new(Some(rx)),
             notify_taken: AtomicBool::new(false),
+            control: std::sync::OnceLock::new(),
             #[cfg(feature = "rdma")]
             rdma: std::sync::OnceLock::new(),
         }
@@ -148,13 +151,21 @@ impl LocalSegments {
         }
     }
 
+    /// Adverts of shared segments name `path` as where commits go.
+    pub(crate) fn set_control(&self, path: String) {
+        let _ = self.control.set(path);
+    }
+
     /// What a peer's handshake learns about `seg`.
     pub(crate) fn advert(&self, seg: &Segment) -> SegmentAdvert {
         SegmentAdvert {
             name: seg.name().to_owned(),
             len: seg.len() as u64,
             generation: seg.generation(),
-            shm: seg.shm_location().cloned(),
+            shm: seg.shm_location().map(|loc| ShmLocation {
+                control: self.control.get().cloned(),
+                ..loc.clone()
+            }),
             rdma: self.rdma_location(seg),
         }
     }

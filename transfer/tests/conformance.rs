@@ -440,6 +440,76 @@ async fn auto_picks_shm_on_this_host_and_tcp_for_heap_segments() {
     );
 }
 
+/// Forwards the first connection to `upstream`, then closes the listener: a
+/// TCP path to the owner that is gone once the handshake is done.
+async fn one_connection_proxy(upstream: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        drop(listener);
+        let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        // Only the handshake: the describe exchange, then the proxied connection closes.
+        let mut head = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut client, &mut head)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut server, &head[..n])
+            .await
+            .unwrap();
+        let n = tokio::io::AsyncReadExt::read(&mut server, &mut head)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, &head[..n])
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_commits_go_to_the_owners_unix_socket_not_its_tcp_port() {
+    let owner = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
+    let mut rx = owner.take_notifications().unwrap();
+    let seg = owner.register_segment("kv", 4096).unwrap();
+    // The submitter reaches the owner's TCP port only for the handshake.
+    let desc = SegmentDesc {
+        endpoint: one_connection_proxy(owner.endpoint()).await.to_string(),
+        ..owner.describe(&seg)
+    };
+    let client = TransferEngine::start(EngineOptions {
+        op_timeout: Duration::from_secs(5),
+        ..EngineOptions::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..3u8 {
+        let r = client
+            .submit(
+                &desc,
+                Batch::new()
+                    .write(u64::from(i), Bytes::from(vec![i + 1]))
+                    .notify(Bytes::from(vec![i])),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.transport, TransportKind::Shm);
+        let n = rx.recv().await.unwrap();
+        assert_eq!(&n.payload[..], &[i], "commit {i} reached the owner");
+    }
+    assert_eq!(seg.read(0, 3).unwrap(), vec![1, 2, 3]);
+    // The owner's socket going away (shutdown) is an error, not a hang or a success.
+    owner.shutdown();
+    let r = client
+        .submit(&desc, Batch::new().notify(Bytes::from_static(b"late")))
+        .await;
+    assert!(r.is_err(), "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shm_files_are_removed_on_unregister_and_shutdown() {
     let dir = std::env::temp_dir().join(format!("pdgate-conf-{}", std::process::id()));
@@ -452,11 +522,15 @@ async fn shm_files_are_removed_on_unregister_and_shutdown() {
     .await
     .unwrap();
     let count = || std::fs::read_dir(&dir).unwrap().count();
+    let control = e
+        .control_socket()
+        .expect("an shm engine has a commit socket");
+    assert!(control.starts_with(&dir));
     let _a = e.register_segment("a", 4096).unwrap();
     let _b = e.register_segment("b", 4096).unwrap();
-    assert_eq!(count(), 2);
+    assert_eq!(count(), 3, "two segment files and the commit socket");
     assert!(e.unregister_segment("a"));
-    assert_eq!(count(), 1);
+    assert_eq!(count(), 2);
     e.shutdown();
     assert_eq!(count(), 0);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -12,6 +12,7 @@ use crate::pool::{Claim, KvPool, PoolError};
 use crate::server::Engine;
 use crate::stats::Stats;
 use bytes::Bytes;
+use pdgate_scheduler::BlockHash;
 use pdgate_transfer::{Batch, SegmentDesc};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -52,25 +53,27 @@ pub fn pool_error(err: PoolError) -> ApiError {
     }
 }
 
-/// Prefills `tokens` (cached leading blocks are skipped) and counts the work.
-pub async fn compute(e: &Engine, tokens: &[u32]) -> Result<(), ApiError> {
-    let uncached = e.lookup_prefix(tokens);
+/// Prefills `tokens` (cached leading blocks are skipped), counts the work and returns the hashes
+/// of every block of the prompt, the KV that is to move.
+pub async fn compute(e: &Engine, tokens: &[u32]) -> Result<Vec<BlockHash>, ApiError> {
+    let all = e.hasher.all_blocks(tokens);
+    let full = e.full_blocks(&all, tokens);
+    let uncached = e.lookup_prefix(tokens, full);
     e.gpu
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(&e.hasher.full_blocks(tokens));
+    e.cache.lock().insert(full);
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     Stats::add(&e.stats.generation_tokens, 1);
-    Ok(())
+    Ok(all)
 }
 
 /// Prefill side: computes, writes every block of the prompt into this engine's own pool under
 /// `key` and holds it there until pulled (or the pool's TTL sweep frees it).
 pub async fn prefill_and_hold(e: &Engine, key: &str, tokens: &[u32]) -> Result<HeldKv, ApiError> {
     let pool = pool_of(e)?;
-    compute(e, tokens).await?;
-    let hashes = e.hasher.all_blocks(tokens);
+    let hashes = compute(e, tokens).await?;
     let desc = pool
         .reserve(key, hashes.len(), Instant::now())
         .map_err(pool_error)?;
@@ -190,7 +193,7 @@ pub async fn pull(
         }
     }
     Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
-    e.cache.lock().insert(&e.hasher.full_blocks(tokens));
+    e.cache.lock().insert(e.full_blocks(&hashes, tokens));
     pool.mark_landed(key, hashes.len() as u32);
     let claim = pool.claim(key, Duration::ZERO).await.map_err(pool_error)?;
     guard.armed = false;

@@ -89,9 +89,8 @@ pub(super) async fn prefill(
     tokens: &[u32],
     timeout: Duration,
 ) -> Result<Prepared, ApiError> {
-    pull::compute(e, tokens).await?;
+    let blocks = pull::compute(e, tokens).await?;
     let target = e.rendezvous.take(room, timeout).await?;
-    let blocks = e.hasher.all_blocks(tokens);
     if blocks.len() != target.block_offsets.len() {
         let msg = format!(
             "prompt has {} KV blocks, the decode of room `{room}` reserved {}",

@@ -53,6 +53,11 @@ pub struct ShmLocation {
     /// Inode of the file, checked after opening so a same-named file in
     /// another mount namespace (container) is never written by mistake.
     pub inode: u64,
+    /// The owner's Unix socket, which a submitter that mapped the segment
+    /// sends its commits to instead of the owner's TCP port. Absent: commit
+    /// over TCP (an owner without one, or one that predates it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
 }
 
 impl SegmentAdvert {
@@ -100,12 +105,18 @@ mod tests {
                 path: "/dev/shm/x".into(),
                 host: host_id(),
                 inode: 3,
+                control: Some("/dev/shm/pdgate-1-0-control".into()),
             }),
             rdma: None,
         };
         assert_eq!(SegmentAdvert::decode(&a.encode().unwrap()).unwrap(), a);
         let plain = SegmentAdvert::decode(br#"{"name":"kv","len":1,"generation":2}"#).unwrap();
         assert!(plain.shm.is_none() && plain.rdma.is_none());
+        let no_control = SegmentAdvert::decode(
+            br#"{"name":"kv","len":1,"generation":2,"shm":{"path":"/p","host":"h","inode":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(no_control.shm.and_then(|l| l.control), None);
         let r = SegmentAdvert {
             rdma: Some(RdmaLocation {
                 gid: [9; 16],

@@ -20,6 +20,7 @@ pub(crate) mod handshake;
 pub mod rdma;
 pub(crate) mod shm;
 pub(crate) mod slice;
+pub(crate) mod stream;
 pub(crate) mod tcp;
 
 /// Which transport reaches a segment; part of `SegmentDesc`, and reported

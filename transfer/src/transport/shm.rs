@@ -2,9 +2,10 @@
 //! a `memcpy` straight into the owner's segment, which lives in a file under
 //! /dev/shm that both processes map; reads are a `memcpy` out of it.
 //!
-//! Completion still goes through the owner: after the copies, a tiny TCP
+//! Completion still goes through the owner: after the copies, a tiny
 //! "commit" (a zero-op batch carrying the notification and the segment's
-//! generation) is sent on the metadata channel and acknowledged, so the owner
+//! generation) is sent and acknowledged over the owner's Unix socket (its
+//! TCP port if it advertised none), so the owner
 //! learns the data is in place, a dead owner surfaces as an error, and a
 //! write into a mapping whose segment was unregistered or re-registered is
 //! never reported as success. The file starts with a one-page header whose
@@ -32,6 +33,7 @@ use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
 use crate::metadata::SegmentDesc;
 use crate::transport::handshake::{host_id, SegmentAdvert, ShmLocation};
+use crate::transport::stream::unix_endpoint;
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Transport, TransportKind};
 
@@ -79,7 +81,6 @@ pub(crate) struct ShmRegion {
 impl ShmRegion {
     /// Creates a fresh, zeroed, `len`-byte file in `dir` and maps it.
     pub(crate) fn create(dir: &Path, name: &str, len: usize) -> io::Result<ShmRegion> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
         if len == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -110,11 +111,7 @@ impl ShmRegion {
                 }
             })
             .collect();
-        let path = dir.join(format!(
-            "{FILE_PREFIX}{}-{}-{safe}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = unique_path(dir, &safe);
         // 0600 and O_EXCL: only this user's processes may map it, and a
         // leftover file of the same name is never reused.
         let file = OpenOptions::new()
@@ -163,6 +160,7 @@ impl ShmRegion {
             path: self.path.to_string_lossy().into_owned(),
             host,
             inode: self.inode,
+            control: None,
         }
     }
 
@@ -192,6 +190,31 @@ impl Drop for ShmRegion {
 }
 
 /// Bytes available to us on the filesystem holding `dir`.
+/// A fresh name in `dir` that carries this process's id, so `sweep_stale`
+/// can tell when its owner is gone.
+fn unique_path(dir: &Path, suffix: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    dir.join(format!(
+        "{FILE_PREFIX}{}-{}-{suffix}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The owner's Unix socket for commits from same-host submitters: in the
+/// segment files' directory (peers that can map those can reach it), mode
+/// 0600 like them, named so a dead process's socket is swept like its files.
+pub(crate) fn bind_control(dir: &Path) -> io::Result<(tokio::net::UnixListener, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = unique_path(dir, "control");
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok((listener, path))
+}
+
 fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -236,6 +259,8 @@ pub(crate) struct PeerMapping {
     raw: MmapRaw,
     len: u64,
     generation: u64,
+    /// Where commits go: the owner's Unix socket, when it has one.
+    control: Option<String>,
 }
 
 impl PeerMapping {
@@ -390,14 +415,10 @@ impl ShmTransport {
             ops: Vec::new(),
             notify: batch.notify.clone(),
         };
+        let endpoint = map.control.as_deref().unwrap_or(&target.endpoint);
         if let Err(e) = self
             .tcp
-            .submit_at(
-                &target.endpoint,
-                &target.name,
-                &commit,
-                Some(map.generation),
-            )
+            .submit_at(endpoint, &target.name, &commit, Some(map.generation))
             .await
         {
             // Unregistered, re-registered or gone: re-handshake next time.
@@ -433,6 +454,8 @@ fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping
         raw,
         len: advert.len,
         generation: advert.generation,
+        // A path, never an endpoint: an advert cannot send commits off-host.
+        control: loc.control.as_deref().map(|p| unix_endpoint(Path::new(p))),
     })
 }
 

@@ -29,8 +29,6 @@ use futures::StreamExt;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::{Batch, BatchReport, Op};
@@ -40,6 +38,7 @@ use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::SegmentAdvert;
 use crate::transport::slice;
+use crate::transport::stream::{Listener, ReadHalf, Stream, WriteHalf};
 use crate::transport::{Transport, TransportKind};
 use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
 
@@ -77,7 +76,7 @@ struct Peer {
     // at about per_peer slices) to this peer; extra submitters queue here,
     // under the caller's deadline.
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<TcpStream>>,
+    idle: Mutex<Vec<Stream>>,
     health: Mutex<Health>,
 }
 
@@ -156,7 +155,7 @@ impl Peer {
         }
     }
 
-    fn take_idle(&self) -> Option<TcpStream> {
+    fn take_idle(&self) -> Option<Stream> {
         let mut idle = self.idle.lock();
         while let Some(conn) = idle.pop() {
             if still_open(&conn) {
@@ -166,7 +165,7 @@ impl Peer {
         None
     }
 
-    fn put_idle(&self, conn: TcpStream, max: usize) {
+    fn put_idle(&self, conn: Stream, max: usize) {
         let mut idle = self.idle.lock();
         if idle.len() < max {
             idle.push(conn);
@@ -177,17 +176,13 @@ impl Peer {
 /// Cheap check that the peer has not closed an idle connection (e.g. it
 /// restarted). Only a pending EOF or error is detected; anything else is
 /// found out by the next exchange.
-fn still_open(conn: &TcpStream) -> bool {
+fn still_open(conn: &Stream) -> bool {
     let mut probe = [0u8; 1];
     matches!(conn.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-async fn connect(endpoint: &str) -> Result<TcpStream, TransferError> {
-    let conn = TcpStream::connect(endpoint)
-        .await
-        .map_err(|e| TransferError::PeerUnavailable(format!("{endpoint}: {e}")))?;
-    conn.set_nodelay(true)?;
-    Ok(conn)
+async fn connect(endpoint: &str) -> Result<Stream, TransferError> {
+    Stream::connect(endpoint).await
 }
 
 /// How one request/reply exchange ended.
@@ -442,7 +437,7 @@ impl crate::transport::rdma::session::ControlChannel for TcpTransport {
 }
 
 async fn exchange(
-    conn: &mut TcpStream,
+    conn: &mut Stream,
     segment: &str,
     batch: &Batch,
     generation: Option<u64>,
@@ -472,7 +467,7 @@ async fn exchange(
 }
 
 async fn read_reply(
-    conn: &mut TcpStream,
+    conn: &mut Stream,
     raw: &[u8; REPLY_HEADER_LEN],
     batch: &Batch,
 ) -> Result<Exchange, TransferError> {
@@ -567,7 +562,7 @@ fn advance(parts: &mut VecDeque<Bytes>, mut n: usize) {
 /// Accepts connections until `shutdown` turns true (or its sender is
 /// dropped), then drops the listener so new connects are refused.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     local: Arc<LocalSegments>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -587,10 +582,7 @@ pub(crate) async fn serve(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(%peer, error = %e, "set_nodelay failed");
-                }
+            Ok(stream) => {
                 let local = local.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move {
@@ -617,11 +609,11 @@ async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
 }
 
 async fn handle_connection(
-    stream: TcpStream,
+    stream: Stream,
     local: Arc<LocalSegments>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let peer = stream.peer_addr().ok();
+    let peer = stream.peer_ip();
     let (rd, wr) = stream.into_split();
     let mut conn = ServerConn {
         rd: BufReader::with_capacity(SERVER_READ_BUFFER, rd),
@@ -630,7 +622,7 @@ async fn handle_connection(
         // RDMA connections are capped per peer host: each connect exchange
         // arrives on a fresh TCP connection, so the port says nothing.
         #[cfg(feature = "rdma")]
-        peer_host: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        peer_host: peer.clone().unwrap_or_default(),
     };
     // Biased: once the engine shut down, a batch already waiting on the socket must not be
     // applied to a segment its owner has let go (an unbiased pick did, now and then).
@@ -646,8 +638,8 @@ async fn handle_connection(
 }
 
 struct ServerConn {
-    rd: BufReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+    rd: BufReader<ReadHalf>,
+    wr: WriteHalf,
     scratch: Vec<u8>,
     #[cfg(feature = "rdma")]
     peer_host: String,
@@ -864,12 +856,12 @@ mod tests {
     #[tokio::test]
     async fn malformed_request_gets_fatal_reply_and_close() {
         let local = Arc::new(LocalSegments::new(4));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, local, rx));
+        tokio::spawn(serve(Listener::Tcp(listener), local, rx));
 
-        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(&[0xEE; wire::REQUEST_HEADER_LEN])
             .await
             .unwrap();
