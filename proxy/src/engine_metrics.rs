@@ -1,6 +1,7 @@
-//! Scrapes every engine's Prometheus `/metrics` (vLLM names) on an interval and feeds the load it
-//! reports — waiting and running requests, KV-cache usage, cache size — to the scheduler. This is
-//! what lets several gateways, or traffic that bypasses pdgate, show up in decisions.
+//! Scrapes every engine's Prometheus `/metrics` on an interval and feeds the load it reports —
+//! waiting and running requests, KV-cache usage, cache size — to the scheduler. This is what lets
+//! several gateways, or traffic that bypasses pdgate, show up in decisions. vLLM's names are read
+//! first, SGLang's (`--enable-metrics`) otherwise, so either fleet reports its load.
 
 use crate::state::AppState;
 use crate::workers::Worker;
@@ -9,20 +10,66 @@ use pdgate_scheduler::EngineReport;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What one scrape yields: the report, and the cache size in blocks when the engine states it.
-pub fn parse(text: &str) -> Option<(EngineReport, Option<u64>)> {
+/// What one scrape yields: the report, and the cache size in blocks of `block_size` tokens when
+/// the engine states it.
+pub fn parse(text: &str, block_size: usize) -> Option<(EngineReport, Option<u64>)> {
+    parse_vllm(text).or_else(|| parse_sglang(text, block_size))
+}
+
+fn parse_vllm(text: &str) -> Option<(EngineReport, Option<u64>)> {
     let waiting = sample(text, "vllm:num_requests_waiting")?;
     let running = sample(text, "vllm:num_requests_running")?;
     // vLLM renamed the usage gauge; accept either.
     let usage = sample(text, "vllm:kv_cache_usage_perc")
         .or_else(|| sample(text, "vllm:gpu_cache_usage_perc"))
         .unwrap_or(0.0);
-    let report = EngineReport {
+    Some((report(waiting, running, usage), num_gpu_blocks(text)))
+}
+
+/// SGLang exports one series per scheduler (data-parallel rank): counts add up, and the fullest
+/// rank's usage is what a new request may meet. The cache size is in tokens: `max_total_num_tokens`
+/// in older releases, free + evictable + in-use slots in newer ones.
+fn parse_sglang(text: &str, block_size: usize) -> Option<(EngineReport, Option<u64>)> {
+    let waiting = sum(text, "sglang:num_queue_reqs")?;
+    let running = sum(text, "sglang:num_running_reqs")?;
+    let usage = series(text, "sglang:token_usage").fold(0.0, f64::max);
+    let tokens = sum(text, "sglang:max_total_num_tokens").or_else(|| {
+        let (free, evictable, used) = (
+            sum(text, "sglang:kv_available_tokens")?,
+            sum(text, "sglang:kv_evictable_tokens").unwrap_or(0.0),
+            sum(text, "sglang:kv_used_tokens").unwrap_or(0.0),
+        );
+        Some(free + evictable + used)
+    });
+    let blocks = tokens
+        .filter(|t| t.is_finite() && *t >= 1.0)
+        .map(|t| t as u64 / block_size.max(1) as u64)
+        .filter(|b| *b > 0);
+    Some((report(waiting, running, usage), blocks))
+}
+
+fn report(waiting: f64, running: f64, usage: f64) -> EngineReport {
+    EngineReport {
         waiting: waiting.max(0.0) as u32,
         running: running.max(0.0) as u32,
         kv_usage: usage.clamp(0.0, 1.0),
-    };
-    Some((report, num_gpu_blocks(text)))
+    }
+}
+
+/// Values of every series of metric `name`, whatever its labels.
+fn series<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = f64> + 'a {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(move |l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|v| v.is_finite())
+}
+
+fn sum(text: &str, name: &str) -> Option<f64> {
+    series(text, name).reduce(|a, b| a + b)
 }
 
 /// `num_gpu_blocks` label of `vllm:cache_config_info`.
@@ -46,7 +93,7 @@ async fn scrape(
         .send()
         .await
         .ok()?;
-    parse(&resp.text().await.ok()?)
+    parse(&resp.text().await.ok()?, state.cfg.scheduler.block_size)
 }
 
 pub async fn scrape_all(state: &AppState) {
@@ -84,11 +131,44 @@ mod tests {
     fn reads_vllm_load_and_cache_size() {
         let text = "# HELP x\nvllm:num_requests_running{model_name=\"m\"} 3\nvllm:num_requests_waiting{model_name=\"m\"} 7\n\
                     vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.25\nvllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"2048\"} 1\n";
-        let (r, blocks) = parse(text).expect("parsed");
+        let (r, blocks) = parse(text, 16).expect("parsed");
         assert_eq!(
             (r.running, r.waiting, r.kv_usage, blocks),
             (3, 7, 0.25, Some(2048))
         );
-        assert!(parse("garbage").is_none());
+        assert!(parse("garbage", 16).is_none());
+    }
+
+    /// The shape SGLang serves with `--enable-metrics`, two data-parallel ranks.
+    const SGLANG: &str = "# HELP sglang:num_running_reqs The number of running requests.\n\
+        # TYPE sglang:num_running_reqs gauge\n\
+        sglang:num_running_reqs{model_name=\"m\",dp_rank=\"0\"} 3.0\n\
+        sglang:num_running_reqs{model_name=\"m\",dp_rank=\"1\"} 2.0\n\
+        sglang:num_queue_reqs{model_name=\"m\",dp_rank=\"0\"} 4.0\n\
+        sglang:num_queue_reqs{model_name=\"m\",dp_rank=\"1\"} 0.0\n\
+        sglang:token_usage{model_name=\"m\",dp_rank=\"0\"} 0.5\n\
+        sglang:token_usage{model_name=\"m\",dp_rank=\"1\"} 0.75\n\
+        sglang:kv_available_tokens{model_name=\"m\",dp_rank=\"0\"} 1000.0\n\
+        sglang:kv_evictable_tokens{model_name=\"m\",dp_rank=\"0\"} 24.0\n\
+        sglang:kv_used_tokens{model_name=\"m\",dp_rank=\"0\"} 1024.0\n\
+        sglang:cache_hit_rate{model_name=\"m\",dp_rank=\"0\"} 0.1\n";
+
+    #[test]
+    fn reads_sglang_load_summed_over_ranks_and_cache_size_in_blocks() {
+        let (r, blocks) = parse(SGLANG, 16).expect("parsed");
+        assert_eq!(
+            (r.running, r.waiting, r.kv_usage, blocks),
+            (5, 4, 0.75, Some(2048 / 16))
+        );
+        let old = "sglang:num_running_reqs{name=\"m\"} 1\nsglang:num_queue_reqs{name=\"m\"} 2\n\
+                   sglang:token_usage{name=\"m\"} 0.1\nsglang:max_total_num_tokens{name=\"m\"} 161721.0\n";
+        let (r, blocks) = parse(old, 16).expect("parsed");
+        assert_eq!((r.running, r.waiting, blocks), (1, 2, Some(161_721 / 16)));
+        let no_size = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 0\n";
+        assert_eq!(parse(no_size, 16).map(|(_, b)| b), Some(None));
+        assert!(
+            parse("sglang:num_running_reqs 1\n", 16).is_none(),
+            "no queue gauge"
+        );
     }
 }

@@ -185,3 +185,67 @@ async fn a_configured_real_tokenizer_keys_the_prefix_index() {
         .expect("a missing tokenizer stops startup");
     assert!(format!("{err:#}").contains("tokenizer"), "{err:#}");
 }
+
+/// A stand-in for an SGLang engine run with `--enable-metrics`: healthy, and serving SGLang's
+/// metric names (two data-parallel ranks), never vLLM's.
+async fn sglang_metrics_engine() -> String {
+    const METRICS: &str = "# HELP sglang:num_running_reqs The number of running requests.\n\
+        # TYPE sglang:num_running_reqs gauge\n\
+        sglang:num_running_reqs{model_name=\"m\",dp_rank=\"0\"} 2.0\n\
+        sglang:num_running_reqs{model_name=\"m\",dp_rank=\"1\"} 1.0\n\
+        # TYPE sglang:num_queue_reqs gauge\n\
+        sglang:num_queue_reqs{model_name=\"m\",dp_rank=\"0\"} 6.0\n\
+        sglang:num_queue_reqs{model_name=\"m\",dp_rank=\"1\"} 1.0\n\
+        # TYPE sglang:token_usage gauge\n\
+        sglang:token_usage{model_name=\"m\",dp_rank=\"0\"} 0.5\n\
+        sglang:token_usage{model_name=\"m\",dp_rank=\"1\"} 0.625\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "" }))
+        .route("/metrics", axum::routing::get(|| async { METRICS }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_engine_metrics_reach_the_scheduler() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.health.metrics_interval_ms = 50;
+    cfg.health.interval_ms = 50;
+    let worker = |url: String, role| pdgate::config::WorkerConfig {
+        url,
+        role,
+        protocol: pdgate::config::Protocol::Sglang,
+        bootstrap_port: None,
+    };
+    cfg.workers = vec![
+        worker(sglang_metrics_engine().await, Role::Prefill),
+        worker(sglang_metrics_engine().await, Role::Decode),
+    ];
+    let gw = pdgate::Gateway::start(cfg).await.expect("gateway");
+    let decode_id = gw
+        .state
+        .workers
+        .all()
+        .into_iter()
+        .find(|w| w.role == Role::Decode)
+        .expect("decode")
+        .id;
+    let seen = eventually(Duration::from_secs(3), || async {
+        let load = gw.state.scheduler.lock().load(decode_id);
+        load.and_then(|l| l.engine)
+            .is_some_and(|e| (e.running, e.waiting, e.kv_usage) == (3, 7, 0.625))
+    })
+    .await;
+    assert!(
+        seen,
+        "SGLang's running and queued requests (summed over ranks) and its fullest rank's token \
+         usage reached the scheduler"
+    );
+    gw.stop().await;
+}
