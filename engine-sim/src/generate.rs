@@ -202,14 +202,14 @@ async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, Ap
 }
 
 impl Engine {
-    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache, counts the
-    /// query, returns uncached tokens.
     /// The full blocks among `all`, the hashes of every block of `tokens`: what a prefix cache
     /// holds, without hashing the prompt a second time.
     pub fn full_blocks<'a>(&self, all: &'a [BlockHash], tokens: &[u32]) -> &'a [BlockHash] {
         &all[..(tokens.len() / self.hasher.block_size()).min(all.len())]
     }
 
+    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache, counts the
+    /// query, returns uncached tokens.
     pub fn lookup_prefix(&self, tokens: &[u32], full: &[BlockHash]) -> usize {
         let hit_blocks = self.cache.lock().match_prefix(full);
         let hit_tokens = hit_blocks * self.hasher.block_size();

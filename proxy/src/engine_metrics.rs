@@ -26,9 +26,10 @@ fn parse_vllm(text: &str) -> Option<(EngineReport, Option<u64>)> {
     Some((report(waiting, running, usage), num_gpu_blocks(text)))
 }
 
-/// SGLang exports one series per scheduler (data-parallel rank): counts add up, and the fullest
-/// rank's usage is what a new request may meet. The cache size is in tokens: `max_total_num_tokens`
-/// in older releases, free + evictable + in-use slots in newer ones.
+/// SGLang exports one series per scheduler: per data-parallel rank the counts add up, and the
+/// fullest rank's usage is what a new request may meet; the tensor- and pipeline-parallel ranks of
+/// one scheduler repeat its figures, so only rank 0 of those is read. The cache size is in tokens:
+/// `max_total_num_tokens` in older releases, free + evictable + in-use slots in newer ones.
 fn parse_sglang(text: &str, block_size: usize) -> Option<(EngineReport, Option<u64>)> {
     let waiting = sum(text, "sglang:num_queue_reqs")?;
     let running = sum(text, "sglang:num_running_reqs")?;
@@ -56,16 +57,26 @@ fn report(waiting: f64, running: f64, usage: f64) -> EngineReport {
     }
 }
 
-/// Values of every series of metric `name`, whatever its labels.
+/// Values of every series of metric `name` but those of a non-zero tensor- or pipeline-parallel
+/// rank, which repeat rank 0's.
 fn series<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = f64> + 'a {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(move |l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .filter_map(move |l| {
+            let rest = l.strip_prefix(name)?;
+            (rest.starts_with('{') || rest.starts_with(' ')).then_some(rest)
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter(|rest| !secondary_rank(rest))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
         .filter(|v| v.is_finite())
+}
+
+fn secondary_rank(sample: &str) -> bool {
+    ["tp_rank=\"", "pp_rank=\""].iter().any(|label| {
+        sample
+            .find(label)
+            .is_some_and(|at| !sample[at + label.len()..].starts_with("0\""))
+    })
 }
 
 fn sum(text: &str, name: &str) -> Option<f64> {
@@ -164,6 +175,12 @@ mod tests {
                    sglang:token_usage{name=\"m\"} 0.1\nsglang:max_total_num_tokens{name=\"m\"} 161721.0\n";
         let (r, blocks) = parse(old, 16).expect("parsed");
         assert_eq!((r.running, r.waiting, blocks), (1, 2, Some(161_721 / 16)));
+        let tp = "sglang:num_running_reqs{tp_rank=\"0\",dp_rank=\"0\"} 4\n\
+                  sglang:num_running_reqs{tp_rank=\"1\",dp_rank=\"0\"} 4\n\
+                  sglang:num_queue_reqs{tp_rank=\"0\",pp_rank=\"0\"} 2\n\
+                  sglang:num_queue_reqs{tp_rank=\"0\",pp_rank=\"10\"} 2\n";
+        let (r, _) = parse(tp, 16).expect("parsed");
+        assert_eq!((r.running, r.waiting), (4, 2), "tp/pp ranks repeat rank 0");
         let no_size = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 0\n";
         assert_eq!(parse(no_size, 16).map(|(_, b)| b), Some(None));
         assert!(

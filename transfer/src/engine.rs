@@ -89,7 +89,7 @@ pub struct TransferEngine {
     choice: TransportChoice,
     endpoint: String,
     /// This engine's Unix socket for same-host shm commits, removed at shutdown.
-    control: Option<PathBuf>,
+    control: Option<shm::ControlSocket>,
     op_timeout: Duration,
     shutdown: watch::Sender<bool>,
     /// Present when this engine opened an RDMA device (feature `rdma`).
@@ -154,14 +154,16 @@ impl TransferEngine {
             Some(host) => join_host_port(host, bound.port()),
             None => bound.to_string(),
         };
+        // Adverts name files in this directory to processes with other working directories.
+        let shm_dir = std::path::absolute(&opts.shm_dir).unwrap_or_else(|_| opts.shm_dir.clone());
         let backing = match opts.transport {
             TransportChoice::Auto | TransportChoice::Shm => {
-                let swept = shm::sweep_stale(&opts.shm_dir);
+                let swept = shm::sweep_stale(&shm_dir);
                 if swept > 0 {
-                    tracing::info!(swept, dir = %opts.shm_dir.display(), "removed shm segment files of dead processes");
+                    tracing::info!(swept, dir = %shm_dir.display(), "removed shm segment files of dead processes");
                 }
                 Some(ShmBacking {
-                    dir: opts.shm_dir.clone(),
+                    dir: shm_dir.clone(),
                     host: host_id(),
                     required: opts.transport == TransportChoice::Shm,
                 })
@@ -181,7 +183,7 @@ impl TransferEngine {
         ));
         let control = match &opts.transport {
             TransportChoice::Auto | TransportChoice::Shm => {
-                Self::serve_control(&opts.shm_dir, &local, shutdown_rx)
+                Self::serve_control(&shm_dir, &local, shutdown_rx)
             }
             TransportChoice::Tcp | TransportChoice::Rdma => None,
         };
@@ -211,16 +213,16 @@ impl TransferEngine {
         dir: &Path,
         local: &Arc<LocalSegments>,
         shutdown: watch::Receiver<bool>,
-    ) -> Option<PathBuf> {
+    ) -> Option<shm::ControlSocket> {
         match shm::bind_control(dir) {
-            Ok((listener, path)) => {
-                local.set_control(path.to_string_lossy().into_owned());
+            Ok((listener, socket)) => {
+                local.set_control(socket.path().to_string_lossy().into_owned());
                 tokio::spawn(tcp::serve(
                     Listener::Unix(listener),
                     local.clone(),
                     shutdown,
                 ));
-                Some(path)
+                Some(socket)
             }
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "no Unix socket for shm commits; peers commit over tcp");
@@ -231,7 +233,7 @@ impl TransferEngine {
 
     /// The Unix socket same-host peers send shm commits to, if any.
     pub fn control_socket(&self) -> Option<&Path> {
-        self.control.as_deref()
+        self.control.as_ref().map(shm::ControlSocket::path)
     }
 
     /// "host:port" peers use to reach this engine.
@@ -351,9 +353,8 @@ impl TransferEngine {
         }
         self.tcp.close();
         self.shm.close();
-        if let Some(path) = &self.control {
-            // Already gone on a second call.
-            let _ = std::fs::remove_file(path);
+        if let Some(socket) = &self.control {
+            socket.remove();
         }
         #[cfg(feature = "rdma")]
         if let Some(r) = &self.rdma {

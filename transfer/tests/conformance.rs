@@ -502,12 +502,38 @@ async fn shm_commits_go_to_the_owners_unix_socket_not_its_tcp_port() {
         assert_eq!(&n.payload[..], &[i], "commit {i} reached the owner");
     }
     assert_eq!(seg.read(0, 3).unwrap(), vec![1, 2, 3]);
-    // The owner's socket going away (shutdown) is an error, not a hang or a success.
+    // A closed owner (shutdown flips the mapping's state) is an error, not a hang or a success.
     owner.shutdown();
     let r = client
         .submit(&desc, Batch::new().notify(Bytes::from_static(b"late")))
         .await;
     assert!(r.is_err(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_socket_that_went_away_falls_back_to_tcp() {
+    let owner = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
+    let mut rx = owner.take_notifications().unwrap();
+    let seg = owner.register_segment("kv", 64).unwrap();
+    let desc = owner.describe(&seg);
+    let client = TransferEngine::start(EngineOptions::default())
+        .await
+        .unwrap();
+    // A cleaner removed the socket file while the owner lives on: the advert still names it,
+    // the mapping is live, and each commit takes the owner's TCP port instead, delivered once.
+    std::fs::remove_file(owner.control_socket().unwrap()).unwrap();
+    for payload in [&b"one"[..], b"two"] {
+        let b = Batch::new()
+            .write(0, Bytes::copy_from_slice(payload))
+            .notify(Bytes::copy_from_slice(payload));
+        let r = client.submit(&desc, b).await.unwrap();
+        assert_eq!(r.transport, TransportKind::Shm);
+        assert_eq!(&rx.recv().await.unwrap().payload[..], payload);
+        assert_eq!(seg.read(0, 3).unwrap(), payload);
+    }
+    assert!(rx.try_recv().is_err(), "each delivered once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

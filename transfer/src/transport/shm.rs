@@ -33,7 +33,7 @@ use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
 use crate::metadata::SegmentDesc;
 use crate::transport::handshake::{host_id, SegmentAdvert, ShmLocation};
-use crate::transport::stream::unix_endpoint;
+use crate::transport::stream::Addr;
 use crate::transport::tcp::TcpTransport;
 use crate::transport::{Transport, TransportKind};
 
@@ -42,6 +42,8 @@ pub const SHM_DIR: &str = "/dev/shm";
 /// File-name prefix; `pdgate-<pid>-<n>-<name>` lets a sweep find files of
 /// dead processes.
 const FILE_PREFIX: &str = "pdgate-";
+/// Last part of the name of an engine's commit socket.
+const CONTROL_SUFFIX: &str = "control";
 /// Peers' segments kept mapped; beyond this the cache is emptied (mappings
 /// in use stay alive through their `Arc`).
 const MAX_ROUTES: usize = 4096;
@@ -189,7 +191,6 @@ impl Drop for ShmRegion {
     }
 }
 
-/// Bytes available to us on the filesystem holding `dir`.
 /// A fresh name in `dir` that carries this process's id, so `sweep_stale`
 /// can tell when its owner is gone.
 fn unique_path(dir: &Path, suffix: &str) -> PathBuf {
@@ -204,17 +205,49 @@ fn unique_path(dir: &Path, suffix: &str) -> PathBuf {
 /// The owner's Unix socket for commits from same-host submitters: in the
 /// segment files' directory (peers that can map those can reach it), mode
 /// 0600 like them, named so a dead process's socket is swept like its files.
-pub(crate) fn bind_control(dir: &Path) -> io::Result<(tokio::net::UnixListener, PathBuf)> {
+pub(crate) fn bind_control(dir: &Path) -> io::Result<(tokio::net::UnixListener, ControlSocket)> {
     use std::os::unix::fs::PermissionsExt;
-    let path = unique_path(dir, "control");
+    let path = unique_path(dir, CONTROL_SUFFIX);
     let listener = tokio::net::UnixListener::bind(&path)?;
-    if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-        let _ = std::fs::remove_file(&path);
-        return Err(e);
+    let setup = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::metadata(&path));
+    match setup {
+        Ok(meta) => Ok((
+            listener,
+            ControlSocket {
+                path,
+                inode: meta.ino(),
+            },
+        )),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
     }
-    Ok((listener, path))
 }
 
+/// The file of an engine's commit socket.
+#[derive(Debug)]
+pub(crate) struct ControlSocket {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl ControlSocket {
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the file if it is still ours (a sweep may have removed it and
+    /// another engine reused the name). Idempotent.
+    pub(crate) fn remove(&self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Bytes available to us on the filesystem holding `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -260,7 +293,7 @@ pub(crate) struct PeerMapping {
     len: u64,
     generation: u64,
     /// Where commits go: the owner's Unix socket, when it has one.
-    control: Option<String>,
+    control: Option<PathBuf>,
 }
 
 impl PeerMapping {
@@ -415,12 +448,7 @@ impl ShmTransport {
             ops: Vec::new(),
             notify: batch.notify.clone(),
         };
-        let endpoint = map.control.as_deref().unwrap_or(&target.endpoint);
-        if let Err(e) = self
-            .tcp
-            .submit_at(endpoint, &target.name, &commit, Some(map.generation))
-            .await
-        {
+        if let Err(e) = self.commit(target, &map, &commit).await {
             // Unregistered, re-registered or gone: re-handshake next time.
             self.forget(target);
             return Err(e);
@@ -433,6 +461,53 @@ impl ShmTransport {
             ..BatchReport::default()
         })
     }
+}
+
+impl ShmTransport {
+    /// Sends `commit` to the owner's Unix socket, or to its TCP port when it
+    /// has none or the socket cannot be reached (removed by a cleaner, or its
+    /// owner died and another took the port): nothing was sent then, so the
+    /// TCP commit cannot deliver the notification twice, and a restarted
+    /// owner answers it with "unknown segment", which re-handshakes.
+    async fn commit(
+        &self,
+        target: &SegmentDesc,
+        map: &PeerMapping,
+        commit: &Batch,
+    ) -> Result<BatchReport, TransferError> {
+        let generation = Some(map.generation);
+        if let Some(path) = &map.control {
+            match self
+                .tcp
+                .submit_to(Addr::Unix(path), &target.name, commit, generation)
+                .await
+            {
+                Err(TransferError::PeerUnavailable(e)) => {
+                    tracing::debug!(segment = %target.name, error = %e, "owner's commit socket unreachable, committing over tcp");
+                }
+                r => return r,
+            }
+        }
+        self.tcp
+            .submit_at(&target.endpoint, &target.name, commit, generation)
+            .await
+    }
+}
+
+/// The owner's commit socket named in an advert, if it is one this crate
+/// made beside the segment file of the same process: an advert may then
+/// only point a submitter at that owner's socket, never at any other socket
+/// on the host.
+fn control_beside(segment: &Path, control: &Path) -> Option<PathBuf> {
+    let pid_of = |p: &Path| -> Option<String> {
+        let name = p.file_name()?.to_str()?.strip_prefix(FILE_PREFIX)?;
+        Some(name.split('-').next()?.to_owned())
+    };
+    let name = control.file_name()?.to_str()?;
+    let ok = control.parent() == segment.parent()
+        && name.ends_with(CONTROL_SUFFIX)
+        && pid_of(control).is_some_and(|pid| Some(pid) == pid_of(segment));
+    ok.then(|| control.to_path_buf())
 }
 
 fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping> {
@@ -454,8 +529,10 @@ fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping
         raw,
         len: advert.len,
         generation: advert.generation,
-        // A path, never an endpoint: an advert cannot send commits off-host.
-        control: loc.control.as_deref().map(|p| unix_endpoint(Path::new(p))),
+        control: loc
+            .control
+            .as_deref()
+            .and_then(|c| control_beside(Path::new(&loc.path), Path::new(c))),
     })
 }
 
@@ -605,6 +682,22 @@ mod tests {
         assert!(ShmRegion::create(&dir, "e", 0).is_err());
         // Larger than the filesystem: refused, not a SIGBUS later.
         assert!(ShmRegion::create(&dir, "huge", usize::MAX / 4).is_err());
+    }
+
+    #[test]
+    fn an_advert_may_only_name_its_owners_own_commit_socket() {
+        let seg = Path::new("/dev/shm/pdgate-41-3-kv");
+        let ok = Path::new("/dev/shm/pdgate-41-0-control");
+        assert_eq!(control_beside(seg, ok).as_deref(), Some(ok));
+        for bad in [
+            "/run/docker.sock",
+            "/dev/shm/pdgate-42-0-control",
+            "/tmp/pdgate-41-0-control",
+            "/dev/shm/pdgate-41-0-kv",
+            "/dev/shm/other-41-0-control",
+        ] {
+            assert_eq!(control_beside(seg, Path::new(bad)), None, "{bad}");
+        }
     }
 
     #[test]

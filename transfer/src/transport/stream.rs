@@ -4,9 +4,12 @@
 //! acknowledgement through the owner; over a Unix socket that round trip
 //! skips the TCP/IP stack, which costs about twice as much CPU on loopback.
 //!
-//! An endpoint is `host:port`, or `unix:<path>` for a Unix socket. Nothing
-//! here knows about frames or segments.
+//! Which kind of socket to open is in the type ([`Addr`]), never parsed out of
+//! an endpoint string: endpoints arrive from the network (descriptors,
+//! registries), and none of them may make an engine open a local socket.
+//! Nothing here knows about frames or segments.
 
+use std::fmt;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -17,11 +20,22 @@ use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::error::TransferError;
 
-const UNIX_PREFIX: &str = "unix:";
+/// Where a peer's transfer listener is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Addr<'a> {
+    /// `host:port`.
+    Tcp(&'a str),
+    /// A same-host owner's commit socket, learned from its shm advert.
+    Unix(&'a Path),
+}
 
-/// The endpoint string that reaches the Unix socket at `path`.
-pub(crate) fn unix_endpoint(path: &Path) -> String {
-    format!("{UNIX_PREFIX}{}", path.display())
+impl fmt::Display for Addr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(endpoint) => f.write_str(endpoint),
+            Addr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 /// A connection to a peer's transfer listener.
@@ -31,13 +45,13 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    pub(crate) async fn connect(endpoint: &str) -> Result<Stream, TransferError> {
-        let unavailable = |e: io::Error| TransferError::PeerUnavailable(format!("{endpoint}: {e}"));
-        match endpoint.strip_prefix(UNIX_PREFIX) {
-            Some(path) => Ok(Stream::Unix(
+    pub(crate) async fn connect(addr: Addr<'_>) -> Result<Stream, TransferError> {
+        let unavailable = |e: io::Error| TransferError::PeerUnavailable(format!("{addr}: {e}"));
+        match addr {
+            Addr::Unix(path) => Ok(Stream::Unix(
                 UnixStream::connect(path).await.map_err(unavailable)?,
             )),
-            None => {
+            Addr::Tcp(endpoint) => {
                 let conn = TcpStream::connect(endpoint).await.map_err(unavailable)?;
                 conn.set_nodelay(true)?;
                 Ok(Stream::Tcp(conn))
@@ -53,11 +67,12 @@ impl Stream {
         }
     }
 
-    /// The peer's IP, for per-host accounting; `None` for a Unix socket.
-    pub(crate) fn peer_ip(&self) -> Option<String> {
+    /// The peer's host, for per-host accounting: its IP, or `local` for a
+    /// Unix socket.
+    pub(crate) fn peer_host(&self) -> Option<String> {
         match self {
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip().to_string()),
-            Stream::Unix(_) => None,
+            Stream::Unix(_) => Some("local".to_owned()),
         }
     }
 
@@ -225,15 +240,21 @@ mod tests {
             rd.read_exact(&mut buf).await.unwrap();
             wr.write_all(&buf).await.unwrap();
         });
-        let mut c = Stream::connect(&unix_endpoint(&path)).await.unwrap();
-        assert!(c.peer_ip().is_none());
+        let mut c = Stream::connect(Addr::Unix(&path)).await.unwrap();
+        assert_eq!(c.peer_host().as_deref(), Some("local"));
         c.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
         server.await.unwrap();
-        let gone = Stream::connect(&unix_endpoint(&dir.join("none.sock"))).await;
+        let gone = Stream::connect(Addr::Unix(&dir.join("none.sock"))).await;
         assert!(matches!(gone, Err(TransferError::PeerUnavailable(m)) if m.starts_with("unix:")));
+        // An endpoint string is only ever a TCP address, whatever it looks like.
+        let spoofed = format!("unix:{}", path.display());
+        assert!(matches!(
+            Stream::connect(Addr::Tcp(&spoofed)).await,
+            Err(TransferError::PeerUnavailable(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,6 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::SegmentAdvert;
 use crate::transport::slice;
-use crate::transport::stream::{Listener, ReadHalf, Stream, WriteHalf};
+use crate::transport::stream::{Addr, Listener, ReadHalf, Stream, WriteHalf};
 use crate::transport::{Transport, TransportKind};
 use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
 
@@ -67,6 +68,9 @@ const DOWN_FOR: Duration = Duration::from_secs(1);
 /// Client half: submits batches to remote engines over pooled connections.
 pub(crate) struct TcpTransport {
     peers: Mutex<HashMap<String, Arc<Peer>>>,
+    /// Same-host owners' commit sockets, apart from `peers` so no TCP
+    /// endpoint can ever share their pooled connections.
+    local_peers: Mutex<HashMap<PathBuf, Arc<Peer>>>,
     per_peer: usize,
     slice_size: usize,
 }
@@ -90,6 +94,7 @@ impl TcpTransport {
     pub(crate) fn new(connections_per_peer: usize, slice_size: usize) -> Self {
         TcpTransport {
             peers: Mutex::new(HashMap::new()),
+            local_peers: Mutex::new(HashMap::new()),
             per_peer: connections_per_peer.max(1),
             slice_size: slice_size.max(1),
         }
@@ -98,11 +103,23 @@ impl TcpTransport {
     /// Drops every pooled connection.
     pub(crate) fn close(&self) {
         self.peers.lock().clear();
+        self.local_peers.lock().clear();
     }
 
-    fn peer(&self, endpoint: &str) -> Arc<Peer> {
-        let mut peers = self.peers.lock();
-        if let Some(p) = peers.get(endpoint) {
+    fn peer(&self, addr: Addr<'_>) -> Arc<Peer> {
+        match addr {
+            Addr::Tcp(endpoint) => self.pooled(&self.peers, endpoint),
+            Addr::Unix(path) => self.pooled(&self.local_peers, path),
+        }
+    }
+
+    fn pooled<K, Q>(&self, map: &Mutex<HashMap<K, Arc<Peer>>>, key: &Q) -> Arc<Peer>
+    where
+        K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+        Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+    {
+        let mut peers = map.lock();
+        if let Some(p) = peers.get(key) {
             return p.clone();
         }
         if peers.len() >= MAX_PEERS {
@@ -115,7 +132,7 @@ impl TcpTransport {
             idle: Mutex::new(Vec::with_capacity(self.per_peer)),
             health: Mutex::new(Health::default()),
         });
-        peers.insert(endpoint.to_owned(), p.clone());
+        peers.insert(key.to_owned(), p.clone());
         p
     }
 }
@@ -123,7 +140,7 @@ impl TcpTransport {
 impl Peer {
     /// Fails fast while the peer is marked down; after `DOWN_FOR` the next
     /// caller goes through as a probe.
-    fn check_up(&self, endpoint: &str) -> Result<(), TransferError> {
+    fn check_up(&self, endpoint: Addr<'_>) -> Result<(), TransferError> {
         let mut h = self.health.lock();
         match h.down_until {
             Some(t) if Instant::now() < t => Err(TransferError::PeerUnavailable(format!(
@@ -138,7 +155,7 @@ impl Peer {
         }
     }
 
-    fn record(&self, endpoint: &str, ok: bool) {
+    fn record(&self, endpoint: Addr<'_>, ok: bool) {
         let mut h = self.health.lock();
         if ok {
             *h = Health::default();
@@ -147,7 +164,7 @@ impl Peer {
         h.consecutive_failures += 1;
         if h.consecutive_failures >= DOWN_AFTER_FAILURES && h.down_until.is_none() {
             tracing::warn!(
-                endpoint,
+                %endpoint,
                 failures = h.consecutive_failures,
                 "transfer peer marked down"
             );
@@ -179,10 +196,6 @@ impl Peer {
 fn still_open(conn: &Stream) -> bool {
     let mut probe = [0u8; 1];
     matches!(conn.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-}
-
-async fn connect(endpoint: &str) -> Result<Stream, TransferError> {
-    Stream::connect(endpoint).await
 }
 
 /// How one request/reply exchange ended.
@@ -232,15 +245,16 @@ impl TcpTransport {
         endpoint: &str,
         frame: &[u8],
     ) -> Result<Vec<u8>, TransferError> {
-        let peer = self.peer(endpoint);
-        peer.check_up(endpoint)?;
+        let addr = Addr::Tcp(endpoint);
+        let peer = self.peer(addr);
+        peer.check_up(addr)?;
         let _permit = peer
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| TransferError::Shutdown)?;
-        let mut conn = connect(endpoint).await?;
+        let mut conn = Stream::connect(addr).await?;
         conn.write_all(frame).await?;
         let mut raw = [0u8; REPLY_HEADER_LEN];
         conn.read_exact(&mut raw).await?;
@@ -267,12 +281,25 @@ impl TcpTransport {
         crate::transport::rdma::session::ConnectReply::decode(&msg)
     }
 
-    /// One exchange carrying the whole `batch` (never sliced), optionally
-    /// checking the segment's generation at the target. Batches without a
-    /// notification are retried on a fresh connection after a path failure.
+    /// One exchange carrying the whole `batch` (never sliced) to the owner's
+    /// TCP `endpoint`; see [`Self::submit_to`].
     pub(crate) async fn submit_at(
         &self,
         endpoint: &str,
+        segment: &str,
+        batch: &Batch,
+        generation: Option<u64>,
+    ) -> Result<BatchReport, TransferError> {
+        self.submit_to(Addr::Tcp(endpoint), segment, batch, generation)
+            .await
+    }
+
+    /// One exchange carrying the whole `batch` (never sliced), optionally
+    /// checking the segment's generation at the target. Batches without a
+    /// notification are retried on a fresh connection after a path failure.
+    pub(crate) async fn submit_to(
+        &self,
+        endpoint: Addr<'_>,
         segment: &str,
         batch: &Batch,
         generation: Option<u64>,
@@ -294,7 +321,7 @@ impl TcpTransport {
                 Err(e) if is_path_failure(e) => {
                     peer.record(endpoint, false);
                     if attempt < attempts && peer.check_up(endpoint).is_ok() {
-                        tracing::debug!(endpoint, attempt, error = %e, "retrying slice on another connection");
+                        tracing::debug!(%endpoint, attempt, error = %e, "retrying slice on another connection");
                         continue;
                     }
                 }
@@ -317,7 +344,7 @@ impl TcpTransport {
     async fn exchange_once(
         &self,
         peer: &Peer,
-        endpoint: &str,
+        endpoint: Addr<'_>,
         segment: &str,
         batch: &Batch,
         generation: Option<u64>,
@@ -330,7 +357,7 @@ impl TcpTransport {
             .map_err(|_| TransferError::Shutdown)?;
         let (mut conn, mut reused) = match peer.take_idle() {
             Some(c) => (c, true),
-            None => (connect(endpoint).await?, false),
+            None => (Stream::connect(endpoint).await?, false),
         };
         loop {
             match exchange(&mut conn, segment, batch, generation).await {
@@ -346,8 +373,8 @@ impl TcpTransport {
                 // process goes away), so one retry on a fresh connection
                 // cannot apply the batch twice.
                 Exchange::NoReply(e) if reused => {
-                    tracing::debug!(endpoint, error = %e, "pooled connection was stale, reconnecting");
-                    conn = connect(endpoint).await?;
+                    tracing::debug!(%endpoint, error = %e, "pooled connection was stale, reconnecting");
+                    conn = Stream::connect(endpoint).await?;
                     reused = false;
                 }
                 Exchange::NoReply(e) | Exchange::Broken(e) => return Err(e),
@@ -372,7 +399,8 @@ impl Transport for TcpTransport {
         let Some(plan) = slice::plan(batch, self.slice_size) else {
             return self.submit_at(endpoint, segment, batch, None).await;
         };
-        self.peer(endpoint).check_up(endpoint)?;
+        self.peer(Addr::Tcp(endpoint))
+            .check_up(Addr::Tcp(endpoint))?;
         // Collected first: a lazily mapped closure here trips a
         // higher-ranked lifetime limitation under async_trait.
         let tasks: Vec<_> = plan
@@ -613,7 +641,7 @@ async fn handle_connection(
     local: Arc<LocalSegments>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let peer = stream.peer_ip();
+    let peer = stream.peer_host();
     let (rd, wr) = stream.into_split();
     let mut conn = ServerConn {
         rd: BufReader::with_capacity(SERVER_READ_BUFFER, rd),
