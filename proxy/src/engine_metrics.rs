@@ -31,7 +31,18 @@ fn parse_vllm(text: &str) -> Option<(EngineReport, Option<u64>)> {
 /// one scheduler repeat its figures, so only rank 0 of those is read. The cache size is in tokens:
 /// `max_total_num_tokens` in older releases, free + evictable + in-use slots in newer ones.
 fn parse_sglang(text: &str, block_size: usize) -> Option<(EngineReport, Option<u64>)> {
-    let waiting = sum(text, "sglang:num_queue_reqs")?;
+    // In PD mode a request also waits in the disaggregation queues: a prefill for its decode's
+    // bootstrap, a decode for KV slots and then for the KV to arrive. (A prefill whose KV is in
+    // flight holds memory, which token usage shows, not compute.)
+    let pd_waiting: f64 = [
+        "sglang:num_prefill_bootstrap_queue_reqs",
+        "sglang:num_decode_prealloc_queue_reqs",
+        "sglang:num_decode_transfer_queue_reqs",
+    ]
+    .iter()
+    .filter_map(|name| sum(text, name))
+    .sum();
+    let waiting = sum(text, "sglang:num_queue_reqs")? + pd_waiting;
     let running = sum(text, "sglang:num_running_reqs")?;
     let usage = series(text, "sglang:token_usage").fold(0.0, f64::max);
     let tokens = sum(text, "sglang:max_total_num_tokens").or_else(|| {
@@ -181,6 +192,14 @@ mod tests {
                   sglang:num_queue_reqs{tp_rank=\"0\",pp_rank=\"10\"} 2\n";
         let (r, _) = parse(tp, 16).expect("parsed");
         assert_eq!((r.running, r.waiting), (4, 2), "tp/pp ranks repeat rank 0");
+        let pd = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 1\n\
+                  sglang:num_decode_prealloc_queue_reqs 2\nsglang:num_decode_transfer_queue_reqs 3\n\
+                  sglang:num_prefill_inflight_queue_reqs 9\n";
+        let (r, _) = parse(pd, 16).expect("parsed");
+        assert_eq!(
+            r.waiting, 6,
+            "decode's PD queues wait too; in-flight prefills do not"
+        );
         let no_size = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 0\n";
         assert_eq!(parse(no_size, 16).map(|(_, b)| b), Some(None));
         assert!(
