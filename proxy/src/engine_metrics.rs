@@ -26,10 +26,12 @@ fn parse_vllm(text: &str) -> Option<(EngineReport, Option<u64>)> {
     Some((report(waiting, running, usage), num_gpu_blocks(text)))
 }
 
-/// SGLang exports one series per scheduler: per data-parallel rank the counts add up, and the
-/// fullest rank's usage is what a new request may meet; the tensor- and pipeline-parallel ranks of
-/// one scheduler repeat its figures, so only rank 0 of those is read. The cache size is in tokens:
-/// `max_total_num_tokens` in older releases, free + evictable + in-use slots in newer ones.
+/// SGLang exports one series per scheduler. Per data-parallel group (`dp_rank`) the counts add
+/// up, and the fullest group's usage is what a new request may meet; the other tensor- and
+/// pipeline-parallel ranks of a group repeat its figures, so only its lowest-ranked series is read
+/// (with DP attention a group's `tp_rank` is global, so the lowest is not always 0). The cache size
+/// is in tokens: `max_total_num_tokens` in older releases, free + evictable + in-use slots in newer
+/// ones.
 fn parse_sglang(text: &str, block_size: usize) -> Option<(EngineReport, Option<u64>)> {
     // In PD mode a request also waits in the disaggregation queues: a prefill for its decode's
     // bootstrap, a decode for KV slots and then for the KV to arrive. (A prefill whose KV is in
@@ -68,26 +70,61 @@ fn report(waiting: f64, running: f64, usage: f64) -> EngineReport {
     }
 }
 
-/// Values of every series of metric `name` but those of a non-zero tensor- or pipeline-parallel
-/// rank, which repeat rank 0's.
-fn series<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = f64> + 'a {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(move |l| {
-            let rest = l.strip_prefix(name)?;
-            (rest.starts_with('{') || rest.starts_with(' ')).then_some(rest)
-        })
-        .filter(|rest| !secondary_rank(rest))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .filter(|v| v.is_finite())
+/// One value of metric `name` per scheduler group: per `dp_rank` (all series without one form a
+/// single group), the series with the lowest `(pp_rank, tp_rank)`.
+fn series<'a>(text: &'a str, name: &str) -> impl Iterator<Item = f64> + 'a {
+    let mut groups: Vec<(Option<&'a str>, (u64, u64), f64)> = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let labels = match rest.strip_prefix('{') {
+            Some(r) => match r.rfind('}') {
+                Some(end) => &r[..end],
+                None => continue,
+            },
+            None if rest.starts_with(' ') => "",
+            None => continue,
+        };
+        let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if !value.is_finite() {
+            continue;
+        }
+        let rank = |key| {
+            label(labels, key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (dp, order) = (label(labels, "dp_rank"), (rank("pp_rank"), rank("tp_rank")));
+        match groups.iter_mut().find(|(d, ..)| *d == dp) {
+            Some(g) if order < g.1 => *g = (dp, order, value),
+            Some(_) => {}
+            None => groups.push((dp, order, value)),
+        }
+    }
+    groups.into_iter().map(|(.., value)| value)
 }
 
-fn secondary_rank(sample: &str) -> bool {
-    ["tp_rank=\"", "pp_rank=\""].iter().any(|label| {
-        sample
-            .find(label)
-            .is_some_and(|at| !sample[at + label.len()..].starts_with("0\""))
-    })
+/// The value of label `key` in `a="x",b="y"` (exact key, quoted value; an escaped quote ends
+/// nothing).
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let mut rest = labels;
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        let (k, after) = rest.split_once("=\"")?;
+        let bytes = after.as_bytes();
+        let mut end = 0;
+        while end < bytes.len() && bytes[end] != b'"' {
+            end += if bytes[end] == b'\\' { 2 } else { 1 };
+        }
+        let value = after.get(..end)?;
+        if k.trim() == key {
+            return Some(value);
+        }
+        rest = after.get(end + 1..)?;
+    }
 }
 
 fn sum(text: &str, name: &str) -> Option<f64> {
@@ -176,6 +213,16 @@ mod tests {
         sglang:cache_hit_rate{model_name=\"m\",dp_rank=\"0\"} 0.1\n";
 
     #[test]
+    fn labels_are_read_by_exact_name() {
+        let l = r#"model_name="a,\"b\"",attn_tp_rank="3", tp_rank="1""#;
+        assert_eq!(label(l, "tp_rank"), Some("1"));
+        assert_eq!(label(l, "attn_tp_rank"), Some("3"));
+        assert_eq!(label(l, "dp_rank"), None);
+        assert_eq!(label("broken=\"", "broken"), Some(""));
+        assert_eq!(label("", "x"), None);
+    }
+
+    #[test]
     fn reads_sglang_load_summed_over_ranks_and_cache_size_in_blocks() {
         let (r, blocks) = parse(SGLANG, 16).expect("parsed");
         assert_eq!(
@@ -192,6 +239,19 @@ mod tests {
                   sglang:num_queue_reqs{tp_rank=\"0\",pp_rank=\"10\"} 2\n";
         let (r, _) = parse(tp, 16).expect("parsed");
         assert_eq!((r.running, r.waiting), (4, 2), "tp/pp ranks repeat rank 0");
+        // DP attention, attention-TP 1: each DP group reports from its own global tp_rank.
+        let dp_attention =
+            "sglang:num_running_reqs{dp_rank=\"0\",tp_rank=\"0\",attn_tp_rank=\"0\"} 1\n\
+                  sglang:num_running_reqs{dp_rank=\"1\",tp_rank=\"1\",attn_tp_rank=\"0\"} 2\n\
+                  sglang:num_running_reqs{dp_rank=\"2\",tp_rank=\"2\",attn_tp_rank=\"0\"} 4\n\
+                  sglang:num_queue_reqs{dp_rank=\"1\",tp_rank=\"1\"} 3\n\
+                  sglang:num_queue_reqs{dp_rank=\"1\",tp_rank=\"5\"} 3\n";
+        let (r, _) = parse(dp_attention, 16).expect("parsed");
+        assert_eq!(
+            (r.running, r.waiting),
+            (7, 3),
+            "every DP group counted once"
+        );
         let pd = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 1\n\
                   sglang:num_decode_prealloc_queue_reqs 2\nsglang:num_decode_transfer_queue_reqs 3\n\
                   sglang:num_prefill_inflight_queue_reqs 9\n";

@@ -241,7 +241,7 @@ impl ControlSocket {
     /// Removes the file if it is still ours (a sweep may have removed it and
     /// another engine reused the name). Idempotent.
     pub(crate) fn remove(&self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -466,9 +466,10 @@ impl ShmTransport {
 impl ShmTransport {
     /// Sends `commit` to the owner's Unix socket, or to its TCP port when it
     /// has none or the socket cannot be reached (removed by a cleaner, or its
-    /// owner died and another took the port): nothing was sent then, so the
-    /// TCP commit cannot deliver the notification twice, and a restarted
-    /// owner answers it with "unknown segment", which re-handshakes.
+    /// owner died): `PeerUnavailable` from the stream transport means no frame
+    /// was written, so the TCP commit cannot deliver the notification twice,
+    /// and a restarted owner answers it with "unknown segment", which
+    /// re-handshakes.
     async fn commit(
         &self,
         target: &SegmentDesc,
@@ -494,20 +495,33 @@ impl ShmTransport {
     }
 }
 
-/// The owner's commit socket named in an advert, if it is one this crate
-/// made beside the segment file of the same process: an advert may then
-/// only point a submitter at that owner's socket, never at any other socket
-/// on the host.
+/// The owner's commit socket named in an advert, if its name is one this
+/// crate gives (`pdgate-<pid>-<n>-control`) beside the segment file of the
+/// same process: an advert may then only point a submitter at that owner's
+/// socket, never at any other socket on the host. (`map_peer` also checks
+/// the file is a socket, not a link, of the segment file's user.)
 fn control_beside(segment: &Path, control: &Path) -> Option<PathBuf> {
     let pid_of = |p: &Path| -> Option<String> {
         let name = p.file_name()?.to_str()?.strip_prefix(FILE_PREFIX)?;
         Some(name.split('-').next()?.to_owned())
     };
-    let name = control.file_name()?.to_str()?;
-    let ok = control.parent() == segment.parent()
-        && name.ends_with(CONTROL_SUFFIX)
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let name = control.file_name()?.to_str()?.strip_prefix(FILE_PREFIX)?;
+    let mut parts = name.split('-');
+    let well_formed = matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(pid), Some(n), Some(CONTROL_SUFFIX), None) if digits(pid) && digits(n)
+    );
+    let ok = well_formed
+        && control.parent() == segment.parent()
         && pid_of(control).is_some_and(|pid| Some(pid) == pid_of(segment));
     ok.then(|| control.to_path_buf())
+}
+
+/// True when `path` is itself a socket (not a link to one) of user `uid`.
+fn is_own_socket(path: &Path, uid: u32) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket() && m.uid() == uid)
 }
 
 fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping> {
@@ -532,7 +546,8 @@ fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping
         control: loc
             .control
             .as_deref()
-            .and_then(|c| control_beside(Path::new(&loc.path), Path::new(c))),
+            .and_then(|c| control_beside(Path::new(&loc.path), Path::new(c)))
+            .filter(|c| is_own_socket(c, meta.uid())),
     })
 }
 
@@ -695,6 +710,9 @@ mod tests {
             "/tmp/pdgate-41-0-control",
             "/dev/shm/pdgate-41-0-kv",
             "/dev/shm/other-41-0-control",
+            "/dev/shm/pdgate-41-3-mycontrol",
+            "/dev/shm/pdgate-41-x-control",
+            "/dev/shm/pdgate-41-0-1-control",
         ] {
             assert_eq!(control_beside(seg, Path::new(bad)), None, "{bad}");
         }

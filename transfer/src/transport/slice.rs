@@ -24,7 +24,12 @@ pub const DEFAULT_SLICE_SIZE: usize = 256 << 10;
 /// Where each piece of an original read op ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Plan {
+    /// Every write first, then every read, never in one slice: the caller
+    /// runs the slices before `first_read` to completion before any read
+    /// slice, so a cut batch's reads still see all its writes, as an uncut
+    /// batch's do.
     pub slices: Vec<Batch>,
+    pub first_read: usize,
     /// For each original `Op::Read`, in op order: `(slice, read index within
     /// that slice)` of its pieces, in offset order.
     pub reads: Vec<Vec<(usize, usize)>>,
@@ -50,7 +55,21 @@ pub(crate) fn plan(batch: &Batch, slice_size: usize) -> Option<Plan> {
         *bytes = 0;
         *n = 0;
     };
-    for op in &batch.ops {
+    let mut first_read = 0;
+    let passes = [false, true].into_iter().flat_map(|reads_pass| {
+        batch
+            .ops
+            .iter()
+            .filter(move |op| matches!(op, Op::Read { .. }) == reads_pass)
+            .map(move |op| (reads_pass, op))
+    });
+    let mut in_reads = false;
+    for (reads_pass, op) in passes {
+        if reads_pass && !in_reads {
+            in_reads = true;
+            flush(&mut slices, &mut cur, &mut cur_bytes, &mut cur_reads);
+            first_read = slices.len();
+        }
         let mut pieces = Vec::new();
         let (off, len) = (op_offset(op), op.len());
         let mut done = 0u64;
@@ -90,7 +109,14 @@ pub(crate) fn plan(batch: &Batch, slice_size: usize) -> Option<Plan> {
         }
     }
     flush(&mut slices, &mut cur, &mut cur_bytes, &mut cur_reads);
-    Some(Plan { slices, reads })
+    if !in_reads {
+        first_read = slices.len();
+    }
+    Some(Plan {
+        slices,
+        first_read,
+        reads,
+    })
 }
 
 fn op_offset(op: &Op) -> u64 {
@@ -136,6 +162,45 @@ pub(crate) fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_and_reads_never_share_a_slice_and_writes_come_first() {
+        let b = Batch::new()
+            .read(0, 10)
+            .write(0, Bytes::from(vec![1u8; 25]))
+            .read(5, 20)
+            .write(40, Bytes::from(vec![2u8; 5]));
+        let p = plan(&b, 10).expect("cut");
+        assert!(p.first_read > 0 && p.first_read < p.slices.len());
+        for (i, s) in p.slices.iter().enumerate() {
+            let reads = s
+                .ops
+                .iter()
+                .filter(|op| matches!(op, Op::Read { .. }))
+                .count();
+            let all_reads = reads == s.ops.len();
+            assert_eq!(all_reads, i >= p.first_read, "slice {i}: {:?}", s.ops);
+        }
+        // Each read op's pieces, in op order, still cover its length.
+        let lens: Vec<u64> = p
+            .reads
+            .iter()
+            .map(|pieces| {
+                pieces
+                    .iter()
+                    .map(|&(s, r)| {
+                        p.slices[s]
+                            .ops
+                            .iter()
+                            .filter(|op| matches!(op, Op::Read { .. }))
+                            .nth(r)
+                            .map_or(0, Op::len)
+                    })
+                    .sum()
+            })
+            .collect();
+        assert_eq!(lens, vec![10, 20]);
+    }
 
     #[test]
     fn small_batches_are_not_cut() {

@@ -374,7 +374,13 @@ impl TcpTransport {
                 // cannot apply the batch twice.
                 Exchange::NoReply(e) if reused => {
                     tracing::debug!(%endpoint, error = %e, "pooled connection was stale, reconnecting");
-                    conn = Stream::connect(endpoint).await?;
+                    // A frame went out on the stale connection: a failed reconnect is not
+                    // "unavailable, nothing sent", which callers may answer by resending
+                    // elsewhere.
+                    conn = Stream::connect(endpoint).await.map_err(|e| match e {
+                        TransferError::PeerUnavailable(m) => io::Error::other(m).into(),
+                        other => other,
+                    })?;
                     reused = false;
                 }
                 Exchange::NoReply(e) | Exchange::Broken(e) => return Err(e),
@@ -401,25 +407,28 @@ impl Transport for TcpTransport {
         };
         self.peer(Addr::Tcp(endpoint))
             .check_up(Addr::Tcp(endpoint))?;
-        // Collected first: a lazily mapped closure here trips a
-        // higher-ranked lifetime limitation under async_trait.
-        let tasks: Vec<_> = plan
-            .slices
-            .iter()
-            .enumerate()
-            .map(|(i, s)| self.slice_task(i, endpoint, segment, s))
-            .collect();
-        let mut running = futures::stream::iter(tasks).buffer_unordered(self.per_peer);
         let mut results: Vec<Vec<Bytes>> = vec![Vec::new(); plan.slices.len()];
         let mut report = BatchReport::default();
-        while let Some((i, r)) = running.next().await {
-            // First failure ends the batch; dropping `running` drops the
-            // other slices' connections mid-exchange (never reused).
-            let r = r?;
-            report.bytes_written += r.bytes_written;
-            results[i] = r.reads;
+        // Every write slice is acknowledged before any read slice starts, so the batch's reads
+        // see its writes however the slices were spread over connections.
+        let (writes, reads) = plan.slices.split_at(plan.first_read.min(plan.slices.len()));
+        for (first, phase) in [(0, writes), (writes.len(), reads)] {
+            // Collected first: a lazily mapped closure here trips a
+            // higher-ranked lifetime limitation under async_trait.
+            let tasks: Vec<_> = phase
+                .iter()
+                .enumerate()
+                .map(|(i, s)| self.slice_task(first + i, endpoint, segment, s))
+                .collect();
+            let mut running = futures::stream::iter(tasks).buffer_unordered(self.per_peer);
+            while let Some((i, r)) = running.next().await {
+                // First failure ends the batch; dropping `running` drops the
+                // other slices' connections mid-exchange (never reused).
+                let r = r?;
+                report.bytes_written += r.bytes_written;
+                results[i] = r.reads;
+            }
         }
-        drop(running);
         report.reads = slice::assemble(&plan.reads, results)?;
         report.bytes_read = report.reads.iter().map(|r| r.len() as u64).sum();
         if let Some(n) = &batch.notify {
