@@ -133,11 +133,12 @@ fn sum(text: &str, name: &str) -> Option<f64> {
 
 /// `num_gpu_blocks` label of `vllm:cache_config_info`.
 fn num_gpu_blocks(text: &str) -> Option<u64> {
-    let line = text
+    let labels = text
         .lines()
-        .find(|l| l.starts_with("vllm:cache_config_info{"))?;
-    let rest = &line[line.find("num_gpu_blocks=\"")? + "num_gpu_blocks=\"".len()..];
-    rest[..rest.find('"')?].parse().ok()
+        .find_map(|l| l.strip_prefix("vllm:cache_config_info{"))?;
+    label(&labels[..labels.rfind('}')?], "num_gpu_blocks")?
+        .parse()
+        .ok()
 }
 
 async fn scrape(

@@ -95,6 +95,27 @@ async fn short_uncached_prompts_are_prefilled_on_decode_without_a_handoff() {
     fleet.stop().await;
 }
 
+/// Whether, within 3 s, the load the gateway's decode engine reported about itself, as the
+/// scheduler holds it, passes `check`.
+async fn decode_report_reaches_scheduler(
+    gw: &pdgate::Gateway,
+    check: impl Fn(&pdgate_scheduler::EngineReport) -> bool,
+) -> bool {
+    let decode_id = gw
+        .state
+        .workers
+        .all()
+        .into_iter()
+        .find(|w| w.role == Role::Decode)
+        .expect("decode")
+        .id;
+    eventually(Duration::from_secs(3), || async {
+        let load = gw.state.scheduler.lock().load(decode_id);
+        load.and_then(|l| l.engine).is_some_and(|e| check(&e))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_metrics_are_scraped_into_the_scheduler() {
     let mut cfg = config(1, 1, 1.0);
@@ -105,21 +126,9 @@ async fn engine_metrics_are_scraped_into_the_scheduler() {
     body["stream"] = Value::Bool(true);
     let mut resp = post(&fleet.url(), "/v1/chat/completions", body).await;
     assert!(resp.chunk().await.expect("chunk").is_some());
-    let decode_id = fleet
-        .gateway
-        .state
-        .workers
-        .all()
-        .into_iter()
-        .find(|w| w.role == Role::Decode)
-        .expect("decode")
-        .id;
-    let seen = eventually(Duration::from_secs(3), || async {
-        let load = fleet.gateway.state.scheduler.lock().load(decode_id);
-        load.and_then(|l| l.engine)
-            .is_some_and(|e| e.running == 1 && e.kv_usage > 0.0)
-    })
-    .await;
+    let seen =
+        decode_report_reaches_scheduler(&fleet.gateway, |e| e.running == 1 && e.kv_usage > 0.0)
+            .await;
     assert!(
         seen,
         "the decode engine's own running count and KV usage reached the scheduler"
@@ -228,18 +237,8 @@ async fn sglang_engine_metrics_reach_the_scheduler() {
         worker(sglang_metrics_engine().await, Role::Decode),
     ];
     let gw = pdgate::Gateway::start(cfg).await.expect("gateway");
-    let decode_id = gw
-        .state
-        .workers
-        .all()
-        .into_iter()
-        .find(|w| w.role == Role::Decode)
-        .expect("decode")
-        .id;
-    let seen = eventually(Duration::from_secs(3), || async {
-        let load = gw.state.scheduler.lock().load(decode_id);
-        load.and_then(|l| l.engine)
-            .is_some_and(|e| (e.running, e.waiting, e.kv_usage) == (3, 7, 0.625))
+    let seen = decode_report_reaches_scheduler(&gw, |e| {
+        (e.running, e.waiting, e.kv_usage) == (3, 7, 0.625)
     })
     .await;
     assert!(

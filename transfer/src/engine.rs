@@ -170,6 +170,8 @@ impl TransferEngine {
             }
             TransportChoice::Tcp | TransportChoice::Rdma => None,
         };
+        // Segments in shared memory, and so a commit socket for the peers that map them.
+        let shared = backing.is_some();
         let local = Arc::new(LocalSegments::with_shm(opts.notification_capacity, backing));
         #[cfg(feature = "rdma")]
         if let Some(r) = &rdma {
@@ -181,12 +183,9 @@ impl TransferEngine {
             local.clone(),
             shutdown_rx.clone(),
         ));
-        let control = match &opts.transport {
-            TransportChoice::Auto | TransportChoice::Shm => {
-                Self::serve_control(&shm_dir, &local, shutdown_rx)
-            }
-            TransportChoice::Tcp | TransportChoice::Rdma => None,
-        };
+        let control = shared
+            .then(|| Self::serve_control(&shm_dir, &local, shutdown_rx))
+            .flatten();
         tracing::debug!(%endpoint, "transfer engine listening");
         let tcp = Arc::new(TcpTransport::new(
             opts.connections_per_peer,

@@ -270,10 +270,11 @@ pub(crate) fn sweep_stale(dir: &Path) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = name
+            .to_str()
+            .and_then(owner_pid)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists()
@@ -461,9 +462,7 @@ impl ShmTransport {
             ..BatchReport::default()
         })
     }
-}
 
-impl ShmTransport {
     /// Sends `commit` to the owner's Unix socket, or to its TCP port when it
     /// has none or the socket cannot be reached (removed by a cleaner, or its
     /// owner died): `PeerUnavailable` from the stream transport means no frame
@@ -501,21 +500,24 @@ impl ShmTransport {
 /// socket, never at any other socket on the host. (`map_peer` also checks
 /// the file is a socket, not a link, of the segment file's user.)
 fn control_beside(segment: &Path, control: &Path) -> Option<PathBuf> {
-    let pid_of = |p: &Path| -> Option<String> {
-        let name = p.file_name()?.to_str()?.strip_prefix(FILE_PREFIX)?;
-        Some(name.split('-').next()?.to_owned())
-    };
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let name = control.file_name()?.to_str()?.strip_prefix(FILE_PREFIX)?;
     let mut parts = name.split('-');
-    let well_formed = matches!(
-        (parts.next(), parts.next(), parts.next(), parts.next()),
-        (Some(pid), Some(n), Some(CONTROL_SUFFIX), None) if digits(pid) && digits(n)
-    );
-    let ok = well_formed
-        && control.parent() == segment.parent()
-        && pid_of(control).is_some_and(|pid| Some(pid) == pid_of(segment));
+    let ok = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(pid), Some(n), Some(CONTROL_SUFFIX), None) => {
+            digits(pid)
+                && digits(n)
+                && control.parent() == segment.parent()
+                && segment.file_name().and_then(|f| owner_pid(f.to_str()?)) == Some(pid)
+        }
+        _ => false,
+    };
     ok.then(|| control.to_path_buf())
+}
+
+/// The pid in a `pdgate-<pid>-...` file name this crate gave.
+fn owner_pid(file_name: &str) -> Option<&str> {
+    file_name.strip_prefix(FILE_PREFIX)?.split('-').next()
 }
 
 /// True when `path` is itself a socket (not a link to one) of user `uid`.

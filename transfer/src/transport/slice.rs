@@ -43,80 +43,89 @@ pub(crate) fn plan(batch: &Batch, slice_size: usize) -> Option<Plan> {
     if batch.bytes() <= slice_size {
         return None;
     }
-    let mut slices: Vec<Batch> = Vec::new();
-    let mut cur = Batch::new();
-    let mut cur_bytes = 0u64;
-    let mut cur_reads = 0usize;
-    let mut reads = Vec::new();
-    let flush = |slices: &mut Vec<Batch>, cur: &mut Batch, bytes: &mut u64, n: &mut usize| {
-        if !cur.ops.is_empty() {
-            slices.push(std::mem::take(cur));
-        }
-        *bytes = 0;
-        *n = 0;
+    let is_read = |op: &&Op| matches!(op, Op::Read { .. });
+    let mut cut = Cutter {
+        slice_size,
+        slices: Vec::new(),
+        cur: Batch::new(),
+        cur_bytes: 0,
+        cur_reads: 0,
+        reads: Vec::new(),
     };
-    let mut first_read = 0;
-    let passes = [false, true].into_iter().flat_map(|reads_pass| {
-        batch
-            .ops
-            .iter()
-            .filter(move |op| matches!(op, Op::Read { .. }) == reads_pass)
-            .map(move |op| (reads_pass, op))
-    });
-    let mut in_reads = false;
-    for (reads_pass, op) in passes {
-        if reads_pass && !in_reads {
-            in_reads = true;
-            flush(&mut slices, &mut cur, &mut cur_bytes, &mut cur_reads);
-            first_read = slices.len();
+    for op in batch.ops.iter().filter(|op| !is_read(op)) {
+        cut.push(op);
+    }
+    cut.flush();
+    let first_read = cut.slices.len();
+    for op in batch.ops.iter().filter(is_read) {
+        cut.push(op);
+    }
+    cut.flush();
+    Some(Plan {
+        slices: cut.slices,
+        first_read,
+        reads: cut.reads,
+    })
+}
+
+/// The slices cut so far and the one being filled.
+struct Cutter {
+    slice_size: u64,
+    slices: Vec<Batch>,
+    cur: Batch,
+    cur_bytes: u64,
+    cur_reads: usize,
+    reads: Vec<Vec<(usize, usize)>>,
+}
+
+impl Cutter {
+    fn flush(&mut self) {
+        if !self.cur.ops.is_empty() {
+            self.slices.push(std::mem::take(&mut self.cur));
         }
+        self.cur_bytes = 0;
+        self.cur_reads = 0;
+    }
+
+    fn push(&mut self, op: &Op) {
         let mut pieces = Vec::new();
         let (off, len) = (op_offset(op), op.len());
         let mut done = 0u64;
         // A zero-length op still becomes one (empty) piece so reads keep
         // one result per op.
         loop {
-            if cur_bytes >= slice_size {
-                flush(&mut slices, &mut cur, &mut cur_bytes, &mut cur_reads);
+            if self.cur_bytes >= self.slice_size {
+                self.flush();
             }
-            let take = (len - done).min(slice_size - cur_bytes);
+            let take = (len - done).min(self.slice_size - self.cur_bytes);
             match op {
                 Op::Write { data, .. } => {
                     // `take` <= data.len() - done, both usize-sized.
                     let piece = data.slice(done as usize..(done + take) as usize);
-                    cur.ops.push(Op::Write {
+                    self.cur.ops.push(Op::Write {
                         remote_offset: off.saturating_add(done),
                         data: piece,
                     });
                 }
                 Op::Read { .. } => {
-                    pieces.push((slices.len(), cur_reads));
-                    cur_reads += 1;
-                    cur.ops.push(Op::Read {
+                    pieces.push((self.slices.len(), self.cur_reads));
+                    self.cur_reads += 1;
+                    self.cur.ops.push(Op::Read {
                         remote_offset: off.saturating_add(done),
                         len: take,
                     });
                 }
             }
-            cur_bytes += take;
+            self.cur_bytes += take;
             done += take;
             if done >= len {
                 break;
             }
         }
         if matches!(op, Op::Read { .. }) {
-            reads.push(pieces);
+            self.reads.push(pieces);
         }
     }
-    flush(&mut slices, &mut cur, &mut cur_bytes, &mut cur_reads);
-    if !in_reads {
-        first_read = slices.len();
-    }
-    Some(Plan {
-        slices,
-        first_read,
-        reads,
-    })
 }
 
 fn op_offset(op: &Op) -> u64 {
