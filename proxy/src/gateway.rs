@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::state::AppState;
-use crate::{health, server};
+use crate::{health, listener, server};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,14 +29,9 @@ impl Gateway {
         let scraper = crate::engine_metrics::spawn(Arc::clone(&state));
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(nodelay(listener), app).with_graceful_shutdown(async {
-                let _ = rx.await;
-            });
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "gateway server failed");
-            }
-        });
+        let task = tokio::spawn(listener::serve(listener, Arc::clone(&state), app, async {
+            let _ = rx.await;
+        }));
         Ok(Self {
             addr,
             state,
@@ -88,12 +83,4 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// Streamed tokens are small writes: they must not wait on Nagle's algorithm.
-fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    })
 }

@@ -12,6 +12,7 @@ pub mod engine_metrics;
 pub mod error;
 pub mod gateway;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;

@@ -18,7 +18,6 @@ use crate::relay::Relay;
 use crate::state::AppState;
 use crate::workers::Worker;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -33,7 +32,7 @@ pub async fn serve(
     state: Arc<AppState>,
     kind: ApiKind,
     request_id: String,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
 ) -> Response {
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
@@ -56,11 +55,11 @@ async fn run(
     state: &Arc<AppState>,
     kind: ApiKind,
     request_id: &str,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
     started: Instant,
 ) -> Result<Response, ApiError> {
     let permit = in_flight_permit(state)?;
-    let raw = body.map_err(|r| body_error(r, state.cfg.server.max_body_bytes))?;
+    let raw = body?;
     let limits = openai::Limits {
         served_model: &state.cfg.model.name,
         max_batch_prompts: state.cfg.server.max_batch_prompts,
@@ -417,14 +416,6 @@ fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>) -> Respo
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     resp
-}
-
-fn body_error(r: BytesRejection, limit: usize) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::body_too_large(limit)
-    } else {
-        ApiError::invalid("body", r.body_text())
-    }
 }
 
 fn api_label(kind: ApiKind) -> &'static str {

@@ -3,16 +3,13 @@
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{admin, pipeline, segments};
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use crate::{admin, segments};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pdgate_engine_sim::openai::ApiKind;
 use serde_json::json;
 use std::sync::Arc;
 use tower::ServiceBuilder;
@@ -23,8 +20,10 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Arc<AppState>) -> Router {
     let data = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
+        // POST /v1/completions and /v1/chat/completions never reach this router: `listener`
+        // serves them. Other methods on those paths get the router's 405.
+        .route("/v1/chat/completions", post(unreachable_inference))
+        .route("/v1/completions", post(unreachable_inference))
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -57,28 +56,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string()
-}
-
-async fn chat(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    pipeline::serve(state, ApiKind::Chat, request_id(&headers), body).await
-}
-
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    pipeline::serve(state, ApiKind::Completions, request_id(&headers), body).await
+/// Only a request `listener` did not recognise as an inference POST lands here.
+async fn unreachable_inference() -> Response {
+    ApiError::not_found("no such route").into_response()
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -108,7 +88,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
+pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
