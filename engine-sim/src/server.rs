@@ -321,7 +321,8 @@ async fn models(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
 async fn metrics(State(e): State<Arc<Engine>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        e.stats.render(&e.cfg.model, e.cfg.block_size),
+        e.stats
+            .render(&e.cfg.model, e.cfg.block_size, e.cfg.kv_blocks),
     )
 }
 

@@ -34,7 +34,10 @@ impl Stats {
         counter.fetch_add(n, Relaxed);
     }
 
-    pub fn render(&self, model: &str, block_size: usize) -> String {
+    /// `cache_blocks`: the engine's KV cache in blocks, whatever its role. A prefill engine in a
+    /// push-mode protocol has no pool others write into, but its cache still holds prefixes, and
+    /// the gateway sizes its picture of that cache from `num_gpu_blocks`.
+    pub fn render(&self, model: &str, block_size: usize, cache_blocks: usize) -> String {
         let g = |a: &AtomicU64| a.load(Relaxed);
         let total = g(&self.kv_total_blocks);
         let usage = if total == 0 {
@@ -154,7 +157,7 @@ impl Stats {
         );
         let _ = writeln!(
             out,
-            "# HELP vllm:cache_config_info Cache configuration.\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{total}\"}} 1"
+            "# HELP vllm:cache_config_info Cache configuration.\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{cache_blocks}\"}} 1"
         );
         out
     }
@@ -182,8 +185,12 @@ mod tests {
         Stats::add(&s.prefix_hits_tokens, 32);
         s.kv_total_blocks.store(10, Relaxed);
         s.kv_used_blocks.store(4, Relaxed);
-        let text = s.render("m", 16);
+        let text = s.render("m", 16, 64);
         assert_eq!(sample(&text, "vllm:prefix_cache_hits_total"), Some(32.0));
+        assert!(
+            text.contains("num_gpu_blocks=\"64\""),
+            "the cache's size, not the pool's: {text}"
+        );
         assert_eq!(sample(&text, "vllm:kv_cache_usage_perc"), Some(0.4));
         assert_eq!(sample(&text, "vllm:num_requests_running"), Some(0.0));
         assert_eq!(sample(&text, "vllm:nope"), None);

@@ -17,6 +17,8 @@
 # the rounds. Needs: a release build (cargo build --release -p pdgate), wrk, sglang-router and
 # vllm-router (pip); a missing router is skipped.
 #
+# MODES picks the engine modes to run (both by default: `sglang vllm`).
+#
 #   DURATION=10s ROUNDS=3 bash loadtest/scripts/router_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,6 +31,7 @@ BASE_PORT=${BASE_PORT:-18300}
 PY=${PYTHON:-python3}
 KV_BYTES_PER_TOKEN=${KV_BYTES_PER_TOKEN:-64}
 SETTINGS=${SETTINGS:-shipped round_robin}
+MODES=${MODES:-sglang vllm}
 SCRIPTS=loadtest/scripts
 export HF_ENDPOINT=http://127.0.0.1:9 HF_HUB_OFFLINE=1
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -143,10 +146,12 @@ vllm_router() { # setting
 for S in $SETTINGS; do echo "$S $(policy "$S" pdgate) $(policy "$S" peer)"; done >"$OUT/settings.txt"
 
 # --- SGLang mode -------------------------------------------------------------------------------
+# The direct baseline runs on the SGLang fleet, so it runs whenever the report needs it.
 engines sglang
 for ROUND in $(seq "$ROUNDS"); do
   echo "== round $ROUND: direct (one decode engine, plain request)"
   load direct "$D1"
+  [[ " $MODES " == *" sglang "* ]] || continue
   for S in $SETTINGS; do
     echo "== round $ROUND, $S: pdgate, sglang"
     pdgate sglang "pdgate-sglang-$S" "$S"
@@ -160,8 +165,9 @@ done
 stop_all
 
 # --- vLLM mode ---------------------------------------------------------------------------------
-engines vllm-nixl
+[[ " $MODES " == *" vllm "* ]] && engines vllm-nixl
 for ROUND in $(seq "$ROUNDS"); do
+  [[ " $MODES " == *" vllm "* ]] || break
   for S in $SETTINGS; do
     echo "== round $ROUND, $S: pdgate, vllm-nixl"
     pdgate vllm-nixl "pdgate-vllm-$S" "$S"

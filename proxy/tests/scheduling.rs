@@ -248,3 +248,44 @@ async fn sglang_engine_metrics_reach_the_scheduler() {
     );
     gw.stop().await;
 }
+
+/// A push-mode (SGLang) prefill engine has no pool others write into, but its prefix cache
+/// holds `kv_blocks` blocks: the gateway must size its picture of that cache from the engine's
+/// report, not fall back to the index's default and remember blocks the engine long evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_mode_prefills_cache_size_bounds_the_index() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.up.engine.protocol = pdgate_engine_sim::config::Protocol::Sglang;
+    cfg.up.engine.kv_blocks = 16;
+    cfg.health.metrics_interval_ms = 50;
+    cfg.scheduler.index.default_capacity_blocks = 65_536;
+    let fleet = fleet(cfg).await;
+    let prefill = fleet
+        .gateway
+        .state
+        .workers
+        .all()
+        .into_iter()
+        .find(|w| w.role == Role::Prefill)
+        .expect("prefill")
+        .id;
+    let sized = eventually(Duration::from_secs(3), || async {
+        let s = fleet.gateway.state.scheduler.lock();
+        s.capacity_blocks(prefill) == Some(16)
+    })
+    .await;
+    assert!(sized, "the prefill's own cache size reached the scheduler");
+    // Each prompt is several blocks, unique, so the index fills past both caches.
+    for i in 0..12 {
+        let prompt = format!("{i} unique prompt number {i} ").repeat(20);
+        let resp = post(&fleet.url(), "/v1/completions", completion(&prompt, 1)).await;
+        assert_eq!(resp.status(), 200);
+    }
+    let bytes = fleet.gateway.state.scheduler.lock().index_bytes();
+    let per_entry = pdgate_scheduler::index::BYTES_PER_ENTRY;
+    assert!(
+        bytes <= 2 * 16 * per_entry,
+        "the index holds no more than the two engines' caches: {bytes} bytes"
+    );
+    fleet.stop().await;
+}

@@ -198,6 +198,11 @@ impl Scheduler {
     }
 
     /// Healthy instance count per role: `(prefill, decode)`.
+    /// The KV cache size, in blocks, the scheduler assumes for instance `id`.
+    pub fn capacity_blocks(&self, id: InstanceId) -> Option<u64> {
+        self.instances.get(id).map(|i| i.capacity_blocks)
+    }
+
     pub fn healthy_counts(&self) -> (usize, usize) {
         (
             self.instances.healthy_count(Role::Prefill),
