@@ -32,12 +32,12 @@ pub async fn serve(
     state: Arc<AppState>,
     kind: ApiKind,
     request_id: String,
-    body: Result<Bytes, ApiError>,
+    raw: Bytes,
 ) -> Response {
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %request_id);
     let resp = async {
-        match run(&state, kind, &request_id, body, started).await {
+        match run(&state, kind, &request_id, raw, started).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
@@ -55,11 +55,10 @@ async fn run(
     state: &Arc<AppState>,
     kind: ApiKind,
     request_id: &str,
-    body: Result<Bytes, ApiError>,
+    raw: Bytes,
     started: Instant,
 ) -> Result<Response, ApiError> {
     let permit = in_flight_permit(state)?;
-    let raw = body?;
     let limits = openai::Limits {
         served_model: &state.cfg.model.name,
         max_batch_prompts: state.cfg.server.max_batch_prompts,

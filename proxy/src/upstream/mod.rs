@@ -10,7 +10,7 @@
 //! What an engine hop never needs is left out: no redirects, no retries across instances (a
 //! retry is the pipeline's decision), no compression, no TLS, no HTTP/2.
 
-mod framing;
+pub(crate) mod framing;
 mod pool;
 
 use bytes::{Bytes, BytesMut};

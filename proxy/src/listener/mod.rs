@@ -1,0 +1,153 @@
+//! Accepting and serving the gateway's connections: one task per connection speaking HTTP/1.1
+//! (`conn`). The two inference routes go straight to the pipeline with the cross-cutting
+//! concerns done inline (request id honoured or minted and echoed, API key, body limit);
+//! everything else goes through the axum router of `server.rs`.
+//!
+//! Why not hyper and the router for everything: on the inference path, the router's tower stack
+//! (request-id and trace layers, middleware, route matching, a boxed future per layer) and
+//! hyper's connection machinery were a fifth of the gateway's CPU per request, on the one path
+//! whose cost multiplies by the request rate.
+
+mod conn;
+
+use crate::error::ApiError;
+use crate::pipeline;
+use crate::state::AppState;
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use conn::{Head, Refusal};
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderValue, Method, Request};
+use pdgate_engine_sim::openai::ApiKind;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting and waits for the open
+/// connections to finish the requests under way (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handler = Arc::new(Gateway { state, app });
+    let stop = CancellationToken::new();
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            () = &mut shutdown => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        // Streamed tokens are small writes: they must not wait on Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        let (handler, stop) = (Arc::clone(&handler), stop.clone());
+        conns.spawn(async move {
+            let max_body = handler.state.cfg.server.max_body_bytes;
+            conn::serve(tcp, &*handler, max_body, &stop).await;
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    while conns.join_next().await.is_some() {}
+}
+
+/// What every connection's requests are handed to.
+struct Gateway {
+    state: Arc<AppState>,
+    app: Router,
+}
+
+impl conn::Handler for Gateway {
+    fn call(&self, head: Head, body: Bytes) -> BoxFuture<'static, Response> {
+        match inference_route(&head) {
+            Some(kind) => Box::pin(inference(Arc::clone(&self.state), kind, head, body)),
+            None => {
+                let app = self.app.clone();
+                Box::pin(async move {
+                    let mut req = Request::new(Body::from(body));
+                    *req.method_mut() = head.method;
+                    *req.uri_mut() = head.uri;
+                    *req.version_mut() = head.version;
+                    *req.headers_mut() = head.headers;
+                    match app.oneshot(req).await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
+                })
+            }
+        }
+    }
+
+    fn refuse(&self, why: Refusal) -> Response {
+        let limit = self.state.cfg.server.max_body_bytes;
+        let err = match why {
+            Refusal::BodyTooLarge => ApiError::body_too_large(limit),
+            Refusal::HeadTooLarge => ApiError {
+                status: http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                ..ApiError::invalid("headers", "request head too large")
+            },
+            Refusal::Malformed(msg) => ApiError::invalid("request", msg),
+        };
+        err.into_response()
+    }
+}
+
+fn inference_route(head: &Head) -> Option<ApiKind> {
+    if head.method != Method::POST {
+        return None;
+    }
+    match head.uri.path() {
+        "/v1/completions" => Some(ApiKind::Completions),
+        "/v1/chat/completions" => Some(ApiKind::Chat),
+        _ => None,
+    }
+}
+
+async fn inference(state: Arc<AppState>, kind: ApiKind, head: Head, body: Bytes) -> Response {
+    let (request_id, echoed) = request_id(&head.headers);
+    let mut resp = if authorized(&state, &head.headers) {
+        pipeline::serve(state, kind, request_id, body).await
+    } else {
+        ApiError::unauthorized().into_response()
+    };
+    resp.headers_mut().insert(REQUEST_ID.clone(), echoed);
+    resp
+}
+
+/// The client's `x-request-id` (echoed back as it came), or a fresh UUID.
+fn request_id(headers: &HeaderMap) -> (String, HeaderValue) {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        return (v.to_str().unwrap_or_default().to_string(), v.clone());
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static(""));
+    (id, value)
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    state
+        .cfg
+        .server
+        .api_key
+        .as_deref()
+        .is_none_or(|key| crate::server::bearer_matches(headers, key))
+}
