@@ -1,11 +1,14 @@
-//! The gateway's HTTP surface. Cross-cutting concerns are tower layers stacked here, in one
-//! visible place: request ids (honoured or minted, echoed back), tracing, body limit, auth.
+//! The gateway's HTTP routes other than the two inference POSTs, which `listener` serves itself
+//! (with the same request-id and API-key rules, done inline). Cross-cutting concerns are tower
+//! layers stacked here: request ids (honoured or minted, echoed back), tracing, auth. The body
+//! limit is the connection's (`listener::conn`), for every route.
 
 use crate::error::ApiError;
+use crate::listener::REQUEST_ID;
 use crate::state::AppState;
 use crate::{admin, segments};
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,8 +18,6 @@ use std::sync::Arc;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-
-static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Arc<AppState>) -> Router {
     let data = Router::new()
@@ -43,7 +44,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(DefaultBodyLimit::max(state.cfg.server.max_body_bytes))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
