@@ -26,8 +26,9 @@ use pdgate_scheduler::{InstanceId, Rejection, RequestKey, Role};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::Instrument;
 
+/// One inference request, start to response head; runs inside the caller's request span (the
+/// listener's, which also covers the body's relay).
 pub async fn serve(
     state: Arc<AppState>,
     kind: ApiKind,
@@ -35,18 +36,13 @@ pub async fn serve(
     raw: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let span = tracing::info_span!("request", request_id = %request_id);
-    let resp = async {
-        match run(&state, kind, &request_id, raw, started).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
-                e.into_response()
-            }
+    let resp = match run(&state, kind, &request_id, raw, started).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
+            e.into_response()
         }
-    }
-    .instrument(span)
-    .await;
+    };
     metrics::request_done(api_label(kind), resp.status().as_u16(), started.elapsed());
     resp
 }

@@ -13,7 +13,7 @@ mod conn;
 use crate::error::ApiError;
 use crate::pipeline;
 use crate::state::AppState;
-use axum::body::{Body, Bytes};
+use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use conn::{Head, Refusal};
@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+use tracing::Instrument;
 
 pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -124,13 +125,46 @@ fn inference_route(head: &Head) -> Option<ApiKind> {
 
 async fn inference(state: Arc<AppState>, kind: ApiKind, head: Head, body: Bytes) -> Response {
     let (request_id, echoed) = request_id(&head.headers);
-    let mut resp = if authorized(&state, &head.headers) {
-        pipeline::serve(state, kind, request_id, body).await
+    // Every line of the request carries its id, the body's relay included.
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let resp = if authorized(&state, &head.headers) {
+        pipeline::serve(state, kind, request_id, body)
+            .instrument(span.clone())
+            .await
     } else {
         ApiError::unauthorized().into_response()
     };
-    resp.headers_mut().insert(REQUEST_ID.clone(), echoed);
-    resp
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(REQUEST_ID.clone(), echoed);
+    Response::from_parts(parts, Body::new(InSpan { body, span }))
+}
+
+/// A response body polled inside its request's span.
+struct InSpan {
+    body: Body,
+    span: tracing::Span,
+}
+
+impl HttpBody for InSpan {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        std::pin::Pin::new(&mut this.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The client's `x-request-id` (echoed back as it came), or a fresh UUID.
