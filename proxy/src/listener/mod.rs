@@ -185,3 +185,57 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
         .as_deref()
         .is_none_or(|key| crate::server::bearer_matches(headers, key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A line logged while the response body is relayed (after the handler returned) still
+    /// names the request.
+    #[test]
+    fn lines_logged_while_the_body_is_relayed_carry_the_request_id() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = "req-42");
+            let parts = futures::StreamExt::map(futures::stream::iter([1, 2]), |i| {
+                tracing::warn!(part = i, "relaying");
+                Ok::<_, std::convert::Infallible>(Bytes::from("x"))
+            });
+            let mut body = InSpan {
+                body: Body::from_stream(parts),
+                span,
+            };
+            futures::executor::block_on(async {
+                while futures::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx))
+                    .await
+                    .is_some()
+                {}
+            });
+        });
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf8");
+        assert_eq!(text.matches("relaying").count(), 2, "{text}");
+        assert_eq!(text.matches("request_id=\"req-42\"").count(), 2, "{text}");
+    }
+}
