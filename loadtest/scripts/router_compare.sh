@@ -114,6 +114,10 @@ pdgate() { # protocol name setting
   curl -s "http://127.0.0.1:$port/metrics" | grep -E '^pdgate_(requests|legs)_total' >"$OUT/$2.metrics" || true
 }
 
+order() { # who runs first this round
+  if (( ROUND % 2 )); then echo ours peer; else echo peer ours; fi
+}
+
 stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
 
 smg() { # setting
@@ -153,13 +157,18 @@ for ROUND in $(seq "$ROUNDS"); do
   load direct "$D1"
   [[ " $MODES " == *" sglang "* ]] || continue
   for S in $SETTINGS; do
-    echo "== round $ROUND, $S: pdgate, sglang"
-    pdgate sglang "pdgate-sglang-$S" "$S"
-    stop_last
-    if "$PY" -c 'import sglang_router' 2>/dev/null; then
-      echo "== round $ROUND, $S: sglang-router (smg), PD mode"
-      smg "$S"
-    fi
+    # Odd rounds run pdgate first, even rounds the peer: a drift of the machine's speed within
+    # a round then favours neither.
+    for WHO in $(order); do
+      if [ "$WHO" = ours ]; then
+        echo "== round $ROUND, $S: pdgate, sglang"
+        pdgate sglang "pdgate-sglang-$S" "$S"
+        stop_last
+      elif "$PY" -c 'import sglang_router' 2>/dev/null; then
+        echo "== round $ROUND, $S: sglang-router (smg), PD mode"
+        smg "$S"
+      fi
+    done
   done
 done
 stop_all
@@ -169,13 +178,16 @@ stop_all
 for ROUND in $(seq "$ROUNDS"); do
   [[ " $MODES " == *" vllm "* ]] || break
   for S in $SETTINGS; do
-    echo "== round $ROUND, $S: pdgate, vllm-nixl"
-    pdgate vllm-nixl "pdgate-vllm-$S" "$S"
-    stop_last
-    if command -v vllm-router >/dev/null; then
-      echo "== round $ROUND, $S: vllm-router, vLLM PD mode"
-      vllm_router "$S"
-    fi
+    for WHO in $(order); do
+      if [ "$WHO" = ours ]; then
+        echo "== round $ROUND, $S: pdgate, vllm-nixl"
+        pdgate vllm-nixl "pdgate-vllm-$S" "$S"
+        stop_last
+      elif command -v vllm-router >/dev/null; then
+        echo "== round $ROUND, $S: vllm-router, vLLM PD mode"
+        vllm_router "$S"
+      fi
+    done
   done
 done
 stop_all
