@@ -11,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use std::sync::Arc;
@@ -20,16 +20,13 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let data = Router::new()
-        // POST /v1/completions and /v1/chat/completions never reach this router: `listener`
-        // serves them. Other methods on those paths get the router's 405.
-        .route("/v1/chat/completions", post(unreachable_inference))
-        .route("/v1/completions", post(unreachable_inference))
-        .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            require_api_key,
-        ));
+    let data =
+        Router::new()
+            .route("/v1/models", get(models))
+            .route_layer(middleware::from_fn_with_state(
+                Arc::clone(&state),
+                require_api_key,
+            ));
     let control = Router::new()
         .route("/admin/workers", get(admin::workers))
         .route_layer(middleware::from_fn_with_state(
@@ -54,11 +51,6 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
         )
         .with_state(state)
-}
-
-/// Only a request `listener` did not recognise as an inference POST lands here.
-async fn unreachable_inference() -> Response {
-    ApiError::not_found("no such route").into_response()
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {

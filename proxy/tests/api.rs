@@ -415,3 +415,24 @@ async fn failed_prefill_is_retried_on_another_instance() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_methods_on_inference_routes_are_405_naming_post() {
+    let fleet = fleet(config(1, 1, 0.0)).await;
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let resp = client()
+            .get(format!("{}{path}", fleet.url()))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(
+            resp.headers().get("allow").map(|v| v.as_bytes()),
+            Some(&b"POST"[..]),
+            "{path}"
+        );
+        let (status, body) = error_of(resp).await;
+        assert_eq!(status, 405, "{path}: {body}");
+        assert_eq!(body["error"]["param"], "method", "{body}");
+    }
+    fleet.stop().await;
+}

@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -51,37 +52,31 @@ pub enum Refusal {
 
 pub trait Handler: Send + Sync + 'static {
     fn call(&self, head: Head, body: Bytes) -> BoxFuture<'static, Response>;
+    /// The largest request body accepted, in bytes (413 past it).
+    fn max_body(&self) -> usize;
     /// The response to a refused request; the connection closes after it.
     fn refuse(&self, why: Refusal) -> Response;
 }
 
 /// Serves requests on `io` until the client closes, asks to close, breaks the protocol, or
 /// `shutdown` fires (a request under way is answered first).
-pub async fn serve<S, H>(mut io: S, handler: &H, max_body: usize, shutdown: &CancellationToken)
+pub async fn serve<S, H>(mut io: S, handler: &H, shutdown: &CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Handler,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        let head = match read_head(&mut io, &mut buf, shutdown).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return,
+        let (head, body) = match read_request(&mut io, &mut buf, handler.max_body(), shutdown).await
+        {
+            Ok(Some(request)) => request,
+            Ok(None) | Err(Failure::Io) => return,
             Err(Failure::Refused(why)) => {
                 let _ = write_response(&mut io, handler.refuse(why), false, false).await;
                 return;
             }
-            Err(Failure::Io) => return,
         };
         let keep_alive = keep_alive(&head);
-        let body = match read_body(&mut io, &mut buf, &head, max_body).await {
-            Ok(body) => body,
-            Err(Failure::Refused(why)) => {
-                let _ = write_response(&mut io, handler.refuse(why), false, false).await;
-                return;
-            }
-            Err(Failure::Io) => return,
-        };
         let head_only = head.method == Method::HEAD;
         let answer = handler.call(head, body);
         let Some(resp) = answer_unless_gone(&mut io, &mut buf, answer).await else {
@@ -92,6 +87,21 @@ where
             _ => return,
         }
     }
+}
+
+/// The next request, head and whole body; `None` when the connection ended (or shutdown came)
+/// between requests.
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    max_body: usize,
+    shutdown: &CancellationToken,
+) -> Result<Option<(Head, Bytes)>, Failure> {
+    let Some(head) = read_head(io, buf, shutdown).await? else {
+        return Ok(None);
+    };
+    let body = read_body(io, buf, &head, max_body).await?;
+    Ok(Some((head, body)))
 }
 
 enum Failure {
@@ -351,7 +361,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
     }
     match length {
         Some(n) if !bodiless || head_only => {
-            out.put_slice(format!("content-length: {n}\r\n").as_bytes())
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         _ if chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
@@ -385,7 +395,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
                     continue;
                 }
                 if chunked {
-                    out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    let _ = write!(out, "{:x}\r\n", data.len());
                     out.put_slice(&data);
                     out.put_slice(b"\r\n");
                 } else {
@@ -454,6 +464,9 @@ mod tests {
                 }
             })
         }
+        fn max_body(&self) -> usize {
+            64
+        }
         fn refuse(&self, why: Refusal) -> Response {
             let status = match why {
                 Refusal::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -474,7 +487,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let stop = CancellationToken::new();
         let task = tokio::spawn(async move {
-            serve(server, &handler, 64, &stop).await;
+            serve(server, &handler, &stop).await;
         });
         client.write_all(input).await.expect("write");
         if !keep_open {
@@ -521,7 +534,7 @@ mod tests {
     async fn expect_continue_gets_its_interim_answer() {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let stop = CancellationToken::new();
-        tokio::spawn(async move { serve(server, &Echo::default(), 64, &stop).await });
+        tokio::spawn(async move { serve(server, &Echo::default(), &stop).await });
         client
             .write_all(b"POST /e HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
             .await
@@ -601,7 +614,7 @@ mod tests {
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
-            async move { serve(server, &Echo::default(), 64, &stop).await }
+            async move { serve(server, &Echo::default(), &stop).await }
         });
         client
             .write_all(b"GET /a HTTP/1.1\r\n\r\n")

@@ -61,10 +61,7 @@ pub async fn serve(
         // Streamed tokens are small writes: they must not wait on Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
         let (handler, stop) = (Arc::clone(&handler), stop.clone());
-        conns.spawn(async move {
-            let max_body = handler.state.cfg.server.max_body_bytes;
-            conn::serve(tcp, &*handler, max_body, &stop).await;
-        });
+        conns.spawn(async move { conn::serve(tcp, &*handler, &stop).await });
     }
     drop(listener);
     stop.cancel();
@@ -80,7 +77,10 @@ struct Gateway {
 impl conn::Handler for Gateway {
     fn call(&self, head: Head, body: Bytes) -> BoxFuture<'static, Response> {
         match inference_route(&head) {
-            Some(kind) => Box::pin(inference(Arc::clone(&self.state), kind, head, body)),
+            Some(kind) if head.method == Method::POST => {
+                Box::pin(inference(Arc::clone(&self.state), kind, head, body))
+            }
+            Some(_) => Box::pin(std::future::ready(post_only())),
             None => {
                 let app = self.app.clone();
                 Box::pin(async move {
@@ -98,8 +98,12 @@ impl conn::Handler for Gateway {
         }
     }
 
+    fn max_body(&self) -> usize {
+        self.state.cfg.server.max_body_bytes
+    }
+
     fn refuse(&self, why: Refusal) -> Response {
-        let limit = self.state.cfg.server.max_body_bytes;
+        let limit = self.max_body();
         let err = match why {
             Refusal::BodyTooLarge => ApiError::body_too_large(limit),
             Refusal::HeadTooLarge => ApiError {
@@ -112,15 +116,25 @@ impl conn::Handler for Gateway {
     }
 }
 
+/// The inference API a path names, whatever the method.
 fn inference_route(head: &Head) -> Option<ApiKind> {
-    if head.method != Method::POST {
-        return None;
-    }
     match head.uri.path() {
         "/v1/completions" => Some(ApiKind::Completions),
         "/v1/chat/completions" => Some(ApiKind::Chat),
         _ => None,
     }
+}
+
+/// Any other method on an inference path.
+fn post_only() -> Response {
+    let err = ApiError {
+        status: http::StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::invalid("method", "this route takes POST")
+    };
+    let mut resp = err.into_response();
+    resp.headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+    resp
 }
 
 async fn inference(state: Arc<AppState>, kind: ApiKind, head: Head, body: Bytes) -> Response {
