@@ -19,7 +19,7 @@
 #
 # MODES picks the engine modes to run (both by default: `sglang vllm`).
 #
-#   DURATION=10s ROUNDS=3 bash loadtest/scripts/router_compare.sh
+#   DURATION=8s ROUNDS=5 bash loadtest/scripts/router_compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PDGATE=${PDGATE:-target/release/pdgate}
@@ -114,8 +114,23 @@ pdgate() { # protocol name setting
   curl -s "http://127.0.0.1:$port/metrics" | grep -E '^pdgate_(requests|legs)_total' >"$OUT/$2.metrics" || true
 }
 
-order() { # who runs first this round
-  if (( ROUND % 2 )); then echo ours peer; else echo peer ours; fi
+# One setting's pair of runs: pdgate in `protocol` mode and the peer (`peer` SETTING), the peer
+# only if `check...` succeeds (it is installed). Odd rounds run pdgate first, even rounds the
+# peer, so a drift of the machine's speed within a round favours neither.
+pair() { # protocol setting peer check...
+  local proto=$1 s=$2 peer=$3 first second
+  shift 3
+  if (( ROUND % 2 )); then first=ours second=peer; else first=peer second=ours; fi
+  for who in $first $second; do
+    if [ "$who" = ours ]; then
+      echo "== round $ROUND, $s: pdgate, $proto"
+      pdgate "$proto" "pdgate-${proto%%-*}-$s" "$s"
+      stop_last
+    elif "$@" >/dev/null 2>&1; then
+      echo "== round $ROUND, $s: $peer"
+      "$peer" "$s"
+    fi
+  done
 }
 
 stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
@@ -156,41 +171,18 @@ for ROUND in $(seq "$ROUNDS"); do
   echo "== round $ROUND: direct (one decode engine, plain request)"
   load direct "$D1"
   [[ " $MODES " == *" sglang "* ]] || continue
-  for S in $SETTINGS; do
-    # Odd rounds run pdgate first, even rounds the peer: a drift of the machine's speed within
-    # a round then favours neither.
-    for WHO in $(order); do
-      if [ "$WHO" = ours ]; then
-        echo "== round $ROUND, $S: pdgate, sglang"
-        pdgate sglang "pdgate-sglang-$S" "$S"
-        stop_last
-      elif "$PY" -c 'import sglang_router' 2>/dev/null; then
-        echo "== round $ROUND, $S: sglang-router (smg), PD mode"
-        smg "$S"
-      fi
-    done
-  done
+  for S in $SETTINGS; do pair sglang "$S" smg "$PY" -c 'import sglang_router'; done
 done
 stop_all
 
 # --- vLLM mode ---------------------------------------------------------------------------------
-[[ " $MODES " == *" vllm "* ]] && engines vllm-nixl
-for ROUND in $(seq "$ROUNDS"); do
-  [[ " $MODES " == *" vllm "* ]] || break
-  for S in $SETTINGS; do
-    for WHO in $(order); do
-      if [ "$WHO" = ours ]; then
-        echo "== round $ROUND, $S: pdgate, vllm-nixl"
-        pdgate vllm-nixl "pdgate-vllm-$S" "$S"
-        stop_last
-      elif command -v vllm-router >/dev/null; then
-        echo "== round $ROUND, $S: vllm-router, vLLM PD mode"
-        vllm_router "$S"
-      fi
-    done
+if [[ " $MODES " == *" vllm "* ]]; then
+  engines vllm-nixl
+  for ROUND in $(seq "$ROUNDS"); do
+    for S in $SETTINGS; do pair vllm-nixl "$S" vllm_router command -v vllm-router; done
   done
-done
-stop_all
+  stop_all
+fi
 
 echo
 "$PY" "$SCRIPTS/router_compare_report.py" "$OUT" | tee "$OUT/table.md"
