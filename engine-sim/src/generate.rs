@@ -4,7 +4,6 @@
 
 use crate::config::Protocol;
 use crate::logprobs::Logprobs;
-use crate::native::{DecodeLeg, DECODE_FIELD};
 use crate::openai::{usage, ApiError, ApiKind, Envelope, GenRequest};
 use crate::pool::Claim;
 use crate::protocol::abort::AbortHandle;
@@ -18,6 +17,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pdgate_scheduler::{BlockHash, BuiltinTokenizer};
+use pdgate_wire::native::{DecodeLeg, DECODE_FIELD};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;

@@ -12,7 +12,6 @@ pub mod config;
 pub mod generate;
 pub mod kv;
 pub mod logprobs;
-pub mod native;
 pub mod openai;
 pub mod pd;
 pub mod pool;

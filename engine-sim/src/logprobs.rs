@@ -12,21 +12,12 @@
 //! request or a prefill leg): a decode leg got its KV from elsewhere and never invents them.
 
 use pdgate_scheduler::{BuiltinTokenizer, TokenId};
+use pdgate_wire::openai::Wanted;
 use serde_json::{json, Map, Value};
 
 /// The fake logprob of a token, in (-8, 0): a function of its id, nothing else.
 pub fn value(id: TokenId) -> f64 {
     -f64::from(id % 4096 + 1) / 512.0
-}
-
-/// What a completions request asked for: `logprobs: k` (an integer, 0 allowed) turns them on;
-/// with `echo: true` too, the prompt's tokens are included.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Wanted {
-    /// The request's `logprobs` (OpenAI: how many alternatives per position).
-    pub top: u32,
-    /// `echo: true`: the prompt's tokens lead, with their logprobs.
-    pub prompt: bool,
 }
 
 /// One choice's logprobs, built token by token.

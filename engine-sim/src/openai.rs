@@ -3,14 +3,14 @@
 //!
 //! It never validates beyond what the engine needs; the gateway does its own, stricter checks.
 
-use crate::logprobs::Wanted;
-use pdgate_scheduler::prompt::{render_chat, ChatTurn};
+pub use pdgate_wire::openai::ApiKind;
+use pdgate_wire::openai::{echo, logprobs_wanted, prompt_of, RequestError, Wanted};
 use serde_json::{json, Value};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiKind {
-    Completions,
-    Chat,
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        ApiError::invalid(e.param, e.message)
+    }
 }
 
 /// What the engine needs from a request.
@@ -61,88 +61,6 @@ impl ApiError {
     pub fn body(&self) -> Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
-}
-
-/// Flattens OpenAI message content (a string, or an array of `{type: "text", text}` parts).
-pub fn content_text(content: &Value) -> Option<String> {
-    match content {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(
-            parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join(""),
-        ),
-        Value::Null => Some(String::new()),
-        _ => None,
-    }
-}
-
-/// Renders the prompt text of a request body.
-pub fn prompt_of(kind: ApiKind, body: &Value) -> Result<String, ApiError> {
-    match kind {
-        ApiKind::Completions => match body.get("prompt") {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                Ok(a[0].as_str().unwrap_or_default().to_string())
-            }
-            _ => Err(ApiError::invalid("prompt", "`prompt` must be a string")),
-        },
-        ApiKind::Chat => {
-            let msgs = body
-                .get("messages")
-                .and_then(Value::as_array)
-                .ok_or_else(|| ApiError::invalid("messages", "`messages` must be an array"))?;
-            let mut owned = Vec::with_capacity(msgs.len());
-            for m in msgs {
-                let role = m
-                    .get("role")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid("messages", "every message needs a `role`"))?;
-                let content =
-                    content_text(m.get("content").unwrap_or(&Value::Null)).ok_or_else(|| {
-                        ApiError::invalid(
-                            "messages",
-                            "message `content` must be a string or text parts",
-                        )
-                    })?;
-                owned.push((role.to_string(), content));
-            }
-            let turns: Vec<_> = owned
-                .iter()
-                .map(|(r, c)| ChatTurn {
-                    role: r,
-                    content: c,
-                })
-                .collect();
-            Ok(render_chat(&turns))
-        }
-    }
-}
-
-/// What a completions request asks for in logprobs: `None` unless `logprobs` is an integer (0
-/// included: the chosen tokens' logprobs without alternatives); the prompt's too with
-/// `echo: true`. Chat requests: always `None`.
-pub fn logprobs_wanted(kind: ApiKind, body: &Value) -> Result<Option<Wanted>, ApiError> {
-    if kind != ApiKind::Completions {
-        return Ok(None);
-    }
-    let top = match body.get("logprobs") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|k| u32::try_from(k).ok())
-            .ok_or_else(|| ApiError::invalid("logprobs", "`logprobs` must be an integer"))?,
-    };
-    Ok(Some(Wanted {
-        top,
-        prompt: echo(body),
-    }))
-}
-
-fn echo(body: &Value) -> bool {
-    body.get("echo").and_then(Value::as_bool).unwrap_or(false)
 }
 
 impl GenRequest {

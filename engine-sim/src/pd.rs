@@ -4,10 +4,6 @@
 //! prompt into the decode engine's reserved slots through the transfer engine, closing the last
 //! batch with a landing notification. It answers only after the decode side acknowledged.
 
-use crate::native::{
-    KvDescriptor, KvLanded, PrefillReport, PrefillRequest, ReleaseRequest, ReleaseResponse,
-    ReserveRequest,
-};
 use crate::openai::ApiError;
 use crate::pool::PoolError;
 use crate::server::Engine;
@@ -18,6 +14,10 @@ use axum::Json;
 use bytes::{Bytes, BytesMut};
 use pdgate_scheduler::{BlockHash, BuiltinTokenizer};
 use pdgate_transfer::{Batch, SegmentDesc, TransportKind};
+use pdgate_wire::native::{
+    KvDescriptor, KvLanded, PrefillReport, PrefillRequest, ReleaseRequest, ReleaseResponse,
+    ReserveRequest,
+};
 use std::sync::Arc;
 use std::time::Instant;
 

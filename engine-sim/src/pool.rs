@@ -5,10 +5,10 @@
 //! (`claim`) and freed exactly once: when the claim guard drops (decode finished or the client
 //! went away), on `release`, or when an unclaimed reservation outlives its TTL.
 
-use crate::native::KvDescriptor;
 use crate::stats::Stats;
 use parking_lot::Mutex;
 use pdgate_transfer::Segment;
+use pdgate_wire::native::KvDescriptor;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

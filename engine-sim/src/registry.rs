@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use pdgate_transfer::{MetadataStore, SegmentDesc, TransferError};
 use std::time::Duration;
 
-pub const REGISTRY_PATH: &str = "/registry/segments";
+use pdgate_wire::registry::REGISTRY_PATH;
 
 pub struct HttpRegistry {
     base: String,

@@ -163,21 +163,10 @@ impl Stats {
     }
 }
 
-/// Reads one sample `name` from Prometheus text (first series), for tests and scrapers.
-pub fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pdgate_wire::prometheus::sample;
 
     #[test]
     fn renders_vllm_names_that_sample_reads_back() {

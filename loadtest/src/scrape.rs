@@ -5,7 +5,7 @@
 //! Best effort and read-only: a target that is not pdgate (no `/admin/workers`, no `/metrics`)
 //! yields no server section, never an error, and nothing here is on the dispatch path.
 
-use pdgate_engine_sim::stats::sample;
+use pdgate_wire::prometheus::sample;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -5,8 +5,8 @@
 
 use crate::state::AppState;
 use crate::workers::Worker;
-use pdgate_engine_sim::stats::sample;
 use pdgate_scheduler::EngineReport;
+use pdgate_wire::prometheus::sample;
 use std::sync::Arc;
 use std::time::Duration;
 

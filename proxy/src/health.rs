@@ -29,7 +29,7 @@ pub async fn check_all(state: &AppState) {
             }
         }
     }
-    crate::metrics::record_health(state);
+    crate::metrics::record_health(&state.scheduler.lock());
 }
 
 /// Runs checks forever; the first pass runs at once.

@@ -1,9 +1,9 @@
 //! Gateway metrics through the `metrics` facade, exported in Prometheus format on `/metrics`.
 //! Every name starts with `pdgate_` and carries its unit; label values come from small fixed sets.
 
-use crate::state::AppState;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use pdgate_scheduler::Scheduler;
 use pdgate_scheduler::{Decision, Rejection, Role};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -125,12 +125,9 @@ pub fn rejected(reason: &'static str) {
     counter!("pdgate_rejections_total", "reason" => reason).increment(1);
 }
 
-pub fn record_health(state: &AppState) {
-    let (p, d, index_bytes) = {
-        let s = state.scheduler.lock();
-        let (p, d) = s.healthy_counts();
-        (p, d, s.index_bytes())
-    };
+pub fn record_health(s: &Scheduler) {
+    let (p, d) = s.healthy_counts();
+    let index_bytes = s.index_bytes();
     gauge!("pdgate_scheduler_index_bytes").set(index_bytes as f64);
     gauge!("pdgate_workers_healthy", "role" => "prefill").set(p as f64);
     gauge!("pdgate_workers_healthy", "role" => "decode").set(d as f64);

@@ -5,7 +5,7 @@
 //! prefix cache is keyed on text.
 
 use crate::error::ApiError;
-use pdgate_engine_sim::openai::{prompt_of, ApiKind};
+use pdgate_wire::openai::{prompt_of, ApiKind};
 use serde_json::Value;
 
 /// Output length assumed for load predictions when a request names none: what the reference
@@ -105,8 +105,7 @@ fn request(
     stream: bool,
     max_tokens: u32,
 ) -> Result<ClientRequest, ApiError> {
-    let prompt = prompt_of(kind, &body)
-        .map_err(|e| ApiError::invalid(e.param.unwrap_or("body"), e.message))?;
+    let prompt = prompt_of(kind, &body).map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok(ClientRequest {
         kind,
         body,

@@ -5,65 +5,26 @@
 //! outcome feeds its own worker's circuit breaker; open breakers are avoided when scheduling.
 //! The decode-only fallback (off by default) is the one place a request runs without the
 //! disaggregated prefill it was scheduled for, and it always says so on the response.
-//! A batched completions prompt takes [`route`] once per prompt (`batch`).
+//! A batched completions prompt takes [`route`] once per prompt (`batch`); `inference` parses a
+//! request and sends it here or there.
 
-use crate::batch;
 use crate::booking::{Booking, Verdict};
 use crate::breaker::Outcome;
 use crate::error::ApiError;
 use crate::metrics;
-use crate::openai::{self, ClientRequest, Parsed};
+use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::Relay;
 use crate::state::AppState;
 use crate::workers::Worker;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
-use pdgate_engine_sim::openai::ApiKind;
 use pdgate_scheduler::{InstanceId, Rejection, RequestKey, Role};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
-
-/// One inference request, start to response head; runs inside the caller's request span (the
-/// listener's, which also covers the body's relay).
-pub async fn serve(
-    state: Arc<AppState>,
-    kind: ApiKind,
-    request_id: String,
-    raw: Bytes,
-) -> Response {
-    let started = Instant::now();
-    let resp = match run(&state, kind, &request_id, raw, started).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
-            e.into_response()
-        }
-    };
-    metrics::request_done(api_label(kind), resp.status().as_u16(), started.elapsed());
-    resp
-}
-
-async fn run(
-    state: &Arc<AppState>,
-    kind: ApiKind,
-    request_id: &str,
-    raw: Bytes,
-    started: Instant,
-) -> Result<Response, ApiError> {
-    let permit = in_flight_permit(state)?;
-    let limits = openai::Limits {
-        served_model: &state.cfg.model.name,
-        max_batch_prompts: state.cfg.server.max_batch_prompts,
-    };
-    match openai::parse(kind, &raw, &limits)? {
-        Parsed::One(req) => route(state, &req, request_id, started, permit).await,
-        Parsed::Batch(reqs) => batch::run(state, reqs, request_id, started, permit).await,
-    }
-}
 
 /// One in-flight slot, or 503 at once: the gateway never queues requests itself.
 pub fn in_flight_permit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
@@ -411,11 +372,4 @@ fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>) -> Respo
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     resp
-}
-
-fn api_label(kind: ApiKind) -> &'static str {
-    match kind {
-        ApiKind::Chat => "chat",
-        ApiKind::Completions => "completions",
-    }
 }

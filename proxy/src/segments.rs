@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use pdgate_engine_sim::registry::REGISTRY_PATH;
 use pdgate_transfer::{MetadataStore, SegmentDesc};
+use pdgate_wire::registry::REGISTRY_PATH;
 use std::sync::Arc;
 
 pub fn router() -> Router<Arc<AppState>> {

@@ -8,27 +8,19 @@ use pdgate_scheduler::{
     BlockHash, BlockHasher, InstanceSpec, PolicyKind, RequestKey, Role, Scheduler, SchedulerConfig,
     Tokenizer,
 };
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
+use std::alloc::System;
 use std::time::{Duration, Instant};
 
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        System.dealloc(p, l)
-    }
-}
-
+// Counts bytes alongside the system allocator, so the index's real size can be read.
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Bytes live on the heap now.
+fn live_bytes() -> isize {
+    let s = ALLOC.stats();
+    s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated
+}
 
 const INDEXED_BLOCKS: u64 = 1_000_000;
 const GROUP_BLOCKS: u64 = 128;
@@ -142,9 +134,9 @@ fn main() {
 
     tokenization();
 
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live_bytes();
     let s = fleet(16, PolicyKind::Slo);
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = live_bytes();
     let entries = INDEXED_BLOCKS;
     println!(
         "\nindex: {entries} entries, {:.1} MiB allocated = {:.0} bytes/entry (the index's own estimate: {:.0} bytes/entry)",

@@ -13,7 +13,6 @@ pub mod index;
 pub mod load;
 pub mod policy;
 pub mod predict;
-pub mod prompt;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod types;

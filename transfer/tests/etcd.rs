@@ -1,6 +1,7 @@
 //! The etcd metadata store against a real `etcd` server (Debian's
 //! `etcd-server` package; `tests/run-all.sh` installs it). Built only with
 //! `--features etcd`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 #![cfg(feature = "etcd")]
 
 use std::process::{Child, Command, Stdio};

@@ -19,7 +19,9 @@ fn tcp_options() -> EngineOptions {
 }
 
 async fn engine() -> Arc<TransferEngine> {
-    TransferEngine::start(tcp_options()).await.unwrap()
+    TransferEngine::start(tcp_options())
+        .await
+        .expect("engine starts")
 }
 
 async fn engine_with_timeout(t: Duration) -> Arc<TransferEngine> {
@@ -28,7 +30,7 @@ async fn engine_with_timeout(t: Duration) -> Arc<TransferEngine> {
         ..tcp_options()
     })
     .await
-    .unwrap()
+    .expect("engine starts")
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -505,8 +507,10 @@ async fn restarted_peer_on_same_port_is_reached_through_the_pool() {
 /// Forwards connections to `upstream`; the first `kill` of them are reset
 /// after `after` bytes from the client, mid-request.
 async fn flaky_proxy(upstream: String, kill: usize, after: usize) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
     tokio::spawn(async move {
         let mut n = 0;
         while let Ok((mut client, _)) = listener.accept().await {
@@ -514,7 +518,9 @@ async fn flaky_proxy(upstream: String, kill: usize, after: usize) -> std::net::S
             let doomed = n <= kill;
             let upstream = upstream.clone();
             tokio::spawn(async move {
-                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let mut server = tokio::net::TcpStream::connect(upstream)
+                    .await
+                    .expect("upstream reachable");
                 if doomed {
                     let mut buf = vec![0u8; after];
                     let _ = client.read_exact(&mut buf).await;

@@ -11,7 +11,6 @@
 //! told and times out, as in SGLang. This must never turn back into an HTTP call per request.
 
 use super::rendezvous::Offer;
-use crate::native::KvDescriptor;
 use crate::openai::ApiError;
 use crate::server::Engine;
 use crate::stats::Stats;
@@ -20,6 +19,7 @@ use axum::Json;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pdgate_transfer::{Batch, Segment, SegmentDesc, MAX_NOTIFY_LEN};
+use pdgate_wire::native::KvDescriptor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;

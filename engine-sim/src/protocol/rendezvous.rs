@@ -6,9 +6,9 @@
 //! Bounded: at most `MAX_ROOMS` open rooms; stale offers and abandoned waits are purged before
 //! a new room is refused.
 
-use crate::native::KvDescriptor;
 use crate::openai::ApiError;
 use parking_lot::Mutex;
+use pdgate_wire::native::KvDescriptor;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;

@@ -1,7 +1,7 @@
 //! Accepting and serving the gateway's connections: one task per connection speaking HTTP/1.1
-//! (`conn`). The two inference routes go straight to the pipeline with the cross-cutting
-//! concerns done inline (request id honoured or minted and echoed, API key, body limit);
-//! everything else goes through the axum router of `server.rs`.
+//! (`conn`). Every request gets its id and its route's credential check here (`access`), then
+//! the two inference routes go straight to the pipeline and everything else to the axum router
+//! of `server.rs`. The body limit is the connection's.
 //!
 //! Why not hyper and the router for everything: on the inference path, the router's tower stack
 //! (request-id and trace layers, middleware, route matching, a boxed future per layer) and
@@ -10,16 +10,17 @@
 
 mod conn;
 
+use crate::access::{self, Guard, REQUEST_ID};
 use crate::error::ApiError;
-use crate::pipeline;
+use crate::inference;
 use crate::state::AppState;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use conn::{Head, Refusal};
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, Method, Request};
-use pdgate_engine_sim::openai::ApiKind;
+use http::{HeaderValue, Method, Request};
+use pdgate_wire::openai::ApiKind;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +30,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
 /// Serves `listener` until `shutdown` resolves, then stops accepting and waits for the open
 /// connections to finish the requests under way (the caller bounds that wait).
 pub async fn serve(
@@ -39,7 +38,9 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) {
-    let handler = Arc::new(Gateway { state, app });
+    let handler = Arc::new(Gateway {
+        routes: Arc::new(Routes { state, app }),
+    });
     let stop = CancellationToken::new();
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
@@ -70,36 +71,21 @@ pub async fn serve(
 
 /// What every connection's requests are handed to.
 struct Gateway {
+    routes: Arc<Routes>,
+}
+
+struct Routes {
     state: Arc<AppState>,
     app: Router,
 }
 
 impl conn::Handler for Gateway {
     fn call(&self, head: Head, body: Bytes) -> BoxFuture<'static, Response> {
-        match inference_route(&head) {
-            Some(kind) if head.method == Method::POST => {
-                Box::pin(inference(Arc::clone(&self.state), kind, head, body))
-            }
-            Some(_) => Box::pin(std::future::ready(post_only())),
-            None => {
-                let app = self.app.clone();
-                Box::pin(async move {
-                    let mut req = Request::new(Body::from(body));
-                    *req.method_mut() = head.method;
-                    *req.uri_mut() = head.uri;
-                    *req.version_mut() = head.version;
-                    *req.headers_mut() = head.headers;
-                    match app.oneshot(req).await {
-                        Ok(resp) => resp,
-                        Err(never) => match never {},
-                    }
-                })
-            }
-        }
+        Box::pin(answer(Arc::clone(&self.routes), head, body))
     }
 
     fn max_body(&self) -> usize {
-        self.state.cfg.server.max_body_bytes
+        self.routes.state.cfg.server.max_body_bytes
     }
 
     fn refuse(&self, why: Refusal) -> Response {
@@ -137,20 +123,41 @@ fn post_only() -> Response {
     resp
 }
 
-async fn inference(state: Arc<AppState>, kind: ApiKind, head: Head, body: Bytes) -> Response {
-    let (request_id, echoed) = request_id(&head.headers);
+/// Every request, whatever its route: its id (honoured or minted, echoed back) and the
+/// credential its route asks for, then the pipeline (the two inference POSTs) or the router.
+async fn answer(routes: Arc<Routes>, head: Head, body: Bytes) -> Response {
+    let (request_id, echoed) = access::request_id(&head.headers);
     // Every line of the request carries its id, the body's relay included.
     let span = tracing::info_span!("request", request_id = %request_id);
-    let resp = if authorized(&state, &head.headers) {
-        pipeline::serve(state, kind, request_id, body)
-            .instrument(span.clone())
-            .await
-    } else {
-        ApiError::unauthorized().into_response()
-    };
+    let resp = dispatch(routes, head, body, request_id)
+        .instrument(span.clone())
+        .await;
     let (mut parts, body) = resp.into_parts();
     parts.headers.insert(REQUEST_ID.clone(), echoed);
     Response::from_parts(parts, Body::new(InSpan { body, span }))
+}
+
+async fn dispatch(routes: Arc<Routes>, head: Head, body: Bytes, request_id: String) -> Response {
+    if let Err(e) = Guard::of(head.uri.path()).check(&routes.state.cfg.server, &head.headers) {
+        return e.into_response();
+    }
+    match inference_route(&head) {
+        Some(kind) if head.method == Method::POST => {
+            inference::serve(Arc::clone(&routes.state), kind, request_id, body).await
+        }
+        Some(_) => post_only(),
+        None => {
+            let mut req = Request::new(Body::from(body));
+            *req.method_mut() = head.method;
+            *req.uri_mut() = head.uri;
+            *req.version_mut() = head.version;
+            *req.headers_mut() = head.headers;
+            match routes.app.clone().oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }
+    }
 }
 
 /// A response body polled inside its request's span.
@@ -179,25 +186,6 @@ impl HttpBody for InSpan {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
-}
-
-/// The client's `x-request-id` (echoed back as it came), or a fresh UUID.
-fn request_id(headers: &HeaderMap) -> (String, HeaderValue) {
-    if let Some(v) = headers.get(&REQUEST_ID) {
-        return (v.to_str().unwrap_or_default().to_string(), v.clone());
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static(""));
-    (id, value)
-}
-
-fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    state
-        .cfg
-        .server
-        .api_key
-        .as_deref()
-        .is_none_or(|key| crate::server::bearer_matches(headers, key))
 }
 
 #[cfg(test)]

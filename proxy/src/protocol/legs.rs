@@ -9,8 +9,8 @@ use super::{read_limited, unreachable, upstream_failure, LegContext, LegError};
 use crate::error::ApiError;
 use crate::metrics;
 use bytes::Bytes;
-use pdgate_engine_sim::openai::ApiKind;
 use pdgate_scheduler::Role;
+use pdgate_wire::openai::ApiKind;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -71,7 +71,7 @@ impl serde::Serialize for Overlay<'_> {
 /// The client asked for the prompt's logprobs (completions `echo` + `logprobs`): only the
 /// prefill ran the prompt, so its answer has them and the decode's does not.
 pub fn wants_prompt_logprobs(ctx: &LegContext<'_>) -> bool {
-    pdgate_engine_sim::openai::logprobs_wanted(ctx.req.kind, &ctx.req.body)
+    pdgate_wire::openai::logprobs_wanted(ctx.req.kind, &ctx.req.body)
         .ok()
         .flatten()
         .is_some_and(|w| w.prompt)

@@ -8,9 +8,9 @@
 use super::{unreachable, upstream_failure, DecodeStart, LegContext, LegError};
 use crate::metrics;
 use crate::workers::Worker;
-use pdgate_engine_sim::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};
 use pdgate_scheduler::Observed;
 use pdgate_scheduler::Role;
+use pdgate_wire::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};
 use std::time::Duration;
 
 pub async fn run(

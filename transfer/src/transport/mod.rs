@@ -17,7 +17,9 @@ use crate::metadata::SegmentDesc;
 
 pub(crate) mod handshake;
 #[cfg(feature = "rdma")]
+#[allow(unsafe_code)] // ibverbs is a C API: registered memory and queue pairs by pointer.
 pub mod rdma;
+#[allow(unsafe_code)] // mmap of a shared segment another process writes into.
 pub(crate) mod shm;
 pub(crate) mod slice;
 pub(crate) mod stream;

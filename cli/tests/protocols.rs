@@ -106,16 +106,14 @@ async fn every_protocol_serves_chat_and_completions_with_verified_kv() {
         assert_eq!(BuiltinTokenizer.count(&text), 3, "{protocol}");
 
         // Every request really moved its KV: each decode verified exactly the prompt's blocks.
-        let chat_prompt =
-            pdgate_scheduler::prompt::render_chat(&[pdgate_scheduler::prompt::ChatTurn {
-                role: "user",
-                content: &prompt,
-            }]);
-        let chat_prompt2 =
-            pdgate_scheduler::prompt::render_chat(&[pdgate_scheduler::prompt::ChatTurn {
-                role: "user",
-                content: &prompt2,
-            }]);
+        let chat_prompt = pdgate_wire::prompt::render_chat(&[pdgate_wire::prompt::ChatTurn {
+            role: "user",
+            content: &prompt,
+        }]);
+        let chat_prompt2 = pdgate_wire::prompt::render_chat(&[pdgate_wire::prompt::ChatTurn {
+            role: "user",
+            content: &prompt2,
+        }]);
         let expected = (hasher.blocks_for(tokens)
             + hasher.blocks_for(BuiltinTokenizer.count(&chat_prompt))
             + hasher.blocks_for(BuiltinTokenizer.count(&chat_prompt2)))
@@ -282,7 +280,7 @@ async fn sglang_decode_without_its_prefill_times_out_and_frees_its_slots() {
             .1
             .url(),
     );
-    let (host, port) = pdgate::workers::host_port(&prefill);
+    let (host, port) = pdgate_gateway::workers::host_port(&prefill);
     let mut body = completion("a lonely decode", 2);
     body["bootstrap_host"] = json!(host);
     body["bootstrap_port"] = json!(port);
@@ -540,7 +538,10 @@ async fn echo_logprobs_merged(protocol: Protocol) {
 /// server, reached directly, is not delayed) and one decode.
 async fn sglang_slow_prefill_answers(
     delay: Duration,
-) -> (pdgate::Gateway, Vec<pdgate_engine_sim::EngineHandle>) {
+) -> (
+    pdgate_gateway::Gateway,
+    Vec<pdgate_engine_sim::EngineHandle>,
+) {
     let engine = |role| {
         let mut cfg = pdgate_engine_sim::EngineConfig {
             role,
@@ -570,8 +571,10 @@ async fn sglang_slow_prefill_answers(
             bootstrap_port: None,
         },
     ];
-    let gateway = pdgate::Gateway::start(cfg).await.expect("gateway");
-    pdgate::health::check_all(&gateway.state).await;
+    let gateway = pdgate_gateway::Gateway::start(cfg.gateway())
+        .await
+        .expect("gateway");
+    pdgate_gateway::health::check_all(&gateway.state).await;
     (gateway, vec![prefill, decode])
 }
 

@@ -95,7 +95,7 @@ pub async fn run(a: TransferBenchArgs) -> anyhow::Result<()> {
                     "transfer-bench target: segment {BENCH_SEGMENT:?} ({} bytes) at {}",
                     desc.len, desc.endpoint
                 );
-                crate::gateway::shutdown_signal().await;
+                pdgate_gateway::gateway::shutdown_signal().await;
                 engine.shutdown();
                 return Ok(());
             }

@@ -2,9 +2,9 @@
 //! together (engines register their KV segments with the gateway's registry) and ready to serve.
 
 use crate::config::{Config, WorkerConfig};
-use crate::gateway::Gateway;
-use crate::health;
 use pdgate_engine_sim::{EngineConfig, EngineHandle};
+use pdgate_gateway::gateway::Gateway;
+use pdgate_gateway::health;
 use pdgate_scheduler::Role;
 
 pub struct Fleet {
@@ -32,7 +32,7 @@ impl Fleet {
             .cost
             .time_scaled(cfg.up.engine.timing.time_scale);
         let up = cfg.up.clone();
-        let gateway = Gateway::start(cfg).await?;
+        let gateway = Gateway::start(cfg.gateway()).await?;
         let mut engines = Vec::with_capacity(up.prefill + up.decode);
         let roles = std::iter::repeat_n(Role::Prefill, up.prefill)
             .chain(std::iter::repeat_n(Role::Decode, up.decode));

@@ -317,7 +317,7 @@ async fn fleet_with_proxied_decode(time_scale: f64) -> (Fleet, std::sync::Arc<Fl
             bootstrap_port: None,
         },
     );
-    pdgate::health::check_all(state).await;
+    pdgate_gateway::health::check_all(state).await;
     (fleet, proxy)
 }
 

@@ -4,8 +4,8 @@
 
 use pdgate::config::Config;
 use pdgate::Fleet;
-use pdgate_engine_sim::stats::sample;
 use pdgate_scheduler::Role;
+use pdgate_wire::prometheus::sample;
 use serde_json::Value;
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 mod support;
 
 use pdgate::config::{Protocol, WorkerConfig};
-use pdgate::Gateway;
+use pdgate_gateway::Gateway;
 use pdgate_scheduler::{BuiltinTokenizer, Role};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -360,7 +360,7 @@ async fn no_healthy_pair_is_503_and_not_ready() {
             bootstrap_port: None,
         },
     ];
-    let gw = Gateway::start(cfg).await.expect("gateway");
+    let gw = Gateway::start(cfg.gateway()).await.expect("gateway");
     let url = gw.url();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body) = error_of(post(&url, "/v1/completions", completion("hi", 1)).await).await;
@@ -400,7 +400,7 @@ async fn failed_prefill_is_retried_on_another_instance() {
         .await;
         assert_eq!(resp.status(), 200, "request {i}");
     }
-    let retries = pdgate_engine_sim::stats::sample(
+    let retries = pdgate_wire::prometheus::sample(
         &metrics_text(&fleet.url()).await,
         "pdgate_prefill_retries_total",
     );

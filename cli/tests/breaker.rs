@@ -50,7 +50,7 @@ async fn add_worker(fleet: &Fleet, url: &str, role: Role) {
             bootstrap_port: None,
         },
     );
-    pdgate::health::check_all(state).await;
+    pdgate_gateway::health::check_all(state).await;
 }
 
 async fn send(url: &str, i: usize) -> u16 {
@@ -178,7 +178,7 @@ async fn fallback_to_decode_serves_when_every_prefill_failed_and_says_so() {
             dead.stop().await;
             let fallbacks = || async {
                 let m = metrics_text(&fleet.url()).await;
-                pdgate_engine_sim::stats::sample(&m, "pdgate_fallbacks_total").unwrap_or(0.0)
+                pdgate_wire::prometheus::sample(&m, "pdgate_fallbacks_total").unwrap_or(0.0)
             };
             let before = fallbacks().await;
             let resp = post(&fleet.url(), "/v1/completions", completion("fall back", 3)).await;

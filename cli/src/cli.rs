@@ -2,10 +2,10 @@
 //! as dotted-key overrides over file and environment, so defaults live only in the config structs.
 
 use crate::config::{self, Config};
-use crate::gateway::{shutdown_signal, Gateway};
 use crate::up::Fleet;
 use clap::{Args, Parser, Subcommand};
 use pdgate_engine_sim::EngineConfig;
+use pdgate_gateway::gateway::{shutdown_signal, Gateway};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -68,7 +68,7 @@ pub struct UpArgs {
     pub time_scale: Option<f64>,
     /// PD protocol of the demo fleet: native, vllm-nixl, vllm-mooncake, sglang, trtllm.
     #[arg(long)]
-    pub protocol: Option<pdgate_engine_sim::Protocol>,
+    pub protocol: Option<pdgate_wire::Protocol>,
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +98,7 @@ pub struct EngineArgs {
     pub registry: Option<String>,
     /// PD protocol to enforce: native, vllm-nixl, vllm-mooncake, sglang, trtllm.
     #[arg(long)]
-    pub protocol: Option<pdgate_engine_sim::Protocol>,
+    pub protocol: Option<pdgate_wire::Protocol>,
     /// SGLang / vLLM Mooncake modes: how long a decode waits for its prefill (ms).
     #[arg(long)]
     pub bootstrap_timeout_ms: Option<u64>,
@@ -150,7 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 !cfg.workers.is_empty(),
                 "no [[workers]] configured; `pdgate up` starts a demo fleet instead"
             );
-            let gw = Gateway::start(cfg).await?;
+            let gw = Gateway::start(cfg.gateway()).await?;
             println!("pdgate gateway {}", gw.url());
             shutdown_signal().await;
             gw.stop().await;

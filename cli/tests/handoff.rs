@@ -3,8 +3,8 @@
 
 mod support;
 
-use pdgate_engine_sim::stats::sample;
 use pdgate_scheduler::{BlockHasher, BuiltinTokenizer, Role};
+use pdgate_wire::prometheus::sample;
 use serde_json::Value;
 use std::time::Duration;
 use support::*;

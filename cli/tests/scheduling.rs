@@ -4,8 +4,8 @@
 
 mod support;
 
-use pdgate_engine_sim::stats::sample;
 use pdgate_scheduler::Role;
+use pdgate_wire::prometheus::sample;
 use serde_json::Value;
 use std::time::Duration;
 use support::*;
@@ -98,7 +98,7 @@ async fn short_uncached_prompts_are_prefilled_on_decode_without_a_handoff() {
 /// Whether, within 3 s, the load the gateway's decode engine reported about itself, as the
 /// scheduler holds it, passes `check`.
 async fn decode_report_reaches_scheduler(
-    gw: &pdgate::Gateway,
+    gw: &pdgate_gateway::Gateway,
     check: impl Fn(&pdgate_scheduler::EngineReport) -> bool,
 ) -> bool {
     let decode_id = gw
@@ -236,7 +236,9 @@ async fn sglang_engine_metrics_reach_the_scheduler() {
         worker(sglang_metrics_engine().await, Role::Prefill),
         worker(sglang_metrics_engine().await, Role::Decode),
     ];
-    let gw = pdgate::Gateway::start(cfg).await.expect("gateway");
+    let gw = pdgate_gateway::Gateway::start(cfg.gateway())
+        .await
+        .expect("gateway");
     let seen = decode_report_reaches_scheduler(&gw, |e| {
         (e.running, e.waiting, e.kv_usage) == (3, 7, 0.625)
     })

@@ -1,0 +1,59 @@
+//! One inference request from its raw body to its response head: the in-flight slot, the parse,
+//! then one prompt through the pipeline or a batch of prompts through `batch`.
+
+use crate::batch;
+use crate::error::ApiError;
+use crate::metrics;
+use crate::openai::{self, Parsed};
+use crate::pipeline::{in_flight_permit, route};
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::response::{IntoResponse, Response};
+use pdgate_wire::openai::ApiKind;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One inference request, start to response head; runs inside the caller's request span (the
+/// listener's, which also covers the body's relay).
+pub async fn serve(
+    state: Arc<AppState>,
+    kind: ApiKind,
+    request_id: String,
+    raw: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let resp = match run(&state, kind, &request_id, raw, started).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
+            e.into_response()
+        }
+    };
+    metrics::request_done(api_label(kind), resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn run(
+    state: &Arc<AppState>,
+    kind: ApiKind,
+    request_id: &str,
+    raw: Bytes,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let permit = in_flight_permit(state)?;
+    let limits = openai::Limits {
+        served_model: &state.cfg.model.name,
+        max_batch_prompts: state.cfg.server.max_batch_prompts,
+    };
+    match openai::parse(kind, &raw, &limits)? {
+        Parsed::One(req) => route(state, &req, request_id, started, permit).await,
+        Parsed::Batch(reqs) => batch::run(state, reqs, request_id, started, permit).await,
+    }
+}
+
+fn api_label(kind: ApiKind) -> &'static str {
+    match kind {
+        ApiKind::Chat => "chat",
+        ApiKind::Completions => "completions",
+    }
+}
