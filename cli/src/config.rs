@@ -40,7 +40,7 @@ impl Config {
             workers: self.workers.clone(),
             health: self.health.clone(),
             upstream: self.upstream.clone(),
-            breaker: self.breaker.clone(),
+            breaker: self.breaker,
         }
     }
 }

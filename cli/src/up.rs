@@ -4,7 +4,6 @@
 use crate::config::{Config, WorkerConfig};
 use pdgate_engine_sim::{EngineConfig, EngineHandle};
 use pdgate_gateway::gateway::Gateway;
-use pdgate_gateway::health;
 use pdgate_scheduler::Role;
 
 pub struct Fleet {
@@ -45,18 +44,15 @@ impl Fleet {
                 ..up.engine.clone()
             };
             let handle = pdgate_engine_sim::spawn(engine_cfg).await?;
-            gateway.state.workers.add(
-                &gateway.state.scheduler,
-                &WorkerConfig {
-                    url: handle.url(),
-                    role,
-                    protocol: up.engine.protocol,
-                    bootstrap_port: None,
-                },
-            );
+            gateway.add_worker(&WorkerConfig {
+                url: handle.url(),
+                role,
+                protocol: up.engine.protocol,
+                bootstrap_port: None,
+            });
             engines.push((role, handle));
         }
-        health::check_all(&gateway.state).await;
+        gateway.check_health().await;
         Ok(Self { gateway, engines })
     }
 

@@ -307,17 +307,13 @@ async fn fleet_with_proxied_decode(time_scale: f64) -> (Fleet, std::sync::Arc<Fl
         .url();
     let proxy = flaky(decode).await;
     proxy.set_failing(false);
-    let state = &fleet.gateway.state;
-    state.workers.add(
-        &state.scheduler,
-        &WorkerConfig {
-            url: proxy.url.clone(),
-            role: Role::Decode,
-            protocol: Protocol::Native,
-            bootstrap_port: None,
-        },
-    );
-    pdgate_gateway::health::check_all(state).await;
+    fleet.gateway.add_worker(&WorkerConfig {
+        url: proxy.url.clone(),
+        role: Role::Decode,
+        protocol: Protocol::Native,
+        bootstrap_port: None,
+    });
+    fleet.gateway.check_health().await;
     (fleet, proxy)
 }
 

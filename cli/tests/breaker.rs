@@ -40,17 +40,13 @@ fn engine_url(fleet: &Fleet, role: Role) -> String {
 }
 
 async fn add_worker(fleet: &Fleet, url: &str, role: Role) {
-    let state = &fleet.gateway.state;
-    state.workers.add(
-        &state.scheduler,
-        &WorkerConfig {
-            url: url.to_string(),
-            role,
-            protocol: Protocol::VllmNixl,
-            bootstrap_port: None,
-        },
-    );
-    pdgate_gateway::health::check_all(state).await;
+    fleet.gateway.add_worker(&WorkerConfig {
+        url: url.to_string(),
+        role,
+        protocol: Protocol::VllmNixl,
+        bootstrap_port: None,
+    });
+    fleet.gateway.check_health().await;
 }
 
 async fn send(url: &str, i: usize) -> u16 {

@@ -574,7 +574,7 @@ async fn sglang_slow_prefill_answers(
     let gateway = pdgate_gateway::Gateway::start(cfg.gateway())
         .await
         .expect("gateway");
-    pdgate_gateway::health::check_all(&gateway.state).await;
+    gateway.check_health().await;
     (gateway, vec![prefill, decode])
 }
 

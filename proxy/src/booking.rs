@@ -2,25 +2,25 @@
 //! scheduler (each leg done when it ends or — on any early exit, error or client disconnect —
 //! when the booking is dropped), and each leg's verdict for its worker's circuit breaker.
 
-use crate::breaker::Outcome;
-use crate::state::AppState;
+use crate::breaker::{BreakerConfig, Outcome};
+use crate::fleet::Fleet;
 use crate::workers::Worker;
 use pdgate_scheduler::{Decision, Observed};
 use std::sync::Arc;
 
 pub struct Booking {
-    state: Arc<AppState>,
+    fleet: Arc<Fleet>,
     pub decision: Decision,
 }
 
 impl Booking {
-    pub fn new(state: Arc<AppState>, decision: Decision) -> Self {
-        Self { state, decision }
+    pub fn new(fleet: Arc<Fleet>, decision: Decision) -> Self {
+        Self { fleet, decision }
     }
 
     pub fn prefill_done(&self, observed: Option<Observed>) {
-        let now = self.state.now();
-        self.state
+        let now = self.fleet.now();
+        self.fleet
             .scheduler
             .lock()
             .prefill_done(self.decision.ticket, now, observed);
@@ -29,8 +29,8 @@ impl Booking {
 
 impl Drop for Booking {
     fn drop(&mut self) {
-        let now = self.state.now();
-        self.state
+        let now = self.fleet.now();
+        self.fleet
             .scheduler
             .lock()
             .decode_done(self.decision.ticket, now);
@@ -43,15 +43,17 @@ impl Drop for Booking {
 /// the request ended elsewhere, which says nothing about the worker and gives back a half-open
 /// probe. Every breaker outcome of a served leg goes through here.
 pub struct Verdict {
-    state: Arc<AppState>,
+    fleet: Arc<Fleet>,
+    cfg: BreakerConfig,
     worker: Arc<Worker>,
     recorded: bool,
 }
 
 impl Verdict {
-    pub fn new(state: &Arc<AppState>, worker: &Arc<Worker>) -> Self {
+    pub fn new(fleet: &Arc<Fleet>, cfg: BreakerConfig, worker: &Arc<Worker>) -> Self {
         Self {
-            state: Arc::clone(state),
+            fleet: Arc::clone(fleet),
+            cfg,
             worker: Arc::clone(worker),
             recorded: false,
         }
@@ -63,8 +65,10 @@ impl Verdict {
 
     fn fold(&mut self, outcome: Outcome) {
         self.recorded = true;
-        let (now, cfg) = (self.state.now(), &self.state.cfg.breaker);
-        self.state.workers.record(&self.worker, outcome, now, cfg);
+        let now = self.fleet.now();
+        self.fleet
+            .workers
+            .record(&self.worker, outcome, now, &self.cfg);
     }
 }
 

@@ -3,7 +3,9 @@
 //! several gateways, or traffic that bypasses pdgate, show up in decisions. vLLM's names are read
 //! first, SGLang's (`--enable-metrics`) otherwise, so either fleet reports its load.
 
-use crate::state::AppState;
+use crate::config::HealthConfig;
+use crate::fleet::Fleet;
+use crate::upstream::Client;
 use crate::workers::Worker;
 use pdgate_scheduler::EngineReport;
 use pdgate_wire::prometheus::sample;
@@ -142,26 +144,28 @@ fn num_gpu_blocks(text: &str) -> Option<u64> {
 }
 
 async fn scrape(
-    state: &AppState,
+    client: &Client,
     w: &Worker,
     timeout: Duration,
+    block_size: usize,
 ) -> Option<(EngineReport, Option<u64>)> {
-    let resp = state
-        .client
+    let resp = client
         .get(format!("{}/metrics", w.url))
         .timeout(timeout)
         .send()
         .await
         .ok()?;
-    parse(&resp.text().await.ok()?, state.cfg.scheduler.block_size)
+    parse(&resp.text().await.ok()?, block_size)
 }
 
-pub async fn scrape_all(state: &AppState) {
-    let timeout = Duration::from_millis(state.cfg.health.timeout_ms);
-    let workers = state.workers.all();
-    let results =
-        futures::future::join_all(workers.iter().map(|w| scrape(state, w, timeout))).await;
-    let mut sched = state.scheduler.lock();
+/// Every worker's own load report, scraped once, concurrently, into the scheduler.
+pub async fn scrape_all(fleet: &Fleet, client: &Client, timeout: Duration, block_size: usize) {
+    let workers = fleet.workers.all();
+    let scrapes = workers
+        .iter()
+        .map(|w| scrape(client, w, timeout, block_size));
+    let results = futures::future::join_all(scrapes).await;
+    let mut sched = fleet.scheduler.lock();
     for (w, r) in workers.iter().zip(results) {
         if let Some((report, blocks)) = r {
             sched.observe_engine(w.id, report, blocks);
@@ -169,15 +173,21 @@ pub async fn scrape_all(state: &AppState) {
     }
 }
 
-pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
-    let every = state.cfg.health.metrics_interval_ms;
+pub fn spawn(
+    fleet: Arc<Fleet>,
+    client: Client,
+    cfg: &HealthConfig,
+    block_size: usize,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let every = cfg.metrics_interval_ms;
+    let timeout = Duration::from_millis(cfg.timeout_ms);
     (every > 0).then(|| {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(every));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                scrape_all(&state).await;
+                scrape_all(&fleet, &client, timeout, block_size).await;
             }
         })
     })

@@ -1,7 +1,7 @@
 //! Starting and stopping a gateway: bind, build state, start health checks, serve with graceful
 //! drain. Used by `pdgate serve`, `pdgate up` and the tests alike.
 
-use crate::config::Config;
+use crate::config::{Config, WorkerConfig};
 use crate::state::AppState;
 use crate::{health, listener, server};
 use std::net::SocketAddr;
@@ -25,8 +25,17 @@ impl Gateway {
             tokio::net::TcpListener::bind((cfg.server.host.as_str(), cfg.server.port)).await?;
         let addr = listener.local_addr()?;
         let state = AppState::new(cfg)?;
-        let health = health::spawn(Arc::clone(&state));
-        let scraper = crate::engine_metrics::spawn(Arc::clone(&state));
+        let health = health::spawn(
+            Arc::clone(&state.fleet),
+            state.client.clone(),
+            state.cfg.health.clone(),
+        );
+        let scraper = crate::engine_metrics::spawn(
+            Arc::clone(&state.fleet),
+            state.client.clone(),
+            &state.cfg.health,
+            state.cfg.scheduler.block_size,
+        );
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(listener::serve(listener, Arc::clone(&state), app, async {
@@ -40,6 +49,17 @@ impl Gateway {
             health,
             scraper,
         })
+    }
+
+    /// Adds an engine to the fleet; it takes traffic once a health check passed.
+    pub fn add_worker(&self, cfg: &WorkerConfig) {
+        self.state.fleet.add(cfg);
+    }
+
+    /// Checks every worker's health once, now.
+    pub async fn check_health(&self) {
+        let s = &self.state;
+        health::check_all(&s.fleet, &s.client, &s.cfg.health).await;
     }
 
     pub fn url(&self) -> String {

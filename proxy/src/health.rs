@@ -1,16 +1,17 @@
 //! Active health checking: every worker's `/health` on an interval with a deadline, folded into
 //! hysteresis thresholds; flips are pushed into the scheduler so a down worker gets no traffic.
 
-use crate::state::AppState;
+use crate::config::HealthConfig;
+use crate::fleet::Fleet;
+use crate::upstream::Client;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Checks every worker once, concurrently.
-pub async fn check_all(state: &AppState) {
-    let cfg = &state.cfg.health;
+pub async fn check_all(fleet: &Fleet, client: &Client, cfg: &HealthConfig) {
     let timeout = Duration::from_millis(cfg.timeout_ms);
-    let checks = state.workers.all().into_iter().map(|w| {
-        let client = state.client.clone();
+    let checks = fleet.workers.all().into_iter().map(|w| {
+        let client = client.clone();
         async move {
             let ok = matches!(
                 client.get(format!("{}/health", w.url)).timeout(timeout).send().await,
@@ -21,7 +22,7 @@ pub async fn check_all(state: &AppState) {
     });
     for (w, ok) in futures::future::join_all(checks).await {
         if let Some(healthy) = w.observe(ok, cfg.fail_threshold, cfg.recover_threshold) {
-            state.scheduler.lock().set_healthy(w.id, healthy);
+            fleet.scheduler.lock().set_healthy(w.id, healthy);
             if healthy {
                 tracing::info!(worker = %w.url, role = %w.role, "worker up");
             } else {
@@ -29,18 +30,17 @@ pub async fn check_all(state: &AppState) {
             }
         }
     }
-    crate::metrics::record_health(&state.scheduler.lock());
+    crate::metrics::record_health(&fleet.scheduler.lock());
 }
 
 /// Runs checks forever; the first pass runs at once.
-pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(fleet: Arc<Fleet>, client: Client, cfg: HealthConfig) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(state.cfg.health.interval_ms.max(10)));
+        let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            check_all(&state).await;
+            check_all(&fleet, &client, &cfg).await;
         }
     })
 }

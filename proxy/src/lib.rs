@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod config;
 pub mod engine_metrics;
 pub mod error;
+pub mod fleet;
 pub mod gateway;
 pub mod health;
 pub mod inference;

@@ -58,7 +58,7 @@ pub async fn route(
     let mut last_failed: Option<(Booking, Arc<Worker>, ApiError)> = None;
     loop {
         let mut avoid: Vec<InstanceId> = failed.iter().chain(&contested).copied().collect();
-        state.workers.add_tripped(state.now(), &mut avoid);
+        state.fleet.workers.add_tripped(state.now(), &mut avoid);
         let booking = match schedule(state, &key, &avoid) {
             Ok(b) => b,
             Err(r) => {
@@ -78,8 +78,8 @@ pub async fn route(
             }
         };
         let decision = booking.decision;
-        let decode = state.workers.get(decision.decode);
-        let prefill = decision.prefill.map(|id| state.workers.get(id));
+        let decode = state.fleet.workers.get(decision.decode);
+        let prefill = decision.prefill.map(|id| state.fleet.workers.get(id));
         let (Some(decode), Some(prefill)) = (decode, prefill.map_or(Some(None), |p| p.map(Some)))
         else {
             return Err(ApiError::unavailable(
@@ -110,8 +110,10 @@ pub async fn route(
             decode: &decode,
         };
         let verdicts = (
-            prefill.as_ref().map(|p| Verdict::new(state, p)),
-            Verdict::new(state, &decode),
+            prefill
+                .as_ref()
+                .map(|p| Verdict::new(&state.fleet, state.cfg.breaker, p)),
+            Verdict::new(&state.fleet, state.cfg.breaker, &decode),
         );
         let result = protocol::run_legs(decode.protocol, &ctx, |observed| {
             booking.prefill_done(observed)
@@ -165,13 +167,14 @@ fn claim_pair(
     decode: &Worker,
 ) -> Result<(), InstanceId> {
     let now = state.now();
-    if !state.workers.claim(decode, now) {
+    if !state.fleet.workers.claim(decode, now) {
         return Err(decode.id);
     }
     if let Some(p) = prefill {
-        if !state.workers.claim(p, now) {
+        if !state.fleet.workers.claim(p, now) {
             // Give back the decode's claim (its probe, if half-open): it served nothing.
             state
+                .fleet
                 .workers
                 .record(decode, Outcome::Unknown, now, &state.cfg.breaker);
             return Err(p.id);
@@ -226,7 +229,7 @@ async fn fallback(
     cause: ApiError,
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    if !state.workers.claim(&decode, state.now()) {
+    if !state.fleet.workers.claim(&decode, state.now()) {
         return Err(cause);
     }
     tracing::warn!(decode = %decode.url, cause = %cause.message, "every prefill failed; decode prefills the request itself (fallback_to_decode)");
@@ -241,7 +244,7 @@ async fn fallback(
         prefill: None,
         decode: &decode,
     };
-    let verdicts = (None, Verdict::new(state, &decode));
+    let verdicts = (None, Verdict::new(&state.fleet, state.cfg.breaker, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;
     let (start, verdict) = account_breakers(verdicts, result).map_err(|e| e.error)?;
     let served = Served {
@@ -287,6 +290,7 @@ fn schedule(
 ) -> Result<Booking, Rejection> {
     let began = Instant::now();
     let result = state
+        .fleet
         .scheduler
         .lock()
         .schedule_avoiding(key, state.now(), avoid);
@@ -295,7 +299,7 @@ fn schedule(
         began.elapsed(),
         &result,
     );
-    Ok(Booking::new(Arc::clone(state), result?))
+    Ok(Booking::new(Arc::clone(&state.fleet), result?))
 }
 
 /// The client's answer to a scheduling rejection: 503 when nothing can serve, 400 when nothing

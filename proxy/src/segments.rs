@@ -3,17 +3,16 @@
 //! in-memory registry; this file is only its HTTP face.
 
 use crate::error::ApiError;
-use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use pdgate_transfer::{MetadataStore, SegmentDesc};
+use pdgate_transfer::{MemoryRegistry, MetadataStore, SegmentDesc};
 use pdgate_wire::registry::REGISTRY_PATH;
 use std::sync::Arc;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub fn router() -> Router<Arc<MemoryRegistry>> {
     Router::new()
         .route(REGISTRY_PATH, get(list).post(publish))
         .route(
@@ -22,25 +21,24 @@ pub fn router() -> Router<Arc<AppState>> {
         )
 }
 
-async fn list(State(s): State<Arc<AppState>>) -> Result<Json<Vec<SegmentDesc>>, ApiError> {
-    s.segments.list().await.map(Json).map_err(internal)
+async fn list(State(s): State<Arc<MemoryRegistry>>) -> Result<Json<Vec<SegmentDesc>>, ApiError> {
+    s.list().await.map(Json).map_err(internal)
 }
 
 async fn publish(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<MemoryRegistry>>,
     Json(desc): Json<SegmentDesc>,
 ) -> Result<Response, ApiError> {
     tracing::info!(segment = %desc.name, endpoint = %desc.endpoint, bytes = desc.len, "segment registered");
-    s.segments.publish(desc).await.map_err(internal)?;
+    s.publish(desc).await.map_err(internal)?;
     Ok(StatusCode::CREATED.into_response())
 }
 
 async fn lookup(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<MemoryRegistry>>,
     Path(name): Path<String>,
 ) -> Result<Json<SegmentDesc>, ApiError> {
-    s.segments
-        .lookup(&name)
+    s.lookup(&name)
         .await
         .map_err(internal)?
         .map(Json)
@@ -48,10 +46,10 @@ async fn lookup(
 }
 
 async fn remove(
-    State(s): State<Arc<AppState>>,
+    State(s): State<Arc<MemoryRegistry>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.segments.remove(&name).await.map_err(internal)?;
+    s.remove(&name).await.map_err(internal)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -14,15 +14,20 @@ use serde_json::json;
 use std::sync::Arc;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    // Rooms off the serving path get only their handle.
+    let admin = Router::new()
+        .route("/admin/workers", get(admin::workers))
+        .with_state(Arc::clone(&state.fleet));
+    let registry = segments::router().with_state(Arc::clone(&state.segments));
     Router::new()
         .route("/v1/models", get(models))
-        .route("/admin/workers", get(admin::workers))
-        .merge(segments::router())
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
+        .merge(admin)
+        .merge(registry)
+        .fallback(|| async { ApiError::not_found("no such route") })
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -33,7 +38,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 
 /// Ready when at least one healthy prefill and one healthy decode instance exist.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let (p, d) = state.scheduler.lock().healthy_counts();
+    let (p, d) = state.fleet.scheduler.lock().healthy_counts();
     let body = Json(json!({"ready": p > 0 && d > 0, "healthy_prefill": p, "healthy_decode": d}));
     let status = if p > 0 && d > 0 {
         StatusCode::OK
@@ -44,7 +49,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    crate::metrics::record_health(&state.scheduler.lock());
+    crate::metrics::record_health(&state.fleet.scheduler.lock());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

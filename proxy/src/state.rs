@@ -1,31 +1,28 @@
-//! What every handler shares: config, the worker registry, the scheduler, the tokenizer, the
-//! upstream HTTP client, the segment registry hosted for the transfer engines, and the metrics
-//! handle.
+//! What the serving path shares: config, the fleet (workers and scheduler), the prefix keyer
+//! (tokenizer and block hasher), the engine client, the segment registry hosted for the transfer
+//! engines, the metrics handle and the in-flight bound. Rooms off the serving path take only the
+//! handle they need (`Fleet`, the registry).
 
 use crate::config::Config;
-use crate::workers::Workers;
+use crate::fleet::Fleet;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use parking_lot::Mutex;
-use pdgate_scheduler::{BlockHasher, Scheduler, Tokenizer};
+use pdgate_scheduler::{BlockHasher, Tokenizer};
 use pdgate_transfer::MemoryRegistry;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 pub struct AppState {
     pub cfg: Config,
-    pub workers: Workers,
-    pub scheduler: Mutex<Scheduler>,
+    pub fleet: Arc<Fleet>,
     pub tokenizer: Tokenizer,
     pub hasher: BlockHasher,
     pub client: crate::upstream::Client,
-    pub segments: MemoryRegistry,
+    pub segments: Arc<MemoryRegistry>,
     pub metrics: PrometheusHandle,
     /// Bounds requests in flight; acquisition never waits.
     pub in_flight: Arc<Semaphore>,
-    /// The scheduler's time origin: it is fed `epoch.elapsed()`, never reads a clock itself.
-    pub epoch: Instant,
 }
 
 impl AppState {
@@ -46,28 +43,28 @@ impl AppState {
             None => Tokenizer::builtin(),
         };
         let state = Arc::new(Self {
-            workers: Workers::default(),
-            scheduler: Mutex::new(Scheduler::new(cfg.scheduler.clone())),
+            fleet: Arc::new(Fleet::new(cfg.scheduler.clone())),
             tokenizer,
             hasher: BlockHasher::new(
                 cfg.scheduler.block_size,
                 pdgate_scheduler::blocks::DEFAULT_SEED,
             ),
             client,
-            segments: MemoryRegistry::default()
-                .with_ttl(Duration::from_secs(cfg.server.segment_ttl_secs.max(1))),
+            segments: Arc::new(
+                MemoryRegistry::default()
+                    .with_ttl(Duration::from_secs(cfg.server.segment_ttl_secs.max(1))),
+            ),
             metrics: crate::metrics::install(),
             in_flight: Arc::new(Semaphore::new(cfg.server.max_in_flight.max(1))),
-            epoch: Instant::now(),
             cfg,
         });
         for w in &state.cfg.workers {
-            state.workers.add(&state.scheduler, w);
+            state.fleet.add(w);
         }
         Ok(state)
     }
 
     pub fn now(&self) -> Duration {
-        self.epoch.elapsed()
+        self.fleet.now()
     }
 }
