@@ -48,7 +48,7 @@ pub struct Engine {
     /// Push-mode bootstrap rooms (SGLang, vLLM Mooncake) on a prefill engine.
     pub rendezvous: protocol::rendezvous::Rendezvous,
     /// Push-mode offers: the mailbox a prefill takes them on, the mailboxes a decode learnt.
-    pub bootstrap: protocol::bootstrap::Bootstrap,
+    pub bootstrap: protocol::mailbox::Bootstrap,
 }
 
 impl IntoResponse for ApiError {
@@ -147,14 +147,14 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
     let bootstrap = match cfg.role == Role::Prefill && protocol::prefill_takes_offers(cfg.protocol)
     {
         true => {
-            let name = protocol::bootstrap::mailbox_name(&cfg.model, addr.port());
-            let mailbox = transfer.register_segment(&name, protocol::bootstrap::MAILBOX_BYTES)?;
+            let name = protocol::mailbox::mailbox_name(&cfg.model, addr.port());
+            let mailbox = transfer.register_segment(&name, protocol::mailbox::MAILBOX_BYTES)?;
             if let Some(reg) = &registry {
                 reg.publish(transfer.describe(&mailbox)).await?;
             }
-            protocol::bootstrap::Bootstrap::with_mailbox(mailbox)
+            protocol::mailbox::Bootstrap::with_mailbox(mailbox)
         }
-        false => protocol::bootstrap::Bootstrap::default(),
+        false => protocol::mailbox::Bootstrap::default(),
     };
     let engine = Arc::new(Engine {
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),

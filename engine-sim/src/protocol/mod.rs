@@ -9,6 +9,7 @@
 
 pub mod abort;
 pub mod bootstrap;
+pub mod mailbox;
 pub mod pull;
 pub mod rendezvous;
 pub mod sglang;
