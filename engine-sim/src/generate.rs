@@ -3,13 +3,13 @@
 //! engine's pool and every one of them is verified before a token is produced.
 
 use crate::config::Protocol;
+use crate::engine::{now_secs, Engine};
 use crate::logprobs::Logprobs;
 use crate::native::{DecodeLeg, DECODE_FIELD};
 use crate::openai::{usage, ApiError, ApiKind, Envelope, GenRequest};
 use crate::pool::Claim;
 use crate::protocol::abort::AbortHandle;
 use crate::protocol::{self, Decorate, Prepared};
-use crate::server::{now_secs, Engine};
 use crate::stats::Stats;
 use crate::{kv, text};
 use axum::body::{Body, Bytes};
@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pdgate_scheduler::{BlockHash, BuiltinTokenizer};
+use pdgate_scheduler::BuiltinTokenizer;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,24 +199,6 @@ async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, Ap
     e.cache.lock().insert(&full);
     Stats::add(&e.stats.generation_tokens, 1);
     Ok(text::token_at(key, e.cfg.seed, 0))
-}
-
-impl Engine {
-    /// The full blocks among `all`, the hashes of every block of `tokens`: what a prefix cache
-    /// holds, without hashing the prompt a second time.
-    pub fn full_blocks<'a>(&self, all: &'a [BlockHash], tokens: &[u32]) -> &'a [BlockHash] {
-        &all[..(tokens.len() / self.hasher.block_size()).min(all.len())]
-    }
-
-    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache, counts the
-    /// query, returns uncached tokens.
-    pub fn lookup_prefix(&self, tokens: &[u32], full: &[BlockHash]) -> usize {
-        let hit_blocks = self.cache.lock().match_prefix(full);
-        let hit_tokens = hit_blocks * self.hasher.block_size();
-        Stats::add(&self.stats.prefix_queries_tokens, tokens.len() as u64);
-        Stats::add(&self.stats.prefix_hits_tokens, hit_tokens as u64);
-        tokens.len() - hit_tokens
-    }
 }
 
 struct Output {

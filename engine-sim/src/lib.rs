@@ -9,6 +9,7 @@
 pub mod batcher;
 pub mod cache;
 pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod logprobs;

@@ -4,13 +4,13 @@
 //! prompt into the decode engine's reserved slots through the transfer engine, closing the last
 //! batch with a landing notification. It answers only after the decode side acknowledged.
 
+use crate::engine::Engine;
 use crate::native::{
     KvDescriptor, KvLanded, PrefillReport, PrefillRequest, ReleaseRequest, ReleaseResponse,
     ReserveRequest,
 };
 use crate::openai::ApiError;
 use crate::pool::PoolError;
-use crate::server::Engine;
 use crate::stats::Stats;
 use crate::{kv, text};
 use axum::extract::State;

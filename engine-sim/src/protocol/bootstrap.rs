@@ -12,8 +12,8 @@
 
 use super::mailbox;
 use super::rendezvous::Offer;
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use crate::stats::Stats;
 use axum::extract::State;
 use axum::Json;

@@ -18,9 +18,9 @@ pub mod vllm_mooncake;
 pub mod vllm_nixl;
 
 use crate::config::Protocol;
+use crate::engine::Engine;
 use crate::openai::ApiError;
 use crate::pool::Claim;
-use crate::server::Engine;
 use serde_json::Value;
 use tokio::sync::watch;
 

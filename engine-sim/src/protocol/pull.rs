@@ -6,10 +6,10 @@
 //! It must never let a decode generate from blocks it did not read and verify: blocks freed on
 //! the prefill side are zeroed, so a late or repeated pull fails loudly.
 
+use crate::engine::Engine;
 use crate::kv;
 use crate::openai::ApiError;
 use crate::pool::{Claim, KvPool, PoolError};
-use crate::server::Engine;
 use crate::stats::Stats;
 use bytes::Bytes;
 use pdgate_scheduler::BlockHash;

@@ -12,8 +12,8 @@
 
 use super::rendezvous::Offer;
 use super::{abort, pull, Leg, Prepared};
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use pdgate_scheduler::Role;
 use serde_json::Value;
 use std::time::{Duration, Instant};

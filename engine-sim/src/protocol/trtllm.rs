@@ -10,8 +10,8 @@
 
 use super::pull::{self, HeldKv};
 use super::{Leg, Prepared};
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use crate::text;
 use base64::Engine as _;
 use serde_json::{json, Value};

@@ -9,8 +9,8 @@
 //! It never generates on a decode leg whose transfer did not complete in time.
 
 use super::{sglang, Prepared};
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use serde_json::{json, Value};
 use std::time::Duration;
 

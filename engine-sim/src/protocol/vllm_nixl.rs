@@ -9,8 +9,8 @@
 
 use super::pull::{self, HeldKv};
 use super::{Leg, Prepared};
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use serde_json::{json, Value};
 
 pub const FIELD: &str = "kv_transfer_params";
