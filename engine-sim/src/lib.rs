@@ -22,6 +22,7 @@ pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod text;
+pub mod verify;
 
 pub use config::{EngineConfig, Faults, Protocol, TimingModel};
 pub use server::{spawn, Engine, EngineHandle};

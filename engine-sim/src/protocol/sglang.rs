@@ -147,7 +147,7 @@ pub(super) async fn decode(
     })?;
     let mut release = release;
     release.armed = false;
-    crate::generate::verify_claim(e, &claim, tokens, room)?;
+    crate::verify::verify_claim(e, &claim, tokens, room)?;
     Ok(Prepared::Decode(Leg {
         claim: Some(claim),
         first: None,
