@@ -119,7 +119,7 @@ async fn locate(e: &Engine, bootstrap: &str) -> Result<SegmentDesc, ApiError> {
         .json()
         .await
         .map_err(|err| unreachable(bootstrap, err))?;
-    let desc = crate::pd::locate(e, &mailbox.segment, &mailbox.endpoint, mailbox.len)
+    let desc = crate::peers::locate(e, &mailbox.segment, &mailbox.endpoint, mailbox.len)
         .await
         .map_err(|err| unreachable(bootstrap, err))?;
     e.bootstrap.learn(bootstrap, desc.clone());

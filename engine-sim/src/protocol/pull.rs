@@ -221,6 +221,6 @@ async fn peer(e: &Engine, held: &HeldKv) -> Result<SegmentDesc, ApiError> {
                 ),
             )
         })?;
-    crate::pd::remember_peer(e, desc.clone());
+    crate::peers::remember_peer(e, desc.clone());
     Ok(desc)
 }

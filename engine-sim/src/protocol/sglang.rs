@@ -99,7 +99,7 @@ pub(super) async fn prefill(
         );
         return Err(ApiError::server(500, "kv_transfer_failed", msg));
     }
-    crate::pd::send_blocks(e, &target.request_id, &target, &blocks).await?;
+    crate::push::send_blocks(e, &target.request_id, &target, &blocks).await?;
     Ok(Prepared::PrefillOnly(Box::new(|_| {})))
 }
 
