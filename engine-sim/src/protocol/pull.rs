@@ -38,6 +38,11 @@ pub struct KvPulled {
     pub pulled: String,
 }
 
+/// A pool key unique on this engine even when a request id repeats (retries, odd clients).
+pub fn unique_key(rid: &str) -> String {
+    format!("{rid}#{:08x}", rand::random::<u32>())
+}
+
 fn pool_of(e: &Engine) -> Result<&Arc<KvPool>, ApiError> {
     e.pool
         .as_ref()

@@ -10,8 +10,9 @@
 //! It never generates on a decode leg whose room no prefill filled in time: that is an error,
 //! as in SGLang, not a local recompute.
 
+use super::prepared::{Leg, Prepared};
 use super::rendezvous::Offer;
-use super::{abort, pull, Leg, Prepared};
+use super::{abort, pull};
 use crate::engine::Engine;
 use crate::openai::ApiError;
 use pdgate_scheduler::Role;

@@ -8,7 +8,8 @@
 //!
 //! It never generates on a decode leg whose transfer did not complete in time.
 
-use super::{sglang, Prepared};
+use super::prepared::Prepared;
+use super::sglang;
 use crate::engine::Engine;
 use crate::openai::ApiError;
 use serde_json::{json, Value};
