@@ -3,20 +3,21 @@
 //! engine's pool and every one of them is verified before a token is produced.
 
 use crate::config::Protocol;
+use crate::engine::{now_secs, Engine};
 use crate::logprobs::Logprobs;
 use crate::openai::{usage, ApiError, ApiKind, Envelope, GenRequest};
 use crate::pool::Claim;
 use crate::protocol::abort::AbortHandle;
 use crate::protocol::{self, Decorate, Prepared};
-use crate::server::{now_secs, Engine};
 use crate::stats::Stats;
-use crate::{kv, text};
+use crate::text;
+use crate::verify::verify_claim;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pdgate_scheduler::{BlockHash, BuiltinTokenizer};
+use pdgate_scheduler::BuiltinTokenizer;
 use pdgate_wire::native::{DecodeLeg, DECODE_FIELD};
 use serde_json::Value;
 use std::sync::Arc;
@@ -148,46 +149,6 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
     Ok(claim)
 }
 
-/// Checks every block a claim holds against the prompt's own chained hashes.
-pub fn verify_claim(
-    e: &Engine,
-    claim: &Claim,
-    tokens: &[u32],
-    request_id: &str,
-) -> Result<(), ApiError> {
-    let hashes = e.hasher.all_blocks(tokens);
-    if hashes.len() != claim.slots.len() {
-        Stats::add(&e.stats.kv_verify_failures, 1);
-        let msg = format!(
-            "prompt needs {} KV blocks but the reservation holds {}",
-            hashes.len(),
-            claim.slots.len()
-        );
-        return Err(ApiError::server(500, "kv_verification_failed", msg));
-    }
-    let pool = e
-        .pool
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("role", "this engine is not a decode engine"))?;
-    let block_bytes = pool.block_bytes() as usize;
-    let mut buf = vec![0u8; block_bytes];
-    for (i, (hash, slot)) in hashes.iter().zip(&claim.slots).enumerate() {
-        let offset = *slot as usize * block_bytes;
-        let ok =
-            pool.segment().read_into(offset, &mut buf).is_ok() && kv::verify_block(*hash, &buf);
-        if !ok {
-            Stats::add(&e.stats.kv_verify_failures, 1);
-            let msg = format!("KV block {i} of request `{}` failed verification (lost, misplaced or corrupted in transfer)", request_id);
-            tracing::error!(request_id = %request_id, block = i, "KV verification failed");
-            return Err(ApiError::server(500, "kv_verification_failed", msg));
-        }
-    }
-    Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
-    // Decode now holds this prefix, as a real engine would after receiving it.
-    e.cache.lock().insert(e.full_blocks(&hashes, tokens));
-    Ok(())
-}
-
 /// Prefills on this engine (a non-PD request), reusing cached leading blocks.
 async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, ApiError> {
     let full = e.hasher.full_blocks(tokens);
@@ -199,24 +160,6 @@ async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, Ap
     e.cache.lock().insert(&full);
     Stats::add(&e.stats.generation_tokens, 1);
     Ok(text::token_at(key, e.cfg.seed, 0))
-}
-
-impl Engine {
-    /// The full blocks among `all`, the hashes of every block of `tokens`: what a prefix cache
-    /// holds, without hashing the prompt a second time.
-    pub fn full_blocks<'a>(&self, all: &'a [BlockHash], tokens: &[u32]) -> &'a [BlockHash] {
-        &all[..(tokens.len() / self.hasher.block_size()).min(all.len())]
-    }
-
-    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache, counts the
-    /// query, returns uncached tokens.
-    pub fn lookup_prefix(&self, tokens: &[u32], full: &[BlockHash]) -> usize {
-        let hit_blocks = self.cache.lock().match_prefix(full);
-        let hit_tokens = hit_blocks * self.hasher.block_size();
-        Stats::add(&self.stats.prefix_queries_tokens, tokens.len() as u64);
-        Stats::add(&self.stats.prefix_hits_tokens, hit_tokens as u64);
-        tokens.len() - hit_tokens
-    }
 }
 
 struct Output {

@@ -9,17 +9,21 @@
 pub mod batcher;
 pub mod cache;
 pub mod config;
+pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod logprobs;
 pub mod openai;
 pub mod pd;
+pub mod peers;
 pub mod pool;
 pub mod protocol;
+pub mod push;
 pub mod registry;
 pub mod server;
 pub mod stats;
 pub mod text;
+pub mod verify;
 
 pub use config::{EngineConfig, Faults, Protocol, TimingModel};
 pub use server::{spawn, Engine, EngineHandle};

@@ -1,10 +1,13 @@
-//! The engine's HTTP surface and lifecycle: state shared by the handlers, the router, background
-//! tasks (transfer notifications: KV landed or pulled, bootstrap offers; reservation sweeping),
-//! registration with the segment registry, and graceful shutdown.
+//! The engine's HTTP surface and lifecycle: building the shared state (`engine`), the router,
+//! background tasks (transfer notifications: KV landed or pulled, bootstrap offers; reservation
+//! sweeping), registration with the segment registry, and graceful shutdown.
+//!
+//! The top of the crate: it wires every handler and no handler imports it.
 
 use crate::batcher::Gpu;
 use crate::cache::PrefixCache;
 use crate::config::EngineConfig;
+use crate::engine::now_secs;
 use crate::openai::ApiError;
 use crate::pool::KvPool;
 use crate::registry::HttpRegistry;
@@ -26,31 +29,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub struct Engine {
-    pub cfg: EngineConfig,
-    pub stats: Arc<Stats>,
-    pub gpu: Gpu,
-    pub cache: Mutex<PrefixCache>,
-    pub hasher: BlockHasher,
-    pub transfer: Arc<TransferEngine>,
-    /// Present on decode engines: where prefill engines write KV.
-    pub pool: Option<Arc<KvPool>>,
-    pub registry: Option<Arc<dyn MetadataStore>>,
-    /// Segments looked up in the registry, so a prefill does not ask for every request.
-    pub peers: Mutex<std::collections::HashMap<String, pdgate_transfer::SegmentDesc>>,
-    /// Re-publishes the KV segment in the registry; stopped before deregistering.
-    heartbeat: Mutex<Option<JoinHandle<()>>>,
-    pub started: u64,
-    pub http_addr: SocketAddr,
-    /// For engine-to-engine calls (a decode asking a prefill's bootstrap server for its mailbox).
-    pub client: reqwest::Client,
-    /// Running legs by request id, for `/abort_request`.
-    pub aborts: Arc<protocol::abort::Aborts>,
-    /// Push-mode bootstrap rooms (SGLang, vLLM Mooncake) on a prefill engine.
-    pub rendezvous: protocol::rendezvous::Rendezvous,
-    /// Push-mode offers: the mailbox a prefill takes them on, the mailboxes a decode learnt.
-    pub bootstrap: protocol::bootstrap::Bootstrap,
-}
+/// Where the crate root (and so other crates) has always found it.
+pub use crate::engine::Engine;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -148,14 +128,14 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
     let bootstrap = match cfg.role == Role::Prefill && protocol::prefill_takes_offers(cfg.protocol)
     {
         true => {
-            let name = protocol::bootstrap::mailbox_name(&cfg.model, addr.port());
-            let mailbox = transfer.register_segment(&name, protocol::bootstrap::MAILBOX_BYTES)?;
+            let name = protocol::mailbox::mailbox_name(&cfg.model, addr.port());
+            let mailbox = transfer.register_segment(&name, protocol::mailbox::MAILBOX_BYTES)?;
             if let Some(reg) = &registry {
                 reg.publish(transfer.describe(&mailbox)).await?;
             }
-            protocol::bootstrap::Bootstrap::with_mailbox(mailbox)
+            protocol::mailbox::Bootstrap::with_mailbox(mailbox)
         }
-        false => protocol::bootstrap::Bootstrap::default(),
+        false => protocol::mailbox::Bootstrap::default(),
     };
     let engine = Arc::new(Engine {
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
@@ -325,13 +305,6 @@ async fn metrics(State(e): State<Arc<Engine>>) -> impl IntoResponse {
         e.stats
             .render(&e.cfg.model, e.cfg.block_size, e.cfg.kv_blocks),
     )
-}
-
-pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Small SSE chunks and JSON answers must not wait on Nagle's algorithm (it adds tens of ms per

@@ -9,6 +9,8 @@
 
 pub mod abort;
 pub mod bootstrap;
+pub mod mailbox;
+pub mod prepared;
 pub mod pull;
 pub mod rendezvous;
 pub mod sglang;
@@ -17,29 +19,12 @@ pub mod vllm_mooncake;
 pub mod vllm_nixl;
 
 use crate::config::Protocol;
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::pool::Claim;
-use crate::server::Engine;
 use serde_json::Value;
 use tokio::sync::watch;
 
-/// Adds protocol fields to a prefill-only leg's (non-streamed) response.
-pub type Decorate = Box<dyn FnOnce(&mut Value) + Send>;
-
-/// A decode leg whose KV is in place.
-pub struct Leg {
-    pub claim: Option<Claim>,
-    /// The first generated token when the protocol carries it (else it is recomputed).
-    pub first: Option<u32>,
-}
-
-pub enum Prepared {
-    /// Not a PD leg: prefill here and decode.
-    Plain,
-    /// A prefill-only leg: prefill done and KV held or pushed; answer with one token.
-    PrefillOnly(Decorate),
-    Decode(Leg),
-}
+pub use prepared::{Decorate, Leg, Prepared};
 
 /// What this engine must do with a request under its protocol.
 pub async fn prepare(
@@ -69,11 +54,6 @@ pub fn prefill_takes_offers(p: Protocol) -> bool {
 /// Whether this mode keeps KV blocks in a pool on prefill engines too (pull-mode protocols).
 pub fn prefill_holds_kv(p: Protocol) -> bool {
     matches!(p, Protocol::VllmNixl | Protocol::Trtllm)
-}
-
-/// A pool key unique on this engine even when a request id repeats (retries, odd clients).
-pub fn unique_key(rid: &str) -> String {
-    format!("{rid}#{:08x}", rand::random::<u32>())
 }
 
 /// `POST /abort_request {"rid": ...}` (SGLang's shape; accepted in every mode).

@@ -6,10 +6,10 @@
 //! It must never let a decode generate from blocks it did not read and verify: blocks freed on
 //! the prefill side are zeroed, so a late or repeated pull fails loudly.
 
+use crate::engine::Engine;
 use crate::kv;
 use crate::openai::ApiError;
 use crate::pool::{Claim, KvPool, PoolError};
-use crate::server::Engine;
 use crate::stats::Stats;
 use bytes::Bytes;
 use pdgate_scheduler::BlockHash;
@@ -36,6 +36,11 @@ pub struct HeldKv {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KvPulled {
     pub pulled: String,
+}
+
+/// A pool key unique on this engine even when a request id repeats (retries, odd clients).
+pub fn unique_key(rid: &str) -> String {
+    format!("{rid}#{:08x}", rand::random::<u32>())
 }
 
 fn pool_of(e: &Engine) -> Result<&Arc<KvPool>, ApiError> {
@@ -221,6 +226,6 @@ async fn peer(e: &Engine, held: &HeldKv) -> Result<SegmentDesc, ApiError> {
                 ),
             )
         })?;
-    crate::pd::remember_peer(e, desc.clone());
+    crate::peers::remember_peer(e, desc.clone());
     Ok(desc)
 }

@@ -8,10 +8,10 @@
 //! It never generates on a generation-only leg whose opaque state it cannot read or whose blocks
 //! fail verification.
 
+use super::prepared::{Leg, Prepared};
 use super::pull::{self, HeldKv};
-use super::{Leg, Prepared};
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use crate::text;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -29,7 +29,7 @@ pub async fn prepare(
     };
     match params.get("request_type").and_then(Value::as_str) {
         Some("context_only") => {
-            let key = super::unique_key(rid);
+            let key = pull::unique_key(rid);
             let held = pull::prefill_and_hold(e, &key, tokens).await?;
             let state = serde_json::to_vec(&held).unwrap_or_default();
             let first = text::token_at(text::prompt_key(tokens), e.cfg.seed, 0);
@@ -57,7 +57,7 @@ pub async fn prepare(
                         "`first_gen_tokens` is required on a generation-only request",
                     )
                 })?;
-            let claim = pull::pull(e, &super::unique_key(rid), &held, tokens, FIELD).await?;
+            let claim = pull::pull(e, &pull::unique_key(rid), &held, tokens, FIELD).await?;
             Ok(Prepared::Decode(Leg {
                 claim: Some(claim),
                 first: Some(u32::try_from(first).unwrap_or(u32::MAX)),

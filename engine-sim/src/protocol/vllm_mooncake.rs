@@ -8,9 +8,10 @@
 //!
 //! It never generates on a decode leg whose transfer did not complete in time.
 
-use super::{sglang, Prepared};
+use super::prepared::Prepared;
+use super::sglang;
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -7,10 +7,10 @@
 //! Like vLLM, it never prefills on a decode leg that names remote blocks it cannot read: a
 //! missing or corrupted block is an error, not a silent recompute.
 
+use super::prepared::{Leg, Prepared};
 use super::pull::{self, HeldKv};
-use super::{Leg, Prepared};
+use crate::engine::Engine;
 use crate::openai::ApiError;
-use crate::server::Engine;
 use serde_json::{json, Value};
 
 pub const FIELD: &str = "kv_transfer_params";
@@ -26,7 +26,7 @@ pub async fn prepare(
     };
     let flag = |k: &str| params.get(k).and_then(Value::as_bool).unwrap_or(false);
     if flag("do_remote_decode") {
-        let key = super::unique_key(rid);
+        let key = pull::unique_key(rid);
         let held = pull::prefill_and_hold(e, &key, tokens).await?;
         let (host, port) = split_endpoint(&held.endpoint);
         let params = json!({
@@ -45,7 +45,7 @@ pub async fn prepare(
     }
     if flag("do_remote_prefill") {
         let held = held_of(params, rid)?;
-        let claim = pull::pull(e, &super::unique_key(rid), &held, tokens, FIELD).await?;
+        let claim = pull::pull(e, &pull::unique_key(rid), &held, tokens, FIELD).await?;
         return Ok(Prepared::Decode(Leg {
             claim: Some(claim),
             first: None,
