@@ -24,4 +24,30 @@ for crate in pdgate-scheduler:'^(tokio|axum|hyper|reqwest|pdgate-transfer) ' \
     exit 1
   fi
 done
+
+# The declared rust-version must be at least what every locked dependency built here needs.
+cargo metadata --format-version 1 --locked | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+ver = lambda s: tuple((list(map(int, s.split("."))) + [0, 0])[:3])
+ours = {p["rust_version"] for p in m["packages"] if p["source"] is None}
+assert len(ours) == 1 and None not in ours, "every crate must inherit one rust-version: %s" % ours
+declared = ours.pop()
+# Dependencies only of targets never built here (wasm, windows) do not count.
+nodes = {n["id"]: n for n in m["resolve"]["nodes"]}
+built = {p["id"] for p in m["packages"] if p["source"] is None}
+todo = list(built)
+while todo:
+    for d in nodes[todo.pop()]["deps"]:
+        here = any(k["target"] is None or "unix" in k["target"] or "linux" in k["target"]
+                   for k in d["dep_kinds"])
+        if here and d["pkg"] not in built:
+            built.add(d["pkg"])
+            todo.append(d["pkg"])
+need, name = max((ver(p["rust_version"]), p["name"]) for p in m["packages"]
+                 if p["id"] in built and p["rust_version"])
+if ver(declared) < need:
+    sys.exit("rust-version %s is older than %s needs (%s)" % (declared, name, ".".join(map(str, need))))
+print("rust-version %s: ok (%s needs %s)" % (declared, name, ".".join(map(str, need))))
+'
 echo "crate layers: ok"
