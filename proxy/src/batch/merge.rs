@@ -2,9 +2,31 @@
 //! order (prompt `i`'s choice `j` is `i·n + j`), usage summed, one id. No I/O here, so every rule
 //! is unit-tested on its own.
 
-use super::BatchInfo;
 use crate::sse::frame;
 use serde_json::{json, Value};
+
+/// What the merge needs to know of the whole batch.
+#[derive(Debug, Clone)]
+pub struct BatchInfo {
+    /// The response `id` every merged object carries (`cmpl-{request id}`, as for one prompt).
+    pub id: String,
+    /// Choices per prompt (OpenAI's `n`).
+    pub n: u64,
+    pub include_usage: bool,
+}
+
+impl BatchInfo {
+    pub fn of(request_id: &str, body: &Value) -> Self {
+        Self {
+            id: format!("cmpl-{request_id}"),
+            n: body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1),
+            include_usage: body
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        }
+    }
+}
 
 /// Token counts summed over the prompts of a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

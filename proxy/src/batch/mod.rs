@@ -26,30 +26,7 @@ use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-pub use merge::{merge_answers, ChunkMerge, Step, Usage};
-
-/// What the merge needs to know of the whole batch.
-#[derive(Debug, Clone)]
-pub struct BatchInfo {
-    /// The response `id` every merged object carries (`cmpl-{request id}`, as for one prompt).
-    pub id: String,
-    /// Choices per prompt (OpenAI's `n`).
-    pub n: u64,
-    pub include_usage: bool,
-}
-
-impl BatchInfo {
-    fn of(request_id: &str, body: &Value) -> Self {
-        Self {
-            id: format!("cmpl-{request_id}"),
-            n: body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1),
-            include_usage: body
-                .pointer("/stream_options/include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        }
-    }
-}
+pub use merge::{merge_answers, BatchInfo, ChunkMerge, Step, Usage};
 
 /// Runs every prompt of a batch and answers with the merged response, or the first failure.
 pub async fn run(

@@ -3,8 +3,7 @@
 //! the engines rather than filling gateway memory. The task doing it dies with the response body:
 //! a client that leaves drops every prompt's relay, which aborts their legs and frees their KV.
 
-use super::merge::{ChunkMerge, Step};
-use super::BatchInfo;
+use super::merge::{BatchInfo, ChunkMerge, Step};
 use crate::error::ApiError;
 use crate::sse;
 use axum::body::Body;
