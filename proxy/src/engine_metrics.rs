@@ -5,7 +5,7 @@
 
 use crate::config::HealthConfig;
 use crate::fleet::Fleet;
-use crate::upstream::Client;
+use crate::http1::Client;
 use crate::workers::Worker;
 use pdgate_scheduler::EngineReport;
 use pdgate_wire::prometheus::sample;

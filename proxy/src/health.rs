@@ -3,7 +3,7 @@
 
 use crate::config::HealthConfig;
 use crate::fleet::Fleet;
-use crate::upstream::Client;
+use crate::http1::Client;
 use std::sync::Arc;
 use std::time::Duration;
 

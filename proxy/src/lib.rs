@@ -14,6 +14,7 @@ pub mod error;
 pub mod fleet;
 pub mod gateway;
 pub mod health;
+pub mod http1;
 pub mod inference;
 pub mod listener;
 pub mod metrics;
@@ -25,7 +26,6 @@ pub mod segments;
 pub mod server;
 pub mod sse;
 pub mod state;
-pub mod upstream;
 pub mod workers;
 
 pub use gateway::Gateway;

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 /// A decode leg's body as it arrives.
-pub type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, crate::upstream::Error>> + Send>>;
+pub type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, crate::http1::Error>> + Send>>;
 
 /// The last bytes of a body: enough to tell whether an SSE stream ended with `data: [DONE]`.
 #[derive(Default)]

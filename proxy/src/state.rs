@@ -18,7 +18,7 @@ pub struct AppState {
     pub fleet: Arc<Fleet>,
     pub tokenizer: Tokenizer,
     pub hasher: BlockHasher,
-    pub client: crate::upstream::Client,
+    pub client: crate::http1::Client,
     pub segments: Arc<MemoryRegistry>,
     pub metrics: PrometheusHandle,
     /// Bounds requests in flight; acquisition never waits.
@@ -28,7 +28,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
         // A leg holds one connection and in-flight requests are capped, so the pool is too.
-        let client = crate::upstream::Client::new(
+        let client = crate::http1::Client::new(
             Duration::from_millis(cfg.upstream.connect_timeout_ms),
             Duration::from_secs(30),
             cfg.server.max_in_flight.max(1),

@@ -204,7 +204,7 @@ pub async fn decode_head(
     ctx: &LegContext<'_>,
     body: &Value,
     headers: &[(&str, String)],
-) -> Result<crate::upstream::Response, LegError> {
+) -> Result<crate::http1::Response, LegError> {
     decode_head_raw(ctx, to_body(body), headers).await
 }
 
@@ -213,7 +213,7 @@ pub async fn decode_head_raw(
     ctx: &LegContext<'_>,
     body: Bytes,
     headers: &[(&str, String)],
-) -> Result<crate::upstream::Response, LegError> {
+) -> Result<crate::http1::Response, LegError> {
     let url = &ctx.decode.url;
     let head_timeout = Duration::from_secs(ctx.state.cfg.upstream.decode_head_timeout_secs);
     let mut rb = ctx
@@ -247,7 +247,7 @@ pub async fn decode_head_raw(
 }
 
 /// Fire-and-forget `POST {url}/abort_request {"rid"}` (SGLang's abort call), bounded in time.
-pub fn abort(client: &crate::upstream::Client, url: &str, rid: &str) {
+pub fn abort(client: &crate::http1::Client, url: &str, rid: &str) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -266,14 +266,14 @@ pub fn abort(client: &crate::upstream::Client, url: &str, rid: &str) {
 
 /// Aborts a request's legs on the listed engines when dropped armed (client gone mid-relay).
 pub struct AbortGuard {
-    client: crate::upstream::Client,
+    client: crate::http1::Client,
     urls: Vec<String>,
     rid: String,
     armed: bool,
 }
 
 impl AbortGuard {
-    pub fn new(client: &crate::upstream::Client, urls: Vec<String>, rid: &str) -> Self {
+    pub fn new(client: &crate::http1::Client, urls: Vec<String>, rid: &str) -> Self {
         Self {
             client: client.clone(),
             urls,

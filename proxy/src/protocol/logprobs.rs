@@ -224,7 +224,7 @@ fn merge_event(prompt: &PromptLogprobs, pending: &mut Vec<u64>, event: &[u8]) ->
 }
 
 impl Stream for Merging {
-    type Item = Result<Bytes, crate::upstream::Error>;
+    type Item = Result<Bytes, crate::http1::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;

@@ -39,7 +39,7 @@ pub struct LegError {
 
 /// What the handoff produced: the decode response head, ready to be relayed.
 pub struct DecodeStart {
-    pub response: crate::upstream::Response,
+    pub response: crate::http1::Response,
     /// Aborts the legs still running on the engines if the client goes away before the relay
     /// finished (protocols with an abort call); the relay disarms it on a clean end.
     pub abort_on_drop: Option<legs::AbortGuard>,
@@ -57,7 +57,7 @@ pub struct DecodeBody {
 }
 
 impl DecodeStart {
-    pub fn new(response: crate::upstream::Response) -> Self {
+    pub fn new(response: crate::http1::Response) -> Self {
         Self {
             response,
             abort_on_drop: None,
@@ -113,7 +113,7 @@ pub async fn run_legs(
 
 /// Turns an engine's non-success answer into a leg error: the client's own mistakes (400, 413,
 /// 422) pass through as they are; anything else is the engine's fault (502, retryable).
-pub async fn upstream_failure(role: Role, resp: crate::upstream::Response) -> LegError {
+pub async fn upstream_failure(role: Role, resp: crate::http1::Response) -> LegError {
     let status = resp.status();
     let body: serde_json::Value = read_limited(resp, 64 * 1024)
         .await
@@ -151,7 +151,7 @@ pub async fn upstream_failure(role: Role, resp: crate::upstream::Response) -> Le
     }
 }
 
-pub fn unreachable(role: Role, url: &str, e: &crate::upstream::Error) -> LegError {
+pub fn unreachable(role: Role, url: &str, e: &crate::http1::Error) -> LegError {
     let error = if e.is_timeout() {
         ApiError::timeout(format!("{role} engine {url} timed out"))
     } else {
@@ -168,7 +168,7 @@ pub fn unreachable(role: Role, url: &str, e: &crate::upstream::Error) -> LegErro
 }
 
 /// Reads at most `limit` bytes of a body; `None` if it is longer or broken.
-pub async fn read_limited(resp: crate::upstream::Response, limit: usize) -> Option<Vec<u8>> {
+pub async fn read_limited(resp: crate::http1::Response, limit: usize) -> Option<Vec<u8>> {
     use futures::StreamExt;
     let mut out = Vec::new();
     let mut s = resp.bytes_stream();

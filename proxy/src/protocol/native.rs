@@ -122,7 +122,7 @@ async fn prefill(
 async fn decode(
     ctx: &LegContext<'_>,
     report: &PrefillReport,
-) -> Result<crate::upstream::Response, LegError> {
+) -> Result<crate::http1::Response, LegError> {
     let leg = DecodeLeg {
         request_id: ctx.request_id.into(),
         first_token: report.first_token,
@@ -135,7 +135,7 @@ async fn decode(
 /// Frees the decode reservation unless the decode leg took it over. Runs on error paths and when
 /// the request future is dropped (client disconnect), so it must not need the caller's task.
 struct ReleaseOnDrop {
-    client: crate::upstream::Client,
+    client: crate::http1::Client,
     url: String,
     request_id: String,
     armed: bool,
@@ -158,7 +158,7 @@ impl ReleaseOnDrop {
     }
 }
 
-async fn release(client: crate::upstream::Client, url: String, request_id: String) {
+async fn release(client: crate::http1::Client, url: String, request_id: String) {
     let body = wire::ReleaseRequest {
         request_id: request_id.clone(),
     };

@@ -201,7 +201,7 @@ const BLAME_WINDOW: Duration = Duration::from_millis(200);
 
 /// Decode's head, to go out with the prompt logprobs of the prefill's answer (when it was kept).
 fn started(
-    response: crate::upstream::Response,
+    response: crate::http1::Response,
     guard: Option<legs::AbortGuard>,
     answer: Option<Vec<u8>>,
 ) -> DecodeStart {
@@ -231,7 +231,7 @@ fn prompt_part(answer: &[u8]) -> Option<PromptLogprobs> {
 /// The prefill leg: sent, its answer drained and discarded (the client gets decode's), or, with
 /// `keep`, returned for its prompt logprobs (`None` past [`ANSWER_LIMIT`]).
 async fn prefill_leg(
-    client: crate::upstream::Client,
+    client: crate::http1::Client,
     url: String,
     engine: String,
     body: Bytes,

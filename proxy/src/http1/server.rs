@@ -8,7 +8,7 @@
 //! and the answer is dropped, which drops the engine legs behind it (they abort). Bytes of a
 //! pipelined next request are kept for later.
 
-use crate::upstream::framing::{Chunk, Framing, Step};
+use super::framing::{Chunk, Framing, Step};
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::Response;
 use bytes::{BufMut, BytesMut};

@@ -10,9 +10,6 @@
 //! What an engine hop never needs is left out: no redirects, no retries across instances (a
 //! retry is the pipeline's decision), no compression, no TLS, no HTTP/2.
 
-pub(crate) mod framing;
-mod pool;
-
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -26,57 +23,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use framing::{Chunk, Framing, Step};
-use pool::{Conn, Pool};
+use super::error::{Error, Kind};
+use super::framing::{Chunk, Framing, Step};
+use super::pool::{Conn, Pool};
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most response header lines accepted.
 const MAX_HEADERS: usize = 64;
-
-/// Why an upstream call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// The URL or a header could not be built.
-    Request,
-    /// Connecting, sending or reading failed, or the response was not HTTP/1.1 we can read.
-    Transport,
-    /// The request's deadline passed.
-    Timeout,
-    /// The body was not the JSON expected.
-    Decode,
-}
-
-#[derive(Debug)]
-pub struct Error {
-    kind: Kind,
-    message: String,
-}
-
-impl Error {
-    fn new(kind: Kind, message: impl std::fmt::Display) -> Self {
-        Self {
-            kind,
-            message: message.to_string(),
-        }
-    }
-
-    fn transport(message: impl std::fmt::Display) -> Self {
-        Self::new(Kind::Transport, message)
-    }
-
-    pub fn is_timeout(&self) -> bool {
-        self.kind == Kind::Timeout
-    }
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Error {}
 
 /// Cheap to clone: clones share the connection pool.
 #[derive(Clone)]

@@ -8,16 +8,14 @@
 //! hyper's connection machinery were a fifth of the gateway's CPU per request, on the one path
 //! whose cost multiplies by the request rate.
 
-mod conn;
-
 use crate::access::{self, Guard, REQUEST_ID};
 use crate::error::ApiError;
+use crate::http1::server::{self as conn, Head, Refusal};
 use crate::inference;
 use crate::state::AppState;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use conn::{Head, Refusal};
 use futures::future::BoxFuture;
 use http::{HeaderValue, Method, Request};
 use pdgate_wire::openai::ApiKind;

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::Error;
+use super::error::Error;
 
 /// Read buffer growth step: a whole small response head and body in one read.
 const READ_CHUNK: usize = 16 * 1024;
