@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's transfer-engine table in one run: throughput of tcp and shm against their baselines
+# docs/transfer.md's transfer-engine table in one run: throughput of tcp and shm against their baselines
 # (a plain loopback socket copy and a single memcpy of the same bytes), 4 KiB latency, and the
 # slice-size sweep behind DEFAULT_SLICE_SIZE. Usage: transfer/benches/transfer_table.sh [SECONDS]
 set -euo pipefail
