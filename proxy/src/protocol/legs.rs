@@ -1,11 +1,12 @@
 //! Leg plumbing shared by the engine-protocol adapters: posting a JSON leg with the request id
-//! and a deadline, waiting for a decode head, reading a prefill's JSON answer, and aborting legs
-//! on engines that offer an abort call. Each adapter keeps only its own wire details.
+//! and a deadline, waiting for a decode head, reading a prefill's JSON answer, and turning an
+//! engine's failure into a [`LegError`] attributed to its leg. Each adapter keeps only its own
+//! wire details.
 //!
 //! Nothing here may retry or swallow a failure: errors are attributed to their leg and returned.
 
 use super::logprobs::PromptLogprobs;
-use super::{read_limited, unreachable, upstream_failure, LegContext, LegError};
+use super::types::{LegContext, LegError};
 use crate::error::ApiError;
 use crate::metrics;
 use bytes::Bytes;
@@ -246,55 +247,75 @@ pub async fn decode_head_raw(
     Ok(resp)
 }
 
-/// Fire-and-forget `POST {url}/abort_request {"rid"}` (SGLang's abort call), bounded in time.
-pub fn abort(client: &crate::upstream::Client, url: &str, rid: &str) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
+/// Turns an engine's non-success answer into a leg error: the client's own mistakes (400, 413,
+/// 422) pass through as they are; anything else is the engine's fault (502, retryable).
+pub async fn upstream_failure(role: Role, resp: crate::upstream::Response) -> LegError {
+    let status = resp.status();
+    let body: serde_json::Value = read_limited(resp, 64 * 1024)
+        .await
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let message = body
+        .pointer("/error/message")
+        .or_else(|| body.get("message"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("no error message")
+        .to_string();
+    if matches!(status.as_u16(), 400 | 413 | 422) {
+        let param = body
+            .pointer("/error/param")
+            .and_then(|p| p.as_str())
+            .unwrap_or("body");
+        let mut error = ApiError::invalid(param, message);
+        error.status = status;
+        return LegError {
+            role,
+            retryable: false,
+            error,
+        };
+    }
+    let code = match body.pointer("/error/code").and_then(|c| c.as_str()) {
+        Some("kv_verification_failed") => "kv_verification_failed",
+        Some("kv_transfer_failed") => "kv_transfer_failed",
+        _ if role == Role::Prefill => "prefill_failed",
+        _ => "decode_failed",
     };
-    let req = client
-        .post(format!("{url}/abort_request"))
-        .json(&serde_json::json!({"rid": rid}))
-        .timeout(Duration::from_secs(5));
-    let (url, rid) = (url.to_string(), rid.to_string());
-    rt.spawn(async move {
-        match req.send().await {
-            Ok(_) => tracing::debug!(engine = %url, request_id = %rid, "aborted leg"),
-            Err(e) => tracing::warn!(engine = %url, request_id = %rid, error = %e, "abort failed"),
-        }
-    });
-}
-
-/// Aborts a request's legs on the listed engines when dropped armed (client gone mid-relay).
-pub struct AbortGuard {
-    client: crate::upstream::Client,
-    urls: Vec<String>,
-    rid: String,
-    armed: bool,
-}
-
-impl AbortGuard {
-    pub fn new(client: &crate::upstream::Client, urls: Vec<String>, rid: &str) -> Self {
-        Self {
-            client: client.clone(),
-            urls,
-            rid: rid.to_string(),
-            armed: true,
-        }
-    }
-
-    pub fn disarm(&mut self) {
-        self.armed = false;
+    LegError {
+        role,
+        retryable: true,
+        error: ApiError::upstream(code, format!("{role} engine answered {status}: {message}")),
     }
 }
 
-impl Drop for AbortGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            for url in &self.urls {
-                abort(&self.client, url, &self.rid);
-            }
-        }
+pub fn unreachable(role: Role, url: &str, e: &crate::upstream::Error) -> LegError {
+    let error = if e.is_timeout() {
+        ApiError::timeout(format!("{role} engine {url} timed out"))
+    } else {
+        ApiError::upstream(
+            "engine_unreachable",
+            format!("{role} engine {url} unreachable: {e}"),
+        )
+    };
+    LegError {
+        role,
+        retryable: true,
+        error,
     }
+}
+
+/// Reads at most `limit` bytes of a body; `None` if it is longer or broken.
+pub async fn read_limited(resp: crate::upstream::Response, limit: usize) -> Option<Vec<u8>> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.ok()?;
+        if out.len() + chunk.len() > limit {
+            return None;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //!
 //! The reservation is released here on every path where the decode leg did not take it over.
 
-use super::{unreachable, upstream_failure, DecodeStart, LegContext, LegError};
+use super::legs::{unreachable, upstream_failure};
+use super::types::{DecodeStart, LegContext, LegError};
 use crate::metrics;
 use crate::workers::Worker;
 use pdgate_engine_sim::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};

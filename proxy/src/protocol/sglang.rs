@@ -16,8 +16,10 @@
 //! A batched prompt reaches this adapter one prompt at a time (`batch`), so room, host and port
 //! are scalars here.
 
+use super::abort::{abort, AbortGuard};
+use super::legs;
 use super::logprobs::{PromptLogprobs, ANSWER_LIMIT};
-use super::{legs, DecodeStart, LegContext, LegError};
+use super::types::{DecodeStart, LegContext, LegError};
 use crate::workers::Worker;
 use bytes::Bytes;
 use pdgate_scheduler::{Observed, Role};
@@ -90,7 +92,7 @@ pub async fn concurrent(
     let rid = rid.to_string();
     // Armed until the legs' fate is known: a client leaving mid-handoff aborts both legs.
     let mut guard = abortable.then(|| {
-        legs::AbortGuard::new(
+        AbortGuard::new(
             &client,
             vec![prefill_url.to_string(), ctx.decode.url.clone()],
             &rid,
@@ -112,10 +114,10 @@ pub async fn concurrent(
     let decode = legs::decode_head_raw(ctx, decode_body, &[]);
     tokio::pin!(decode);
     // A failed prefill before any byte reached the client: the decode leg goes too.
-    let drop_decode = |guard: &mut Option<legs::AbortGuard>| {
+    let drop_decode = |guard: &mut Option<AbortGuard>| {
         disarm(guard);
         if abortable {
-            legs::abort(&client, &ctx.decode.url, &rid);
+            abort(&client, &ctx.decode.url, &rid);
         }
     };
     let first = tokio::select! {
@@ -164,7 +166,7 @@ pub async fn concurrent(
                 if let Err(e) = prefill.await {
                     tracing::warn!(request_id = %rid2, message = %e.error.message, "prefill failed after decode started; aborting decode");
                     if abortable {
-                        legs::abort(&client2, &decode_url, &rid2);
+                        abort(&client2, &decode_url, &rid2);
                     }
                 }
             });
@@ -182,7 +184,7 @@ pub async fn concurrent(
                 return Err(pe);
             }
             if abortable {
-                legs::abort(&client, prefill_url, &rid);
+                abort(&client, prefill_url, &rid);
             }
             // Dropping the prefill leg closes its connection: engines without an abort call
             // (vLLM) abort on disconnect.
@@ -202,7 +204,7 @@ const BLAME_WINDOW: Duration = Duration::from_millis(200);
 /// Decode's head, to go out with the prompt logprobs of the prefill's answer (when it was kept).
 fn started(
     response: crate::upstream::Response,
-    guard: Option<legs::AbortGuard>,
+    guard: Option<AbortGuard>,
     answer: Option<Vec<u8>>,
 ) -> DecodeStart {
     DecodeStart {
@@ -212,7 +214,7 @@ fn started(
     }
 }
 
-fn disarm(guard: &mut Option<legs::AbortGuard>) {
+fn disarm(guard: &mut Option<AbortGuard>) {
     if let Some(g) = guard.as_mut() {
         g.disarm();
     }
@@ -247,15 +249,15 @@ async fn prefill_leg(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| super::unreachable(Role::Prefill, &engine, &e))?;
+        .map_err(|e| legs::unreachable(Role::Prefill, &engine, &e))?;
     if !resp.status().is_success() {
         crate::metrics::leg(Role::Prefill, "error");
-        return Err(super::upstream_failure(Role::Prefill, resp).await);
+        return Err(legs::upstream_failure(Role::Prefill, resp).await);
     }
     let mut stream = resp.bytes_stream();
     let mut answer = keep.then(Vec::new);
     while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-        let chunk = chunk.map_err(|e| super::unreachable(Role::Prefill, &engine, &e))?;
+        let chunk = chunk.map_err(|e| legs::unreachable(Role::Prefill, &engine, &e))?;
         if let Some(a) = answer.as_mut() {
             if a.len() + chunk.len() > ANSWER_LIMIT {
                 tracing::warn!(request_id = %rid, "prefill answer too large to merge its prompt logprobs");

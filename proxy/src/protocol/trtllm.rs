@@ -9,7 +9,8 @@
 //!
 //! It never sends a generation-only leg without the context leg's params.
 
-use super::{legs, DecodeStart, LegContext, LegError};
+use super::legs;
+use super::types::{DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
 use crate::workers::Worker;
 use pdgate_scheduler::{Observed, Role};

@@ -7,7 +7,9 @@
 //!
 //! vLLM has no abort call: a failed leg's partner is dropped (vLLM aborts on disconnect).
 
-use super::{legs, sglang, DecodeStart, LegContext, LegError};
+use super::legs;
+use super::sglang;
+use super::types::{DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
 use crate::workers::Worker;
 use pdgate_scheduler::{Observed, Role};

@@ -10,7 +10,8 @@
 //! It never sends a decode leg without the params a prefill returned: that would make vLLM
 //! recompute silently.
 
-use super::{legs, DecodeStart, LegContext, LegError};
+use super::legs;
+use super::types::{DecodeStart, LegContext, LegError};
 use crate::error::ApiError;
 use crate::workers::Worker;
 use pdgate_scheduler::{Observed, Role};
