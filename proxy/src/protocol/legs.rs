@@ -1,11 +1,12 @@
-//! Leg plumbing shared by the engine-protocol adapters: posting a JSON leg with the request id
-//! and a deadline, waiting for a decode head, reading a prefill's JSON answer, and turning an
-//! engine's failure into a [`LegError`] attributed to its leg. Each adapter keeps only its own
-//! wire details.
+//! Leg plumbing shared by the runner and the protocols: posting a JSON leg with the request id
+//! and a deadline, waiting for a decode head, reading a prefill's answer, and turning an engine's
+//! failure into a [`LegError`] attributed to its leg. Each protocol keeps only its own wire
+//! details.
 //!
 //! Nothing here may retry or swallow a failure: errors are attributed to their leg and returned.
 
-use super::logprobs::PromptLogprobs;
+use super::logprobs::{PromptLogprobs, ANSWER_LIMIT};
+use super::phases::PrefillAnswer;
 use super::types::{LegContext, LegError};
 use crate::error::ApiError;
 use crate::metrics;
@@ -143,26 +144,21 @@ fn parse_prefill_answer(raw: &[u8], whole: bool) -> Option<Value> {
     Some(Value::Object(answer))
 }
 
-/// Posts a prefill leg and returns its JSON answer (see [`parse_prefill_answer`]).
-pub async fn prefill_json(
+/// Posts a sequential protocol's prefill leg and reads its answer, as its type reads it.
+pub async fn prefill_answer<A: PrefillAnswer>(
     ctx: &LegContext<'_>,
     url: &str,
     body: Bytes,
-    headers: &[(&str, String)],
-) -> Result<Value, LegError> {
+) -> Result<A, LegError> {
     let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
-    let mut rb = ctx
+    let resp = ctx
         .state
         .client
-        .post(format!("{url}{}", path(ctx.req.kind)))
+        .post(format!("{url}{}", A::path(ctx)))
         .header("x-request-id", ctx.request_id)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
-        .timeout(timeout);
-    for (k, v) in headers {
-        rb = rb.header(*k, v);
-    }
-    let resp = rb
+        .timeout(timeout)
         .send()
         .await
         .map_err(|e| unreachable(Role::Prefill, url, &e))?;
@@ -170,28 +166,58 @@ pub async fn prefill_json(
         metrics::leg(Role::Prefill, "error");
         return Err(upstream_failure(Role::Prefill, resp).await);
     }
-    // With its prompt's logprobs, an answer grows with the prompt, as in the concurrent protocols.
-    let whole = wants_prompt_logprobs(ctx);
-    let limit = if whole {
-        super::logprobs::ANSWER_LIMIT
-    } else {
-        PREFILL_ANSWER_LIMIT
-    };
-    let raw = read_limited(resp, limit).await;
-    let answer = raw.and_then(|b| parse_prefill_answer(&b, whole));
-    let Some(answer) = answer else {
-        metrics::leg(Role::Prefill, "error");
-        return Err(LegError {
-            role: Role::Prefill,
-            retryable: true,
-            error: ApiError::upstream(
-                "prefill_failed",
-                format!("prefill engine {url} sent an unreadable answer"),
-            ),
-        });
-    };
+    let answer = A::read(ctx, url, resp).await?;
     metrics::leg(Role::Prefill, "ok");
     Ok(answer)
+}
+
+/// An OpenAI prefill leg's answer, as JSON (see [`parse_prefill_answer`]).
+impl PrefillAnswer for Value {
+    fn path(ctx: &LegContext<'_>) -> &'static str {
+        path(ctx.req.kind)
+    }
+
+    async fn read(
+        ctx: &LegContext<'_>,
+        engine: &str,
+        resp: crate::upstream::Response,
+    ) -> Result<Self, LegError> {
+        // With its prompt's logprobs, an answer grows with the prompt, as in the concurrent
+        // protocols.
+        let whole = wants_prompt_logprobs(ctx);
+        let limit = if whole {
+            ANSWER_LIMIT
+        } else {
+            PREFILL_ANSWER_LIMIT
+        };
+        let raw = read_limited(resp, limit).await;
+        let answer = raw.and_then(|b| parse_prefill_answer(&b, whole));
+        answer.ok_or_else(|| {
+            metrics::leg(Role::Prefill, "error");
+            LegError {
+                role: Role::Prefill,
+                retryable: true,
+                error: ApiError::upstream(
+                    "prefill_failed",
+                    format!("prefill engine {engine} sent an unreadable answer"),
+                ),
+            }
+        })
+    }
+
+    fn prompt_logprobs(&self, ctx: &LegContext<'_>) -> Option<PromptLogprobs> {
+        prompt_logprobs_of(ctx, self)
+    }
+}
+
+/// A prefill that answered without what the decode leg needs: the prefill's failure, retried
+/// elsewhere.
+pub fn params_missing(message: String) -> LegError {
+    LegError {
+        role: Role::Prefill,
+        retryable: true,
+        error: ApiError::upstream("prefill_failed", message),
+    }
 }
 
 /// A leg's JSON body, serialised once: legs that send the same body to both engines share it.
@@ -245,6 +271,47 @@ pub async fn decode_head_raw(
     }
     // A decode leg that sent its head is counted by the relay, once its body ended.
     Ok(resp)
+}
+
+/// A concurrent protocol's prefill leg: sent, its answer drained and discarded (the client gets
+/// decode's), or, with `keep`, returned for its prompt logprobs (`None` past [`ANSWER_LIMIT`]).
+pub async fn prefill_drained(
+    client: crate::upstream::Client,
+    url: String,
+    engine: String,
+    body: Bytes,
+    rid: String,
+    timeout: Duration,
+    keep: bool,
+) -> Result<Option<Vec<u8>>, LegError> {
+    let resp = client
+        .post(&url)
+        .header("x-request-id", &rid)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| unreachable(Role::Prefill, &engine, &e))?;
+    if !resp.status().is_success() {
+        metrics::leg(Role::Prefill, "error");
+        return Err(upstream_failure(Role::Prefill, resp).await);
+    }
+    let mut stream = resp.bytes_stream();
+    let mut answer = keep.then(Vec::new);
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(|e| unreachable(Role::Prefill, &engine, &e))?;
+        if let Some(a) = answer.as_mut() {
+            if a.len() + chunk.len() > ANSWER_LIMIT {
+                tracing::warn!(request_id = %rid, "prefill answer too large to merge its prompt logprobs");
+                answer = None;
+            } else {
+                a.extend_from_slice(&chunk);
+            }
+        }
+    }
+    metrics::leg(Role::Prefill, "ok");
+    Ok(answer)
 }
 
 /// Turns an engine's non-success answer into a leg error: the client's own mistakes (400, 413,
