@@ -293,3 +293,247 @@ fn prompt_part(answer: &[u8]) -> Option<PromptLogprobs> {
     }
     part
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, WorkerConfig};
+    use crate::openai::ClientRequest;
+    use crate::protocol::{sglang::Sglang, trtllm::Trtllm, vllm_nixl::VllmNixl};
+    use crate::state::AppState;
+    use parking_lot::Mutex;
+    use pdgate_engine_sim::openai::ApiKind;
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+
+    /// What a fake engine was sent: (path, body).
+    type Seen = Arc<Mutex<Vec<(String, Value)>>>;
+
+    /// An engine answering every request with `status` and `answer`; returns its URL.
+    async fn engine(status: u16, answer: Value) -> (String, Seen) {
+        let seen = Seen::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |uri: http::Uri, body: Bytes| {
+            let (log, answer) = (log.clone(), answer.clone());
+            async move {
+                let body = serde_json::from_slice(&body).unwrap_or_default();
+                log.lock().push((uri.path().to_string(), body));
+                let status = http::StatusCode::from_u16(status).expect("status");
+                (status, axum::Json(answer))
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    /// A pair of workers in a fresh gateway state, and a completions request.
+    struct Pair {
+        state: Arc<AppState>,
+        prefill: Arc<Worker>,
+        decode: Arc<Worker>,
+        req: ClientRequest,
+    }
+
+    impl Pair {
+        fn new(prefill_url: &str, decode_url: &str) -> Self {
+            let state = AppState::new(Config::default()).expect("state");
+            let add = |url: &str, role| {
+                let cfg = WorkerConfig {
+                    url: url.into(),
+                    role,
+                    protocol: Default::default(),
+                    bootstrap_port: None,
+                };
+                state.workers.add(&state.scheduler, &cfg)
+            };
+            let (prefill, decode) = (
+                add(prefill_url, Role::Prefill),
+                add(decode_url, Role::Decode),
+            );
+            let req = ClientRequest {
+                kind: ApiKind::Completions,
+                body: json!({"model": "m", "prompt": "hello", "max_tokens": 4}),
+                prompt: "hello".into(),
+                stream: false,
+                max_tokens: 4,
+            };
+            Self {
+                state,
+                prefill,
+                decode,
+                req,
+            }
+        }
+
+        fn ctx(&self) -> LegContext<'_> {
+            LegContext {
+                state: &self.state,
+                request_id: "req-1",
+                req: &self.req,
+                prompt_tokens: 1,
+                prefill: Some(&self.prefill),
+                decode: &self.decode,
+            }
+        }
+
+        /// Runs `protocol`; also returns what `on_prefill_done` was called with, if it was.
+        async fn run<P: PdProtocol>(
+            &self,
+            protocol: &P,
+        ) -> (Result<DecodeStart, LegError>, Option<Option<Observed>>) {
+            let mut done = None;
+            let result = run(protocol, &self.ctx(), &self.prefill, |o| done = Some(o)).await;
+            (result, done)
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+
+    /// A sequential protocol (vLLM NIXL's bodies) whose state logs how it ended.
+    struct Probe(Log);
+
+    struct Lease {
+        log: Log,
+        open: bool,
+    }
+
+    impl Lease {
+        fn end(mut self, how: &'static str) {
+            self.open = false;
+            self.log.lock().push(how);
+        }
+    }
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            if self.open {
+                self.log.lock().push("dropped");
+            }
+        }
+    }
+
+    impl PdProtocol for Probe {
+        const SHAPE: Shape = Shape::Sequential;
+        type State = Lease;
+        type Answer = Value;
+
+        async fn prepare(&self, _: &LegContext<'_>, _: &Worker) -> Result<Lease, LegError> {
+            let log = self.0.clone();
+            Ok(Lease { log, open: true })
+        }
+
+        fn prefill_body(&self, ctx: &LegContext<'_>, _: &Lease) -> Bytes {
+            VllmNixl.prefill_body(ctx, &())
+        }
+
+        fn decode_body(
+            &self,
+            ctx: &LegContext<'_>,
+            prefill: &Worker,
+            _: &Lease,
+            answer: Option<&Value>,
+        ) -> Result<Bytes, LegError> {
+            VllmNixl.decode_body(ctx, prefill, &(), answer)
+        }
+
+        async fn release(&self, lease: Lease) {
+            lease.end("released");
+        }
+
+        fn handed_over(&self, lease: Lease) {
+            lease.end("handed over");
+        }
+    }
+
+    fn params() -> Value {
+        json!({"kv_transfer_params": {"remote_engine_id": "e", "remote_block_ids": [1]}})
+    }
+
+    #[tokio::test]
+    async fn sequential_answer_without_params_is_a_retryable_prefill_failure_and_no_decode_leg() {
+        let (prefill, _) = engine(200, json!({"choices": [{"text": "a"}]})).await;
+        let (decode, decode_seen) = engine(200, json!({})).await;
+        let pair = Pair::new(&prefill, &decode);
+        let log = Log::default();
+        let (result, done) = pair.run(&Probe(log.clone())).await;
+        let e = result.err().expect("fails");
+        assert_eq!((e.role, e.retryable), (Role::Prefill, true));
+        assert_eq!(e.error.code, Some("prefill_failed"));
+        assert!(done.is_none(), "the prefill did not finish its handoff");
+        assert!(
+            decode_seen.lock().is_empty(),
+            "no decode leg without params"
+        );
+        assert_eq!(*log.lock(), ["released"]);
+        // The same for the real protocols, TRT-LLM's context leg included.
+        let (result, _) = pair.run(&Trtllm).await;
+        let e = result.err().expect("fails");
+        assert_eq!((e.role, e.retryable), (Role::Prefill, true));
+        assert!(decode_seen.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sequential_state_is_released_handed_over_or_dropped_exactly_once() {
+        let (ok_prefill, _) = engine(200, params()).await;
+        let (bad_prefill, _) = engine(500, json!({})).await;
+        let (ok_decode, decode_seen) = engine(200, json!({"choices": []})).await;
+        let (bad_decode, _) = engine(500, json!({})).await;
+        for (prefill, decode, outcome, ended) in [
+            (&bad_prefill, &ok_decode, Err(Role::Prefill), "released"),
+            (&ok_prefill, &bad_decode, Err(Role::Decode), "dropped"),
+            (&ok_prefill, &ok_decode, Ok(()), "handed over"),
+        ] {
+            let log = Log::default();
+            let pair = Pair::new(prefill, decode);
+            let (result, done) = pair.run(&Probe(log.clone())).await;
+            assert_eq!(result.as_ref().map(|_| ()).map_err(|e| e.role), outcome);
+            assert_eq!(*log.lock(), [ended]);
+            let prefill_ms = done.flatten().map(|o| o.prefill_ms);
+            assert_eq!(prefill_ms.is_some(), prefill == &ok_prefill);
+        }
+        let (_, body) = decode_seen.lock().pop().expect("a decode leg");
+        assert_eq!(body["kv_transfer_params"], params()["kv_transfer_params"]);
+        assert_eq!(
+            body["max_tokens"], 4,
+            "the client's body, not the prefill's"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_legs_share_one_body_and_a_failed_pair_blames_the_prefill() {
+        let (prefill, prefill_seen) = engine(200, json!({"choices": []})).await;
+        let (decode, decode_seen) = engine(200, json!({"choices": []})).await;
+        let pair = Pair::new(&prefill, &decode);
+        let (result, done) = pair.run(&Sglang).await;
+        assert!(result.is_ok());
+        assert!(
+            matches!(done, Some(None)),
+            "concurrent legs measure nothing"
+        );
+        // The prefill leg may still be draining in the background.
+        for _ in 0..100 {
+            if !prefill_seen.lock().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, p) = prefill_seen.lock()[0].clone();
+        let (_, d) = decode_seen.lock()[0].clone();
+        assert_eq!(p, d);
+        let rid = p["rid"].as_str().expect("rid");
+        assert!(rid.starts_with("req-1-"), "{rid}");
+
+        // Both legs fail: the decode's failure is the prefill's (its partner went away).
+        let (prefill, _) = engine(500, json!({})).await;
+        let (decode, _) = engine(502, json!({})).await;
+        let pair = Pair::new(&prefill, &decode);
+        let (result, done) = pair.run(&Sglang).await;
+        let e = result.err().expect("fails");
+        assert_eq!((e.role, e.retryable), (Role::Prefill, true));
+        assert!(done.is_none());
+    }
+}
