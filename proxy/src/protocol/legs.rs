@@ -1,29 +1,23 @@
-//! Leg plumbing shared by the engine-protocol adapters: posting a JSON leg with the request id
-//! and a deadline, waiting for a decode head, reading a prefill's JSON answer, and aborting legs
-//! on engines that offer an abort call. Each adapter keeps only its own wire details.
+//! Leg plumbing shared by the runner and the protocols: posting a JSON leg with the request id
+//! and a deadline, waiting for a decode head, reading a prefill's answer, and turning an engine's
+//! failure into a [`LegError`] attributed to its leg. Each protocol keeps only its own wire
+//! details.
 //!
 //! Nothing here may retry or swallow a failure: errors are attributed to their leg and returned.
 
-use super::logprobs::PromptLogprobs;
-use super::{read_limited, unreachable, upstream_failure, LegContext, LegError};
+use super::logprobs::{PromptLogprobs, ANSWER_LIMIT};
+use super::phases::PrefillAnswer;
+use super::types::{LegContext, LegError};
 use crate::error::ApiError;
 use crate::metrics;
 use bytes::Bytes;
 use pdgate_scheduler::Role;
-use pdgate_wire::openai::ApiKind;
 use serde_json::Value;
 use std::time::Duration;
 
 /// Largest prefill-leg answer read when it carries no prompt logprobs (one token plus protocol
 /// fields).
 const PREFILL_ANSWER_LIMIT: usize = 1024 * 1024;
-
-pub fn path(kind: ApiKind) -> &'static str {
-    match kind {
-        ApiKind::Chat => "/v1/chat/completions",
-        ApiKind::Completions => "/v1/completions",
-    }
-}
 
 /// The client's body turned into a prefill-only leg (one token, not streamed, no usage chunk),
 /// with the protocol's `fields` set.
@@ -142,26 +136,21 @@ fn parse_prefill_answer(raw: &[u8], whole: bool) -> Option<Value> {
     Some(Value::Object(answer))
 }
 
-/// Posts a prefill leg and returns its JSON answer (see [`parse_prefill_answer`]).
-pub async fn prefill_json(
+/// Posts a sequential protocol's prefill leg and reads its answer, as its type reads it.
+pub async fn prefill_answer<A: PrefillAnswer>(
     ctx: &LegContext<'_>,
     url: &str,
     body: Bytes,
-    headers: &[(&str, String)],
-) -> Result<Value, LegError> {
+) -> Result<A, LegError> {
     let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
-    let mut rb = ctx
+    let resp = ctx
         .state
         .client
-        .post(format!("{url}{}", path(ctx.req.kind)))
+        .post(format!("{url}{}", A::path(ctx)))
         .header("x-request-id", ctx.request_id)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body)
-        .timeout(timeout);
-    for (k, v) in headers {
-        rb = rb.header(*k, v);
-    }
-    let resp = rb
+        .timeout(timeout)
         .send()
         .await
         .map_err(|e| unreachable(Role::Prefill, url, &e))?;
@@ -169,28 +158,58 @@ pub async fn prefill_json(
         metrics::leg(Role::Prefill, "error");
         return Err(upstream_failure(Role::Prefill, resp).await);
     }
-    // With its prompt's logprobs, an answer grows with the prompt, as in the concurrent protocols.
-    let whole = wants_prompt_logprobs(ctx);
-    let limit = if whole {
-        super::logprobs::ANSWER_LIMIT
-    } else {
-        PREFILL_ANSWER_LIMIT
-    };
-    let raw = read_limited(resp, limit).await;
-    let answer = raw.and_then(|b| parse_prefill_answer(&b, whole));
-    let Some(answer) = answer else {
-        metrics::leg(Role::Prefill, "error");
-        return Err(LegError {
-            role: Role::Prefill,
-            retryable: true,
-            error: ApiError::upstream(
-                "prefill_failed",
-                format!("prefill engine {url} sent an unreadable answer"),
-            ),
-        });
-    };
+    let answer = A::read(ctx, url, resp).await?;
     metrics::leg(Role::Prefill, "ok");
     Ok(answer)
+}
+
+/// An OpenAI prefill leg's answer, as JSON (see [`parse_prefill_answer`]).
+impl PrefillAnswer for Value {
+    fn path(ctx: &LegContext<'_>) -> &'static str {
+        ctx.req.kind.path()
+    }
+
+    async fn read(
+        ctx: &LegContext<'_>,
+        engine: &str,
+        resp: crate::http1::Response,
+    ) -> Result<Self, LegError> {
+        // With its prompt's logprobs, an answer grows with the prompt, as in the concurrent
+        // protocols.
+        let whole = wants_prompt_logprobs(ctx);
+        let limit = if whole {
+            ANSWER_LIMIT
+        } else {
+            PREFILL_ANSWER_LIMIT
+        };
+        let raw = read_limited(resp, limit).await;
+        let answer = raw.and_then(|b| parse_prefill_answer(&b, whole));
+        answer.ok_or_else(|| {
+            metrics::leg(Role::Prefill, "error");
+            LegError {
+                role: Role::Prefill,
+                retryable: true,
+                error: ApiError::upstream(
+                    "prefill_failed",
+                    format!("prefill engine {engine} sent an unreadable answer"),
+                ),
+            }
+        })
+    }
+
+    fn prompt_logprobs(&self, ctx: &LegContext<'_>) -> Option<PromptLogprobs> {
+        prompt_logprobs_of(ctx, self)
+    }
+}
+
+/// A prefill that answered without what the decode leg needs: the prefill's failure, retried
+/// elsewhere.
+pub fn params_missing(message: String) -> LegError {
+    LegError {
+        role: Role::Prefill,
+        retryable: true,
+        error: ApiError::upstream("prefill_failed", message),
+    }
 }
 
 /// A leg's JSON body, serialised once: legs that send the same body to both engines share it.
@@ -219,7 +238,7 @@ pub async fn decode_head_raw(
     let mut rb = ctx
         .state
         .client
-        .post(format!("{url}{}", path(ctx.req.kind)))
+        .post(format!("{url}{}", ctx.req.kind.path()))
         .header("x-request-id", ctx.request_id)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body);
@@ -246,55 +265,116 @@ pub async fn decode_head_raw(
     Ok(resp)
 }
 
-/// Fire-and-forget `POST {url}/abort_request {"rid"}` (SGLang's abort call), bounded in time.
-pub fn abort(client: &crate::http1::Client, url: &str, rid: &str) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let req = client
-        .post(format!("{url}/abort_request"))
-        .json(&serde_json::json!({"rid": rid}))
-        .timeout(Duration::from_secs(5));
-    let (url, rid) = (url.to_string(), rid.to_string());
-    rt.spawn(async move {
-        match req.send().await {
-            Ok(_) => tracing::debug!(engine = %url, request_id = %rid, "aborted leg"),
-            Err(e) => tracing::warn!(engine = %url, request_id = %rid, error = %e, "abort failed"),
-        }
-    });
-}
-
-/// Aborts a request's legs on the listed engines when dropped armed (client gone mid-relay).
-pub struct AbortGuard {
+/// A concurrent protocol's prefill leg: sent, its answer drained and discarded (the client gets
+/// decode's), or, with `keep`, returned for its prompt logprobs (`None` past [`ANSWER_LIMIT`]).
+pub async fn prefill_drained(
     client: crate::http1::Client,
-    urls: Vec<String>,
+    url: String,
+    engine: String,
+    body: Bytes,
     rid: String,
-    armed: bool,
-}
-
-impl AbortGuard {
-    pub fn new(client: &crate::http1::Client, urls: Vec<String>, rid: &str) -> Self {
-        Self {
-            client: client.clone(),
-            urls,
-            rid: rid.to_string(),
-            armed: true,
-        }
+    timeout: Duration,
+    keep: bool,
+) -> Result<Option<Vec<u8>>, LegError> {
+    let resp = client
+        .post(&url)
+        .header("x-request-id", &rid)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| unreachable(Role::Prefill, &engine, &e))?;
+    if !resp.status().is_success() {
+        metrics::leg(Role::Prefill, "error");
+        return Err(upstream_failure(Role::Prefill, resp).await);
     }
-
-    pub fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for AbortGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            for url in &self.urls {
-                abort(&self.client, url, &self.rid);
+    let mut stream = resp.bytes_stream();
+    let mut answer = keep.then(Vec::new);
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(|e| unreachable(Role::Prefill, &engine, &e))?;
+        if let Some(a) = answer.as_mut() {
+            if a.len() + chunk.len() > ANSWER_LIMIT {
+                tracing::warn!(request_id = %rid, "prefill answer too large to merge its prompt logprobs");
+                answer = None;
+            } else {
+                a.extend_from_slice(&chunk);
             }
         }
     }
+    metrics::leg(Role::Prefill, "ok");
+    Ok(answer)
+}
+
+/// Turns an engine's non-success answer into a leg error: the client's own mistakes (400, 413,
+/// 422) pass through as they are; anything else is the engine's fault (502, retryable).
+pub async fn upstream_failure(role: Role, resp: crate::http1::Response) -> LegError {
+    let status = resp.status();
+    let body: serde_json::Value = read_limited(resp, 64 * 1024)
+        .await
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let message = body
+        .pointer("/error/message")
+        .or_else(|| body.get("message"))
+        .and_then(|m| m.as_str())
+        .unwrap_or("no error message")
+        .to_string();
+    if matches!(status.as_u16(), 400 | 413 | 422) {
+        let param = body
+            .pointer("/error/param")
+            .and_then(|p| p.as_str())
+            .unwrap_or("body");
+        let mut error = ApiError::invalid(param, message);
+        error.status = status;
+        return LegError {
+            role,
+            retryable: false,
+            error,
+        };
+    }
+    let code = match body.pointer("/error/code").and_then(|c| c.as_str()) {
+        Some("kv_verification_failed") => "kv_verification_failed",
+        Some("kv_transfer_failed") => "kv_transfer_failed",
+        _ if role == Role::Prefill => "prefill_failed",
+        _ => "decode_failed",
+    };
+    LegError {
+        role,
+        retryable: true,
+        error: ApiError::upstream(code, format!("{role} engine answered {status}: {message}")),
+    }
+}
+
+pub fn unreachable(role: Role, url: &str, e: &crate::http1::Error) -> LegError {
+    let error = if e.is_timeout() {
+        ApiError::timeout(format!("{role} engine {url} timed out"))
+    } else {
+        ApiError::upstream(
+            "engine_unreachable",
+            format!("{role} engine {url} unreachable: {e}"),
+        )
+    };
+    LegError {
+        role,
+        retryable: true,
+        error,
+    }
+}
+
+/// Reads at most `limit` bytes of a body; `None` if it is longer or broken.
+pub async fn read_limited(resp: crate::http1::Response, limit: usize) -> Option<Vec<u8>> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let mut s = resp.bytes_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.ok()?;
+        if out.len() + chunk.len() > limit {
+            return None;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -1,62 +1,120 @@
 //! pdgate's native PD protocol with the reference engine: reserve KV on decode, prefill writes
 //! every block into that reservation through pdgate-transfer, then the decode leg (the client's
 //! body plus `pdgate_kv`) verifies the blocks and streams. Message types live in
-//! `pdgate_engine_sim::native`, shared with the engine.
+//! `pdgate_wire::native`, shared with the engine.
 //!
-//! The reservation is released here on every path where the decode leg did not take it over.
+//! The reservation is released on every path where the decode leg did not take it over.
 
-use super::{unreachable, upstream_failure, DecodeStart, LegContext, LegError};
+use super::legs::{overlay, params_missing, to_body, unreachable, upstream_failure};
+use super::phases::{PdProtocol, PrefillAnswer, Shape};
+use super::types::{LegContext, LegError};
 use crate::metrics;
 use crate::workers::Worker;
+use bytes::Bytes;
 use pdgate_scheduler::Observed;
 use pdgate_scheduler::Role;
 use pdgate_wire::native::{self as wire, DecodeLeg, KvDescriptor, PrefillReport};
 use std::time::Duration;
 
-pub async fn run(
-    ctx: &LegContext<'_>,
-    prefill_worker: &Worker,
-    on_prefill_done: impl FnOnce(Option<Observed>),
-) -> Result<DecodeStart, LegError> {
-    // Armed before the reserve is sent: a request dropped while the reserve is in flight (client
-    // gone, or a batch failing on another prompt) must not leave the reservation to the TTL.
-    // Releasing a reservation the engine never made is a no-op there.
-    let guard = ReleaseOnDrop {
-        client: ctx.state.client.clone(),
-        url: ctx.decode.url.clone(),
-        request_id: ctx.request_id.to_string(),
-        armed: true,
-    };
-    let kv = reserve(ctx).await?;
-    let report = match prefill(ctx, prefill_worker, &kv).await {
-        Ok(r) => r,
-        Err(e) => {
-            // Released before returning, so a retry may reserve again under the same request id.
-            guard.release().await;
-            return Err(e);
+pub struct Native;
+
+/// KV reserved on decode for one request, freed unless the decode leg took it over.
+pub struct Reservation {
+    kv: KvDescriptor,
+    release: ReleaseOnDrop,
+}
+
+impl PdProtocol for Native {
+    const SHAPE: Shape = Shape::Sequential;
+    type State = Reservation;
+    type Answer = PrefillReport;
+
+    async fn prepare(&self, ctx: &LegContext<'_>, _: &Worker) -> Result<Reservation, LegError> {
+        // Armed before the reserve is sent: a request dropped while the reserve is in flight
+        // (client gone, or a batch failing on another prompt) must not leave the reservation to
+        // the TTL. Releasing a reservation the engine never made is a no-op there.
+        let release = ReleaseOnDrop {
+            client: ctx.state.client.clone(),
+            url: ctx.decode.url.clone(),
+            request_id: ctx.request_id.to_string(),
+            armed: true,
+        };
+        let kv = reserve(ctx).await?;
+        Ok(Reservation { kv, release })
+    }
+
+    fn prefill_body(&self, ctx: &LegContext<'_>, r: &Reservation) -> Bytes {
+        to_body(&wire::PrefillRequest {
+            request_id: ctx.request_id.into(),
+            prompt: ctx.req.prompt.clone(),
+            target: r.kv.clone(),
+        })
+    }
+
+    /// The client's body plus `pdgate_kv`, so decode verifies the landed blocks.
+    fn decode_body(
+        &self,
+        ctx: &LegContext<'_>,
+        prefill: &Worker,
+        _: &Reservation,
+        report: Option<&PrefillReport>,
+    ) -> Result<Bytes, LegError> {
+        let report = report.ok_or_else(|| {
+            params_missing(format!("prefill engine {} sent no report", prefill.url))
+        })?;
+        let leg = DecodeLeg {
+            request_id: ctx.request_id.into(),
+            first_token: report.first_token,
+        };
+        let leg = serde_json::to_value(leg).unwrap_or_default();
+        Ok(overlay(&ctx.req.body, &[(wire::DECODE_FIELD, leg)], &[]))
+    }
+
+    fn reported(&self, report: &PrefillReport, _: Duration) -> Observed {
+        metrics::kv_handoff(
+            u64::from(report.blocks_sent),
+            report.bytes_sent,
+            u64::from(report.cached_tokens),
+            Duration::from_secs_f64(report.transfer_ms.max(0.0) / 1e3),
+        );
+        tracing::debug!(
+            blocks = report.blocks_sent,
+            bytes = report.bytes_sent,
+            cached = report.cached_tokens,
+            transfer_ms = report.transfer_ms,
+            "KV handed off"
+        );
+        Observed {
+            prefill_ms: report.prefill_ms,
+            transfer_ms: report.transfer_ms,
+            kv_bytes: report.bytes_sent,
         }
-    };
-    on_prefill_done(Some(Observed {
-        prefill_ms: report.prefill_ms,
-        transfer_ms: report.transfer_ms,
-        kv_bytes: report.bytes_sent,
-    }));
-    metrics::kv_handoff(
-        u64::from(report.blocks_sent),
-        report.bytes_sent,
-        u64::from(report.cached_tokens),
-        Duration::from_secs_f64(report.transfer_ms.max(0.0) / 1e3),
-    );
-    tracing::debug!(
-        blocks = report.blocks_sent,
-        bytes = report.bytes_sent,
-        cached = report.cached_tokens,
-        transfer_ms = report.transfer_ms,
-        "KV handed off"
-    );
-    let response = decode(ctx, &report).await?;
-    guard.disarm();
-    Ok(DecodeStart::new(response))
+    }
+
+    async fn release(&self, r: Reservation) {
+        r.release.release().await;
+    }
+
+    fn handed_over(&self, r: Reservation) {
+        r.release.disarm();
+    }
+}
+
+/// The prefill leg posts a `PrefillRequest` and gets what was written where.
+impl PrefillAnswer for PrefillReport {
+    fn path(_: &LegContext<'_>) -> &'static str {
+        wire::PREFILL_PATH
+    }
+
+    async fn read(
+        _: &LegContext<'_>,
+        engine: &str,
+        resp: crate::http1::Response,
+    ) -> Result<Self, LegError> {
+        resp.json()
+            .await
+            .map_err(|e| unreachable(Role::Prefill, engine, &e))
+    }
 }
 
 async fn reserve(ctx: &LegContext<'_>) -> Result<KvDescriptor, LegError> {
@@ -81,55 +139,6 @@ async fn reserve(ctx: &LegContext<'_>) -> Result<KvDescriptor, LegError> {
     resp.json()
         .await
         .map_err(|e| unreachable(Role::Decode, &ctx.decode.url, &e))
-}
-
-async fn prefill(
-    ctx: &LegContext<'_>,
-    worker: &Worker,
-    kv: &KvDescriptor,
-) -> Result<PrefillReport, LegError> {
-    let url = format!("{}{}", worker.url, wire::PREFILL_PATH);
-    let body = wire::PrefillRequest {
-        request_id: ctx.request_id.into(),
-        prompt: ctx.req.prompt.clone(),
-        target: kv.clone(),
-    };
-    let timeout = Duration::from_secs(ctx.state.cfg.upstream.prefill_timeout_secs);
-    let send = ctx
-        .state
-        .client
-        .post(&url)
-        .header("x-request-id", ctx.request_id)
-        .json(&body)
-        .timeout(timeout)
-        .send();
-    let resp = send
-        .await
-        .map_err(|e| unreachable(Role::Prefill, &worker.url, &e))?;
-    if !resp.status().is_success() {
-        metrics::leg(Role::Prefill, "error");
-        return Err(upstream_failure(Role::Prefill, resp).await);
-    }
-    let report = resp
-        .json()
-        .await
-        .map_err(|e| unreachable(Role::Prefill, &worker.url, &e))?;
-    metrics::leg(Role::Prefill, "ok");
-    Ok(report)
-}
-
-/// The decode leg: the client's body plus `pdgate_kv`, so decode verifies the landed blocks.
-async fn decode(
-    ctx: &LegContext<'_>,
-    report: &PrefillReport,
-) -> Result<crate::http1::Response, LegError> {
-    let leg = DecodeLeg {
-        request_id: ctx.request_id.into(),
-        first_token: report.first_token,
-    };
-    let leg = serde_json::to_value(leg).unwrap_or_default();
-    let body = super::legs::overlay(&ctx.req.body, &[(wire::DECODE_FIELD, leg)], &[]);
-    super::legs::decode_head_raw(ctx, body, &[]).await
 }
 
 /// Frees the decode reservation unless the decode leg took it over. Runs on error paths and when

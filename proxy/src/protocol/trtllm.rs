@@ -9,50 +9,75 @@
 //!
 //! It never sends a generation-only leg without the context leg's params.
 
-use super::{legs, DecodeStart, LegContext, LegError};
-use crate::error::ApiError;
+use super::legs::{self, overlay, params_missing};
+use super::phases::{PdProtocol, Shape};
+use super::types::{LegContext, LegError};
 use crate::workers::Worker;
-use pdgate_scheduler::{Observed, Role};
-use serde_json::{json, Value};
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
 
 pub const FIELD: &str = "disaggregated_params";
 
-pub async fn run(
-    ctx: &LegContext<'_>,
-    prefill: &Worker,
-    on_prefill_done: impl FnOnce(Option<Observed>),
-) -> Result<DecodeStart, LegError> {
-    let body = legs::prefill_body(ctx, &[(FIELD, json!({"request_type": "context_only"}))]);
-    let started = std::time::Instant::now();
-    let answer = legs::prefill_json(ctx, &prefill.url, body, &[]).await?;
+pub struct Trtllm;
+
+impl PdProtocol for Trtllm {
+    const SHAPE: Shape = Shape::Sequential;
+    type State = ();
+    type Answer = Value;
+
+    async fn prepare(&self, _: &LegContext<'_>, _: &Worker) -> Result<(), LegError> {
+        Ok(())
+    }
+
+    fn prefill_body(&self, ctx: &LegContext<'_>, _: &()) -> Bytes {
+        legs::prefill_body(ctx, &[(FIELD, json!({"request_type": "context_only"}))])
+    }
+
+    fn decode_body(
+        &self,
+        ctx: &LegContext<'_>,
+        prefill: &Worker,
+        _: &(),
+        answer: Option<&Value>,
+    ) -> Result<Bytes, LegError> {
+        let params = answer.and_then(generation_params).ok_or_else(|| {
+            params_missing(format!(
+                "context server {} answered without `{FIELD}`: is it a context server?",
+                prefill.url
+            ))
+        })?;
+        Ok(overlay(&ctx.req.body, &[(FIELD, params)], &[]))
+    }
+}
+
+/// The context leg's params (first choice, or top level) turned into a generation-only leg's.
+pub fn generation_params(answer: &Value) -> Option<Value> {
     let params = answer
         .pointer("/choices/0/disaggregated_params")
-        .or_else(|| answer.get(FIELD))
-        .filter(|p| p.is_object())
-        .cloned();
-    let Some(mut params) = params else {
-        return Err(LegError {
-            role: Role::Prefill,
-            retryable: true,
-            error: ApiError::upstream(
-                "prefill_failed",
-                format!(
-                    "context server {} answered without `{FIELD}`: is it a context server?",
-                    prefill.url
-                ),
-            ),
-        });
-    };
-    on_prefill_done(Some(Observed {
-        prefill_ms: started.elapsed().as_secs_f64() * 1e3,
-        transfer_ms: 0.0,
-        kv_bytes: 0,
-    }));
-    params["request_type"] = Value::from("generation_only");
-    let gen_body = legs::overlay(&ctx.req.body, &[(FIELD, params)], &[]);
-    let response = legs::decode_head_raw(ctx, gen_body, &[]).await?;
-    Ok(DecodeStart {
-        prompt_logprobs: legs::prompt_logprobs_of(ctx, &answer),
-        ..DecodeStart::new(response)
-    })
+        .or_else(|| answer.get(FIELD));
+    let mut params: Map<String, Value> = params?.as_object()?.clone();
+    params.insert("request_type".into(), Value::from("generation_only"));
+    Some(Value::Object(params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_come_from_the_first_choice_or_the_top_and_turn_generation_only() {
+        let ctx =
+            json!({"request_type": "context_only", "ctx_request_id": 7, "first_gen_tokens": [5]});
+        let want = json!({"request_type": "generation_only", "ctx_request_id": 7, "first_gen_tokens": [5]});
+        let answer = json!({"choices": [{"text": "a", FIELD: ctx}], FIELD: {"ctx_request_id": 1}});
+        assert_eq!(generation_params(&answer), Some(want.clone()));
+        assert_eq!(
+            generation_params(&json!({"choices": [{}], FIELD: ctx})),
+            Some(want)
+        );
+        // A first choice whose params are not an object is not looked past.
+        let null = json!({"choices": [{FIELD: null}], FIELD: ctx});
+        assert_eq!(generation_params(&null), None);
+        assert_eq!(generation_params(&json!({"choices": []})), None);
+    }
 }

@@ -7,57 +7,65 @@
 //!
 //! vLLM has no abort call: a failed leg's partner is dropped (vLLM aborts on disconnect).
 
-use super::{legs, sglang, DecodeStart, LegContext, LegError};
+use super::legs::{self, overlay};
+use super::phases::{Abort, PdProtocol, Shape};
+use super::types::{LegContext, LegError};
 use crate::error::ApiError;
 use crate::workers::Worker;
-use pdgate_scheduler::{Observed, Role};
+use bytes::Bytes;
+use pdgate_scheduler::Role;
 use serde_json::{json, Value};
 use std::time::Duration;
 
 pub const FIELD: &str = "kv_transfer_params";
 
-pub async fn run(
-    ctx: &LegContext<'_>,
-    prefill: &Worker,
-    on_prefill_done: impl FnOnce(Option<Observed>),
-) -> Result<DecodeStart, LegError> {
-    let bootstrap = &prefill.bootstrap_url;
-    let engine_id = engine_id(ctx, prefill).await?;
-    let transfer_id = format!("xfer-{}", uuid::Uuid::new_v4());
-    let prefill_body = legs::prefill_body(
-        ctx,
-        &[(
-            FIELD,
-            json!({
-                "do_remote_decode": true,
-                "do_remote_prefill": false,
-                "transfer_id": transfer_id,
-            }),
-        )],
-    );
-    let decode_body = legs::overlay(
-        &ctx.req.body,
-        &[(
-            FIELD,
-            json!({
-                "do_remote_decode": false,
-                "do_remote_prefill": true,
-                "remote_bootstrap_addr": bootstrap,
-                "remote_engine_id": engine_id,
-                "transfer_id": transfer_id,
-            }),
-        )],
-        &[],
-    );
-    let legs = sglang::Concurrent {
-        rid: ctx.request_id,
-        prefill_url: &prefill.url,
-        prefill_body,
-        decode_body,
-        abortable: false,
-        prompt_logprobs: legs::wants_prompt_logprobs(ctx),
+pub struct VllmMooncake;
+
+/// One request's KV transfer: the prefill engine that pushes, under an id both legs name.
+pub struct Transfer {
+    engine_id: String,
+    transfer_id: String,
+}
+
+impl PdProtocol for VllmMooncake {
+    const SHAPE: Shape = Shape::Concurrent {
+        abort: Abort::Disconnect,
     };
-    sglang::concurrent(ctx, legs, on_prefill_done).await
+    type State = Transfer;
+    type Answer = Value;
+
+    async fn prepare(&self, ctx: &LegContext<'_>, prefill: &Worker) -> Result<Transfer, LegError> {
+        Ok(Transfer {
+            engine_id: engine_id(ctx, prefill).await?,
+            transfer_id: format!("xfer-{}", uuid::Uuid::new_v4()),
+        })
+    }
+
+    fn prefill_body(&self, ctx: &LegContext<'_>, t: &Transfer) -> Bytes {
+        let params = json!({
+            "do_remote_decode": true,
+            "do_remote_prefill": false,
+            "transfer_id": t.transfer_id,
+        });
+        legs::prefill_body(ctx, &[(FIELD, params)])
+    }
+
+    fn decode_body(
+        &self,
+        ctx: &LegContext<'_>,
+        prefill: &Worker,
+        t: &Transfer,
+        _: Option<&Value>,
+    ) -> Result<Bytes, LegError> {
+        let params = json!({
+            "do_remote_decode": false,
+            "do_remote_prefill": true,
+            "remote_bootstrap_addr": prefill.bootstrap_url,
+            "remote_engine_id": t.engine_id,
+            "transfer_id": t.transfer_id,
+        });
+        Ok(overlay(&ctx.req.body, &[(FIELD, params)], &[]))
+    }
 }
 
 /// The prefill's engine id (data-parallel rank 0), remembered on the worker or asked of its

@@ -10,58 +10,66 @@
 //! It never sends a decode leg without the params a prefill returned: that would make vLLM
 //! recompute silently.
 
-use super::{legs, DecodeStart, LegContext, LegError};
-use crate::error::ApiError;
+use super::legs::{self, overlay, params_missing};
+use super::phases::{PdProtocol, Shape};
+use super::types::{LegContext, LegError};
 use crate::workers::Worker;
-use pdgate_scheduler::{Observed, Role};
-use serde_json::json;
+use bytes::Bytes;
+use serde_json::{json, Value};
 
 pub const FIELD: &str = "kv_transfer_params";
 
-pub async fn run(
-    ctx: &LegContext<'_>,
-    prefill: &Worker,
-    on_prefill_done: impl FnOnce(Option<Observed>),
-) -> Result<DecodeStart, LegError> {
-    let body = legs::prefill_body(
-        ctx,
-        &[(
-            FIELD,
-            json!({
-                "do_remote_decode": true,
-                "do_remote_prefill": false,
-                "remote_engine_id": null,
-                "remote_block_ids": null,
-                "remote_host": null,
-                "remote_port": null,
-            }),
-        )],
-    );
-    let started = std::time::Instant::now();
-    let answer = legs::prefill_json(ctx, &prefill.url, body, &[]).await?;
-    let Some(params) = answer.get(FIELD).filter(|p| p.is_object()).cloned() else {
-        return Err(missing(&prefill.url));
-    };
-    on_prefill_done(Some(Observed {
-        prefill_ms: started.elapsed().as_secs_f64() * 1e3,
-        transfer_ms: 0.0,
-        kv_bytes: 0,
-    }));
-    let decode_body = legs::overlay(&ctx.req.body, &[(FIELD, params)], &[]);
-    let response = legs::decode_head_raw(ctx, decode_body, &[]).await?;
-    Ok(DecodeStart {
-        prompt_logprobs: legs::prompt_logprobs_of(ctx, &answer),
-        ..DecodeStart::new(response)
-    })
+pub struct VllmNixl;
+
+impl PdProtocol for VllmNixl {
+    const SHAPE: Shape = Shape::Sequential;
+    type State = ();
+    type Answer = Value;
+
+    async fn prepare(&self, _: &LegContext<'_>, _: &Worker) -> Result<(), LegError> {
+        Ok(())
+    }
+
+    fn prefill_body(&self, ctx: &LegContext<'_>, _: &()) -> Bytes {
+        let params = json!({
+            "do_remote_decode": true,
+            "do_remote_prefill": false,
+            "remote_engine_id": null,
+            "remote_block_ids": null,
+            "remote_host": null,
+            "remote_port": null,
+        });
+        legs::prefill_body(ctx, &[(FIELD, params)])
+    }
+
+    fn decode_body(
+        &self,
+        ctx: &LegContext<'_>,
+        prefill: &Worker,
+        _: &(),
+        answer: Option<&Value>,
+    ) -> Result<Bytes, LegError> {
+        let params = answer.and_then(params_of).ok_or_else(|| {
+            params_missing(format!("prefill engine {} answered without `{FIELD}`: is it running with a KV connector (kv_role kv_both / kv_producer)?", prefill.url))
+        })?;
+        Ok(overlay(&ctx.req.body, &[(FIELD, params)], &[]))
+    }
 }
 
-fn missing(url: &str) -> LegError {
-    LegError {
-        role: Role::Prefill,
-        retryable: true,
-        error: ApiError::upstream(
-            "prefill_failed",
-            format!("prefill engine {url} answered without `{FIELD}`: is it running with a KV connector (kv_role kv_both / kv_producer)?"),
-        ),
+/// The prefill's transfer params, passed on verbatim.
+pub fn params_of(answer: &Value) -> Option<Value> {
+    answer.get(FIELD).filter(|p| p.is_object()).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_the_answers_top_level_object_verbatim() {
+        let p = json!({"remote_engine_id": "e", "remote_block_ids": [1, 2], "extra": null});
+        assert_eq!(params_of(&json!({"choices": [], FIELD: p})), Some(p));
+        assert_eq!(params_of(&json!({"choices": [{FIELD: {"a": 1}}]})), None);
+        assert_eq!(params_of(&json!({FIELD: null})), None);
     }
 }
