@@ -22,8 +22,6 @@ pub use blocks::{BlockHash, BlockHasher};
 pub use config::{CostModel, SchedulerConfig, Slo};
 pub use load::{EngineReport, InstanceLoad};
 pub use policy::{Policy, PolicyKind};
-pub use scheduler::{
-    Decision, InstanceSpec, Observed, Rejection, RequestKey, Scheduler, SloBreach,
-};
+pub use scheduler::{Decision, InstanceSpec, Observed, Scheduler};
 pub use tokenizer::{BuiltinTokenizer, TokenId, Tokenizer};
-pub use types::{InstanceId, Role, Ticket};
+pub use types::{InstanceId, Rejection, RequestKey, Role, SloBreach, Ticket};

@@ -7,8 +7,7 @@
 
 use crate::config::SchedulerConfig;
 use crate::policy::Candidate;
-use crate::scheduler::RequestKey;
-use crate::types::InstanceId;
+use crate::types::{InstanceId, RequestKey};
 use std::time::Duration;
 
 /// How many of a decode instance's sequences are expected to have finished by a given time.

@@ -9,8 +9,7 @@
 
 use super::{argmin_by, Candidate, Choice, PickCtx, Policy};
 use crate::config::CacheAwareConfig;
-use crate::scheduler::{Rejection, RequestKey};
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection, RequestKey};
 
 #[derive(Debug)]
 pub struct CacheAware {

@@ -7,8 +7,7 @@
 
 use super::{Candidate, Choice, PickCtx, Policy};
 use crate::config::KvCostConfig;
-use crate::scheduler::{Rejection, RequestKey};
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection, RequestKey};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -12,8 +12,7 @@ mod slo;
 
 use crate::load::InstanceLoad;
 use crate::predict::Predictor;
-use crate::scheduler::{Rejection, RequestKey};
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection, RequestKey};
 use serde::{Deserialize, Serialize};
 
 /// One instance as a policy sees it for one request.

@@ -3,8 +3,7 @@
 //! same instance.
 
 use super::{Candidate, Choice, PickCtx, Policy};
-use crate::scheduler::Rejection;
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

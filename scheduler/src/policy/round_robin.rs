@@ -2,8 +2,7 @@
 //! PD proxies ship with.
 
 use super::{Candidate, Choice, PickCtx, Policy};
-use crate::scheduler::Rejection;
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection};
 
 #[derive(Debug, Default)]
 pub struct RoundRobin {

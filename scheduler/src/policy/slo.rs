@@ -12,7 +12,7 @@
 //! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it.
 
 use super::{argmin_by, Choice, PickCtx, Policy};
-use crate::scheduler::{Rejection, SloBreach};
+use crate::types::{Rejection, SloBreach};
 use std::time::Duration;
 
 #[derive(Debug, Default)]
