@@ -407,7 +407,7 @@ const SHORTLIST_LEAST_LOADED: usize = 16;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PolicyKind;
+    use crate::config::PolicyKind;
 
     fn key(tokens: u32, blocks: &[u64]) -> RequestKey {
         RequestKey {
