@@ -6,6 +6,7 @@
 //! simulator, and is deterministic for a given input and seed.
 
 pub mod blocks;
+pub mod candidate;
 pub mod config;
 pub mod cost;
 pub mod fleet;

@@ -7,12 +7,13 @@
 //! closes both legs, e.g. on failure).
 
 use crate::blocks::BlockHash;
+use crate::candidate::Candidate;
 use crate::config::SchedulerConfig;
 use crate::cost::Ewma;
 use crate::fleet::{Fleet, Instance};
 use crate::index::PrefixIndex;
 use crate::load::{EngineReport, InstanceLoad};
-use crate::policy::{Candidate, PickCtx, Policy};
+use crate::policy::{PickCtx, Policy};
 use crate::predict::Predictor;
 use crate::types::{InstanceId, Role, Ticket};
 // Defined in `types` so policies and predictions need not import the scheduler; re-exported for

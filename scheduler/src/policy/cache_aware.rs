@@ -7,7 +7,8 @@
 //! 0.3 are SGLang's. One difference, on purpose: matches are in tokens over the whole rendered
 //! prompt, not characters of the first message.
 
-use super::{argmin_by, Candidate, Choice, PickCtx, Policy};
+use super::{argmin_by, Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
 use crate::config::CacheAwareConfig;
 use crate::types::{InstanceId, Rejection, RequestKey};
 

@@ -5,7 +5,8 @@
 //! for its sequences. With temperature 0 the cheapest wins (ties: smaller cache tree, then id);
 //! above 0 an instance is sampled with probability ∝ `exp(−cost/max_cost / temperature)`.
 
-use super::{Candidate, Choice, PickCtx, Policy};
+use super::{Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
 use crate::config::KvCostConfig;
 use crate::types::{InstanceId, Rejection, RequestKey};
 use rand::rngs::SmallRng;

@@ -11,30 +11,14 @@ mod random;
 mod round_robin;
 mod slo;
 
-use crate::load::InstanceLoad;
 use crate::predict::Predictor;
 use crate::types::{InstanceId, Rejection, RequestKey};
 // Defined in `config` so the config need not import the policies; re-exported for callers that
 // name it by its old path (`pdgate_scheduler::policy::PolicyKind`).
 pub use crate::config::PolicyKind;
-
-/// One instance as a policy sees it for one request.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Candidate {
-    pub id: InstanceId,
-    pub load: InstanceLoad,
-    /// Leading blocks of the request this instance holds (from the prefix index).
-    pub matched_blocks: u32,
-    /// Blocks the index holds for this instance in all (its "tree size").
-    pub cached_blocks: u64,
-    /// KV blocks the instance's cache holds at most.
-    pub capacity_blocks: u64,
-    /// Measured over modelled prefill time (EWMA); 1.0 means as modelled.
-    pub speed: f64,
-    /// Predicted wait before a new prefill starts here: booked prefill work not yet done, less
-    /// what has elapsed of the one running.
-    pub queue_ms: f64,
-}
+// Defined in `candidate` so predictions need not import the policies; re-exported for callers
+// that name it by its old path.
+pub use crate::candidate::Candidate;
 
 pub struct PickCtx<'a> {
     pub key: &'a RequestKey,
@@ -78,6 +62,7 @@ pub(crate) mod testing {
     //! Hand-built states for policy tests.
     use super::*;
     use crate::config::SchedulerConfig;
+    use crate::load::InstanceLoad;
     use std::time::Duration;
 
     pub fn cand(id: u32) -> Candidate {

@@ -1,7 +1,8 @@
 //! `round_robin`: each role cycles through its candidates independently. The baseline the public
 //! PD proxies ship with.
 
-use super::{Candidate, Choice, PickCtx, Policy};
+use super::{Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
 use crate::types::{InstanceId, Rejection};
 
 #[derive(Debug, Default)]

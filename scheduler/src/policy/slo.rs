@@ -197,7 +197,7 @@ mod tests {
         ));
         let full: Vec<_> = d
             .iter()
-            .map(|c| crate::policy::Candidate {
+            .map(|c| crate::candidate::Candidate {
                 capacity_blocks: 1,
                 ..*c
             })
@@ -211,7 +211,7 @@ mod tests {
         ));
         let busy: Vec<_> = d
             .iter()
-            .map(|c| crate::policy::Candidate {
+            .map(|c| crate::candidate::Candidate {
                 load: crate::load::InstanceLoad {
                     decode_blocks: c.capacity_blocks,
                     ..c.load
