@@ -21,5 +21,5 @@ pub mod trace;
 
 pub use error::LoadtestError;
 pub use metrics::{Aggregates, RequestRecord, Slo};
-pub use report::Report;
+pub use report::types::Report;
 pub use trace::types::{Prompt, Trace, TraceRequest};

@@ -11,7 +11,7 @@
 use super::engine::{Job, SimEngine};
 use super::events::{Event, EventQueue};
 use crate::metrics::{RequestError, RequestRecord};
-use crate::report::InstanceLoad;
+use crate::report::types::InstanceLoad;
 use crate::synth::engine_blocks;
 use crate::trace::types::Trace;
 use pdgate_engine_sim::EngineConfig;
