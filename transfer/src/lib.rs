@@ -15,6 +15,7 @@ mod engine;
 mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod limits;
 mod local;
 mod metadata;
 mod segment;
@@ -26,6 +27,7 @@ pub use engine::{EngineOptions, Notification, TransferEngine};
 pub use error::TransferError;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
+pub use limits::MAX_NOTIFY_LEN;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
@@ -34,4 +36,3 @@ pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
 pub use transport::rdma;
 pub use transport::slice::DEFAULT_SLICE_SIZE;
 pub use transport::{Transport, TransportChoice, TransportKind};
-pub use wire::MAX_NOTIFY_LEN;

@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use crate::batch::{Batch, BatchReport, Op};
 use crate::engine::Notification;
 use crate::error::TransferError;
+use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::segment::Segment;
 use crate::transport::handshake::{SegmentAdvert, ShmLocation};
 use crate::transport::shm::ShmRegion;
-use crate::wire::MAX_SEGMENT_NAME_LEN;
 
 /// Where and whether segments are put in shared memory.
 #[derive(Debug, Clone)]

@@ -34,6 +34,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
+use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::local::LocalSegments;
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
@@ -228,7 +229,7 @@ impl TcpTransport {
         endpoint: &str,
         segment: &str,
     ) -> Result<SegmentAdvert, TransferError> {
-        if segment.len() > wire::MAX_SEGMENT_NAME_LEN {
+        if segment.len() > MAX_SEGMENT_NAME_LEN {
             return Err(TransferError::InvalidName(segment.to_owned()));
         }
         let msg = self
