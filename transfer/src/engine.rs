@@ -23,13 +23,14 @@ use crate::local::{LocalSegments, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::host_id;
+use crate::transport::kind::{TransportChoice, TransportKind};
 #[cfg(feature = "rdma")]
 use crate::transport::rdma::runtime::{RdmaEngine, RdmaRuntime};
 use crate::transport::shm::{self, ShmTransport};
 use crate::transport::slice::DEFAULT_SLICE_SIZE;
 use crate::transport::stream::Listener;
 use crate::transport::tcp::{self, TcpTransport};
-use crate::transport::{Transport, TransportChoice, TransportKind};
+use crate::transport::Transport;
 
 /// Delivered to the target process once every op of a batch that carried a
 /// notification has been applied.

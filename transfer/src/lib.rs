@@ -31,8 +31,9 @@ pub use limits::MAX_NOTIFY_LEN;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
+pub use transport::kind::{TransportChoice, TransportKind};
 /// The RDMA transport's verbs-independent logic and thin verbs layer.
 #[cfg(feature = "rdma")]
 pub use transport::rdma;
 pub use transport::slice::DEFAULT_SLICE_SIZE;
-pub use transport::{Transport, TransportChoice, TransportKind};
+pub use transport::Transport;

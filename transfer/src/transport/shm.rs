@@ -33,9 +33,10 @@ use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
 use crate::metadata::SegmentDesc;
 use crate::transport::handshake::{host_id, SegmentAdvert, ShmLocation};
+use crate::transport::kind::TransportKind;
 use crate::transport::stream::Addr;
 use crate::transport::tcp::TcpTransport;
-use crate::transport::{Transport, TransportKind};
+use crate::transport::Transport;
 
 /// Where owners create segment files.
 pub const SHM_DIR: &str = "/dev/shm";

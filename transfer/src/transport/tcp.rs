@@ -39,9 +39,10 @@ use crate::local::LocalSegments;
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::SegmentAdvert;
+use crate::transport::kind::TransportKind;
 use crate::transport::slice;
 use crate::transport::stream::{Addr, Listener, ReadHalf, Stream, WriteHalf};
-use crate::transport::{Transport, TransportKind};
+use crate::transport::Transport;
 use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
 
 /// Upper bound on one `try_read`/`try_write` under a segment lock, so a

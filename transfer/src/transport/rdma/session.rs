@@ -34,7 +34,7 @@ use super::{plan_work, Completions, QpEndpoint, QpState, RemoteRegion, WorkReque
 use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
 use crate::limits::MAX_MESSAGE_LEN;
-use crate::transport::TransportKind;
+use crate::transport::kind::TransportKind;
 
 /// Queue pairs per peer unless configured otherwise.
 pub const DEFAULT_QPS_PER_PEER: usize = 2;
