@@ -13,13 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::batch::{Batch, BatchReport};
 use crate::error::TransferError;
-use crate::local::{LocalSegments, ShmBacking};
+use crate::local::{LocalSegments, Notification, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::host_id;
@@ -31,15 +30,6 @@ use crate::transport::slice::DEFAULT_SLICE_SIZE;
 use crate::transport::stream::Listener;
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::Transport;
-
-/// Delivered to the target process once every op of a batch that carried a
-/// notification has been applied.
-#[derive(Debug, Clone)]
-pub struct Notification {
-    /// The target segment the batch was applied to.
-    pub segment: String,
-    pub payload: Bytes,
-}
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -440,6 +430,7 @@ fn join_host_port(host: &str, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn host_port_joining() {

@@ -23,11 +23,12 @@ mod transport;
 mod wire;
 
 pub use batch::{Batch, BatchReport, Op};
-pub use engine::{EngineOptions, Notification, TransferEngine};
+pub use engine::{EngineOptions, TransferEngine};
 pub use error::TransferError;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
 pub use limits::MAX_NOTIFY_LEN;
+pub use local::Notification;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
