@@ -21,7 +21,7 @@ use crate::error::TransferError;
 use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::segment::Segment;
 use crate::transport::handshake::{SegmentAdvert, ShmLocation};
-use crate::transport::shm::ShmRegion;
+use crate::transport::shm::owner::ShmRegion;
 
 /// Delivered to the target process once every op of a batch that carried a
 /// notification has been applied.
