@@ -408,7 +408,7 @@ fn rdma_unavailable() -> TransferError {
                `--features rdma` (needs libibverbs-dev, librdmacm-dev and libclang-dev), \
                or use transport \"auto\" or \"tcp\"";
     #[cfg(feature = "rdma")]
-    let why = crate::transport::rdma::unavailable_reason();
+    let why = crate::transport::rdma::verbs::unavailable_reason();
     TransferError::Unsupported(why.to_string())
 }
 
