@@ -5,7 +5,7 @@
 //! schedule feeds the simulator.
 
 use crate::error::{LoadtestError, Result};
-use crate::trace::Trace;
+use crate::trace::types::Trace;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Gamma};
@@ -107,7 +107,7 @@ impl Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{Prompt, TraceRequest};
+    use crate::trace::types::{Prompt, TraceRequest};
 
     fn trace(times: &[Option<f64>]) -> Trace {
         Trace {

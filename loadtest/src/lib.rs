@@ -16,9 +16,10 @@ pub mod report;
 pub mod scrape;
 pub mod sim;
 pub mod synth;
+pub mod tokens;
 pub mod trace;
 
 pub use error::LoadtestError;
 pub use metrics::{Aggregates, RequestRecord, Slo};
-pub use report::Report;
-pub use trace::{Prompt, Trace, TraceRequest};
+pub use report::types::Report;
+pub use trace::types::{Prompt, Trace, TraceRequest};

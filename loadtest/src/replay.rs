@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::metrics::RequestRecord;
 use crate::scrape::{self, ServerStats};
 use crate::synth::Synth;
-use crate::trace::Trace;
+use crate::trace::types::Trace;
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -9,43 +9,13 @@
 //! under a real BPE tokenizer nearly every word is one token and a bounded correction pass trims
 //! or pads the tail. It never touches the text of a full shared block to fix a length.
 
-use crate::trace::{Prompt, TraceRequest, MOONCAKE_BLOCK_TOKENS};
+use crate::trace::types::{Prompt, TraceRequest, MOONCAKE_BLOCK_TOKENS};
+// Defined in `tokens` so trace loading need not import synthesis; re-exported for callers that
+// name them by their old path (`pdgate_loadtest::synth::CountTokens`).
+pub use crate::tokens::{Builtin, CountTokens};
 use pdgate_scheduler::{BlockHash, BlockHasher, BuiltinTokenizer};
 use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-/// Counts tokens the way the server will.
-pub trait CountTokens: Send + Sync {
-    fn count(&self, text: &str) -> usize;
-    /// True when every synthesised word is one token that never merges with a neighbour, so the
-    /// prompt needs no correction pass (and the simulator may key blocks from ids directly).
-    fn one_token_per_word(&self) -> bool {
-        false
-    }
-}
-
-/// The reference engine's built-in tokenizer (`pdgate_scheduler::BuiltinTokenizer`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Builtin;
-
-impl CountTokens for Builtin {
-    fn count(&self, text: &str) -> usize {
-        BuiltinTokenizer.count(text)
-    }
-    fn one_token_per_word(&self) -> bool {
-        true
-    }
-}
-
-/// The gateway's tokenizer (built-in or a HuggingFace `tokenizer.json`), for `--tokenizer`.
-impl CountTokens for pdgate_scheduler::Tokenizer {
-    fn count(&self, text: &str) -> usize {
-        pdgate_scheduler::Tokenizer::count(self, text)
-    }
-    fn one_token_per_word(&self) -> bool {
-        matches!(self, pdgate_scheduler::Tokenizer::Builtin)
-    }
-}
 
 /// Short, common English words: one token each in the built-in tokenizer (≤ 8 alphanumerics
 /// after a space) and, in practice, in GPT/Llama/DeepSeek-style BPE vocabularies.

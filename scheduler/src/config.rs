@@ -1,7 +1,6 @@
 //! The scheduler's configuration: one struct tree with serde defaults, embedded by the gateway's
 //! config (`[scheduler]`) and built directly by the simulator. The only source of these defaults.
 
-use crate::policy::PolicyKind;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,6 +35,76 @@ impl Default for SchedulerConfig {
             cache_aware: CacheAwareConfig::default(),
             kv_cost: KvCostConfig::default(),
         }
+    }
+}
+
+/// The policies that can be named in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    RoundRobin,
+    Random,
+    PowerOfTwo,
+    LeastLoad,
+    CacheAware,
+    KvCost,
+    #[default]
+    Slo,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 7] = [
+        PolicyKind::RoundRobin,
+        PolicyKind::Random,
+        PolicyKind::PowerOfTwo,
+        PolicyKind::LeastLoad,
+        PolicyKind::CacheAware,
+        PolicyKind::KvCost,
+        PolicyKind::Slo,
+    ];
+
+    /// Whether the policy's choice is always among the cache holders and the least-loaded few,
+    /// so large fleets can be shortlisted. Baselines that look at every instance (rotation,
+    /// sampling, SGLang's min/max load gate and smallest tree) are given the whole fleet.
+    pub fn shortlists(self) -> bool {
+        matches!(
+            self,
+            PolicyKind::Slo | PolicyKind::KvCost | PolicyKind::LeastLoad
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::RoundRobin => "round_robin",
+            PolicyKind::Random => "random",
+            PolicyKind::PowerOfTwo => "power_of_two",
+            PolicyKind::LeastLoad => "least_load",
+            PolicyKind::CacheAware => "cache_aware",
+            PolicyKind::KvCost => "kv_cost",
+            PolicyKind::Slo => "slo",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "unknown policy `{s}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -185,5 +254,19 @@ impl Default for KvCostConfig {
             prefill_weight: 1.0,
             temperature: 0.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_its_name() {
+        for k in PolicyKind::ALL {
+            assert_eq!(k.as_str().parse::<PolicyKind>(), Ok(k));
+        }
+        assert!("cache_awareness".parse::<PolicyKind>().is_err());
+        assert_eq!(PolicyKind::default(), PolicyKind::Slo);
     }
 }

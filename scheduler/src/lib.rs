@@ -6,6 +6,7 @@
 //! simulator, and is deterministic for a given input and seed.
 
 pub mod blocks;
+pub mod candidate;
 pub mod config;
 pub mod cost;
 pub mod fleet;
@@ -18,11 +19,9 @@ pub mod tokenizer;
 pub mod types;
 
 pub use blocks::{BlockHash, BlockHasher};
-pub use config::{CostModel, SchedulerConfig, Slo};
+pub use config::{CostModel, PolicyKind, SchedulerConfig, Slo};
 pub use load::{EngineReport, InstanceLoad};
-pub use policy::{Policy, PolicyKind};
-pub use scheduler::{
-    Decision, InstanceSpec, Observed, Rejection, RequestKey, Scheduler, SloBreach,
-};
+pub use policy::Policy;
+pub use scheduler::{Decision, InstanceSpec, Observed, Scheduler};
 pub use tokenizer::{BuiltinTokenizer, TokenId, Tokenizer};
-pub use types::{InstanceId, Role, Ticket};
+pub use types::{InstanceId, Rejection, RequestKey, Role, SloBreach, Ticket};

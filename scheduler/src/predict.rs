@@ -5,10 +5,9 @@
 //! measured speed) + KV transfer at the measured bandwidth. TBT = one decode step with the batch
 //! the decode instance is expected to hold when this request's prefill finishes.
 
+use crate::candidate::Candidate;
 use crate::config::SchedulerConfig;
-use crate::policy::Candidate;
-use crate::scheduler::RequestKey;
-use crate::types::InstanceId;
+use crate::types::{InstanceId, RequestKey};
 use std::time::Duration;
 
 /// How many of a decode instance's sequences are expected to have finished by a given time.

@@ -7,26 +7,20 @@
 //! closes both legs, e.g. on failure).
 
 use crate::blocks::BlockHash;
+use crate::candidate::Candidate;
 use crate::config::SchedulerConfig;
 use crate::cost::Ewma;
 use crate::fleet::{Fleet, Instance};
 use crate::index::PrefixIndex;
 use crate::load::{EngineReport, InstanceLoad};
-use crate::policy::{Candidate, PickCtx, Policy};
+use crate::policy::{PickCtx, Policy};
 use crate::predict::Predictor;
 use crate::types::{InstanceId, Role, Ticket};
+// Defined in `types` so policies and predictions need not import the scheduler; re-exported for
+// callers that name them by their old path (`pdgate_scheduler::scheduler::Rejection`).
+pub use crate::types::{Rejection, RequestKey, SloBreach};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
-use thiserror::Error;
-
-/// What the scheduler knows of a request: its size and its prefix key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RequestKey {
-    pub prompt_tokens: u32,
-    pub max_tokens: u32,
-    /// Chained hashes of the prompt's full blocks.
-    pub blocks: Vec<BlockHash>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
@@ -38,60 +32,6 @@ pub struct Decision {
     pub cached_blocks: u32,
     pub predicted_ttft_ms: f64,
     pub predicted_tbt_ms: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SloBreach {
-    Ttft,
-    Tbt,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Error)]
-pub enum Rejection {
-    #[error("no healthy {0} instance")]
-    NoHealthy(Role),
-    #[error("predicted {} of {predicted_ms:.0} ms exceeds the SLO of {slo_ms:.0} ms", match breach { SloBreach::Ttft => "time to first token", SloBreach::Tbt => "time between tokens" })]
-    Slo {
-        breach: SloBreach,
-        predicted_ms: f64,
-        slo_ms: f64,
-    },
-    #[error("no decode instance has KV-cache room for this request")]
-    KvFull,
-    #[error("the request needs {needed} KV blocks (prompt plus max_tokens) but the largest decode instance holds {largest}")]
-    TooLarge { needed: u64, largest: u64 },
-}
-
-impl Rejection {
-    /// A short label, from a fixed set, for metrics and reports.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Rejection::NoHealthy(Role::Prefill) => "no_prefill",
-            Rejection::NoHealthy(Role::Decode) => "no_decode",
-            Rejection::Slo {
-                breach: SloBreach::Ttft,
-                ..
-            } => "slo_ttft",
-            Rejection::Slo {
-                breach: SloBreach::Tbt,
-                ..
-            } => "slo_tbt",
-            Rejection::KvFull => "kv_full",
-            Rejection::TooLarge { .. } => "too_large",
-        }
-    }
-
-    /// Seconds a client should wait before retrying: the predicted excess, at least one.
-    pub fn retry_after_secs(&self) -> u64 {
-        match self {
-            Rejection::Slo {
-                predicted_ms,
-                slo_ms,
-                ..
-            } => ((predicted_ms - slo_ms) / 1000.0).ceil().max(1.0) as u64,
-            _ => 1,
-        }
-    }
 }
 
 /// What the gateway measured once a prefill leg finished.
@@ -468,7 +408,7 @@ const SHORTLIST_LEAST_LOADED: usize = 16;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PolicyKind;
+    use crate::config::PolicyKind;
 
     fn key(tokens: u32, blocks: &[u64]) -> RequestKey {
         RequestKey {

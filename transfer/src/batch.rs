@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::TransferError;
-use crate::transport::TransportKind;
-use crate::wire::{MAX_NOTIFY_LEN, MAX_OPS_PER_BATCH, MAX_OP_LEN, MAX_SEGMENT_NAME_LEN};
+use crate::limits::{MAX_NOTIFY_LEN, MAX_OPS_PER_BATCH, MAX_OP_LEN, MAX_SEGMENT_NAME_LEN};
+use crate::transport::kind::TransportKind;
 
 /// One one-sided operation against the target segment.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use crate::batch::Batch;
 use crate::engine::{EngineOptions, TransferEngine};
 use crate::error::TransferError;
 use crate::metadata::SegmentDesc;
-use crate::transport::{TransportChoice, TransportKind};
+use crate::transport::kind::{TransportChoice, TransportKind};
 
 /// Name of the segment a bench target registers.
 pub const BENCH_SEGMENT: &str = "bench";

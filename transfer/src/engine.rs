@@ -13,32 +13,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::batch::{Batch, BatchReport};
 use crate::error::TransferError;
-use crate::local::{LocalSegments, ShmBacking};
+use crate::local::{LocalSegments, Notification, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::host_id;
+use crate::transport::kind::{TransportChoice, TransportKind};
 #[cfg(feature = "rdma")]
 use crate::transport::rdma::runtime::{RdmaEngine, RdmaRuntime};
-use crate::transport::shm::{self, ShmTransport};
+use crate::transport::shm::owner::{bind_control, sweep_stale, ControlSocket, SHM_DIR};
+use crate::transport::shm::ShmTransport;
 use crate::transport::slice::DEFAULT_SLICE_SIZE;
 use crate::transport::stream::Listener;
 use crate::transport::tcp::{self, TcpTransport};
-use crate::transport::{Transport, TransportChoice, TransportKind};
-
-/// Delivered to the target process once every op of a batch that carried a
-/// notification has been applied.
-#[derive(Debug, Clone)]
-pub struct Notification {
-    /// The target segment the batch was applied to.
-    pub segment: String,
-    pub payload: Bytes,
-}
+use crate::transport::Transport;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -75,7 +67,7 @@ impl Default for EngineOptions {
             op_timeout: Duration::from_secs(30),
             transport: TransportChoice::Auto,
             slice_size: DEFAULT_SLICE_SIZE,
-            shm_dir: PathBuf::from(shm::SHM_DIR),
+            shm_dir: PathBuf::from(SHM_DIR),
             #[cfg(feature = "rdma")]
             rdma_qps_per_peer: crate::transport::rdma::session::DEFAULT_QPS_PER_PEER,
         }
@@ -89,7 +81,7 @@ pub struct TransferEngine {
     choice: TransportChoice,
     endpoint: String,
     /// This engine's Unix socket for same-host shm commits, removed at shutdown.
-    control: Option<shm::ControlSocket>,
+    control: Option<ControlSocket>,
     op_timeout: Duration,
     shutdown: watch::Sender<bool>,
     /// Present when this engine opened an RDMA device (feature `rdma`).
@@ -158,7 +150,7 @@ impl TransferEngine {
         let shm_dir = std::path::absolute(&opts.shm_dir).unwrap_or_else(|_| opts.shm_dir.clone());
         let backing = match opts.transport {
             TransportChoice::Auto | TransportChoice::Shm => {
-                let swept = shm::sweep_stale(&shm_dir);
+                let swept = sweep_stale(&shm_dir);
                 if swept > 0 {
                     tracing::info!(swept, dir = %shm_dir.display(), "removed shm segment files of dead processes");
                 }
@@ -212,8 +204,8 @@ impl TransferEngine {
         dir: &Path,
         local: &Arc<LocalSegments>,
         shutdown: watch::Receiver<bool>,
-    ) -> Option<shm::ControlSocket> {
-        match shm::bind_control(dir) {
+    ) -> Option<ControlSocket> {
+        match bind_control(dir) {
             Ok((listener, socket)) => {
                 local.set_control(socket.path().to_string_lossy().into_owned());
                 tokio::spawn(tcp::serve(
@@ -232,7 +224,7 @@ impl TransferEngine {
 
     /// The Unix socket same-host peers send shm commits to, if any.
     pub fn control_socket(&self) -> Option<&Path> {
-        self.control.as_ref().map(shm::ControlSocket::path)
+        self.control.as_ref().map(ControlSocket::path)
     }
 
     /// "host:port" peers use to reach this engine.
@@ -416,7 +408,7 @@ fn rdma_unavailable() -> TransferError {
                `--features rdma` (needs libibverbs-dev, librdmacm-dev and libclang-dev), \
                or use transport \"auto\" or \"tcp\"";
     #[cfg(feature = "rdma")]
-    let why = crate::transport::rdma::unavailable_reason();
+    let why = crate::transport::rdma::verbs::unavailable_reason();
     TransferError::Unsupported(why.to_string())
 }
 
@@ -439,6 +431,7 @@ fn join_host_port(host: &str, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn host_port_joining() {

@@ -27,7 +27,7 @@ pub enum TransferError {
     /// `register_segment` with a name that is already registered.
     #[error("segment {0:?} already registered")]
     SegmentExists(String),
-    /// Notification payload larger than [`crate::wire::MAX_NOTIFY_LEN`].
+    /// Notification payload larger than [`crate::limits::MAX_NOTIFY_LEN`].
     #[error("notification of {0} bytes exceeds the 4096-byte limit")]
     NotificationTooLarge(usize),
     /// The peer sent something that violates the wire protocol.

@@ -15,6 +15,7 @@ mod engine;
 mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod limits;
 mod local;
 mod metadata;
 mod segment;
@@ -22,16 +23,18 @@ mod transport;
 mod wire;
 
 pub use batch::{Batch, BatchReport, Op};
-pub use engine::{EngineOptions, Notification, TransferEngine};
+pub use engine::{EngineOptions, TransferEngine};
 pub use error::TransferError;
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
+pub use limits::MAX_NOTIFY_LEN;
+pub use local::Notification;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
+pub use transport::kind::{TransportChoice, TransportKind};
 /// The RDMA transport's verbs-independent logic and thin verbs layer.
 #[cfg(feature = "rdma")]
 pub use transport::rdma;
 pub use transport::slice::DEFAULT_SLICE_SIZE;
-pub use transport::{Transport, TransportChoice, TransportKind};
-pub use wire::MAX_NOTIFY_LEN;
+pub use transport::Transport;

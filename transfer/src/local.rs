@@ -17,12 +17,20 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, BatchReport, Op};
-use crate::engine::Notification;
 use crate::error::TransferError;
+use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::segment::Segment;
 use crate::transport::handshake::{SegmentAdvert, ShmLocation};
-use crate::transport::shm::ShmRegion;
-use crate::wire::MAX_SEGMENT_NAME_LEN;
+use crate::transport::shm::owner::ShmRegion;
+
+/// Delivered to the target process once every op of a batch that carried a
+/// notification has been applied.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    /// The target segment the batch was applied to.
+    pub segment: String,
+    pub payload: Bytes,
+}
 
 /// Where and whether segments are put in shared memory.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TransferError;
-use crate::transport::TransportKind;
+use crate::transport::kind::TransportKind;
 
 /// Where a segment lives and how to reach it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

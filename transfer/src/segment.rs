@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 
 use crate::error::TransferError;
 use crate::transport::handshake::ShmLocation;
-use crate::transport::shm::ShmRegion;
+use crate::transport::shm::owner::ShmRegion;
 
 /// A registered memory region. Cloning is cheap and every clone aliases the
 /// same bytes.

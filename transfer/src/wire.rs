@@ -2,7 +2,7 @@
 //!
 //! This module defines bytes on the wire and nothing else: it never touches a
 //! segment and never opens a socket. Its one safety duty is that every length
-//! read from a peer is checked against the limits below *before* anything is
+//! read from a peer is checked against the `limits` *before* anything is
 //! allocated or read for it, so a hostile peer cannot make us allocate
 //! unbounded memory.
 //!
@@ -65,15 +65,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::batch::{Batch, Op};
 use crate::error::TransferError;
+use crate::limits::{
+    MAX_MESSAGE_LEN, MAX_NOTIFY_LEN, MAX_OPS_PER_BATCH, MAX_OP_LEN, MAX_SEGMENT_NAME_LEN,
+};
 
 pub const MAGIC: u32 = 0x5044_5446;
 pub const VERSION: u8 = 1;
-pub const MAX_SEGMENT_NAME_LEN: usize = 256;
-pub const MAX_OPS_PER_BATCH: usize = 65536;
-pub const MAX_OP_LEN: u64 = 1 << 30;
-/// Largest notification payload a batch may carry.
-pub const MAX_NOTIFY_LEN: usize = 4096;
-pub const MAX_MESSAGE_LEN: usize = 4096;
 
 pub const REQUEST_HEADER_LEN: usize = 20;
 pub const OP_HEADER_LEN: usize = 17;

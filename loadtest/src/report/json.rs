@@ -4,7 +4,8 @@
 //!
 //! It only serialises; the numbers come from `Aggregates`.
 
-use super::{write_file, Report};
+use super::file::write_file;
+use super::types::Report;
 use crate::error::{LoadtestError, Result};
 use serde_json::{json, Value};
 use std::path::Path;

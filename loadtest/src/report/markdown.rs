@@ -3,7 +3,8 @@
 //!
 //! Both renderings come from the same rows so the terminal and the file never disagree.
 
-use super::{write_file, Report};
+use super::file::write_file;
+use super::types::Report;
 use crate::error::Result;
 use crate::metrics::Summary;
 use std::fmt::Write;

@@ -4,7 +4,8 @@
 //! SVG because it renders text as SVG text elements, needing no font files or system font
 //! libraries on a bare server; plotting never fails a run silently — an error names the plot.
 
-use super::{write_file, Report};
+use super::file::write_file;
+use super::types::Report;
 use crate::error::{LoadtestError, Result};
 use plotters::prelude::*;
 use std::path::Path;

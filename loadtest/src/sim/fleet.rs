@@ -11,9 +11,9 @@
 use super::engine::{Job, SimEngine};
 use super::events::{Event, EventQueue};
 use crate::metrics::{RequestError, RequestRecord};
-use crate::report::InstanceLoad;
+use crate::report::types::InstanceLoad;
 use crate::synth::engine_blocks;
-use crate::trace::Trace;
+use crate::trace::types::Trace;
 use pdgate_engine_sim::EngineConfig;
 use pdgate_scheduler::{
     BlockHash, EngineReport, InstanceId, InstanceSpec, Observed, PolicyKind, RequestKey, Role,

@@ -14,8 +14,8 @@ pub use fleet::{simulate, Arrivals, FleetSpec, SimResult};
 
 use crate::arrivals::Mode;
 use crate::metrics::{Aggregates, Slo};
-use crate::report::Report;
-use crate::trace::Trace;
+use crate::report::types::Report;
+use crate::trace::types::Trace;
 use pdgate_scheduler::PolicyKind;
 use std::time::Instant;
 

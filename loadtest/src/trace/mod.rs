@@ -8,69 +8,19 @@
 pub mod mooncake;
 pub mod sharegpt;
 pub mod synthetic;
+pub mod types;
 
 use crate::error::{LoadtestError, Result};
-use serde::Serialize;
+use crate::tokens::CountTokens;
+// Defined in `types` so the format parsers need not import this file; re-exported for callers
+// that name them by their old path (`pdgate_loadtest::trace::Trace`).
 use std::path::{Path, PathBuf};
-
-/// Tokens per Mooncake `hash_ids` block.
-pub const MOONCAKE_BLOCK_TOKENS: usize = 512;
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub enum Prompt {
-    /// Ids of 512-token prefix-chained blocks (equal id ⇒ equal prefix through that block).
-    HashIds(Vec<u64>),
-    /// Literal prompt text (a conversation rendered up to its latest user turn).
-    Text(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TraceRequest {
-    /// Position in the trace (0-based), stable across the run and the report.
-    pub index: usize,
-    /// Arrival in milliseconds since the trace start, when the format carries one.
-    pub arrival_ms: Option<f64>,
-    pub input_tokens: u32,
-    pub output_tokens: u32,
-    pub prompt: Prompt,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Trace {
-    pub requests: Vec<TraceRequest>,
-    /// Records skipped under `skip_invalid`, as `path:line: reason`.
-    pub skipped: Vec<String>,
-}
-
-impl Trace {
-    /// Keeps the first `n` requests.
-    pub fn truncate(&mut self, n: usize) {
-        self.requests.truncate(n);
-    }
-
-    /// Whether every request has an arrival time (so trace-time replay is possible).
-    pub fn has_timestamps(&self) -> bool {
-        self.requests.iter().all(|r| r.arrival_ms.is_some())
-    }
-
-    /// Span of the arrivals in milliseconds (0 without timestamps).
-    pub fn span_ms(&self) -> f64 {
-        self.requests
-            .iter()
-            .filter_map(|r| r.arrival_ms)
-            .fold(0.0, f64::max)
-    }
-}
+pub use types::{LoadOptions, Prompt, Trace, TraceRequest, MOONCAKE_BLOCK_TOKENS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Mooncake,
     ShareGpt,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LoadOptions {
-    pub skip_invalid: bool,
 }
 
 /// Where a trace comes from: a file, or a synthetic spec (`synthetic:key=value,...`).
@@ -105,7 +55,7 @@ impl Source {
         })
     }
 
-    pub fn load(&self, opts: LoadOptions, tok: &dyn crate::synth::CountTokens) -> Result<Trace> {
+    pub fn load(&self, opts: LoadOptions, tok: &dyn CountTokens) -> Result<Trace> {
         match self {
             Source::Synthetic(spec) => Ok(spec.generate()),
             Source::File { path, format } => {

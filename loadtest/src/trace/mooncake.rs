@@ -5,7 +5,7 @@
 //! non-numeric values) with the line number, and never reorder a valid trace except to sort by
 //! timestamp (stably), since the replayer dispatches in arrival order.
 
-use super::{LoadOptions, Prompt, Trace, TraceRequest, MOONCAKE_BLOCK_TOKENS};
+use super::types::{LoadOptions, Prompt, Trace, TraceRequest, MOONCAKE_BLOCK_TOKENS};
 use crate::error::{LoadtestError, Result};
 use serde::Deserialize;
 use std::path::Path;

@@ -6,9 +6,9 @@
 //! output length is the reply's length in tokens. It never invents timestamps: arrivals come
 //! from `--rate` or `--concurrency`.
 
-use super::{LoadOptions, Prompt, Trace, TraceRequest};
+use super::types::{LoadOptions, Prompt, Trace, TraceRequest};
 use crate::error::{LoadtestError, Result};
-use crate::synth::CountTokens;
+use crate::tokens::CountTokens;
 use serde_json::Value;
 use std::path::Path;
 
@@ -197,7 +197,7 @@ fn push_requests(trace: &mut Trace, turns: &[Turn], tok: &dyn CountTokens) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::Builtin;
+    use crate::tokens::Builtin;
 
     const TWO_TURNS: &str = r#"[
   {"id": "a", "conversations": [

@@ -5,7 +5,7 @@
 //!
 //! It is deterministic for a given spec (seeded) and never produces a zero-length request.
 
-use super::{Prompt, Trace, TraceRequest, MOONCAKE_BLOCK_TOKENS};
+use super::types::{Prompt, Trace, TraceRequest, MOONCAKE_BLOCK_TOKENS};
 use crate::error::{LoadtestError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

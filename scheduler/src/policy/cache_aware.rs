@@ -7,10 +7,10 @@
 //! 0.3 are SGLang's. One difference, on purpose: matches are in tokens over the whole rendered
 //! prompt, not characters of the first message.
 
-use super::{argmin_by, Candidate, Choice, PickCtx, Policy};
+use super::{argmin_by, Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
 use crate::config::CacheAwareConfig;
-use crate::scheduler::{Rejection, RequestKey};
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection, RequestKey};
 
 #[derive(Debug)]
 pub struct CacheAware {

@@ -5,10 +5,10 @@
 //! for its sequences. With temperature 0 the cheapest wins (ties: smaller cache tree, then id);
 //! above 0 an instance is sampled with probability ∝ `exp(−cost/max_cost / temperature)`.
 
-use super::{Candidate, Choice, PickCtx, Policy};
+use super::{Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
 use crate::config::KvCostConfig;
-use crate::scheduler::{Rejection, RequestKey};
-use crate::types::InstanceId;
+use crate::types::{InstanceId, Rejection, RequestKey};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -3,7 +3,7 @@
 //! lowest id, so the choice is deterministic.
 
 use super::{argmin_by, Choice, PickCtx, Policy};
-use crate::scheduler::Rejection;
+use crate::types::Rejection;
 
 #[derive(Debug, Default)]
 pub struct LeastLoad;

@@ -2,9 +2,9 @@
 //! (the "power of two choices"): near least-load balance without every gateway piling onto the
 //! same instance.
 
-use super::{Candidate, Choice, PickCtx, Policy};
-use crate::scheduler::Rejection;
-use crate::types::InstanceId;
+use super::{Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
+use crate::types::{InstanceId, Rejection};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

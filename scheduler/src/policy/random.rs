@@ -1,7 +1,7 @@
 //! `random`: uniform choice per role from a seeded generator, so runs are reproducible.
 
 use super::{Choice, PickCtx, Policy};
-use crate::scheduler::Rejection;
+use crate::types::Rejection;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -1,9 +1,9 @@
 //! `round_robin`: each role cycles through its candidates independently. The baseline the public
 //! PD proxies ship with.
 
-use super::{Candidate, Choice, PickCtx, Policy};
-use crate::scheduler::Rejection;
-use crate::types::InstanceId;
+use super::{Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
+use crate::types::{InstanceId, Rejection};
 
 #[derive(Debug, Default)]
 pub struct RoundRobin {

@@ -12,7 +12,7 @@
 //! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it.
 
 use super::{argmin_by, Choice, PickCtx, Policy};
-use crate::scheduler::{Rejection, SloBreach};
+use crate::types::{Rejection, SloBreach};
 use std::time::Duration;
 
 #[derive(Debug, Default)]
@@ -197,7 +197,7 @@ mod tests {
         ));
         let full: Vec<_> = d
             .iter()
-            .map(|c| crate::policy::Candidate {
+            .map(|c| crate::candidate::Candidate {
                 capacity_blocks: 1,
                 ..*c
             })
@@ -211,7 +211,7 @@ mod tests {
         ));
         let busy: Vec<_> = d
             .iter()
-            .map(|c| crate::policy::Candidate {
+            .map(|c| crate::candidate::Candidate {
                 load: crate::load::InstanceLoad {
                     decode_blocks: c.capacity_blocks,
                     ..c.load

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::TransferError;
-use crate::wire::MAX_MESSAGE_LEN;
+use crate::limits::MAX_MESSAGE_LEN;
 
 /// One segment as its owner describes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

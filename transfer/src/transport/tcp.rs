@@ -34,13 +34,15 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
+use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::local::LocalSegments;
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
 use crate::transport::handshake::SegmentAdvert;
+use crate::transport::kind::TransportKind;
 use crate::transport::slice;
 use crate::transport::stream::{Addr, Listener, ReadHalf, Stream, WriteHalf};
-use crate::transport::{Transport, TransportKind};
+use crate::transport::Transport;
 use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
 
 /// Upper bound on one `try_read`/`try_write` under a segment lock, so a
@@ -228,7 +230,7 @@ impl TcpTransport {
         endpoint: &str,
         segment: &str,
     ) -> Result<SegmentAdvert, TransferError> {
-        if segment.len() > wire::MAX_SEGMENT_NAME_LEN {
+        if segment.len() > MAX_SEGMENT_NAME_LEN {
             return Err(TransferError::InvalidName(segment.to_owned()));
         }
         let msg = self

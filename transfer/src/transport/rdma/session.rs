@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use super::{plan_work, Completions, QpEndpoint, QpState, RemoteRegion, WorkRequest};
 use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
-use crate::transport::TransportKind;
-use crate::wire::MAX_MESSAGE_LEN;
+use crate::limits::MAX_MESSAGE_LEN;
+use crate::transport::kind::TransportKind;
 
 /// Queue pairs per peer unless configured otherwise.
 pub const DEFAULT_QPS_PER_PEER: usize = 2;

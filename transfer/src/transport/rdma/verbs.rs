@@ -52,6 +52,21 @@ pub fn device_names() -> io::Result<Vec<String>> {
     Ok(names)
 }
 
+/// Why `rdma` cannot be used here, naming the fix.
+pub fn unavailable_reason() -> String {
+    match device_names() {
+        Ok(names) if !names.is_empty() => format!(
+            "RDMA device(s) {names:?} found, but opening the first one (port 1) failed: check \
+             the port is ACTIVE and the memlock limit (`ulimit -l`); or use transport \"auto\" \
+             or \"tcp\""
+        ),
+        Ok(_) | Err(_) => "no RDMA device found (ibv_get_device_list returned none): install an \
+             RDMA NIC and its rdma-core provider, or soft-RoCE (`modprobe rdma_rxe; rdma link add \
+             rxe0 type rxe netdev eth0`); or use transport \"auto\" or \"tcp\""
+            .to_owned(),
+    }
+}
+
 /// An opened device with its protection domain and one completion queue.
 pub struct Context {
     ctx: *mut ibv_context,
@@ -600,5 +615,16 @@ impl RegisterSegment for IbVerbs {
                 len: len as u64,
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_device_names_the_fix() {
+        let why = unavailable_reason();
+        assert!(why.contains("auto") && why.contains("tcp"), "{why}");
     }
 }
