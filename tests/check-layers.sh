@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# The house rules the compiler alone does not keep.
+#
 # The gateway library's normal dependencies must not include the reference engine, the load tools
 # or the HTTP client, plotting and progress crates they bring. The compiler already refuses an
 # import of a crate that is not a dependency; this refuses the dependency itself.
@@ -50,4 +52,8 @@ if ver(declared) < need:
     sys.exit("rust-version %s is older than %s needs (%s)" % (declared, name, ".".join(map(str, need))))
 print("rust-version %s: ok (%s needs %s)" % (declared, name, ".".join(map(str, need))))
 '
+# No import circles between the files of any crate: shared types live below their users.
+for src in */src; do
+  python3 tests/check_circles.py "$src" >/dev/null || { python3 tests/check_circles.py "$src" >&2; exit 1; }
+done
 echo "crate layers: ok"
