@@ -125,6 +125,7 @@ impl Layered for EngineConfig {
         "bootstrap_timeout_ms",
         "registry_url",
         "registry_heartbeat_secs",
+        "fleet_secret_file",
         "faults",
     ];
 }

@@ -57,6 +57,9 @@ pub struct EngineConfig {
     /// Seconds between re-publications of this engine's segment in the registry: a heartbeat,
     /// so the registry can expire the entries of an engine that died without deregistering.
     pub registry_heartbeat_secs: u64,
+    /// File holding the fleet secret (else `PDGATE_FLEET_SECRET`): what proves to the gateway and
+    /// to peer engines that this engine belongs to the fleet. Never a command-line value.
+    pub fleet_secret_file: Option<std::path::PathBuf>,
     pub faults: Faults,
 }
 
@@ -84,6 +87,7 @@ impl Default for EngineConfig {
             bootstrap_timeout_ms: 300_000,
             registry_url: None,
             registry_heartbeat_secs: 10,
+            fleet_secret_file: None,
             faults: Faults::default(),
         }
     }

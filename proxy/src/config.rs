@@ -39,6 +39,9 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Bearer token required on `/admin/*` when set.
     pub admin_token: Option<String>,
+    /// File holding the fleet secret (else `PDGATE_FLEET_SECRET`), shared with the engines: the
+    /// segment registry takes writes only from holders of it. Never a command-line value.
+    pub fleet_secret_file: Option<PathBuf>,
     /// Seconds to let in-flight requests finish after SIGTERM.
     pub drain_secs: u64,
     /// Segment-registry entries not re-published (engines heartbeat every 10 s by default)
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             max_batch_prompts: 32,
             api_key: None,
             admin_token: None,
+            fleet_secret_file: None,
             drain_secs: 30,
             segment_ttl_secs: 30,
         }

@@ -1,6 +1,7 @@
 //! What the gateway and the reference engine must agree on, and nothing else: both depend on
 //! this crate, neither on the other. A change here is a change of the contract between them.
 
+pub mod fleet;
 pub mod native;
 pub mod openai;
 pub mod prometheus;
