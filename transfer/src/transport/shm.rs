@@ -264,7 +264,7 @@ impl ShmTransport {
 /// socket, never at any other socket on the host. (`map_peer` also checks
 /// the file is a socket, not a link, of the segment file's user.)
 fn control_beside(segment: &Path, control: &Path) -> Option<PathBuf> {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let digits = is_digits;
     let name = control.file_name()?.to_str()?.strip_prefix(FILE_PREFIX)?;
     let mut parts = name.split('-');
     let ok = match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -286,20 +286,8 @@ fn is_own_socket(path: &Path, uid: u32) -> bool {
 }
 
 fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping> {
-    let file = File::options().read(true).write(true).open(&loc.path)?;
-    let meta = file.metadata()?;
-    if meta.ino() != loc.inode {
-        return Err(io::Error::other("inode differs: not the owner's file"));
-    }
-    if meta.len() < HEADER_LEN as u64 + advert.len {
-        return Err(io::Error::other("file shorter than the advertised segment"));
-    }
+    let (file, meta) = open_segment_file(loc, advert.len)?;
     let raw = MmapRaw::map_raw(&file)?;
-    // SAFETY: the file (hence the mapping) is at least HEADER_LEN bytes.
-    let magic = unsafe { std::slice::from_raw_parts(raw.as_ptr(), 8) };
-    if magic != MAGIC {
-        return Err(io::Error::other("not a pdgate segment file"));
-    }
     Ok(PeerMapping {
         raw,
         len: advert.len,
@@ -310,6 +298,80 @@ fn map_peer(loc: &ShmLocation, advert: &SegmentAdvert) -> io::Result<PeerMapping
             .and_then(|c| control_beside(Path::new(&loc.path), Path::new(c)))
             .filter(|c| is_own_socket(c, meta.uid())),
     })
+}
+
+/// Opens the file an advert names, for mapping read/write, only once it is
+/// known to be an owner's segment file. An advert comes off the network, so
+/// its path must not make this engine open (least of all for writing, which
+/// can have effects on devices and FIFOs) anything else: the name must be one
+/// this crate gives; the name itself (not a link's target) must be a private
+/// regular file of this user with the advertised inode and length; it is
+/// opened read-only without following links or blocking, re-checked through
+/// the descriptor, and its header magic read; only then is it opened
+/// read/write, again without following links, and must still be that file.
+fn open_segment_file(loc: &ShmLocation, len: u64) -> io::Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let path = Path::new(&loc.path);
+    let named_ours = path.is_absolute()
+        && path
+            .file_name()
+            .and_then(|f| owner_pid(f.to_str()?))
+            .is_some_and(is_digits);
+    if !named_ours {
+        return Err(io::Error::other("not a pdgate segment file name"));
+    }
+    let named = std::fs::symlink_metadata(path)?;
+    check_segment_file(&named, loc.inode, len)?;
+    let open = |write: bool| {
+        File::options()
+            .read(true)
+            .write(write)
+            // Never a link's target; never wait on a FIFO swapped in meanwhile.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+    };
+    let ro = open(false)?;
+    let meta = ro.metadata()?;
+    check_segment_file(&meta, loc.inode, len)?;
+    if meta.dev() != named.dev() {
+        return Err(io::Error::other("file changed while it was opened"));
+    }
+    let mut magic = [0u8; 8];
+    ro.read_exact_at(&mut magic, 0)?;
+    if &magic != MAGIC {
+        return Err(io::Error::other("not a pdgate segment file"));
+    }
+    let rw = open(true)?;
+    let checked = rw.metadata()?;
+    if (checked.dev(), checked.ino()) != (meta.dev(), meta.ino()) {
+        return Err(io::Error::other("file changed while it was opened"));
+    }
+    Ok((rw, checked))
+}
+
+/// A segment file as owners create them (`owner::ShmRegion`): a regular
+/// file (not a link, FIFO or device) of this user, mode 0600, with the
+/// advertised inode and room for the header and the advertised length.
+fn check_segment_file(meta: &std::fs::Metadata, inode: u64, len: u64) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(io::Error::other("not a private file of this user"));
+    }
+    if meta.ino() != inode {
+        return Err(io::Error::other("inode differs: not the owner's file"));
+    }
+    if meta.len() < (HEADER_LEN as u64).saturating_add(len) {
+        return Err(io::Error::other("file shorter than the advertised segment"));
+    }
+    Ok(())
+}
+
+fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The batch semantics of `batch`, against a mapped peer segment: writes in
@@ -459,6 +521,63 @@ mod tests {
         assert!(ShmRegion::create(&dir, "e", 0).is_err());
         // Larger than the filesystem: refused, not a SIGBUS later.
         assert!(ShmRegion::create(&dir, "huge", usize::MAX / 4).is_err());
+    }
+
+    #[test]
+    fn only_a_private_regular_segment_file_under_its_own_name_is_mapped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pdgate-mapcheck-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let region = ShmRegion::create(&dir, "kv", 64).unwrap();
+        let real = region.location("h".into());
+        let advert = SegmentAdvert {
+            name: "kv".into(),
+            len: 64,
+            generation: 1,
+            shm: Some(real.clone()),
+            rdma: None,
+        };
+        assert!(
+            map_peer(&real, &advert).is_ok(),
+            "the owner's own file maps"
+        );
+        let at = |path: &Path| ShmLocation {
+            path: path.to_string_lossy().into_owned(),
+            inode: std::fs::metadata(path).unwrap().ino(),
+            ..real.clone()
+        };
+        // A link to the real file, named like one: the name is a link.
+        let link = dir.join("pdgate-1-0-link");
+        std::os::unix::fs::symlink(&real.path, &link).unwrap();
+        // A copy of the real file (magic and all) readable by others.
+        let shared = dir.join("pdgate-1-0-shared");
+        std::fs::copy(&real.path, &shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A private copy under a name this crate never gives.
+        let renamed = dir.join("segment-kv");
+        std::fs::copy(&real.path, &renamed).unwrap();
+        std::fs::set_permissions(&renamed, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A private file of the right name and size without the magic.
+        let plain = dir.join("pdgate-1-0-plain");
+        std::fs::write(&plain, vec![0u8; HEADER_LEN + 64]).unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for (what, path) in [
+            ("link", &link),
+            ("shared", &shared),
+            ("renamed", &renamed),
+            ("plain", &plain),
+        ] {
+            let r = map_peer(&at(path), &advert);
+            assert!(r.is_err(), "{what} was mapped");
+        }
+        let relative = ShmLocation {
+            path: "pdgate-1-0-kv".into(),
+            ..real.clone()
+        };
+        assert!(map_peer(&relative, &advert).is_err());
+        drop(region);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
