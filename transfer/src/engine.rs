@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use crate::auth::{AuthKey, Secret};
 use crate::batch::{Batch, BatchReport};
 use crate::error::TransferError;
 use crate::local::{LocalSegments, Notification, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
+use crate::transport::gate::{AdmissionStats, Counters, Gate, Limits, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::transport::handshake::host_id;
 use crate::transport::kind::{TransportChoice, TransportKind};
 #[cfg(feature = "rdma")]
@@ -29,12 +31,13 @@ use crate::transport::shm::owner::{bind_control, sweep_stale, ControlSocket, SHM
 use crate::transport::shm::ShmTransport;
 use crate::transport::slice::DEFAULT_SLICE_SIZE;
 use crate::transport::stream::Listener;
-use crate::transport::tcp::{self, TcpTransport};
+use crate::transport::tcp::{self, Admission, TcpTransport};
 use crate::transport::Transport;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Transfer listener address; port 0 picks a free port.
+    /// Transfer listener address (the interface it binds); port 0 picks a
+    /// free port.
     pub listen: SocketAddr,
     /// Host put into `SegmentDesc::endpoint`; defaults to the listen IP.
     pub advertise_host: Option<String>,
@@ -52,6 +55,15 @@ pub struct EngineOptions {
     pub slice_size: usize,
     /// Directory for shared-memory segment files (a tmpfs).
     pub shm_dir: PathBuf,
+    /// The fleet secret. With it, every connection to or from this engine
+    /// (TCP port and shm commit socket) starts with a mutual proof of it, and
+    /// a peer that cannot prove it is refused before any frame. Without it
+    /// the transfer plane is open to anyone who can reach it (logged once).
+    pub secret: Option<Secret>,
+    /// How long an inbound connection may take to authenticate (or, without
+    /// a secret, to send its first bytes) before it is closed; also bounds
+    /// this engine's own handshakes as a client.
+    pub handshake_timeout: Duration,
     /// RC queue pairs per RDMA connection (1..=16).
     #[cfg(feature = "rdma")]
     pub rdma_qps_per_peer: usize,
@@ -68,6 +80,8 @@ impl Default for EngineOptions {
             transport: TransportChoice::Auto,
             slice_size: DEFAULT_SLICE_SIZE,
             shm_dir: PathBuf::from(SHM_DIR),
+            secret: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             #[cfg(feature = "rdma")]
             rdma_qps_per_peer: crate::transport::rdma::session::DEFAULT_QPS_PER_PEER,
         }
@@ -84,6 +98,8 @@ pub struct TransferEngine {
     control: Option<ControlSocket>,
     op_timeout: Duration,
     shutdown: watch::Sender<bool>,
+    /// Admissions and refusals on this engine's listeners.
+    admissions: Arc<Counters>,
     /// Present when this engine opened an RDMA device (feature `rdma`).
     #[cfg(feature = "rdma")]
     rdma: Option<Arc<dyn RdmaEngine>>,
@@ -140,8 +156,12 @@ impl TransferEngine {
         opts: EngineOptions,
         #[cfg(feature = "rdma")] rdma: Option<Arc<dyn RdmaEngine>>,
     ) -> Result<Arc<TransferEngine>, TransferError> {
+        let key = opts.secret.as_ref().map(AuthKey::derive).transpose()?;
         let listener = TcpListener::bind(opts.listen).await?;
         let bound = listener.local_addr()?;
+        if key.is_none() {
+            warn_open_once(bound);
+        }
         let endpoint = match &opts.advertise_host {
             Some(host) => join_host_port(host, bound.port()),
             None => bound.to_string(),
@@ -170,18 +190,31 @@ impl TransferEngine {
             local.set_rdma(r.clone());
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let admissions = Arc::new(Counters::default());
+        // One gate per listener (each bounds its own connections), one set
+        // of counters for both.
+        let admission = || {
+            Arc::new(Admission {
+                key: key.clone(),
+                handshake_timeout: opts.handshake_timeout,
+                gate: Gate::new(Limits::default(), admissions.clone()),
+            })
+        };
         tokio::spawn(tcp::serve(
             Listener::Tcp(listener),
             local.clone(),
             shutdown_rx.clone(),
+            admission(),
         ));
         let control = shared
-            .then(|| Self::serve_control(&shm_dir, &local, shutdown_rx))
+            .then(|| Self::serve_control(&shm_dir, &local, shutdown_rx, admission()))
             .flatten();
-        tracing::debug!(%endpoint, "transfer engine listening");
+        tracing::debug!(%endpoint, authenticated = key.is_some(), "transfer engine listening");
         let tcp = Arc::new(TcpTransport::new(
             opts.connections_per_peer,
             opts.slice_size,
+            key,
+            opts.handshake_timeout,
         ));
         Ok(Arc::new(TransferEngine {
             local,
@@ -192,6 +225,7 @@ impl TransferEngine {
             control,
             op_timeout: opts.op_timeout,
             shutdown,
+            admissions,
             #[cfg(feature = "rdma")]
             rdma,
         }))
@@ -204,6 +238,7 @@ impl TransferEngine {
         dir: &Path,
         local: &Arc<LocalSegments>,
         shutdown: watch::Receiver<bool>,
+        admission: Arc<Admission>,
     ) -> Option<ControlSocket> {
         match bind_control(dir) {
             Ok((listener, socket)) => {
@@ -212,6 +247,7 @@ impl TransferEngine {
                     Listener::Unix(listener),
                     local.clone(),
                     shutdown,
+                    admission,
                 ));
                 Some(socket)
             }
@@ -225,6 +261,12 @@ impl TransferEngine {
     /// The Unix socket same-host peers send shm commits to, if any.
     pub fn control_socket(&self) -> Option<&Path> {
         self.control.as_ref().map(ControlSocket::path)
+    }
+
+    /// Connections admitted to and closed by this engine's listeners, and
+    /// why, since it started.
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.admissions.snapshot()
     }
 
     /// "host:port" peers use to reach this engine.
@@ -420,6 +462,21 @@ fn rdma_config(opts: &EngineOptions) -> crate::transport::rdma::session::RdmaCon
     }
 }
 
+/// An engine without a secret serves anyone who reaches its port: said once
+/// per process (tests and `pdgate up` start many engines), loudly.
+fn warn_open_once(bound: SocketAddr) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            listen = %bound,
+            "the transfer plane is open: no fleet secret is configured, so anyone who can reach \
+             this engine's transfer port can describe, read and write its segments and deliver \
+             notifications; set the fleet secret (fleet_secret_file or PDGATE_FLEET_SECRET) on \
+             every engine"
+        );
+    });
+}
+
 fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
@@ -464,6 +521,23 @@ mod tests {
             ("s", 10, TransportKind::Shm)
         );
         assert_eq!(d.endpoint, e2.endpoint());
+    }
+
+    #[tokio::test]
+    async fn the_listener_binds_the_configured_interface_only() {
+        // 127.0.0.2 is another loopback address on Linux: bound there, the
+        // port must not answer on 127.0.0.1 (nor on any other interface).
+        let e = TransferEngine::start(EngineOptions {
+            listen: SocketAddr::from(([127, 0, 0, 2], 0)),
+            ..EngineOptions::default()
+        })
+        .await
+        .unwrap();
+        let bound: SocketAddr = e.endpoint().parse().unwrap();
+        assert_eq!(bound.ip().to_string(), "127.0.0.2");
+        assert!(tokio::net::TcpStream::connect(bound).await.is_ok());
+        let elsewhere = SocketAddr::from(([127, 0, 0, 1], bound.port()));
+        assert!(tokio::net::TcpStream::connect(elsewhere).await.is_err());
     }
 
     #[tokio::test]
@@ -538,19 +612,77 @@ mod tests {
             Arc::new(RdmaRuntime::new(FakeVerbs::new(fabric.clone()), cfg, 4))
         }
 
+        const FLEET: &[u8] = b"rdma-tests-fleet-secret";
+
+        /// An engine of the test fleet (its secret) with a fake device.
         async fn start_fake(
             transport: TransportChoice,
             rdma: Option<Arc<dyn RdmaEngine>>,
         ) -> Arc<TransferEngine> {
+            start_fake_with(transport, rdma, Some(FLEET)).await
+        }
+
+        async fn start_fake_with(
+            transport: TransportChoice,
+            rdma: Option<Arc<dyn RdmaEngine>>,
+            secret: Option<&[u8]>,
+        ) -> Arc<TransferEngine> {
             TransferEngine::start_inner(
                 EngineOptions {
                     transport,
+                    secret: secret.map(|s| Secret::new(s).unwrap()),
                     ..EngineOptions::default()
                 },
                 rdma,
             )
             .await
             .unwrap()
+        }
+
+        #[tokio::test]
+        async fn rdma_keys_and_the_connect_exchange_are_only_for_fleet_members() {
+            let fabric = Arc::new(Fabric::default());
+            let rt = runtime(&fabric);
+            let owner = start_fake(TransportChoice::Rdma, Some(rt.clone())).await;
+            let seg = owner.register_segment("kv", 10).unwrap();
+            let req = ConnectRequest {
+                segment: "kv".into(),
+                generation: seg.generation(),
+                qps: vec![QpEndpoint {
+                    qp_num: 1,
+                    lid: 1,
+                    gid: [0; 16],
+                    psn: 1,
+                }],
+            };
+            for secret in [None, Some(&b"another-fleets-secret"[..])] {
+                let stranger = start_fake_with(TransportChoice::Tcp, None, secret).await;
+                // No advert, so no rkey/addr ...
+                let advert = stranger.tcp.describe(&owner.endpoint(), "kv").await;
+                assert!(advert.is_err(), "{advert:?}");
+                // ... and no queue pairs connected to the segment's region.
+                let control: &dyn ControlChannel = &*stranger.tcp;
+                let reply = control.connect(&owner.endpoint(), req.clone()).await;
+                assert!(reply.is_err(), "{reply:?}");
+            }
+            assert_eq!(rt.accepted_from("127.0.0.1"), 0);
+            assert_eq!(count(&fabric, "qp "), 0, "no QP brought up for a stranger");
+            // The wrong-secret client hangs up before the owner reads its
+            // (missing) proof, so the owner may count that refusal a moment later.
+            for _ in 0..100 {
+                if owner.admission_stats().refused == 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(owner.admission_stats().refused, 4);
+            // A fleet member gets both.
+            let member = start_fake(TransportChoice::Tcp, None).await;
+            let advert = member.tcp.describe(&owner.endpoint(), "kv").await.unwrap();
+            assert!(advert.rdma.is_some());
+            let control: &dyn ControlChannel = &*member.tcp;
+            control.connect(&owner.endpoint(), req).await.unwrap();
+            assert_eq!(rt.accepted_from("127.0.0.1"), 1);
         }
 
         fn count(fabric: &Fabric, prefix: &str) -> usize {

@@ -56,6 +56,11 @@ pub enum TransferError {
     /// a peer on another host). The message names the fix.
     #[error("transport unavailable: {0}")]
     Unsupported(String),
+    /// The fleet-secret handshake failed: the peer does not hold the same
+    /// secret, has none while this engine requires one, or refused ours.
+    /// Retrying on another connection cannot help.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
     /// The local engine has been shut down.
     #[error("transfer engine shut down")]
     Shutdown,

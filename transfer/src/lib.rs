@@ -6,9 +6,11 @@
 //! *notification* that the owner receives once the batch's data is in place.
 //! Segment locations are published through a [`MetadataStore`]. Transports
 //! are pluggable behind [`Transport`]: TCP, shared memory, and RDMA (cargo
-//! feature `rdma`), chosen per peer. This crate must know
+//! feature `rdma`), chosen per peer. With a fleet secret (`Secret`), peers
+//! prove they hold it on every connection before any frame. This crate must know
 //! nothing of HTTP or LLMs: segments are bytes, notifications are opaque.
 
+mod auth;
 mod batch;
 pub mod bench;
 mod engine;
@@ -22,6 +24,7 @@ mod segment;
 mod transport;
 mod wire;
 
+pub use auth::{Secret, MIN_SECRET_LEN};
 pub use batch::{Batch, BatchReport, Op};
 pub use engine::{EngineOptions, TransferEngine};
 pub use error::TransferError;
@@ -31,6 +34,7 @@ pub use limits::MAX_NOTIFY_LEN;
 pub use local::Notification;
 pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
+pub use transport::gate::{AdmissionStats, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
 pub use transport::kind::{TransportChoice, TransportKind};
 /// The RDMA transport's verbs-independent logic and thin verbs layer.

@@ -10,7 +10,10 @@
 //!
 //! A connection carries one batch at a time: the client sends a whole
 //! request, the server answers with a whole reply, then the connection is
-//! reusable for the next batch.
+//! reusable for the next batch. Between engines holding a fleet secret, the
+//! authentication handshake (`auth`, its own fixed-size messages) comes
+//! first on every connection; a server that has a secret answers a request
+//! sent without it with a fatal reply and closes.
 //!
 //! Request:
 //! ```text

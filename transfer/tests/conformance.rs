@@ -4,7 +4,9 @@
 //! host with a device with `cargo test -p pdgate-transfer --features rdma
 //! --test conformance -- --ignored` (failing, naming the fix, if this build or
 //! host cannot do RDMA). Each test asserts which transport carried the batch,
-//! so a transport that silently fell back to another fails here.
+//! so a transport that silently fell back to another fails here. Engines hold
+//! a fleet secret, as deployed ones do, so every connection is authenticated
+//! (the suite in `tcp.rs` covers engines without one).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
@@ -12,9 +14,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pdgate_transfer::{
-    Batch, EngineOptions, SegmentDesc, TransferEngine, TransferError, TransportChoice,
+    Batch, EngineOptions, Secret, SegmentDesc, TransferEngine, TransferError, TransportChoice,
     TransportKind,
 };
+
+/// Options of an engine of the test fleet: the shared secret, else defaults.
+fn keyed() -> EngineOptions {
+    EngineOptions {
+        secret: Some(Secret::new(b"conformance-suite-fleet-secret").unwrap()),
+        ..EngineOptions::default()
+    }
+}
 
 struct Case {
     choice: TransportChoice,
@@ -25,7 +35,7 @@ async fn engine(c: &Case, timeout: Duration) -> Arc<TransferEngine> {
     TransferEngine::start(EngineOptions {
         transport: c.choice,
         op_timeout: timeout,
-        ..EngineOptions::default()
+        ..keyed()
     })
     .await
     .unwrap()
@@ -383,15 +393,11 @@ conformance!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_picks_shm_on_this_host_and_tcp_for_heap_segments() {
-    let auto = TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap();
-    let shm_owner = TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap();
+    let auto = TransferEngine::start(keyed()).await.unwrap();
+    let shm_owner = TransferEngine::start(keyed()).await.unwrap();
     let tcp_owner = TransferEngine::start(EngineOptions {
         transport: TransportChoice::Tcp,
-        ..EngineOptions::default()
+        ..keyed()
     })
     .await
     .unwrap();
@@ -424,7 +430,7 @@ async fn auto_picks_shm_on_this_host_and_tcp_for_heap_segments() {
     // Forcing shm to a heap segment is a clear error.
     let forced = TransferEngine::start(EngineOptions {
         transport: TransportChoice::Shm,
-        ..EngineOptions::default()
+        ..keyed()
     })
     .await
     .unwrap();
@@ -467,6 +473,8 @@ async fn one_connection_proxy(upstream: String) -> std::net::SocketAddr {
     addr
 }
 
+// Open engines: the proxy forwards exactly one request and one reply, not the
+// authentication round trips before them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shm_commits_go_to_the_owners_unix_socket_not_its_tcp_port() {
     let owner = TransferEngine::start(EngineOptions::default())
@@ -510,15 +518,11 @@ async fn shm_commits_go_to_the_owners_unix_socket_not_its_tcp_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_socket_that_went_away_falls_back_to_tcp() {
-    let owner = TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap();
+    let owner = TransferEngine::start(keyed()).await.unwrap();
     let mut rx = owner.take_notifications().unwrap();
     let seg = owner.register_segment("kv", 64).unwrap();
     let desc = owner.describe(&seg);
-    let client = TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap();
+    let client = TransferEngine::start(keyed()).await.unwrap();
     // A cleaner removed the socket file while the owner lives on: the advert still names it,
     // the mapping is live, and each commit takes the owner's TCP port instead, delivered once.
     std::fs::remove_file(owner.control_socket().unwrap()).unwrap();
@@ -541,7 +545,7 @@ async fn shm_files_are_removed_on_unregister_and_shutdown() {
     let e = TransferEngine::start(EngineOptions {
         transport: TransportChoice::Shm,
         shm_dir: dir.clone(),
-        ..EngineOptions::default()
+        ..keyed()
     })
     .await
     .unwrap();
@@ -562,12 +566,8 @@ async fn shm_files_are_removed_on_unregister_and_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_registered_segment_is_reached_not_its_stale_mapping() {
-    let a = TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap();
-    let b = TransferEngine::start(EngineOptions::default())
-        .await
-        .unwrap();
+    let a = TransferEngine::start(keyed()).await.unwrap();
+    let b = TransferEngine::start(keyed()).await.unwrap();
     let old = b.register_segment("kv", 64).unwrap();
     let desc = b.describe(&old);
     a.submit(&desc, Batch::new().write(0, Bytes::from_static(b"1")))

@@ -12,6 +12,7 @@ use crate::batch::{Batch, BatchReport};
 use crate::error::TransferError;
 use crate::metadata::SegmentDesc;
 
+pub(crate) mod gate;
 pub(crate) mod handshake;
 pub(crate) mod kind;
 #[cfg(feature = "rdma")]

@@ -17,6 +17,12 @@
 //! keep failing is marked down for a moment so callers fail fast instead of
 //! queueing behind it. The same listener answers handshakes (`describe`) and
 //! shm commits (a zero-op batch with a generation check).
+//!
+//! With a fleet secret, every connection, either way, starts with the
+//! authentication handshake (`auth`) before its first frame; the server side
+//! runs it under a deadline and within the bounds of a `gate`, so a
+//! connection that never authenticates is closed and cannot starve peers that
+//! do.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -29,15 +35,19 @@ use futures::StreamExt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::{self, AuthKey, Refusal};
 use crate::batch::{Batch, BatchReport, Op};
 use crate::error::TransferError;
 use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::local::LocalSegments;
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
+use crate::transport::gate::{Gate, Pending};
 use crate::transport::handshake::SegmentAdvert;
 use crate::transport::kind::TransportKind;
 use crate::transport::slice;
@@ -52,8 +62,9 @@ const MAX_IO_STEP: usize = 4 << 20;
 const SERVER_READ_BUFFER: usize = 64 << 10;
 /// Scratch size used to drain payloads of a batch that already failed.
 const DISCARD_CHUNK: usize = 64 << 10;
-/// Inbound connections served at once; further peers wait in the backlog.
-const MAX_INBOUND_CONNECTIONS: usize = 1024;
+/// How long a refused peer that skipped the handshake gets to read our
+/// frame error before the connection is closed.
+const REFUSAL_LINGER: Duration = Duration::from_millis(200);
 /// Distinct peers with pooled state; beyond this idle peers are forgotten.
 const MAX_PEERS: usize = 4096;
 /// Iovecs per `writev`.
@@ -75,6 +86,10 @@ pub(crate) struct TcpTransport {
     local_peers: Mutex<HashMap<PathBuf, Arc<Peer>>>,
     per_peer: usize,
     slice_size: usize,
+    /// The fleet key every new connection proves before its first frame;
+    /// `None` on an engine without a secret (the open plane).
+    key: Option<AuthKey>,
+    handshake_timeout: Duration,
 }
 
 struct Peer {
@@ -93,13 +108,43 @@ struct Health {
 }
 
 impl TcpTransport {
-    pub(crate) fn new(connections_per_peer: usize, slice_size: usize) -> Self {
+    pub(crate) fn new(
+        connections_per_peer: usize,
+        slice_size: usize,
+        key: Option<AuthKey>,
+        handshake_timeout: Duration,
+    ) -> Self {
         TcpTransport {
             peers: Mutex::new(HashMap::new()),
             local_peers: Mutex::new(HashMap::new()),
             per_peer: connections_per_peer.max(1),
             slice_size: slice_size.max(1),
+            key,
+            handshake_timeout,
         }
+    }
+
+    /// A new connection to `addr`, authenticated when this engine has a key.
+    /// Pooled connections are authenticated once, here, and reused.
+    async fn open(&self, addr: Addr<'_>) -> Result<Stream, TransferError> {
+        let mut conn = Stream::connect(addr).await?;
+        if let Some(key) = &self.key {
+            tokio::time::timeout(self.handshake_timeout, auth::client(&mut conn, key))
+                .await
+                .map_err(|_| {
+                    TransferError::PeerUnavailable(format!(
+                        "{addr}: no answer to the authentication handshake within {:?}",
+                        self.handshake_timeout
+                    ))
+                })?
+                .map_err(|e| match e {
+                    TransferError::Unauthenticated(m) => {
+                        TransferError::Unauthenticated(format!("{addr}: {m}"))
+                    }
+                    other => other,
+                })?;
+        }
+        Ok(conn)
     }
 
     /// Drops every pooled connection.
@@ -215,7 +260,8 @@ enum Exchange {
 }
 
 /// Failures that say nothing about the batch itself, so another connection
-/// may succeed.
+/// may succeed. (Not `Unauthenticated`: another connection would prove the
+/// same wrong secret.)
 fn is_path_failure(e: &TransferError) -> bool {
     matches!(
         e,
@@ -256,7 +302,7 @@ impl TcpTransport {
             .acquire_owned()
             .await
             .map_err(|_| TransferError::Shutdown)?;
-        let mut conn = Stream::connect(addr).await?;
+        let mut conn = self.open(addr).await?;
         conn.write_all(frame).await?;
         let mut raw = [0u8; REPLY_HEADER_LEN];
         conn.read_exact(&mut raw).await?;
@@ -327,6 +373,9 @@ impl TcpTransport {
                         continue;
                     }
                 }
+                // A peer that refuses our proof (or cannot prove its own) is
+                // failing, but retrying cannot help.
+                Err(TransferError::Unauthenticated(_)) => peer.record(endpoint, false),
                 _ => peer.record(endpoint, true),
             }
             return r;
@@ -359,7 +408,7 @@ impl TcpTransport {
             .map_err(|_| TransferError::Shutdown)?;
         let (mut conn, mut reused) = match peer.take_idle() {
             Some(c) => (c, true),
-            None => (Stream::connect(endpoint).await?, false),
+            None => (self.open(endpoint).await?, false),
         };
         loop {
             match exchange(&mut conn, segment, batch, generation).await {
@@ -379,7 +428,7 @@ impl TcpTransport {
                     // A frame went out on the stale connection: a failed reconnect is not
                     // "unavailable, nothing sent", which callers may answer by resending
                     // elsewhere.
-                    conn = Stream::connect(endpoint).await.map_err(|e| match e {
+                    conn = self.open(endpoint).await.map_err(|e| match e {
                         TransferError::PeerUnavailable(m) => io::Error::other(m).into(),
                         other => other,
                     })?;
@@ -598,23 +647,27 @@ fn advance(parts: &mut VecDeque<Bytes>, mut n: usize) {
 
 // ---------------------------------------------------------------- server ---
 
+/// How a listener admits connections: the key peers must prove (`None`: the
+/// open plane, no handshake), the deadline for it, and the gate bounding
+/// pending and established connections.
+pub(crate) struct Admission {
+    pub key: Option<AuthKey>,
+    pub handshake_timeout: Duration,
+    pub gate: Arc<Gate>,
+}
+
 /// Accepts connections until `shutdown` turns true (or its sender is
-/// dropped), then drops the listener so new connects are refused.
+/// dropped), then drops the listener so new connects are refused. Accepting
+/// never waits for a free slot: every connection is taken off the backlog at
+/// once and either admitted or closed by its own task, so a flood of idle
+/// sockets cannot leave a real peer unanswered in the backlog.
 pub(crate) async fn serve(
     listener: Listener,
     local: Arc<LocalSegments>,
     mut shutdown: watch::Receiver<bool>,
+    admission: Arc<Admission>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_INBOUND_CONNECTIONS));
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = wait_shutdown(&mut shutdown) => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             biased;
             _ = wait_shutdown(&mut shutdown) => break,
@@ -622,12 +675,16 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok(stream) => {
-                let local = local.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    handle_connection(stream, local, shutdown).await;
-                    drop(permit);
-                });
+                let host = stream.peer_host().unwrap_or_default();
+                let pending = admission.gate.pending(&host);
+                tokio::spawn(serve_connection(
+                    stream,
+                    host,
+                    pending,
+                    local.clone(),
+                    shutdown.clone(),
+                    admission.clone(),
+                ));
             }
             Err(e) => {
                 // Usually fd exhaustion; back off instead of spinning.
@@ -639,30 +696,66 @@ pub(crate) async fn serve(
     tracing::debug!("transfer listener stopped");
 }
 
-async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
+/// One accepted connection: admission (handshake under the deadline, or
+/// eviction by a newer connection), then the frames.
+async fn serve_connection(
+    stream: Stream,
+    host: String,
+    mut pending: Pending,
+    local: Arc<LocalSegments>,
+    mut shutdown: watch::Receiver<bool>,
+    admission: Arc<Admission>,
+) {
+    let counters = admission.gate.counters();
+    let deadline = tokio::time::Instant::now() + admission.handshake_timeout;
+    let mut conn = ServerConn::new(stream, &host);
+    let handshake = tokio::select! {
+        biased;
+        _ = wait_shutdown(&mut shutdown) => return,
+        // Counted by the gate when it evicted us.
+        _ = pending.evicted() => {
+            tracing::debug!(peer = %host, "pending transfer connection evicted by a newer one");
+            return;
+        }
+        r = tokio::time::timeout_at(deadline, conn.handshake(admission.key.as_ref())) => r,
+    };
+    drop(pending);
+    match handshake {
+        Ok(Ok(())) => {}
+        Ok(Err(refusal)) => {
+            counters.refused();
+            tracing::debug!(peer = %host, reason = %refusal, "transfer connection refused");
+            if matches!(refusal, Refusal::NoHandshake) {
+                // A peer without the secret: say why, so its operator sees
+                // more than a reset.
+                let why = TransferError::Unauthenticated(
+                    "this transfer plane requires the fleet secret".into(),
+                );
+                let _ = tokio::time::timeout_at(
+                    deadline.max(tokio::time::Instant::now() + REFUSAL_LINGER),
+                    conn.say_and_close(&wire::encode_error_reply(&why, true)),
+                )
+                .await;
+            }
+            return;
+        }
+        Err(_) => {
+            counters.timed_out();
+            tracing::debug!(peer = %host, "transfer connection closed: no handshake within the deadline");
             return;
         }
     }
-}
-
-async fn handle_connection(
-    stream: Stream,
-    local: Arc<LocalSegments>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let peer = stream.peer_host();
-    let (rd, wr) = stream.into_split();
-    let mut conn = ServerConn {
-        rd: BufReader::with_capacity(SERVER_READ_BUFFER, rd),
-        wr,
-        scratch: Vec::new(),
-        // RDMA connections are capped per peer host: each connect exchange
-        // arrives on a fresh TCP connection, so the port says nothing.
-        #[cfg(feature = "rdma")]
-        peer_host: peer.clone().unwrap_or_default(),
+    let Some(slot) = admission.gate.establish(&host) else {
+        tracing::warn!(peer = %host, "transfer listener at its connection cap; closing a new connection");
+        let _ = tokio::time::timeout(REFUSAL_LINGER, conn.tell_busy(admission.key.is_some())).await;
+        return;
     };
+    if admission.key.is_some() {
+        match tokio::time::timeout(admission.handshake_timeout, auth::admit(&mut conn.wr)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
     // Biased: once the engine shut down, a batch already waiting on the socket must not be
     // applied to a segment its owner has let go (an unbiased pick did, now and then).
     tokio::select! {
@@ -670,8 +763,17 @@ async fn handle_connection(
         _ = wait_shutdown(&mut shutdown) => {}
         r = conn.run(&local) => {
             if let Err(e) = r {
-                tracing::debug!(?peer, error = %e, "transfer connection closed");
+                tracing::debug!(peer = %host, error = %e, "transfer connection closed");
             }
+        }
+    }
+    drop(slot);
+}
+
+async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -685,6 +787,64 @@ struct ServerConn {
 }
 
 impl ServerConn {
+    fn new(
+        stream: Stream,
+        #[cfg_attr(not(feature = "rdma"), allow(unused_variables))] host: &str,
+    ) -> ServerConn {
+        let (rd, wr) = stream.into_split();
+        ServerConn {
+            rd: BufReader::with_capacity(SERVER_READ_BUFFER, rd),
+            wr,
+            scratch: Vec::new(),
+            // RDMA connections are capped per peer host: each connect exchange
+            // arrives on a fresh TCP connection, so the port says nothing.
+            #[cfg(feature = "rdma")]
+            peer_host: host.to_owned(),
+        }
+    }
+
+    /// With a key, the fleet-secret handshake; without one, only the wait
+    /// for the first bytes (kept in the buffer for the first frame), so an
+    /// idle socket is still closed at the deadline.
+    async fn handshake(&mut self, key: Option<&AuthKey>) -> Result<(), Refusal> {
+        match key {
+            Some(key) => auth::server(&mut self.rd, &mut self.wr, key).await,
+            None => self.rd.fill_buf().await.map(|_| ()).map_err(Refusal::Io),
+        }
+    }
+
+    /// An authenticated peer learns it was turned away for capacity (a busy
+    /// verdict); an open-plane peer gets a frame error.
+    async fn tell_busy(&mut self, authenticated: bool) -> io::Result<()> {
+        if authenticated {
+            auth::busy(&mut self.wr).await
+        } else {
+            let busy =
+                TransferError::PeerUnavailable("transfer listener at its connection cap".into());
+            self.say_and_close(&wire::encode_error_reply(&busy, true))
+                .await
+        }
+    }
+
+    /// Writes `reply`, half-closes, and reads what the peer already sent
+    /// until it closes too: closing with unread bytes would reset the
+    /// connection, and a reset can discard the reply before the peer reads
+    /// it. The caller bounds it in time.
+    async fn say_and_close(&mut self, reply: &[u8]) -> io::Result<()> {
+        self.wr.write_all(reply).await?;
+        self.wr.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0usize;
+        // Bounded in bytes as well: a refused peer gets no bulk sink.
+        while drained < 64 << 10 {
+            match self.rd.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok(())
+    }
+
     async fn run(&mut self, local: &LocalSegments) -> Result<(), TransferError> {
         loop {
             let head = match wire::read_request_head(&mut self.rd).await {
@@ -898,7 +1058,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_tx, rx) = watch::channel(false);
-        tokio::spawn(serve(Listener::Tcp(listener), local, rx));
+        let open = Arc::new(Admission {
+            key: None,
+            handshake_timeout: Duration::from_secs(2),
+            gate: Gate::new(Default::default(), Default::default()),
+        });
+        tokio::spawn(serve(Listener::Tcp(listener), local, rx, open));
 
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(&[0xEE; wire::REQUEST_HEADER_LEN])
