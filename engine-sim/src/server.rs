@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use parking_lot::Mutex;
 use pdgate_scheduler::{BlockHasher, Role};
 use pdgate_transfer::{EngineOptions, MetadataStore, TransferEngine};
+use pdgate_wire::fleet::FleetSecret;
 use pdgate_wire::native;
 use serde_json::json;
 use std::net::SocketAddr;
@@ -89,10 +90,18 @@ pub async fn spawn(cfg: EngineConfig) -> anyhow::Result<EngineHandle> {
 
 async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine>> {
     let stats = Arc::new(Stats::default());
-    let listen: SocketAddr = format!("{}:{}", cfg.host, cfg.transfer_port).parse()?;
+    // The transfer listener binds the interface the HTTP listener bound (`host`, resolved once
+    // there, so a name such as `localhost` works too), never all interfaces.
+    let listen = SocketAddr::new(addr.ip(), cfg.transfer_port);
+    // With the fleet secret (file, else PDGATE_FLEET_SECRET), only peers that prove it may touch
+    // this engine's segments; without it the transfer engine warns that its plane is open.
+    let secret = FleetSecret::load(cfg.fleet_secret_file.as_deref())?
+        .map(|s| pdgate_transfer::Secret::new(s.as_bytes()))
+        .transpose()?;
     let transfer = TransferEngine::start(EngineOptions {
         listen,
         transport: cfg.transport,
+        secret,
         ..EngineOptions::default()
     })
     .await?;
