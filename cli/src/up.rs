@@ -1,14 +1,89 @@
 //! `pdgate up`: the gateway plus an embedded fleet of reference engines in this process, wired
 //! together (engines register their KV segments with the gateway's registry) and ready to serve.
+//! The fleet shares one fleet secret: the configured one, else a random one made for this process
+//! (so the demo's transfer plane is authenticated, not open to anyone who reaches its ports).
 
 use crate::config::{Config, WorkerConfig};
 use pdgate_engine_sim::{EngineConfig, EngineHandle};
 use pdgate_gateway::gateway::Gateway;
 use pdgate_scheduler::Role;
+use std::path::{Path, PathBuf};
 
 pub struct Fleet {
     pub gateway: Gateway,
     pub engines: Vec<(Role, EngineHandle)>,
+    /// The per-process secret's file, when `up` made one; removed with the fleet.
+    _secret: Option<GeneratedSecret>,
+}
+
+/// A random fleet secret in a private file (a 0700 directory of its own, the file 0600): the
+/// secret reaches the gateway and the engines the way a configured one does (`fleet_secret_file`),
+/// never on a command line or in the environment. Removed on drop.
+struct GeneratedSecret {
+    dir: PathBuf,
+}
+
+impl GeneratedSecret {
+    fn create() -> anyhow::Result<Self> {
+        use rand::RngCore;
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let dir = std::env::temp_dir().join(format!(
+            "pdgate-up-{}-{}",
+            std::process::id(),
+            hex(&bytes[..4])
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let secret = Self { dir };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(secret.path())?
+            .write_all(hex(&bytes).as_bytes())?;
+        Ok(secret)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("fleet-secret")
+    }
+}
+
+impl Drop for GeneratedSecret {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Points the gateway and the demo engines at one fleet secret: a configured file is shared by
+/// both; with none (and no `PDGATE_FLEET_SECRET`, which both read themselves) a fresh random one.
+fn share_fleet_secret(cfg: &mut Config) -> anyhow::Result<Option<GeneratedSecret>> {
+    let configured = cfg
+        .up
+        .engine
+        .fleet_secret_file
+        .clone()
+        .or_else(|| cfg.server.fleet_secret_file.clone());
+    let env = std::env::var_os(pdgate_wire::fleet::SECRET_ENV).is_some();
+    let (file, generated) = match configured {
+        Some(file) => (Some(file), None),
+        None if env => (None, None),
+        None => {
+            let g = GeneratedSecret::create()?;
+            (Some(g.path()), Some(g))
+        }
+    };
+    if let Some(file) = file {
+        let fill = |slot: &mut Option<PathBuf>, file: &Path| {
+            slot.get_or_insert_with(|| file.to_path_buf());
+        };
+        fill(&mut cfg.up.engine.fleet_secret_file, &file);
+        fill(&mut cfg.server.fleet_secret_file, &file);
+    }
+    Ok(generated)
 }
 
 impl Fleet {
@@ -30,6 +105,7 @@ impl Fleet {
             .scheduler
             .cost
             .time_scaled(cfg.up.engine.timing.time_scale);
+        let secret = share_fleet_secret(&mut cfg)?;
         let up = cfg.up.clone();
         let gateway = Gateway::start(cfg.gateway()).await?;
         let mut engines = Vec::with_capacity(up.prefill + up.decode);
@@ -53,7 +129,11 @@ impl Fleet {
             engines.push((role, handle));
         }
         gateway.check_health().await;
-        Ok(Self { gateway, engines })
+        Ok(Self {
+            gateway,
+            engines,
+            _secret: secret,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -73,7 +153,8 @@ impl Fleet {
         out
     }
 
-    /// Engines first, so they can still deregister their segments with the gateway's registry.
+    /// Engines first, so they can still deregister their segments with the gateway's registry;
+    /// a generated secret's file last.
     pub async fn stop(self) {
         for (_, e) in self.engines {
             e.stop().await;

@@ -193,3 +193,41 @@ async fn registry_keeps_heartbeating_segments_and_drops_stale_ones() {
     );
     fleet.stop().await;
 }
+
+/// `pdgate up` with no secret configured makes one for its fleet: handoffs go over the
+/// authenticated transfer plane, and a process outside the fleet cannot reach the KV pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_up_fleets_transfer_plane_is_keyed_by_a_generated_secret() {
+    let cfg = config(1, 1, 0.0);
+    assert!(cfg.up.engine.fleet_secret_file.is_none());
+    let fleet = fleet(cfg).await;
+    let resp = post(
+        &fleet.url(),
+        "/v1/completions",
+        completion(&"a prompt long enough to span blocks ".repeat(8), 2),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let decode = fleet
+        .engines
+        .iter()
+        .find(|(r, _)| *r == Role::Decode)
+        .map(|(_, e)| e)
+        .expect("a decode engine");
+    let plane = &decode.engine.transfer;
+    let kv = decode.engine.pool.as_ref().expect("kv pool").segment();
+    assert!(
+        plane.admission_stats().admitted >= 1,
+        "the handoff came in authenticated"
+    );
+    let stranger = pdgate_transfer::TransferEngine::start(Default::default())
+        .await
+        .expect("engine");
+    let refused = stranger.discover(&plane.endpoint(), kv.name()).await;
+    assert!(
+        matches!(&refused, Err(pdgate_transfer::TransferError::Remote(m)) if m.contains("fleet secret")),
+        "{refused:?}"
+    );
+    assert!(plane.admission_stats().refused >= 1);
+    fleet.stop().await;
+}
