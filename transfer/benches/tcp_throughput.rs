@@ -5,13 +5,20 @@
 //! from engine A into engine B's segment in 4 MiB write ops, 8 per batch,
 //! through `submit`; baseline: the same bytes over one TcpStream with
 //! `write_all` / `read_exact` into a buffer as large as B's segment. Each side
-//! runs 3 times, alternating, and the medians are compared. Latency: ~2000 single-op
+//! runs 3 times (`PDGATE_BENCH_ROUNDS` overrides), alternating, and the medians
+//! are compared. Latency: ~2000 single-op
 //! 4 KiB submits, plus a plain 4 KiB request/1-byte ack ping-pong for scale.
+//!
+//! The transfer side runs twice per round, without a fleet secret (open plane)
+//! and with one (every connection authenticated once, then pooled), so the
+//! cost of authentication is the ratio of the two in one run; and the first
+//! batch on a fresh connection is timed both ways, where the handshake's round
+//! trips are paid.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pdgate_transfer::{Batch, EngineOptions, TransferEngine, TransportChoice};
+use pdgate_transfer::{Batch, EngineOptions, Secret, TransferEngine, TransportChoice};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -19,21 +26,31 @@ const OP: usize = 4 << 20;
 const OPS_PER_BATCH: usize = 8;
 const LAT_SIZE: usize = 4 << 10;
 const LAT_ITERS: usize = 2000;
-const ROUNDS: usize = 3;
+const DEFAULT_ROUNDS: usize = 3;
+/// Fresh engine pairs whose first batch is timed.
+const FIRST_ITERS: usize = 100;
+
+/// Without, then with, the fleet secret.
+const AUTH: [bool; 2] = [false, true];
 
 fn main() {
     let total: u64 = std::env::var("PDGATE_BENCH_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30);
+    let rounds: usize = std::env::var("PDGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_ROUNDS)
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(total));
+    rt.block_on(run(total, rounds));
 }
 
-async fn run(total: u64) {
+async fn run(total: u64, rounds: usize) {
     let n_ops = total.div_ceil(OP as u64).max(1) as usize;
     let bytes = (n_ops * OP) as u64;
     println!(
@@ -45,56 +62,112 @@ async fn run(total: u64) {
 
     // Warm-ups first so page faults on fresh memory and connection setup
     // are not billed to either side.
-    transfer_run(&payload, OP * OPS_PER_BATCH).await;
+    for auth in AUTH {
+        transfer_run(&payload, OP * OPS_PER_BATCH, auth).await;
+    }
     baseline_run(&payload, OP * OPS_PER_BATCH).await;
 
-    // Alternate the two so background load on a shared machine hits both
-    // alike; report the median of each.
+    // Alternate the three so background load on a shared machine hits all
+    // alike; report the median of each. The open and keyed runs of a round are
+    // back to back, in alternating order, and their ratio is taken per round:
+    // a paired comparison, so drift in the machine's load cancels out.
     let gbps = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
-    let (mut ts, mut bs) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        let t = transfer_run(&payload, n_ops * OP).await;
+    let (mut open, mut keyed, mut bs, mut ratios) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (o, k) = if round % 2 == 0 {
+            let o = transfer_run(&payload, n_ops * OP, false).await;
+            (o, transfer_run(&payload, n_ops * OP, true).await)
+        } else {
+            let k = transfer_run(&payload, n_ops * OP, true).await;
+            (transfer_run(&payload, n_ops * OP, false).await, k)
+        };
         let b = baseline_run(&payload, n_ops * OP).await;
         println!(
-            "  round {round}: transfer {:>6.3} GB/s  baseline {:>6.3} GB/s",
-            gbps(t),
+            "  round {round}: transfer {:>6.3} GB/s  keyed {:>6.3} GB/s  baseline {:>6.3} GB/s",
+            gbps(o),
+            gbps(k),
             gbps(b)
         );
-        ts.push(t);
+        ratios.push(o.as_secs_f64() / k.as_secs_f64());
+        open.push(o);
+        keyed.push(k);
         bs.push(b);
     }
-    ts.sort();
-    bs.sort();
-    let (t, b) = (ts[ROUNDS / 2], bs[ROUNDS / 2]);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (t, k, b) = (median(open), median(keyed), median(bs));
     println!(
-        "transfer  {:>7.3} GB/s  (median of {ROUNDS}, {:?})",
+        "transfer  {:>7.3} GB/s  (median of {rounds}, {:?})",
         gbps(t),
         t
     );
     println!(
-        "baseline  {:>7.3} GB/s  (median of {ROUNDS}, {:?})",
+        "keyed     {:>7.3} GB/s  (median of {rounds}, {:?}; fleet secret set)",
+        gbps(k),
+        k
+    );
+    println!(
+        "baseline  {:>7.3} GB/s  (median of {rounds}, {:?})",
         gbps(b),
         b
     );
     println!("ratio transfer/baseline = {:.3}", gbps(t) / gbps(b));
-
-    let (p50, p99) = transfer_latency().await;
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "4 KiB single-op submit latency over {LAT_ITERS}: p50 {:.1} us  p99 {:.1} us",
-        p50.as_secs_f64() * 1e6,
-        p99.as_secs_f64() * 1e6
+        "ratio keyed/open throughput = {:.3} (median of the {rounds} per-round ratios; of the medians {:.3})",
+        ratios[ratios.len() / 2],
+        gbps(k) / gbps(t)
+    );
+
+    // Latency: the two planes alternate in chunks, samples pooled per plane.
+    let (mut open, mut keyed) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        open.extend(transfer_latency(false).await);
+        keyed.extend(transfer_latency(true).await);
+    }
+    let (o50, o99) = percentiles(open);
+    let (k50, k99) = percentiles(keyed);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "4 KiB single-op submit latency over {}: p50 {:.1} us  p99 {:.1} us",
+        LAT_ITERS * rounds,
+        us(o50),
+        us(o99)
+    );
+    println!(
+        "4 KiB single-op submit latency, keyed:    p50 {:.1} us  p99 {:.1} us  (keyed/open p50 {:.3}, p99 {:.3})",
+        us(k50),
+        us(k99),
+        us(k50) / us(o50),
+        us(k99) / us(o99)
     );
     let (p50, p99) = baseline_latency().await;
     println!(
         "4 KiB plain ping-pong latency over {LAT_ITERS}:   p50 {:.1} us  p99 {:.1} us",
-        p50.as_secs_f64() * 1e6,
-        p99.as_secs_f64() * 1e6
+        us(p50),
+        us(p99)
+    );
+    let (mut open, mut keyed) = (Vec::new(), Vec::new());
+    for _ in 0..FIRST_ITERS {
+        open.push(first_batch(false).await);
+        keyed.push(first_batch(true).await);
+    }
+    let (o50, _) = percentiles(open);
+    let (k50, _) = percentiles(keyed);
+    println!(
+        "first 4 KiB batch on a new connection over {FIRST_ITERS}: p50 {:.1} us open, {:.1} us keyed (handshake {:+.1} us)",
+        us(o50),
+        us(k50),
+        us(k50) - us(o50)
     );
 }
 
-async fn transfer_run(payload: &Bytes, total: usize) -> Duration {
-    let a = TransferEngine::start(tcp()).await.expect("engine a");
-    let b = TransferEngine::start(tcp()).await.expect("engine b");
+async fn transfer_run(payload: &Bytes, total: usize, auth: bool) -> Duration {
+    let a = TransferEngine::start(tcp(auth)).await.expect("engine a");
+    let b = TransferEngine::start(tcp(auth)).await.expect("engine b");
     let seg = b
         .register_segment("bench", OP * OPS_PER_BATCH)
         .expect("segment");
@@ -152,9 +225,10 @@ async fn baseline_run(payload: &Bytes, total: usize) -> Duration {
     elapsed
 }
 
-async fn transfer_latency() -> (Duration, Duration) {
-    let a = TransferEngine::start(tcp()).await.expect("engine a");
-    let b = TransferEngine::start(tcp()).await.expect("engine b");
+/// `LAT_ITERS` samples of a 4 KiB single-op submit over a warm connection.
+async fn transfer_latency(auth: bool) -> Vec<Duration> {
+    let a = TransferEngine::start(tcp(auth)).await.expect("engine a");
+    let b = TransferEngine::start(tcp(auth)).await.expect("engine b");
     let seg = b.register_segment("lat", LAT_SIZE).expect("segment");
     let desc = b.describe(&seg);
     let data = Bytes::from(vec![3u8; LAT_SIZE]);
@@ -168,7 +242,22 @@ async fn transfer_latency() -> (Duration, Duration) {
             samples.push(t.elapsed());
         }
     }
-    percentiles(samples)
+    samples
+}
+
+/// One 4 KiB submit from a new engine, so its connection (and handshake) is
+/// part of what is timed.
+async fn first_batch(auth: bool) -> Duration {
+    let b = TransferEngine::start(tcp(auth)).await.expect("engine b");
+    let seg = b.register_segment("first", LAT_SIZE).expect("segment");
+    let desc = b.describe(&seg);
+    let a = TransferEngine::start(tcp(auth)).await.expect("engine a");
+    let data = Bytes::from(vec![5u8; LAT_SIZE]);
+    let t = Instant::now();
+    a.submit(&desc, Batch::new().write(0, data))
+        .await
+        .expect("submit");
+    t.elapsed()
 }
 
 async fn baseline_latency() -> (Duration, Duration) {
@@ -206,10 +295,12 @@ fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
     (at(0.50), at(0.99))
 }
 
-/// This bench measures the TCP transport, so `auto`'s shm is ruled out.
-fn tcp() -> EngineOptions {
+/// This bench measures the TCP transport, so `auto`'s shm is ruled out;
+/// `auth` gives both engines the same fleet secret.
+fn tcp(auth: bool) -> EngineOptions {
     EngineOptions {
         transport: TransportChoice::Tcp,
+        secret: auth.then(|| Secret::new(b"tcp-throughput-bench-secret").expect("secret")),
         ..EngineOptions::default()
     }
 }
