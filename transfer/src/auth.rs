@@ -317,21 +317,22 @@ pub(crate) async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// A close in the middle of the handshake is the server's refusal (it
-/// closes without a word when our proof is wrong).
+/// A close in the middle of the handshake is not a verdict on our secret:
+/// a server with another secret is caught by its proof, and one with ours
+/// accepts our proof, so a close means it let go of the connection (evicted
+/// for a newer one, at its deadline, shutting down). An i/o error, then,
+/// which the caller may answer with a fresh connection: no frame was sent.
 async fn read_or_refused<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut [u8],
 ) -> Result<(), TransferError> {
     match s.read_exact(buf).await {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(TransferError::Unauthenticated(
-                "the peer closed the connection during the authentication handshake (does it \
-                 hold the same fleet secret?)"
-                    .into(),
-            ))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(std::io::Error::new(
+            e.kind(),
+            "the peer closed the connection during the authentication handshake",
+        )
+        .into()),
         Err(e) => Err(e.into()),
     }
 }
@@ -377,6 +378,15 @@ mod tests {
         );
         // The client never sent a proof: the server saw the pipe close.
         assert!(matches!(s, Err(Refusal::Io(_))), "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_hangs_up_mid_handshake_is_a_path_failure_not_a_verdict() {
+        let k = key(b"0123456789abcdef");
+        let (mut a, b) = tokio::io::duplex(1024);
+        drop(b);
+        let r = client(&mut a, &k).await;
+        assert!(matches!(r, Err(TransferError::Io(_))), "{r:?}");
     }
 
     #[tokio::test]

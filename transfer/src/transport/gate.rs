@@ -21,10 +21,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-/// Handshakes in flight on one listener.
-pub(crate) const MAX_PENDING: usize = 64;
+/// Handshakes in flight on one listener. A real handshake takes one round
+/// trip, so evicting it takes this many newer connections within that round
+/// trip; idle sockets only ever hold these slots until they are evicted.
+pub(crate) const MAX_PENDING: usize = 256;
 /// Handshakes in flight from one host; its oldest is evicted beyond this.
-pub(crate) const MAX_PENDING_PER_HOST: usize = 16;
+/// Large enough for the bursts a host's engines open at once (each submit
+/// opens up to `connections_per_peer` connections per owner).
+pub(crate) const MAX_PENDING_PER_HOST: usize = 64;
 /// Authenticated connections served at once on one listener.
 pub(crate) const MAX_ESTABLISHED: usize = 1024;
 /// Authenticated connections from one host. A submitter pools at most

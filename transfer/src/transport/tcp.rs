@@ -125,26 +125,37 @@ impl TcpTransport {
     }
 
     /// A new connection to `addr`, authenticated when this engine has a key.
-    /// Pooled connections are authenticated once, here, and reused.
+    /// Pooled connections are authenticated once, here, and reused. A
+    /// handshake the server hangs up on (a burst of newer connections from
+    /// this host evicted it) is tried once more on a fresh connection: no
+    /// frame was sent, so even a notification cannot go out twice.
     async fn open(&self, addr: Addr<'_>) -> Result<Stream, TransferError> {
-        let mut conn = Stream::connect(addr).await?;
-        if let Some(key) = &self.key {
-            tokio::time::timeout(self.handshake_timeout, auth::client(&mut conn, key))
+        let Some(key) = &self.key else {
+            return Stream::connect(addr).await;
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut conn = Stream::connect(addr).await?;
+            let e = match tokio::time::timeout(self.handshake_timeout, auth::client(&mut conn, key))
                 .await
-                .map_err(|_| {
-                    TransferError::PeerUnavailable(format!(
-                        "{addr}: no answer to the authentication handshake within {:?}",
-                        self.handshake_timeout
-                    ))
-                })?
-                .map_err(|e| match e {
-                    TransferError::Unauthenticated(m) => {
-                        TransferError::Unauthenticated(format!("{addr}: {m}"))
-                    }
-                    other => other,
-                })?;
+            {
+                Ok(Ok(())) => return Ok(conn),
+                Ok(Err(TransferError::Unauthenticated(m))) => {
+                    return Err(TransferError::Unauthenticated(format!("{addr}: {m}")))
+                }
+                Ok(Err(TransferError::Io(e))) if tries < 2 => {
+                    tracing::debug!(%addr, error = %e, "authentication handshake cut off; retrying once");
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", self.handshake_timeout),
+            };
+            // "Unavailable, nothing sent": true, as no frame went out.
+            return Err(TransferError::PeerUnavailable(format!(
+                "{addr}: authentication handshake: {e}"
+            )));
         }
-        Ok(conn)
     }
 
     /// Drops every pooled connection.
@@ -1050,6 +1061,36 @@ mod tests {
         });
         write_all_vectored(&mut a, &mut parts).await.unwrap();
         assert_eq!(reader.await.unwrap(), expect);
+    }
+
+    #[tokio::test]
+    async fn a_handshake_the_server_hangs_up_on_is_retried_once_on_a_fresh_connection() {
+        let secret = crate::auth::Secret::new(b"0123456789abcdef").unwrap();
+        let key = AuthKey::derive(&secret).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let k = key.clone();
+        let server = tokio::spawn(async move {
+            // Connections 1, 3 and 4 are hung up on at once, as an evicted
+            // pending one is; 2 is served.
+            drop(listener.accept().await.unwrap());
+            let (s, _) = listener.accept().await.unwrap();
+            let (mut rd, mut wr) = s.into_split();
+            auth::server(&mut rd, &mut wr, &k).await.unwrap();
+            auth::admit(&mut wr).await.unwrap();
+            drop(listener.accept().await.unwrap());
+            drop(listener.accept().await.unwrap());
+            (rd, wr)
+        });
+        let t = TcpTransport::new(1, 1 << 20, Some(key), Duration::from_secs(2));
+        t.open(Addr::Tcp(&addr)).await.unwrap();
+        let twice = t.open(Addr::Tcp(&addr)).await;
+        assert!(
+            matches!(&twice, Err(TransferError::PeerUnavailable(m)) if m.contains("authentication handshake")),
+            "{:?}",
+            twice.map(|_| ())
+        );
+        server.await.unwrap();
     }
 
     #[tokio::test]
