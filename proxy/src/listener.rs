@@ -8,11 +8,11 @@
 //! hyper's connection machinery were a fifth of the gateway's CPU per request, on the one path
 //! whose cost multiplies by the request rate.
 
-use crate::access::{self, Guard, REQUEST_ID};
+use crate::access::{Guard, REQUEST_ID};
 use crate::error::ApiError;
 use crate::http1::server::{self as conn, Head, Refusal};
-use crate::inference;
 use crate::state::AppState;
+use crate::{inference, request_id};
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -124,7 +124,7 @@ fn post_only() -> Response {
 /// Every request, whatever its route: its id (honoured or minted, echoed back) and the
 /// credential its route asks for, then the pipeline (the two inference POSTs) or the router.
 async fn answer(routes: Arc<Routes>, head: Head, body: Bytes) -> Response {
-    let (request_id, echoed) = access::request_id(&head.headers);
+    let (request_id, echoed) = request_id::of(&head.headers);
     // Every line of the request carries its id, the body's relay included.
     let span = tracing::info_span!("request", request_id = %request_id);
     let resp = dispatch(routes, head, body, request_id)
