@@ -172,6 +172,11 @@ pub struct UpstreamConfig {
     pub prefill_timeout_secs: u64,
     /// Deadline for the decode leg's response head.
     pub decode_head_timeout_secs: u64,
+    /// A decode stream that sends nothing for this long (while the gateway waits on it) is cut:
+    /// the client gets the stream's error event, the decode's breaker a failure, and the leg is
+    /// dropped (the engine aborts it and frees its KV). As long as the prefill deadline by
+    /// default, since a concurrent protocol's decode may wait that long for its KV.
+    pub decode_stall_timeout_ms: u64,
     /// Prefill instances tried per request before giving up (retries happen before any byte
     /// reached the client).
     pub prefill_attempts: u32,
@@ -189,6 +194,7 @@ impl Default for UpstreamConfig {
             control_timeout_ms: 5000,
             prefill_timeout_secs: 120,
             decode_head_timeout_secs: 60,
+            decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
             fallback_to_decode: false,
         }
