@@ -243,11 +243,14 @@ async fn read_head<S: AsyncRead + Unpin>(
     // The head's deadline runs from its first byte, whichever read brought it (a pipelined head
     // may already be here): a head sent a byte at a time gets no more time than a whole one.
     let mut head_until = (!buf.is_empty()).then(|| Instant::now() + limits.head);
+    // Blank lines before the head count against its size: they cost reads all the same.
+    let mut blank = 0;
     loop {
+        blank += skip_blank_lines(buf);
         if let Some(head) = parse_head(buf)? {
             return Ok(Some(head));
         }
-        if buf.len() > MAX_HEAD_BYTES {
+        if buf.len() + blank > MAX_HEAD_BYTES {
             return Err(Failure::Refused(Refusal::HeadTooLarge));
         }
         buf.reserve(READ_CHUNK);
@@ -258,15 +261,31 @@ async fn read_head<S: AsyncRead + Unpin>(
             head_until = Some(Instant::now() + limits.head);
             continue;
         };
-        match tokio::time::timeout_at(until, io.read_buf(buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(Failure::Io),
-            Ok(Ok(_)) => {}
-            Err(_) => {
-                return Err(Failure::Refused(Refusal::Timeout(
-                    "request head not received in time".into(),
-                )))
-            }
+        match read_by(io, buf, until).await {
+            Ok(()) => {}
+            Err(Failure::Refused(_)) => return Err(timeout("request head not received in time")),
+            Err(e) => return Err(e),
         }
+    }
+}
+
+fn timeout(msg: &str) -> Failure {
+    Failure::Refused(Refusal::Timeout(msg.into()))
+}
+
+/// One read of at least a byte, by `until`: `Io` if the connection ended or failed,
+/// `Refused` (a placeholder for the caller's timeout) past the deadline. The deadline is
+/// checked after the read too: a read that is always ready (a client sending as fast as it
+/// can) would otherwise never let the timer fire.
+async fn read_by<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    until: Instant,
+) -> Result<(), Failure> {
+    match tokio::time::timeout_at(until, io.read_buf(buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Failure::Io),
+        Ok(Ok(_)) if Instant::now() <= until => Ok(()),
+        Ok(Ok(_)) | Err(_) => Err(timeout("deadline passed")),
     }
 }
 
@@ -285,12 +304,18 @@ async fn read_between_requests<S: AsyncRead + Unpin>(
     matches!(read, Ok(Ok(n)) if n > 0)
 }
 
+/// Drops the blank lines a request may be preceded by (RFC 9112 §2.2); returns their bytes.
+fn skip_blank_lines(buf: &mut BytesMut) -> usize {
+    let mut n = 0;
+    while buf[n..].starts_with(b"\r\n") {
+        n += 2;
+    }
+    let _ = buf.split_to(n);
+    n
+}
+
 /// A whole head at the front of `buf` (taken out of it), or `None` if more bytes are needed.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Failure> {
-    // Blank lines before a request are allowed (RFC 9112 §2.2).
-    while buf.starts_with(b"\r\n") {
-        let _ = buf.split_to(2);
-    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -471,14 +496,12 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 buf.reserve(READ_CHUNK);
-                match tokio::time::timeout_at(until, io.read_buf(buf)).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    Ok(_) => return Err(Failure::Io),
-                    Err(_) => {
-                        return Err(Failure::Refused(Refusal::Timeout(
-                            "request body not received in time".into(),
-                        )))
+                match read_by(io, buf, until).await {
+                    Ok(()) => {}
+                    Err(Failure::Refused(_)) => {
+                        return Err(timeout("request body not received in time"))
                     }
+                    Err(e) => return Err(e),
                 }
             }
         }
