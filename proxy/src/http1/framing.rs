@@ -362,4 +362,117 @@ mod tests {
         let e = run(Framing::Chunked(Chunk::Size), &input, input.len()).expect_err("long");
         assert!(e.contains("too long"), "{e}");
     }
+
+    /// Generated inputs (`PROPTEST_CASES` sets how many; 256 by default).
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A chunk as the grammar allows it to be spelt: any case, leading zeros, extensions
+        /// with whitespace before their `;`.
+        fn spelt_chunk() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+            (
+                proptest::collection::vec(any::<u8>(), 1..300),
+                any::<bool>(),
+                0usize..3,
+                proptest::sample::select(&["", ";a", ";a=b", " ;x=\"y z\"", "\t;k;l=m"][..]),
+            )
+                .prop_map(|(data, upper, zeros, ext)| {
+                    let hex = if upper {
+                        format!("{:X}", data.len())
+                    } else {
+                        format!("{:x}", data.len())
+                    };
+                    let line = format!("{}{hex}{ext}\r\n", "0".repeat(zeros));
+                    (data, line.into_bytes())
+                })
+        }
+
+        /// Bytes a smuggler would try in a chunk-size line.
+        fn size_line_bytes() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::sample::select(&b"0123456789abcdefABCDEF"[..]),
+                    1 => proptest::sample::select(&b"; =\t\"+-xX\r\n\x0b\x0c\xa0\xc2g"[..]),
+                    1 => any::<u8>(),
+                ],
+                0..24,
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_bodies_round_trip_whatever_their_spelling_and_feeding(
+                chunks in proptest::collection::vec(spelt_chunk(), 0..6),
+                trailers in proptest::sample::select(&["", "a: b\r\n", "x:\r\ny: 1\r\n"][..]),
+                step in 1usize..64,
+            ) {
+                let mut input = Vec::new();
+                let mut want = Vec::new();
+                for (data, line) in &chunks {
+                    input.extend_from_slice(line);
+                    input.extend_from_slice(data);
+                    input.extend_from_slice(b"\r\n");
+                    want.extend_from_slice(data);
+                }
+                input.extend_from_slice(b"0\r\n");
+                input.extend_from_slice(trailers.as_bytes());
+                input.extend_from_slice(b"\r\nNEXT");
+                let (body, rest) = run(Framing::Chunked(Chunk::Size), &input, step)
+                    .map_err(TestCaseError::fail)?;
+                prop_assert_eq!(body, want);
+                prop_assert!(b"NEXT".starts_with(&rest), "what follows stays: {:?}", rest);
+            }
+
+            /// Whatever the bytes and however they arrive: no panic, and the buffer never holds
+            /// more than one line's limit plus one read while the framing waits for more.
+            #[test]
+            fn any_bytes_never_panic_and_the_buffer_stays_bounded(
+                input in proptest::collection::vec(
+                    prop_oneof![
+                        3 => proptest::sample::select(&b"0123456789abcdef\r\n;: =\"x"[..]),
+                        1 => any::<u8>(),
+                    ],
+                    0..3000,
+                ),
+                step in 1usize..700,
+                length in proptest::option::of(0u64..5000),
+            ) {
+                let mut framing = match length {
+                    Some(n) => Framing::Length(n),
+                    None => Framing::Chunked(Chunk::Size),
+                };
+                let mut buf = BytesMut::new();
+                let mut fed = 0;
+                loop {
+                    match framing.step(&mut buf) {
+                        Err(_) | Ok(Step::End) => break,
+                        Ok(Step::Data(_)) => {}
+                        Ok(Step::NeedMore) => {
+                            prop_assert!(buf.len() <= MAX_LINE + step, "{} buffered", buf.len());
+                            if fed >= input.len() {
+                                let _ = framing.at_eof();
+                                break;
+                            }
+                            let end = (fed + step).min(input.len());
+                            buf.extend_from_slice(&input[fed..end]);
+                            fed = end;
+                        }
+                    }
+                }
+            }
+
+            /// Every size line we accept, httparse's chunk-size parser (the reference many
+            /// servers use, and more lenient) reads the same way: we are never the lenient one.
+            #[test]
+            fn size_lines_we_accept_httparse_reads_alike(line in size_line_bytes()) {
+                if let Ok(n) = parse_size(&line) {
+                    let mut framed = line.clone();
+                    framed.extend_from_slice(b"\r\n");
+                    let theirs = httparse::parse_chunk_size(&framed);
+                    prop_assert_eq!(theirs, Ok(httparse::Status::Complete((framed.len(), n))));
+                }
+            }
+        }
+    }
 }
