@@ -119,11 +119,10 @@ async fn a_huge_client_request_id_is_replaced_and_never_opens_a_breaker() {
 async fn te_with_content_length_closes_after_the_answer_so_nothing_smuggled_is_answered() {
     let fleet = fleet(config(1, 1, 0.0)).await;
     let body = completion_bytes(false);
-    let mut input = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
-    )
-    .into_bytes();
+    let mut input =
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                      content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
     input.extend_from_slice(&one_chunk(format!("{:x}", body.len()).as_bytes(), &body));
     // What a front end honouring content-length would see as the next request.
     input.extend_from_slice(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n");
