@@ -512,6 +512,8 @@ async fn a_client_that_stops_reading_loses_its_connection_and_frees_the_leg() {
     let fake = fake_engine(Mode::Flood).await;
     let gateway = gateway_on(&fake, |cfg| {
         cfg.server.limits.write_timeout_ms = 300;
+        // One failure would open it: a slow client must count as none.
+        cfg.breaker.failure_threshold = 1;
     })
     .await;
     let url = gateway.url();
