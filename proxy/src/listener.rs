@@ -42,7 +42,9 @@ pub async fn serve(
     let limits = &state.cfg.server.limits;
     let deadlines = deadlines(limits);
     // Each connection holds one slot for its life; past the cap a connection gets 503.
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
     // Turning connections away costs a task each too, so those are capped as well.
     let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let handler = Arc::new(Gateway {
