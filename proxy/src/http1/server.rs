@@ -261,31 +261,24 @@ async fn read_head<S: AsyncRead + Unpin>(
             head_until = Some(Instant::now() + limits.head);
             continue;
         };
-        match read_by(io, buf, until).await {
-            Ok(()) => {}
-            Err(Failure::Refused(_)) => return Err(timeout("request head not received in time")),
-            Err(e) => return Err(e),
-        }
+        read_by(io, buf, until, "request head not received in time").await?;
     }
 }
 
-fn timeout(msg: &str) -> Failure {
-    Failure::Refused(Refusal::Timeout(msg.into()))
-}
-
-/// One read of at least a byte, by `until`: `Io` if the connection ended or failed,
-/// `Refused` (a placeholder for the caller's timeout) past the deadline. The deadline is
-/// checked after the read too: a read that is always ready (a client sending as fast as it
-/// can) would otherwise never let the timer fire.
+/// One read of at least a byte, by `until`: `Io` if the connection ended or failed, a 408
+/// refusal saying `late` past the deadline. The deadline is checked after the read too: a read
+/// that is always ready (a client sending as fast as it can) would otherwise never let the
+/// timer fire.
 async fn read_by<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
     until: Instant,
+    late: &str,
 ) -> Result<(), Failure> {
     match tokio::time::timeout_at(until, io.read_buf(buf)).await {
         Ok(Ok(0)) | Ok(Err(_)) => Err(Failure::Io),
         Ok(Ok(_)) if Instant::now() <= until => Ok(()),
-        Ok(Ok(_)) | Err(_) => Err(timeout("deadline passed")),
+        Ok(Ok(_)) | Err(_) => Err(Failure::Refused(Refusal::Timeout(late.into()))),
     }
 }
 
@@ -496,13 +489,7 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 buf.reserve(READ_CHUNK);
-                match read_by(io, buf, until).await {
-                    Ok(()) => {}
-                    Err(Failure::Refused(_)) => {
-                        return Err(timeout("request body not received in time"))
-                    }
-                    Err(e) => return Err(e),
-                }
+                read_by(io, buf, until, "request body not received in time").await?;
             }
         }
     }
