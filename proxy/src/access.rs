@@ -4,7 +4,7 @@
 
 use crate::config::ServerConfig;
 use crate::error::ApiError;
-use http::{header, HeaderMap, HeaderValue};
+use http::{header, HeaderMap};
 
 pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
@@ -59,19 +59,10 @@ fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
     })
 }
 
-/// The client's `x-request-id` (echoed back as it came), or a fresh UUID.
-pub fn request_id(headers: &HeaderMap) -> (String, HeaderValue) {
-    if let Some(v) = headers.get(&REQUEST_ID) {
-        return (v.to_str().unwrap_or_default().to_string(), v.clone());
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static(""));
-    (id, value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn cfg() -> ServerConfig {
         ServerConfig {
@@ -112,15 +103,5 @@ mod tests {
             Guard::ApiKey.check(&open, &HeaderMap::new()).is_ok(),
             "no key set"
         );
-    }
-
-    #[test]
-    fn request_ids_are_honoured_or_minted() {
-        let mut h = HeaderMap::new();
-        h.insert(&REQUEST_ID, HeaderValue::from_static("mine"));
-        assert_eq!(request_id(&h).0, "mine");
-        let (minted, echoed) = request_id(&HeaderMap::new());
-        assert_eq!(minted.len(), 36);
-        assert_eq!(echoed.to_str().expect("ascii"), minted);
     }
 }

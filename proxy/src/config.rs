@@ -35,6 +35,8 @@ pub struct ServerConfig {
     /// Most prompts one `/v1/completions` request may batch (`"prompt": [...]`); each becomes
     /// its own routed request, so this bounds one client request's fan-out.
     pub max_batch_prompts: usize,
+    /// Client connections: how many at once, and how long each part of a request may take.
+    pub limits: ConnLimits,
     /// Bearer token required on `/v1/*` when set.
     pub api_key: Option<String>,
     /// Bearer token required on `/admin/*` when set.
@@ -57,11 +59,44 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             max_in_flight: 4096,
             max_batch_prompts: 32,
+            limits: ConnLimits::default(),
             api_key: None,
             admin_token: None,
             fleet_secret_file: None,
             drain_secs: 30,
             segment_ttl_secs: 30,
+        }
+    }
+}
+
+/// `[server.limits]`: what one client connection may cost the gateway. Every wait on a client
+/// is bounded by one of these, so a client that sends or reads slowly (or not at all) holds a
+/// connection, and the request behind it, for a bounded time only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnLimits {
+    /// Client connections open at once; a connection past it is answered 503 and closed.
+    pub max_connections: usize,
+    /// A request head must arrive whole within this many milliseconds of its first byte.
+    pub head_timeout_ms: u64,
+    /// A request body must arrive whole within this many milliseconds of the end of its head
+    /// (the largest body, `max_body_bytes`, then needs about 70 KB/s at the defaults).
+    pub body_timeout_ms: u64,
+    /// A kept-alive connection with no request under way for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Each write toward the client must be taken by it within this; a client that stops
+    /// reading loses the connection, and its request is dropped (legs aborted, KV freed).
+    pub write_timeout_ms: u64,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            head_timeout_ms: 30_000,
+            body_timeout_ms: 60_000,
+            idle_timeout_ms: 75_000,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -137,6 +172,11 @@ pub struct UpstreamConfig {
     pub prefill_timeout_secs: u64,
     /// Deadline for the decode leg's response head.
     pub decode_head_timeout_secs: u64,
+    /// A decode stream that sends nothing for this long (while the gateway waits on it) is cut:
+    /// the client gets the stream's error event, the decode's breaker a failure, and the leg is
+    /// dropped (the engine aborts it and frees its KV). As long as the prefill deadline by
+    /// default, since a concurrent protocol's decode may wait that long for its KV.
+    pub decode_stall_timeout_ms: u64,
     /// Prefill instances tried per request before giving up (retries happen before any byte
     /// reached the client).
     pub prefill_attempts: u32,
@@ -154,6 +194,7 @@ impl Default for UpstreamConfig {
             control_timeout_ms: 5000,
             prefill_timeout_secs: 120,
             decode_head_timeout_secs: 60,
+            decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
             fallback_to_decode: false,
         }

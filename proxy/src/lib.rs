@@ -22,6 +22,7 @@ pub mod openai;
 pub mod pipeline;
 pub mod protocol;
 pub mod relay;
+pub mod request_id;
 pub mod segments;
 pub mod server;
 pub mod sse;

@@ -8,21 +8,24 @@
 //! hyper's connection machinery were a fifth of the gateway's CPU per request, on the one path
 //! whose cost multiplies by the request rate.
 
-use crate::access::{self, Guard, REQUEST_ID};
+use crate::access::{Guard, REQUEST_ID};
+use crate::config::ConnLimits;
 use crate::error::ApiError;
 use crate::http1::server::{self as conn, Head, Refusal};
-use crate::inference;
 use crate::state::AppState;
+use crate::{inference, metrics, request_id};
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use bytes::BytesMut;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Method, Request};
 use pdgate_wire::openai::ApiKind;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -36,6 +39,14 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = &state.cfg.server.limits;
+    let deadlines = deadlines(limits);
+    // Each connection holds one slot for its life; past the cap a connection gets 503.
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    // Turning connections away costs a task each too, so those are capped as well.
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let handler = Arc::new(Gateway {
         routes: Arc::new(Routes { state, app }),
     });
@@ -57,14 +68,58 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            turn_away(tcp, &refusals, deadlines.write, &mut conns);
+            continue;
+        };
         // Streamed tokens are small writes: they must not wait on Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
         let (handler, stop) = (Arc::clone(&handler), stop.clone());
-        conns.spawn(async move { conn::serve(tcp, &*handler, &stop).await });
+        conns.spawn(async move {
+            conn::serve(tcp, &*handler, &deadlines, &stop).await;
+            drop(slot);
+        });
     }
     drop(listener);
     stop.cancel();
     while conns.join_next().await.is_some() {}
+}
+
+/// Connections being turned away at once; past this, one over the cap is closed unanswered.
+const MAX_REFUSING: usize = 256;
+
+fn deadlines(limits: &ConnLimits) -> conn::Deadlines {
+    let ms = Duration::from_millis;
+    conn::Deadlines {
+        head: ms(limits.head_timeout_ms),
+        body: ms(limits.body_timeout_ms),
+        idle: ms(limits.idle_timeout_ms),
+        write: ms(limits.write_timeout_ms),
+    }
+}
+
+/// A connection past `server.limits.max_connections`: answered 503 and closed, by a task of its
+/// own (bounded in number) so the accept loop never waits on a client.
+fn turn_away(
+    mut tcp: TcpStream,
+    refusals: &Arc<Semaphore>,
+    write: Duration,
+    conns: &mut JoinSet<()>,
+) {
+    metrics::rejected("connections_full");
+    let Ok(refusing) = Arc::clone(refusals).try_acquire_owned() else {
+        return; // dropped: closed without an answer
+    };
+    conns.spawn(async move {
+        let resp = ApiError::unavailable(
+            "too_many_connections",
+            "the gateway has as many client connections as it takes; retry shortly",
+        )
+        .into_response();
+        let mut buf = BytesMut::new();
+        conn::answer_and_close(&mut tcp, &mut buf, resp, write).await;
+        drop(refusing);
+    });
 }
 
 /// What every connection's requests are handed to.
@@ -95,6 +150,14 @@ impl conn::Handler for Gateway {
                 ..ApiError::invalid("headers", "request head too large")
             },
             Refusal::Malformed(msg) => ApiError::invalid("request", msg),
+            Refusal::Timeout(msg) => ApiError {
+                status: http::StatusCode::REQUEST_TIMEOUT,
+                ..ApiError::invalid("request", msg)
+            },
+            Refusal::NotImplemented(msg) => ApiError {
+                status: http::StatusCode::NOT_IMPLEMENTED,
+                ..ApiError::invalid("transfer-encoding", msg)
+            },
         };
         err.into_response()
     }
@@ -124,7 +187,7 @@ fn post_only() -> Response {
 /// Every request, whatever its route: its id (honoured or minted, echoed back) and the
 /// credential its route asks for, then the pipeline (the two inference POSTs) or the router.
 async fn answer(routes: Arc<Routes>, head: Head, body: Bytes) -> Response {
-    let (request_id, echoed) = access::request_id(&head.headers);
+    let (request_id, echoed) = request_id::of(&head.headers);
     // Every line of the request carries its id, the body's relay included.
     let span = tracing::info_span!("request", request_id = %request_id);
     let resp = dispatch(routes, head, body, request_id)

@@ -14,7 +14,7 @@ use crate::error::ApiError;
 use crate::metrics;
 use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
-use crate::relay::Relay;
+use crate::relay::{Held, Relay};
 use crate::state::AppState;
 use crate::workers::Worker;
 use axum::body::Body;
@@ -23,7 +23,7 @@ use axum::response::Response;
 use futures::StreamExt;
 use pdgate_scheduler::{InstanceId, Rejection, RequestKey, Role};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 
 /// One in-flight slot, or 503 at once: the gateway never queues requests itself.
@@ -128,7 +128,12 @@ pub async fn route(
                     request_id,
                     permit,
                 };
-                return Ok(respond(req, start, served));
+                return Ok(respond(
+                    req,
+                    start,
+                    served,
+                    state.cfg.upstream.decode_stall_timeout_ms,
+                ));
             }
             Err(LegError {
                 role: Role::Prefill,
@@ -254,7 +259,8 @@ async fn fallback(
         request_id: f.request_id,
         permit,
     };
-    let mut resp = respond(f.req, start, served);
+    let stall_ms = state.cfg.upstream.decode_stall_timeout_ms;
+    let mut resp = respond(f.req, start, served, stall_ms);
     resp.headers_mut()
         .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
     Ok(resp)
@@ -329,7 +335,7 @@ struct Served<'a> {
 }
 
 /// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.
-fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>) -> Response {
+fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>, stall_ms: u64) -> Response {
     let DecodeBody {
         content_type,
         body: upstream,
@@ -344,29 +350,22 @@ fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>) -> Respo
         request_id,
         permit,
     } = served;
-    let relay = Relay::new(
-        upstream,
+    let held = Held {
         booking,
         verdict,
-        sse,
         started,
-        request_id.to_string(),
-    );
-    // The permit lives as long as the body, so a long stream counts as in flight. The abort
-    // guard too: dropped before the relay ended (client gone), it aborts the engines' legs;
-    // a relay that reached its end disarms it.
-    let mut abort_on_drop = abort_on_drop;
-    let body = relay
-        .map(move |item| {
-            let _keep = &permit;
-            item
-        })
-        .chain(futures::stream::poll_fn(move |_| {
-            if let Some(g) = abort_on_drop.as_mut() {
-                g.disarm();
-            }
-            std::task::Poll::Ready(None)
-        }));
+        request_id: request_id.to_string(),
+        stall_limit: Duration::from_millis(stall_ms),
+        // Dropped before the upstream ended (client gone, upstream stalled), it aborts the
+        // engines' legs.
+        abort_on_drop,
+    };
+    let relay = Relay::new(upstream, sse, held);
+    // The permit lives as long as the body, so a long stream counts as in flight.
+    let body = relay.map(move |item| {
+        let _keep = &permit;
+        item
+    });
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut()

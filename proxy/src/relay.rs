@@ -4,19 +4,22 @@
 //! decode and frees its KV. An upstream failure after bytes went out becomes one SSE error event.
 //!
 //! The relay also judges the decode worker: a body that ended properly (an SSE stream with its
-//! closing `data: [DONE]`, any other body at its end) is its success; a body error or an SSE
-//! stream that stopped without `[DONE]` is its failure; a relay dropped before the end (client
-//! gone) says nothing about it.
+//! closing `data: [DONE]`, any other body at its end) is its success; a body error, a stall or
+//! an SSE stream that stopped without `[DONE]` is its failure; a relay dropped before the end
+//! (client gone, or too slow to read) says nothing about it.
 
 use crate::booking::{Booking, Verdict};
 use crate::breaker::Outcome;
 use crate::error::ApiError;
+use crate::protocol::abort::AbortGuard;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use pdgate_scheduler::Role;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::time::Sleep;
 
 /// A decode leg's body as it arrives.
 pub type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, crate::http1::Error>> + Send>>;
@@ -52,26 +55,90 @@ pub struct Relay {
     started: Instant,
     first_seen: bool,
     request_id: String,
+    stall: Stall,
+    abort_on_drop: Option<AbortGuard>,
+}
+
+/// The stall deadline: how long the upstream may keep the relay waiting with nothing to send.
+/// Only time spent waiting on the upstream counts (a client slow to read is the write
+/// deadline's business), and the timer is re-armed lazily, once per deadline at most, not per
+/// chunk: a streamed answer is many small chunks.
+struct Stall {
+    limit: Duration,
+    /// When the current wait on the upstream began; `None` while data flows.
+    waiting_since: Option<tokio::time::Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            waiting_since: None,
+            timer: None,
+        }
+    }
+
+    fn data_came(&mut self) {
+        self.waiting_since = None;
+    }
+
+    /// The upstream had nothing: `true` once it has had nothing for the whole limit.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let due = *self
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            + self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            // Fired: at this wait's deadline, or at one left from an earlier wait (re-armed).
+            if timer.deadline() >= due {
+                return true;
+            }
+            timer.as_mut().reset(due);
+        }
+    }
+}
+
+/// What a relay holds for its request besides the body.
+pub struct Held {
+    pub booking: Booking,
+    /// The decode worker's breaker verdict, given at the end of the body.
+    pub verdict: Verdict,
+    pub started: Instant,
+    pub request_id: String,
+    /// See [`Stall`].
+    pub stall_limit: Duration,
+    /// Aborts the engines' legs if the relay is dropped before the upstream ended (client
+    /// gone, or the upstream stalled).
+    pub abort_on_drop: Option<AbortGuard>,
 }
 
 impl Relay {
-    pub fn new(
-        upstream: Upstream,
-        booking: Booking,
-        verdict: Verdict,
-        sse: bool,
-        started: Instant,
-        request_id: String,
-    ) -> Self {
+    pub fn new(upstream: Upstream, sse: bool, held: Held) -> Self {
         Self {
             upstream,
-            booking: Some(booking),
-            verdict: Some(verdict),
+            booking: Some(held.booking),
+            verdict: Some(held.verdict),
             sse,
             tail: Tail::default(),
-            started,
+            started: held.started,
             first_seen: false,
-            request_id,
+            request_id: held.request_id,
+            stall: Stall::new(held.stall_limit),
+            abort_on_drop: held.abort_on_drop,
+        }
+    }
+
+    /// The upstream ended (properly or not): nothing is left on the engines to abort.
+    fn upstream_ended(&mut self) {
+        if let Some(g) = self.abort_on_drop.as_mut() {
+            g.disarm();
         }
     }
 
@@ -124,6 +191,7 @@ impl Stream for Relay {
         }
         match self.upstream.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
+                self.stall.data_came();
                 if !self.first_seen {
                     self.first_seen = true;
                     let ttft = self.started.elapsed();
@@ -138,16 +206,24 @@ impl Stream for Relay {
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {
+                self.upstream_ended();
                 let event = self.interrupted(format!("decode engine stream ended early: {e}"));
                 Poll::Ready(Some(Ok(event)))
             }
             Poll::Ready(None) if self.ended_properly() => {
+                self.upstream_ended();
                 self.finish(Outcome::Success);
                 Poll::Ready(None)
             }
             Poll::Ready(None) => {
+                self.upstream_ended();
                 let event =
                     self.interrupted("decode engine stream ended without `data: [DONE]`".into());
+                Poll::Ready(Some(Ok(event)))
+            }
+            Poll::Pending if self.stall.poll_stalled(cx) => {
+                let limit = self.stall.limit;
+                let event = self.interrupted(format!("decode engine sent nothing for {limit:?}"));
                 Poll::Ready(Some(Ok(event)))
             }
             Poll::Pending => Poll::Pending,
@@ -170,5 +246,42 @@ mod tests {
         assert!(done(&[&"x".repeat(100), "data: [DONE]\n\n"]));
         assert!(!done(&["data: [DONE]\n\n", "data: {\"late\": true}\n\n"]));
         assert!(!done(&["data: {\"x\": 1}\n\n"]));
+    }
+
+    /// Whether the stall deadline has passed, polled once.
+    async fn stalled_now(stall: &mut Stall) -> bool {
+        futures::future::poll_fn(|cx| Poll::Ready(stall.poll_stalled(cx))).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_counts_from_the_start_of_the_current_wait_only() {
+        let mut stall = Stall::new(Duration::from_secs(2));
+        assert!(!stalled_now(&mut stall).await, "a wait begins");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!stalled_now(&mut stall).await);
+        stall.data_came();
+        assert!(
+            !stalled_now(&mut stall).await,
+            "a new wait begins, 1.5 s in"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !stalled_now(&mut stall).await,
+            "the first wait's deadline passed, not this one's"
+        );
+        let waiting = tokio::time::Instant::now();
+        futures::future::poll_fn(|cx| {
+            if stall.poll_stalled(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let waited = waiting.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_millis(1010),
+            "3.5 s in, 2 s after the data: {waited:?}"
+        );
     }
 }

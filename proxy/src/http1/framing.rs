@@ -1,4 +1,5 @@
-//! HTTP/1.1 response body framing (RFC 9112 §6): a fixed length, chunked, or until the connection
+//! HTTP/1.1 body framing (RFC 9112 §6, §7), for request bodies (the server) and response bodies
+//! (the engine client) alike: a fixed length, chunked, or until the connection
 //! closes. Pure: it cuts body pieces out of a read buffer and never touches a socket, so every
 //! edge of the chunked grammar is tested on bytes alone.
 
@@ -119,6 +120,7 @@ fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, String> {
                 if line.is_empty() {
                     return Ok(Step::End);
                 }
+                check_trailer(&line)?;
                 if seen + 1 >= MAX_TRAILERS {
                     return Err("too many trailer lines".into());
                 }
@@ -131,6 +133,7 @@ fn chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, String> {
 /// A CRLF-terminated line without its CRLF, or `None` if the buffer holds no whole line yet.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
     match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(i) if i > MAX_LINE => Err("chunk line too long".into()),
         Some(i) => {
             let line = buf.split_to(i);
             buf.advance(2);
@@ -141,15 +144,79 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, String> {
     }
 }
 
+/// Most hex digits a chunk size may have: 15 keep every size below 2^60, far past any body
+/// limit, and rule out overflow.
+const MAX_SIZE_DIGITS: usize = 15;
+
+/// `chunk-size [ chunk-ext ]` (RFC 9112 §7.1): the size is bare hex digits, nothing before them
+/// and nothing after them but extensions. What lenient parsers take (`+54`, ` 54`, `54 `, a
+/// non-ASCII space, a bare LF) is refused: two parsers that disagree on where a chunk ends are
+/// how a request is smuggled past one of them.
 fn parse_size(line: &[u8]) -> Result<u64, String> {
-    let hex = line.split(|b| *b == b';').next().unwrap_or_default();
-    let hex = std::str::from_utf8(hex)
-        .map_err(|_| "chunk size is not text".to_string())?
-        .trim();
-    if hex.is_empty() || hex.len() > 15 {
-        return Err(format!("bad chunk size `{hex}`"));
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let bad = || format!("bad chunk size `{}`", line.escape_ascii());
+    if digits == 0 || digits > MAX_SIZE_DIGITS {
+        return Err(bad());
     }
-    u64::from_str_radix(hex, 16).map_err(|_| format!("bad chunk size `{hex}`"))
+    check_extensions(&line[digits..]).map_err(|_| bad())?;
+    line[..digits]
+        .iter()
+        .try_fold(0u64, |n, b| Some(n * 16 + u64::from(hex_value(*b)?)))
+        .ok_or_else(bad)
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok())
+}
+
+/// `*( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )`, values ignored. Whitespace is allowed
+/// only before a `;` or inside an extension; control bytes (a bare CR or LF above all) nowhere.
+fn check_extensions(rest: &[u8]) -> Result<(), ()> {
+    let after_ws = rest.trim_ascii_start();
+    if after_ws.is_empty() {
+        // Nothing, or whitespace with no extension after it (`54 `): not the grammar.
+        return if rest.is_empty() { Ok(()) } else { Err(()) };
+    }
+    if after_ws.first() != Some(&b';') {
+        return Err(());
+    }
+    let text_only = after_ws
+        .iter()
+        .all(|&b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80);
+    // `trim_ascii_start` also takes CR, LF and form feed: only spaces and tabs are whitespace here.
+    let ws_ok = rest[..rest.len() - after_ws.len()]
+        .iter()
+        .all(|&b| b == b' ' || b == b'\t');
+    if text_only && ws_ok {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// A trailer line is a header field (`name: value`, RFC 9112 §7.1.2): a token name, no
+/// whitespace before the colon, no control bytes but tab in the value. Trailers are read and
+/// dropped, but one that is not a field line is a peer that frames differently from us.
+fn check_trailer(line: &[u8]) -> Result<(), String> {
+    let colon = line.iter().position(|&b| b == b':');
+    let ok = colon.is_some_and(|c| {
+        let (name, value) = (&line[..c], &line[c + 1..]);
+        !name.is_empty()
+            && name.iter().all(|&b| is_token(b))
+            && value
+                .iter()
+                .all(|&b| b == b'\t' || (0x20..=0x7e).contains(&b) || b >= 0x80)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("bad trailer line `{}`", line.escape_ascii()))
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -220,5 +287,192 @@ mod tests {
         assert!(e.contains("too long"), "{e}");
         let e = run(Framing::Chunked(Chunk::Size), b"fffffffffffffffff\r\n", 64).expect_err("big");
         assert!(e.contains("bad chunk size"), "{e}");
+    }
+
+    /// Sizes are bare hex digits: every lenient spelling a smuggler could use is refused, and
+    /// the grammar's own forms (any case, leading zeros, extensions with whitespace) still pass.
+    #[test]
+    fn chunk_sizes_are_bare_hex_digits() {
+        let refused: [&[u8]; 12] = [
+            b"+5",
+            b" 5",
+            b"5 ",
+            b"5\t",
+            b"5\xc2\xa0",
+            b"5\n",
+            b"\n5",
+            b"-5",
+            b"0x5",
+            b"",
+            b"5;a\nb",
+            b"5;a\rb",
+        ];
+        for size in refused {
+            let mut input = size.to_vec();
+            input.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+            let e = run(Framing::Chunked(Chunk::Size), &input, input.len())
+                .expect_err(&format!("{:?} refused", size.escape_ascii().to_string()));
+            assert!(e.contains("bad chunk size"), "{e}");
+        }
+        let accepted: [&[u8]; 6] = [
+            b"5",
+            b"05",
+            b"000000000000005",
+            b"5;ext",
+            b"5 ; name = \"v;x\"",
+            b"5\t;a=b;c",
+        ];
+        for size in accepted {
+            let mut input = size.to_vec();
+            input.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+            let (body, _) = run(Framing::Chunked(Chunk::Size), &input, 3)
+                .unwrap_or_else(|e| panic!("{:?}: {e}", size.escape_ascii().to_string()));
+            assert_eq!(body, b"hello");
+        }
+        let (body, _) = run(
+            Framing::Chunked(Chunk::Size),
+            b"A\r\n0123456789\r\n0\r\n\r\n",
+            5,
+        )
+        .expect("upper-case hex");
+        assert_eq!(body.len(), 10);
+    }
+
+    #[test]
+    fn trailers_must_be_field_lines() {
+        let ok = b"0\r\nx-sum: 1\r\nx-empty:\r\n\r\n";
+        assert!(run(Framing::Chunked(Chunk::Size), ok, 4).is_ok());
+        let bad: [&[u8]; 4] = [
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\nx y: 1\r\n\r\n",
+            b"0\r\n: 1\r\n\r\n",
+            b"0\r\nx: a\nb\r\n\r\n",
+        ];
+        for input in bad {
+            let e = run(Framing::Chunked(Chunk::Size), input, input.len()).expect_err("refused");
+            assert!(e.contains("trailer"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_line_past_the_limit_is_refused_even_when_whole() {
+        let mut input = b"5;".to_vec();
+        input.extend(std::iter::repeat_n(b'a', MAX_LINE));
+        input.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        let e = run(Framing::Chunked(Chunk::Size), &input, input.len()).expect_err("long");
+        assert!(e.contains("too long"), "{e}");
+    }
+
+    /// Generated inputs (`PROPTEST_CASES` sets how many; 256 by default).
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A chunk as the grammar allows it to be spelt: any case, leading zeros, extensions
+        /// with whitespace before their `;`.
+        fn spelt_chunk() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+            (
+                proptest::collection::vec(any::<u8>(), 1..300),
+                any::<bool>(),
+                0usize..3,
+                proptest::sample::select(&["", ";a", ";a=b", " ;x=\"y z\"", "\t;k;l=m"][..]),
+            )
+                .prop_map(|(data, upper, zeros, ext)| {
+                    let hex = if upper {
+                        format!("{:X}", data.len())
+                    } else {
+                        format!("{:x}", data.len())
+                    };
+                    let line = format!("{}{hex}{ext}\r\n", "0".repeat(zeros));
+                    (data, line.into_bytes())
+                })
+        }
+
+        /// Bytes a smuggler would try in a chunk-size line.
+        fn size_line_bytes() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::sample::select(&b"0123456789abcdefABCDEF"[..]),
+                    1 => proptest::sample::select(&b"; =\t\"+-xX\r\n\x0b\x0c\xa0\xc2g"[..]),
+                    1 => any::<u8>(),
+                ],
+                0..24,
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_bodies_round_trip_whatever_their_spelling_and_feeding(
+                chunks in proptest::collection::vec(spelt_chunk(), 0..6),
+                trailers in proptest::sample::select(&["", "a: b\r\n", "x:\r\ny: 1\r\n"][..]),
+                step in 1usize..64,
+            ) {
+                let mut input = Vec::new();
+                let mut want = Vec::new();
+                for (data, line) in &chunks {
+                    input.extend_from_slice(line);
+                    input.extend_from_slice(data);
+                    input.extend_from_slice(b"\r\n");
+                    want.extend_from_slice(data);
+                }
+                input.extend_from_slice(b"0\r\n");
+                input.extend_from_slice(trailers.as_bytes());
+                input.extend_from_slice(b"\r\nNEXT");
+                let (body, rest) = run(Framing::Chunked(Chunk::Size), &input, step)
+                    .map_err(TestCaseError::fail)?;
+                prop_assert_eq!(body, want);
+                prop_assert!(b"NEXT".starts_with(&rest), "what follows stays: {:?}", rest);
+            }
+
+            /// Whatever the bytes and however they arrive: no panic, and the buffer never holds
+            /// more than one line's limit plus one read while the framing waits for more.
+            #[test]
+            fn any_bytes_never_panic_and_the_buffer_stays_bounded(
+                input in proptest::collection::vec(
+                    prop_oneof![
+                        3 => proptest::sample::select(&b"0123456789abcdef\r\n;: =\"x"[..]),
+                        1 => any::<u8>(),
+                    ],
+                    0..3000,
+                ),
+                step in 1usize..700,
+                length in proptest::option::of(0u64..5000),
+            ) {
+                let mut framing = match length {
+                    Some(n) => Framing::Length(n),
+                    None => Framing::Chunked(Chunk::Size),
+                };
+                let mut buf = BytesMut::new();
+                let mut fed = 0;
+                loop {
+                    match framing.step(&mut buf) {
+                        Err(_) | Ok(Step::End) => break,
+                        Ok(Step::Data(_)) => {}
+                        Ok(Step::NeedMore) => {
+                            prop_assert!(buf.len() <= MAX_LINE + step, "{} buffered", buf.len());
+                            if fed >= input.len() {
+                                let _ = framing.at_eof();
+                                break;
+                            }
+                            let end = (fed + step).min(input.len());
+                            buf.extend_from_slice(&input[fed..end]);
+                            fed = end;
+                        }
+                    }
+                }
+            }
+
+            /// Every size line we accept, httparse's chunk-size parser (the reference many
+            /// servers use, and more lenient) reads the same way: we are never the lenient one.
+            #[test]
+            fn size_lines_we_accept_httparse_reads_alike(line in size_line_bytes()) {
+                if let Ok(n) = parse_size(&line) {
+                    let mut framed = line.clone();
+                    framed.extend_from_slice(b"\r\n");
+                    let theirs = httparse::parse_chunk_size(&framed);
+                    prop_assert_eq!(theirs, Ok(httparse::Status::Complete((framed.len(), n))));
+                }
+            }
+        }
     }
 }
