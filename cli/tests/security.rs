@@ -260,6 +260,17 @@ async fn oversized_names_and_bodies_are_refused() {
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "body_too_large");
+    let huge = format!("{{\"pad\": \"{}\"}}", "p".repeat(3 << 20));
+    let resp = c
+        .post(format!("{url}{REG}"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 413, "past axum's own 2 MB default too");
+    let body: Value = resp.json().await.expect("an OpenAI error object");
+    assert_eq!(body["error"]["code"], "body_too_large");
     assert_eq!(
         status(c.get(format!("{url}{REG}/{long}"))).await,
         400,

@@ -11,7 +11,7 @@
 use crate::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -30,6 +30,9 @@ pub fn router() -> Router<Arc<MemoryRegistry>> {
             &format!("{REGISTRY_PATH}/{{name}}"),
             get(lookup).delete(remove),
         )
+        // The listener already read the body within `max_body_bytes`; `publish` answers an
+        // oversized one itself, as an OpenAI error object, instead of axum's plain-text 413.
+        .layer(DefaultBodyLimit::disable())
 }
 
 /// Purges stale entries every half TTL (at least every 250 ms), so an entry is gone, and its
