@@ -105,10 +105,12 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         ..EngineOptions::default()
     })
     .await?;
+    // The registry takes only the fleet's calls: a secret that cannot be read is a startup error.
+    let secret = pdgate_wire::fleet::FleetSecret::load(cfg.fleet_secret_file.as_deref())?;
     let registry: Option<Arc<dyn MetadataStore>> = cfg
         .registry_url
         .as_deref()
-        .map(|u| Arc::new(HttpRegistry::new(u)) as Arc<dyn MetadataStore>);
+        .map(|u| Arc::new(HttpRegistry::new(u, secret.as_ref())) as Arc<dyn MetadataStore>);
     // Decode engines receive KV; prefill engines of pull-mode protocols hold it until pulled.
     let holds_kv = cfg.role == Role::Decode || protocol::prefill_holds_kv(cfg.protocol);
     let pool = match holds_kv {

@@ -44,6 +44,16 @@ pub struct ServerConfig {
     /// File holding the fleet secret (else `PDGATE_FLEET_SECRET`), shared with the engines: the
     /// segment registry takes writes only from holders of it. Never a command-line value.
     pub fleet_secret_file: Option<PathBuf>,
+    /// More API keys accepted on `/v1/*`, beside `api_key`; each key gets its own `rate_limit`.
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments skipped), read at start:
+    /// keeps keys out of the config file and the environment.
+    pub api_keys_file: Option<PathBuf>,
+    /// Limits on `/v1/*` per API key (one shared budget when no key is configured).
+    pub rate_limit: RateLimitConfig,
+    /// Most segments the registry holds at once (two per engine at most with the reference
+    /// engine); a publish beyond it is refused with 503.
+    pub segment_capacity: usize,
     /// Seconds to let in-flight requests finish after SIGTERM.
     pub drain_secs: u64,
     /// Segment-registry entries not re-published (engines heartbeat every 10 s by default)
@@ -63,6 +73,10 @@ impl Default for ServerConfig {
             api_key: None,
             admin_token: None,
             fleet_secret_file: None,
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            rate_limit: RateLimitConfig::default(),
+            segment_capacity: 4096,
             drain_secs: 30,
             segment_ttl_secs: 30,
         }
@@ -99,6 +113,21 @@ impl Default for ConnLimits {
             write_timeout_ms: 30_000,
         }
     }
+}
+
+/// `[server.rate_limit]`: what one API key may ask of the gateway. Each key has its own token
+/// bucket and concurrency budget; a request beyond either is answered 429 with `Retry-After` at
+/// once, never queued. Zero turns a limit off (the default: no limits).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per key (the bucket's refill rate).
+    pub requests_per_second: f64,
+    /// Requests a key may send at once after a quiet spell (the bucket's size); 0 means one
+    /// second's worth, at least 1.
+    pub burst: u32,
+    /// Requests of one key in flight at once, a streamed answer counting until its last byte.
+    pub max_concurrent: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -81,6 +81,27 @@ impl ApiError {
         }
     }
 
+    /// 403: no credential would be accepted here (e.g. registry writes with no fleet secret).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("forbidden"),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
+    /// 409: the resource belongs to someone else; it may free up in `retry_after_secs`.
+    pub fn conflict(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after_secs: Option<u64>,
+    ) -> Self {
+        Self {
+            code: Some(code),
+            retry_after_secs,
+            ..Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+        }
+    }
+
     /// 503: nothing can serve the request right now (no healthy pair, gateway full).
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -1,9 +1,13 @@
-//! Starting and stopping a gateway: bind, build state, start health checks, serve with graceful
-//! drain. Used by `pdgate serve`, `pdgate up` and the tests alike.
+//! Starting and stopping a gateway: load the fleet secret, bind, check the credentials against
+//! the bound address, build state, start health checks and the registry's purge, serve with
+//! graceful drain. Used by `pdgate serve`, `pdgate up` and the tests alike.
 
+use crate::access::Access;
 use crate::config::{Config, WorkerConfig};
 use crate::state::AppState;
-use crate::{health, listener, server};
+use crate::{health, listener, segments, server};
+use anyhow::Context;
+use pdgate_wire::fleet::FleetSecret;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,14 +21,34 @@ pub struct Gateway {
     task: JoinHandle<()>,
     health: JoinHandle<()>,
     scraper: Option<JoinHandle<()>>,
+    purge: JoinHandle<()>,
 }
 
 impl Gateway {
+    /// Starts a gateway with the fleet secret of `server.fleet_secret_file`, else of
+    /// `PDGATE_FLEET_SECRET`, else none; a secret that cannot be read is an error.
     pub async fn start(cfg: Config) -> anyhow::Result<Self> {
+        let secret = FleetSecret::load(cfg.server.fleet_secret_file.as_deref())
+            .context("loading the fleet secret")?;
+        Self::start_with_secret(cfg, secret).await
+    }
+
+    /// Starts a gateway holding `secret` (e.g. one `pdgate up` generated for its own fleet).
+    /// Refuses to start when its credentials do not fit the address it binds (`Access::new`).
+    pub async fn start_with_secret(
+        cfg: Config,
+        secret: Option<FleetSecret>,
+    ) -> anyhow::Result<Self> {
         let listener =
             tokio::net::TcpListener::bind((cfg.server.host.as_str(), cfg.server.port)).await?;
         let addr = listener.local_addr()?;
-        let state = AppState::new(cfg)?;
+        // Checked against the address really bound: `localhost` or a name may be either.
+        let access = Access::new(&cfg.server, secret.as_ref(), addr.ip())?;
+        let state = AppState::new(cfg, access)?;
+        let purge = segments::spawn_purge(
+            &state.segments,
+            Duration::from_secs(state.cfg.server.segment_ttl_secs.max(1)),
+        );
         let health = health::spawn(
             Arc::clone(&state.fleet),
             state.client.clone(),
@@ -48,6 +72,7 @@ impl Gateway {
             task,
             health,
             scraper,
+            purge,
         })
     }
 
@@ -77,6 +102,7 @@ impl Gateway {
             self.task.abort();
         }
         self.health.abort();
+        self.purge.abort();
         if let Some(s) = &self.scraper {
             s.abort();
         }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod protocol;
+pub mod ratelimit;
 pub mod relay;
 pub mod request_id;
 pub mod segments;

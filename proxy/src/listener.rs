@@ -8,7 +8,7 @@
 //! hyper's connection machinery were a fifth of the gateway's CPU per request, on the one path
 //! whose cost multiplies by the request rate.
 
-use crate::access::{Guard, REQUEST_ID};
+use crate::access::REQUEST_ID;
 use crate::config::ConnLimits;
 use crate::error::ApiError;
 use crate::http1::server::{self as conn, Head, Refusal};
@@ -199,10 +199,15 @@ async fn answer(routes: Arc<Routes>, head: Head, body: Bytes) -> Response {
 }
 
 async fn dispatch(routes: Arc<Routes>, head: Head, body: Bytes, request_id: String) -> Response {
-    if let Err(e) = Guard::of(head.uri.path()).check(&routes.state.cfg.server, &head.headers) {
-        return e.into_response();
-    }
-    match inference_route(&head) {
+    let pass = match routes
+        .state
+        .access
+        .admit(&head.method, head.uri.path(), &head.headers)
+    {
+        Ok(pass) => pass,
+        Err(e) => return e.into_response(),
+    };
+    let resp = match inference_route(&head) {
         Some(kind) if head.method == Method::POST => {
             inference::serve(Arc::clone(&routes.state), kind, request_id, body).await
         }
@@ -218,7 +223,9 @@ async fn dispatch(routes: Arc<Routes>, head: Head, body: Bytes, request_id: Stri
                 Err(never) => match never {},
             }
         }
-    }
+    };
+    // An API key's concurrency slot is held until the answer's last byte.
+    pass.keep_until_body_ends(resp)
 }
 
 /// A response body polled inside its request's span.

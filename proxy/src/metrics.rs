@@ -125,6 +125,16 @@ pub fn rejected(reason: &'static str) {
     counter!("pdgate_rejections_total", "reason" => reason).increment(1);
 }
 
+/// An API key's request turned away by its limits (`reason`: rate, concurrency).
+pub fn rate_limited(reason: &'static str) {
+    counter!("pdgate_rate_limited_total", "reason" => reason).increment(1);
+}
+
+/// Segment-registry entries held (stale ones not yet purged included).
+pub fn registry_entries(held: usize) {
+    gauge!("pdgate_registry_segments").set(held as f64);
+}
+
 pub fn record_health(s: &Scheduler) {
     let (p, d) = s.healthy_counts();
     let index_bytes = s.index_bytes();

@@ -1,8 +1,9 @@
-//! What the serving path shares: config, the fleet (workers and scheduler), the prefix keyer
-//! (tokenizer and block hasher), the engine client, the segment registry hosted for the transfer
-//! engines, the metrics handle and the in-flight bound. Rooms off the serving path take only the
-//! handle they need (`Fleet`, the registry).
+//! What the serving path shares: config, the credentials and per-key limits, the fleet (workers
+//! and scheduler), the prefix keyer (tokenizer and block hasher), the engine client, the segment
+//! registry hosted for the transfer engines, the metrics handle and the in-flight bound. Rooms
+//! off the serving path take only the handle they need (`Fleet`, the registry).
 
+use crate::access::Access;
 use crate::config::Config;
 use crate::fleet::Fleet;
 use anyhow::Context;
@@ -15,6 +16,8 @@ use tokio::sync::Semaphore;
 
 pub struct AppState {
     pub cfg: Config,
+    /// Who may call which route, and each API key's budget.
+    pub access: Access,
     pub fleet: Arc<Fleet>,
     pub tokenizer: Tokenizer,
     pub hasher: BlockHasher,
@@ -26,7 +29,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+    pub fn new(cfg: Config, access: Access) -> anyhow::Result<Arc<Self>> {
         // A leg holds one connection and in-flight requests are capped, so the pool is too.
         let client = crate::http1::Client::new(
             Duration::from_millis(cfg.upstream.connect_timeout_ms),
@@ -51,11 +54,12 @@ impl AppState {
             ),
             client,
             segments: Arc::new(
-                MemoryRegistry::default()
+                MemoryRegistry::with_capacity(cfg.server.segment_capacity.max(1))
                     .with_ttl(Duration::from_secs(cfg.server.segment_ttl_secs.max(1))),
             ),
             metrics: crate::metrics::install(),
             in_flight: Arc::new(Semaphore::new(cfg.server.max_in_flight.max(1))),
+            access,
             cfg,
         });
         for w in &state.cfg.workers {

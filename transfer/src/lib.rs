@@ -32,7 +32,7 @@ pub use error::TransferError;
 pub use etcd::EtcdStore;
 pub use limits::MAX_NOTIFY_LEN;
 pub use local::Notification;
-pub use metadata::{MemoryRegistry, MetadataStore, SegmentDesc};
+pub use metadata::{Claim, MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
 pub use transport::gate::{AdmissionStats, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};

@@ -73,6 +73,79 @@ impl MemoryRegistry {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// Entries held, stale ones not yet purged included: what the registry costs in memory.
+    pub fn held(&self) -> usize {
+        self.entries.read().len()
+    }
+
+    /// Drops stale entries and gives the map's spare room back, so what a burst of entries took
+    /// is returned once they expire instead of waiting for the registry to fill up. Meant for a
+    /// timer; returns how many entries went.
+    pub fn purge_stale(&self) -> usize {
+        let mut entries = self.entries.write();
+        let before = entries.len();
+        entries.retain(|_, (_, at)| self.fresh(*at));
+        // A hash map never shrinks by itself; a small slack avoids reallocating on every tick.
+        if entries.capacity() > entries.len().saturating_mul(2).max(16) {
+            entries.shrink_to_fit();
+        }
+        before - entries.len()
+    }
+
+    /// Publishes `desc` unless a fresh entry of that name points at another endpoint: one owner
+    /// (the endpoint serving the segment) per name, so a writer cannot re-point a peer's segment
+    /// at a server of its own. The name frees up when its owner removes it or stops refreshing
+    /// it. Check and insert happen under one lock.
+    pub fn publish_owned(&self, desc: SegmentDesc) -> Result<(), Claim> {
+        let mut entries = self.entries.write();
+        if let Some(held) = self.held_by_other(&entries, &desc.name, &desc.endpoint) {
+            return Err(held);
+        }
+        if entries.len() >= self.capacity {
+            entries.retain(|_, (_, at)| self.fresh(*at));
+        }
+        if !entries.contains_key(&desc.name) && entries.len() >= self.capacity {
+            return Err(Claim::Full(self.capacity));
+        }
+        entries.insert(desc.name.clone(), (desc, Instant::now()));
+        Ok(())
+    }
+
+    /// Removes `name` if `endpoint` owns it (or it is absent or stale): only its owner withdraws
+    /// a segment.
+    pub fn remove_owned(&self, name: &str, endpoint: &str) -> Result<(), Claim> {
+        let mut entries = self.entries.write();
+        if let Some(held) = self.held_by_other(&entries, name, endpoint) {
+            return Err(held);
+        }
+        entries.remove(name);
+        Ok(())
+    }
+
+    fn held_by_other(
+        &self,
+        entries: &HashMap<String, (SegmentDesc, Instant)>,
+        name: &str,
+        endpoint: &str,
+    ) -> Option<Claim> {
+        let (held, at) = entries.get(name)?;
+        if held.endpoint == endpoint || !self.fresh(*at) {
+            return None;
+        }
+        let expires_in = self.ttl.map(|ttl| ttl.saturating_sub(at.elapsed()));
+        Some(Claim::Held { expires_in })
+    }
+}
+
+/// Why [`MemoryRegistry::publish_owned`] or [`MemoryRegistry::remove_owned`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// A fresh entry of that name belongs to another endpoint; it frees up in `expires_in`
+    /// unless its owner refreshes it (`None`: entries never expire).
+    Held { expires_in: Option<Duration> },
+    /// The registry holds its capacity of fresh entries.
+    Full(usize),
 }
 
 impl Default for MemoryRegistry {
@@ -201,6 +274,54 @@ mod tests {
         let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
             "Tcp".into_deserializer();
         assert!(TransportKind::deserialize(de).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_name_belongs_to_its_endpoint_until_removed_or_stale() {
+        let reg = MemoryRegistry::with_capacity(4).with_ttl(Duration::from_millis(500));
+        reg.publish_owned(desc("kv", 1)).unwrap();
+        reg.publish_owned(desc("kv", 1)).unwrap(); // the owner's heartbeat
+        let Err(Claim::Held { expires_in }) = reg.publish_owned(desc("kv", 666)) else {
+            panic!("another endpoint took the name");
+        };
+        assert!(expires_in.is_some_and(|d| d <= Duration::from_millis(500)));
+        assert!(matches!(
+            reg.remove_owned("kv", "127.0.0.1:666"),
+            Err(Claim::Held { .. })
+        ));
+        assert_eq!(reg.lookup("kv").await.unwrap(), Some(desc("kv", 1)));
+        // Its owner withdraws it, then anyone may claim it.
+        reg.remove_owned("kv", "127.0.0.1:1").unwrap();
+        reg.publish_owned(desc("kv", 2)).unwrap();
+        // A stale entry no longer holds its name.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        reg.publish_owned(desc("kv", 3)).unwrap();
+        assert_eq!(reg.lookup("kv").await.unwrap(), Some(desc("kv", 3)));
+    }
+
+    #[tokio::test]
+    async fn purging_drops_stale_entries_and_returns_their_room() {
+        let reg = MemoryRegistry::with_capacity(10_000).with_ttl(Duration::from_millis(300));
+        for i in 0..2000 {
+            reg.publish(desc(&format!("s{i}"), 1)).await.unwrap();
+        }
+        assert_eq!(reg.purge_stale(), 0, "nothing stale yet");
+        let grown = reg.entries.read().capacity();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        reg.publish(desc("alive", 2)).await.unwrap();
+        assert_eq!(
+            reg.list().await.unwrap().len(),
+            1,
+            "stale entries are not listed"
+        );
+        assert_eq!(reg.held(), 2001, "but they are held until purged");
+        assert_eq!(reg.purge_stale(), 2000);
+        assert_eq!(reg.held(), 1);
+        let shrunk = reg.entries.read().capacity();
+        assert!(
+            shrunk * 10 < grown,
+            "the map gave its room back: {grown} -> {shrunk}"
+        );
     }
 
     #[tokio::test]

@@ -340,7 +340,10 @@ mod tests {
 
     impl Pair {
         fn new(prefill_url: &str, decode_url: &str) -> Self {
-            let state = AppState::new(Config::default()).expect("state");
+            let cfg = Config::default();
+            let access = crate::access::Access::new(&cfg.server, None, [127, 0, 0, 1].into())
+                .expect("access");
+            let state = AppState::new(cfg, access).expect("state");
             let add = |url: &str, role| {
                 let cfg = WorkerConfig {
                     url: url.into(),
