@@ -303,8 +303,10 @@ async fn models_health_ready_and_admin_workers() {
         .iter()
         .all(|w| w["healthy"] == true && w["protocol"] == "native" && w["load"]["in_flight"] == 0));
 
+    // The registry is the fleet's: `up` keys it with its secret, and the admin token may read it.
     let segments: Value = c
         .get(format!("{url}/registry/segments"))
+        .bearer_auth("admintoken")
         .send()
         .await
         .expect("sent")
