@@ -140,6 +140,17 @@ async fn registry_keeps_heartbeating_segments_and_drops_stale_ones() {
     let mut cfg = config(1, 1, 0.0);
     cfg.server.segment_ttl_secs = 2;
     cfg.up.engine.registry_heartbeat_secs = 1;
+    // A known fleet secret, so this test can present the registry token as an engine does.
+    let dir = std::env::temp_dir().join(format!("pdgate-handoff-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, "handoff-test-fleet-secret-0123456789").expect("write");
+    cfg.server.fleet_secret_file = Some(secret_file.clone());
+    cfg.up.engine.fleet_secret_file = Some(secret_file.clone());
+    let token = pdgate_wire::fleet::FleetSecret::load(Some(&secret_file))
+        .expect("secret")
+        .expect("configured")
+        .registry_token();
     let fleet = fleet(cfg).await;
     let url = fleet.url();
     // A segment whose owner died without deregistering: published once, never refreshed.
@@ -147,6 +158,7 @@ async fn registry_keeps_heartbeating_segments_and_drops_stale_ones() {
     assert_eq!(
         client()
             .post(format!("{url}/registry/segments"))
+            .bearer_auth(&token)
             .json(&ghost)
             .send()
             .await
@@ -157,6 +169,7 @@ async fn registry_keeps_heartbeating_segments_and_drops_stale_ones() {
     let names = || async {
         let list: Value = client()
             .get(format!("{url}/registry/segments"))
+            .bearer_auth(&token)
             .send()
             .await
             .expect("sent")
