@@ -160,18 +160,25 @@ async fn registry_calls_need_the_fleet_token() {
     fleet.stop().await;
 }
 
-/// Finding 2's redirect, in `pdgate up`'s own configuration (loopback, no secret): a writer
-/// cannot re-point or withdraw a segment another endpoint holds.
+/// Finding 2's redirect: even a holder of the fleet token cannot re-point or withdraw a segment
+/// another endpoint holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_engines_segment_cannot_be_replaced_or_withdrawn() {
-    let fleet = fleet(config(1, 1, 0.0)).await;
+    // `up` keys its fleet; a known secret lets the test write as an engine does.
+    let secret = secret_file("owned");
+    let token = token_of(&secret);
+    let mut cfg = config(1, 1, 0.0);
+    cfg.server.fleet_secret_file = Some(secret.clone());
+    cfg.up.engine.fleet_secret_file = Some(secret);
+    let fleet = fleet(cfg).await;
     let url = fleet.url();
     let c = client();
-    let kv = kv_segment(&url, None).await;
+    let kv = kv_segment(&url, Some(&token)).await;
     let name = kv["name"].as_str().expect("name").to_string();
 
     let resp = c
         .post(format!("{url}{REG}"))
+        .bearer_auth(&token)
         .json(&rogue(&name))
         .send()
         .await
@@ -191,21 +198,25 @@ async fn another_engines_segment_cannot_be_replaced_or_withdrawn() {
 
     let as_rogue = c
         .delete(format!("{url}{REG}/{name}"))
+        .bearer_auth(&token)
         .query(&[("endpoint", "127.0.0.1:9")]);
     assert_eq!(status(as_rogue).await, 409);
     assert_eq!(
-        status(c.delete(format!("{url}{REG}/{name}"))).await,
+        status(c.delete(format!("{url}{REG}/{name}")).bearer_auth(&token)).await,
         400,
         "a withdrawal names its owner"
     );
     assert_eq!(
-        lookup(&url, &name, None).await,
+        lookup(&url, &name, Some(&token)).await,
         Some(kv.clone()),
         "unchanged"
     );
 
     // The owner itself refreshes it as before.
-    assert_eq!(status(c.post(format!("{url}{REG}")).json(&kv)).await, 201);
+    assert_eq!(
+        status(c.post(format!("{url}{REG}")).bearer_auth(&token).json(&kv)).await,
+        201
+    );
     assert_eq!(
         post(
             &url,
@@ -222,24 +233,45 @@ async fn another_engines_segment_cannot_be_replaced_or_withdrawn() {
 /// Finding 8: names and bodies are bounded, so nobody makes the registry hold megabytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_names_and_bodies_are_refused() {
-    let fleet = fleet(config(1, 1, 0.0)).await;
+    // `up` keys its fleet; a known secret lets the test write as an engine does.
+    let secret = secret_file("sizes");
+    let token = token_of(&secret);
+    let mut cfg = config(1, 1, 0.0);
+    cfg.server.fleet_secret_file = Some(secret.clone());
+    cfg.up.engine.fleet_secret_file = Some(secret);
+    let fleet = fleet(cfg).await;
     let url = fleet.url();
     let c = client();
     let held = fleet.gateway.state.segments.held();
 
     let long = "n".repeat(257);
     assert_eq!(
-        status(c.post(format!("{url}{REG}")).json(&rogue(&long))).await,
+        status(
+            c.post(format!("{url}{REG}"))
+                .bearer_auth(&token)
+                .json(&rogue(&long))
+        )
+        .await,
         400
     );
     assert_eq!(
-        status(c.post(format!("{url}{REG}")).json(&rogue(&"n".repeat(256)))).await,
+        status(
+            c.post(format!("{url}{REG}"))
+                .bearer_auth(&token)
+                .json(&rogue(&"n".repeat(256)))
+        )
+        .await,
         201,
         "256 bytes is the limit"
     );
     for bad in ["a/b", "..", "has space", "é"] {
         assert_eq!(
-            status(c.post(format!("{url}{REG}")).json(&rogue(bad))).await,
+            status(
+                c.post(format!("{url}{REG}"))
+                    .bearer_auth(&token)
+                    .json(&rogue(bad))
+            )
+            .await,
             400,
             "{bad:?}"
         );
@@ -247,12 +279,18 @@ async fn oversized_names_and_bodies_are_refused() {
     let mut bad_endpoint = rogue("fine");
     bad_endpoint["endpoint"] = json!("x".repeat(300));
     assert_eq!(
-        status(c.post(format!("{url}{REG}")).json(&bad_endpoint)).await,
+        status(
+            c.post(format!("{url}{REG}"))
+                .bearer_auth(&token)
+                .json(&bad_endpoint)
+        )
+        .await,
         400
     );
     // The review's entry: a 1 MiB name (the body is over 64 KiB before the name is read).
     let resp = c
         .post(format!("{url}{REG}"))
+        .bearer_auth(&token)
         .json(&rogue(&"m".repeat(1 << 20)))
         .send()
         .await
@@ -263,6 +301,7 @@ async fn oversized_names_and_bodies_are_refused() {
     let huge = format!("{{\"pad\": \"{}\"}}", "p".repeat(3 << 20));
     let resp = c
         .post(format!("{url}{REG}"))
+        .bearer_auth(&token)
         .header("content-type", "application/json")
         .body(huge)
         .send()
@@ -272,7 +311,7 @@ async fn oversized_names_and_bodies_are_refused() {
     let body: Value = resp.json().await.expect("an OpenAI error object");
     assert_eq!(body["error"]["code"], "body_too_large");
     assert_eq!(
-        status(c.get(format!("{url}{REG}/{long}"))).await,
+        status(c.get(format!("{url}{REG}/{long}")).bearer_auth(&token)).await,
         400,
         "lookups too"
     );
@@ -291,6 +330,10 @@ async fn an_expired_entry_disappears_without_the_registry_being_full() {
     let mut cfg = config(1, 1, 0.0);
     cfg.server.segment_ttl_secs = 2;
     cfg.up.engine.registry_heartbeat_secs = 1;
+    let secret = secret_file("expiry");
+    let token = token_of(&secret);
+    cfg.server.fleet_secret_file = Some(secret.clone());
+    cfg.up.engine.fleet_secret_file = Some(secret);
     let fleet = fleet(cfg).await;
     let url = fleet.url();
     let regs = &fleet.gateway.state.segments;
@@ -298,7 +341,13 @@ async fn an_expired_entry_disappears_without_the_registry_being_full() {
     for i in 0..50 {
         let ghost = rogue(&format!("ghost-{i}"));
         assert_eq!(
-            status(client().post(format!("{url}{REG}")).json(&ghost)).await,
+            status(
+                client()
+                    .post(format!("{url}{REG}"))
+                    .bearer_auth(&token)
+                    .json(&ghost)
+            )
+            .await,
             201
         );
     }
@@ -310,7 +359,7 @@ async fn an_expired_entry_disappears_without_the_registry_being_full() {
         "held {} entries",
         regs.held()
     );
-    assert!(lookup(&url, "ghost-0", None).await.is_none());
+    assert!(lookup(&url, "ghost-0", Some(&token)).await.is_none());
     fleet.stop().await;
 }
 
