@@ -132,10 +132,12 @@ impl Access {
         match Guard::of(method, path) {
             Guard::Open => Ok(Pass(None)),
             Guard::ApiKey => {
-                let key = match self.api_keys.is_empty() {
-                    true => 0,
-                    false => matching_key(&self.api_keys, bearer(headers))
-                        .ok_or_else(ApiError::unauthorized)?,
+                // Without keys every caller shares budget 0.
+                let key = if self.api_keys.is_empty() {
+                    0
+                } else {
+                    matching_key(&self.api_keys, bearer(headers))
+                        .ok_or_else(ApiError::unauthorized)?
                 };
                 self.limits.admit(key).map(Pass)
             }
