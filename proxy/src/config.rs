@@ -96,6 +96,11 @@ pub struct ConnLimits {
     /// A request body must arrive whole within this many milliseconds of the end of its head
     /// (the largest body, `max_body_bytes`, then needs about 70 KB/s at the defaults).
     pub body_timeout_ms: u64,
+    /// A body slower than `body_min_rate_bytes_per_sec` is refused (408) once this grace and
+    /// the time its bytes earned have passed, well before `body_timeout_ms`.
+    pub body_grace_ms: u64,
+    /// Each this many bytes of body buy one more second past `body_grace_ms`; 0 turns it off.
+    pub body_min_rate_bytes_per_sec: u64,
     /// A kept-alive connection with no request under way for this long is closed.
     pub idle_timeout_ms: u64,
     /// Each write toward the client must be taken by it within this; a client that stops
@@ -109,6 +114,8 @@ impl Default for ConnLimits {
             max_connections: 10_000,
             head_timeout_ms: 30_000,
             body_timeout_ms: 60_000,
+            body_grace_ms: 5_000,
+            body_min_rate_bytes_per_sec: 1024,
             idle_timeout_ms: 75_000,
             write_timeout_ms: 30_000,
         }

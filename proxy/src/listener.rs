@@ -93,6 +93,10 @@ fn deadlines(limits: &ConnLimits) -> conn::Deadlines {
     conn::Deadlines {
         head: ms(limits.head_timeout_ms),
         body: ms(limits.body_timeout_ms),
+        body_pace: conn::Pace {
+            grace: ms(limits.body_grace_ms),
+            bytes_per_sec: limits.body_min_rate_bytes_per_sec,
+        },
         idle: ms(limits.idle_timeout_ms),
         write: ms(limits.write_timeout_ms),
     }

@@ -51,6 +51,8 @@ pub struct Deadlines {
     pub head: Duration,
     /// A request body, from the end of its head to its end.
     pub body: Duration,
+    /// How fast a body must keep arriving, once its grace has passed.
+    pub body_pace: Pace,
     /// A kept-alive connection between requests.
     pub idle: Duration,
     /// Each write toward the client.
@@ -62,9 +64,41 @@ impl Default for Deadlines {
         Self {
             head: Duration::from_secs(30),
             body: Duration::from_secs(60),
+            body_pace: Pace::default(),
             idle: Duration::from_secs(75),
             write: Duration::from_secs(30),
         }
+    }
+}
+
+/// A minimum receive rate in the manner of Apache's `mod_reqtimeout` `MinRate`: a body may take
+/// `grace` to start, and each `bytes_per_sec` bytes that arrive buy it one more second. A client
+/// trickling a large body a byte at a time is cut off after `grace`, not after the whole-body
+/// deadline, while a slow link that keeps moving is never refused before that deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub grace: Duration,
+    /// Zero turns the rate off (only the whole-body deadline remains).
+    pub bytes_per_sec: u64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(5),
+            bytes_per_sec: 1024,
+        }
+    }
+}
+
+impl Pace {
+    /// When a body that started at `start` and has `received` bytes so far must have sent more.
+    fn due(&self, start: Instant, received: usize) -> Option<Instant> {
+        if self.bytes_per_sec == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.bytes_per_sec as f64);
+        Some(start + self.grace + earned)
     }
 }
 
@@ -204,17 +238,7 @@ async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     };
     let framing = request_framing(&head)?;
-    let body_until = Instant::now() + limits.body;
-    let body = read_body(
-        io,
-        buf,
-        &head,
-        framing.framing,
-        max_body,
-        body_until,
-        limits.write,
-    )
-    .await?;
+    let body = read_body(io, buf, &head, framing.framing, max_body, limits).await?;
     Ok(Some(Request {
         head,
         body,
@@ -447,9 +471,10 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
     head: &Head,
     mut framing: Framing,
     limit: usize,
-    until: Instant,
-    write: Duration,
+    limits: &Deadlines,
 ) -> Result<Bytes, Failure> {
+    let start = Instant::now();
+    let until = start + limits.body;
     if let Framing::Length(n) = framing {
         if n > limit as u64 {
             return Err(Failure::Refused(Refusal::BodyTooLarge));
@@ -467,7 +492,7 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects_continue && buf.is_empty() && head.version == Version::HTTP_11 {
-        write_by(io, b"HTTP/1.1 100 Continue\r\n\r\n", write)
+        write_by(io, b"HTTP/1.1 100 Continue\r\n\r\n", limits.write)
             .await
             .map_err(|_| Failure::Io)?;
     }
@@ -489,7 +514,13 @@ async fn read_body<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 buf.reserve(READ_CHUNK);
-                read_by(io, buf, until, "request body not received in time").await?;
+                let received = body.len() + buf.len();
+                match limits.body_pace.due(start, received) {
+                    Some(due) if due < until => {
+                        read_by(io, buf, due, "request body arrived too slowly").await?;
+                    }
+                    _ => read_by(io, buf, until, "request body not received in time").await?,
+                }
             }
         }
     }
@@ -898,6 +929,7 @@ mod tests {
         Deadlines {
             head: Duration::from_secs(1),
             body: Duration::from_secs(1),
+            body_pace: Pace::default(),
             idle: Duration::from_secs(2),
             write: Duration::from_secs(1),
         }
@@ -1041,6 +1073,61 @@ mod tests {
         let _ = client.read_to_end(&mut out).await;
         assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408 "));
         task.await.expect("connection ends");
+    }
+
+    /// A long whole-body deadline with a rate of 10 bytes/s after one second of grace.
+    fn paced() -> Deadlines {
+        Deadlines {
+            body: Duration::from_secs(600),
+            body_pace: Pace {
+                grace: Duration::from_secs(1),
+                bytes_per_sec: 10,
+            },
+            ..short()
+        }
+    }
+
+    /// Sends a 60-byte body in `pieces`, one every `every`; what the connection answered.
+    async fn send_paced(pieces: usize, every: Duration) -> String {
+        let (mut client, task) = spawn_conn(paced(), 1 << 16);
+        client
+            .write_all(b"POST /p HTTP/1.1\r\ncontent-length: 60\r\n\r\n")
+            .await
+            .expect("write");
+        let piece = vec![b'x'; 60 / pieces];
+        for _ in 0..pieces {
+            tokio::time::sleep(every).await;
+            if client.write_all(&piece).await.is_err() {
+                break;
+            }
+        }
+        let mut out = vec![0u8; 4096];
+        let n = client.read(&mut out).await.unwrap_or(0);
+        drop(client);
+        task.await.expect("connection ends");
+        String::from_utf8_lossy(&out[..n]).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_below_the_minimum_rate_is_refused_long_before_its_deadline() {
+        // 1 byte/s against a minimum of 10: refused once the grace and the earned time run
+        // out, some seconds in, not at the 600 s whole-body deadline.
+        let start = Instant::now();
+        let out = send_paced(60, Duration::from_secs(1)).await;
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_above_the_minimum_rate_is_served() {
+        // 20 bytes/s for three seconds: slower than the 1 s grace alone would allow, but each
+        // piece earns more time than it takes.
+        let out = send_paced(6, Duration::from_millis(500)).await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
     }
 
     #[tokio::test(start_paused = true)]
