@@ -5,6 +5,7 @@ use crate::config::{self, Config};
 use crate::up::Fleet;
 use clap::{Args, Parser, Subcommand};
 use pdgate_engine_sim::EngineConfig;
+use pdgate_gateway::config::DiscoveryKind;
 use pdgate_gateway::gateway::{shutdown_signal, Gateway};
 use std::path::PathBuf;
 
@@ -147,8 +148,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_gateway(&a.gateway, Vec::new())?;
             crate::telemetry::init(&cfg.log);
             anyhow::ensure!(
-                !cfg.workers.is_empty(),
-                "no [[workers]] configured; `pdgate up` starts a demo fleet instead"
+                !cfg.workers.is_empty() || cfg.discovery.kind != DiscoveryKind::Static,
+                "no [[workers]] configured and [discovery] kind is static; `pdgate up` starts a \
+                 demo fleet instead"
             );
             let gw = Gateway::start(cfg.gateway()).await?;
             println!("pdgate gateway {}", gw.url());

@@ -16,6 +16,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Statically configured engine instances.
     pub workers: Vec<WorkerConfig>,
+    /// Where more engine instances come from: none (`static`), the Kubernetes API or DNS.
+    pub discovery: DiscoveryConfig,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
@@ -233,6 +235,92 @@ impl Default for UpstreamConfig {
             decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
             fallback_to_decode: false,
+        }
+    }
+}
+
+/// `[discovery]`: engines found at run time, added and drained through the same path as
+/// `POST /admin/workers` and `DELETE /admin/workers/{id}`. Static `[[workers]]` are kept
+/// whatever the kind: discovery only removes what it added.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub kind: DiscoveryKind,
+    pub kubernetes: KubernetesDiscovery,
+    pub dns: DnsDiscovery,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    /// Only the `[[workers]]` list (and the admin API).
+    #[default]
+    Static,
+    /// Ready pods matching a label selector per role, watched through the Kubernetes API.
+    Kubernetes,
+    /// The records of a headless Service per role, re-resolved on an interval.
+    Dns,
+}
+
+/// `[discovery.kubernetes]`: pods are watched in one namespace, one label selector per role
+/// (evaluated by the API server). A pod is a worker while it is Ready, has an IP and is not
+/// terminating; per-pod annotations `pdgate.io/protocol`, `pdgate.io/http-port` and
+/// `pdgate.io/bootstrap-port` say how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// "" = the gateway pod's own namespace (`POD_NAMESPACE`, else the service account's).
+    pub namespace: String,
+    pub prefill_selector: String,
+    pub decode_selector: String,
+    /// A full re-list this often, on top of the watch: repairs anything a watch missed.
+    pub resync_secs: u64,
+    /// "" = in-cluster service account, else the kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    /// A URL talks to that API server directly without credentials, e.g. `kubectl proxy`'s
+    /// `http://127.0.0.1:8001`.
+    pub api_server: String,
+}
+
+impl Default for KubernetesDiscovery {
+    fn default() -> Self {
+        Self {
+            namespace: String::new(),
+            prefill_selector: "pdgate.io/role=prefill".into(),
+            decode_selector: "pdgate.io/role=decode".into(),
+            resync_secs: 300,
+            api_server: String::new(),
+        }
+    }
+}
+
+/// `[discovery.dns]`: a headless Service name per role. Its SRV records (`_http._tcp.<name>`)
+/// give each pod's address and port; without them its A/AAAA records and `port` do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsDiscovery {
+    pub prefill: String,
+    pub decode: String,
+    /// The engines' HTTP port when the name has no SRV record.
+    pub port: u16,
+    pub protocol: Protocol,
+    /// The prefill engines' bootstrap port (SGLang, vLLM Mooncake); 0 = none.
+    pub bootstrap_port: u16,
+    pub interval_secs: u64,
+    /// "" = the system resolver configuration (`/etc/resolv.conf`), else `ip:port` of the one
+    /// name server to ask.
+    pub nameserver: String,
+}
+
+impl Default for DnsDiscovery {
+    fn default() -> Self {
+        Self {
+            prefill: String::new(),
+            decode: String::new(),
+            port: 8000,
+            protocol: Protocol::default(),
+            bootstrap_port: 0,
+            interval_secs: 10,
+            nameserver: String::new(),
         }
     }
 }

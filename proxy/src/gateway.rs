@@ -5,7 +5,7 @@
 use crate::access::Access;
 use crate::config::{Config, WorkerConfig};
 use crate::state::AppState;
-use crate::{health, listener, segments, server};
+use crate::{discovery, health, listener, segments, server};
 use anyhow::Context;
 use pdgate_wire::fleet::FleetSecret;
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ pub struct Gateway {
     health: JoinHandle<()>,
     scraper: Option<JoinHandle<()>>,
     purge: JoinHandle<()>,
+    discovery: Option<discovery::Discovery>,
 }
 
 impl Gateway {
@@ -60,6 +61,7 @@ impl Gateway {
             &state.cfg.health,
             state.cfg.scheduler.block_size,
         );
+        let discovery = discovery::start(&state.cfg.discovery, &state.fleet).await?;
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(listener::serve(listener, Arc::clone(&state), app, async {
@@ -73,10 +75,12 @@ impl Gateway {
             health,
             scraper,
             purge,
+            discovery,
         })
     }
 
-    /// Adds an engine to the fleet; it takes traffic once a health check passed.
+    /// Adds an engine to the fleet; it takes traffic once a health check passed. Removal is
+    /// `state.fleet.remove_draining`.
     pub fn add_worker(&self, cfg: &WorkerConfig) {
         self.state.fleet.add(cfg);
     }
@@ -103,6 +107,9 @@ impl Gateway {
         }
         self.health.abort();
         self.purge.abort();
+        if let Some(d) = self.discovery.take() {
+            d.stop();
+        }
         if let Some(s) = &self.scraper {
             s.abort();
         }

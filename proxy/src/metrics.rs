@@ -150,3 +150,19 @@ fn status_class(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+/// A worker joined or left the fleet (`change`: `added` or `removed`).
+pub fn membership(role: Role, change: &'static str) {
+    counter!("pdgate_worker_membership_changes_total", "role" => role.as_str(), "change" => change)
+        .increment(1);
+}
+
+/// One discovery event (`source`: `kubernetes` or `dns`; `kind`: what happened).
+pub fn discovery_event(source: &'static str, kind: &'static str) {
+    counter!("pdgate_discovery_events_total", "source" => source, "kind" => kind).increment(1);
+}
+
+/// Workers a discovery source currently holds in the fleet, per role.
+pub fn discovery_workers(source: &'static str, role: Role, n: usize) {
+    gauge!("pdgate_discovery_workers", "source" => source, "role" => role.as_str()).set(n as f64);
+}

@@ -8,7 +8,7 @@ use crate::{admin, segments};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde_json::json;
 use std::sync::Arc;
@@ -16,7 +16,11 @@ use std::sync::Arc;
 pub fn router(state: Arc<AppState>) -> Router {
     // Rooms off the serving path get only their handle.
     let admin = Router::new()
-        .route("/admin/workers", get(admin::workers))
+        .route(
+            "/admin/workers",
+            get(admin::workers).post(admin::add_worker),
+        )
+        .route("/admin/workers/{id}", delete(admin::remove_worker))
         .with_state(Arc::clone(&state.fleet));
     let registry = segments::router().with_state(Arc::clone(&state.segments));
     Router::new()

@@ -1,7 +1,8 @@
 //! The worker registry: every engine instance the gateway fronts, its role, URL, protocol and
 //! health, keyed by the scheduler's `InstanceId`. The scheduler holds the load; this holds the
 //! addresses, health and circuit breakers. Adding or removing a worker updates both under one
-//! call.
+//! call. A removed worker leaves the scheduler at once (nothing new goes to it) while the
+//! requests holding it finish; it is listed as draining until the last of them lets go.
 
 use crate::breaker::{Breaker, BreakerConfig, Outcome, Transition};
 use crate::config::{Protocol, WorkerConfig};
@@ -9,8 +10,8 @@ use parking_lot::{Mutex, RwLock};
 use pdgate_scheduler::{InstanceId, InstanceLoad, InstanceSpec, Role, Scheduler};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 #[derive(Debug)]
@@ -30,6 +31,9 @@ pub struct Worker {
     pub engine_id: Mutex<Option<String>>,
     pub health: Mutex<HealthState>,
     pub breaker: Mutex<Breaker>,
+    /// Removed from the fleet: no longer counted among the tripped breakers. Written under the
+    /// breaker's lock, so a transition and a removal never both adjust the count.
+    retired: AtomicBool,
 }
 
 /// Health with hysteresis: counts of consecutive results decide flips.
@@ -49,6 +53,9 @@ pub struct WorkerView {
     pub healthy: bool,
     /// `closed`, `open` or `half_open`.
     pub breaker: &'static str,
+    /// `active`; `draining`: removed, with requests still finishing on it; `removed` (only in
+    /// the answer to the DELETE that removed it, when no request held it).
+    pub state: &'static str,
     pub load: InstanceLoad,
 }
 
@@ -57,6 +64,9 @@ pub struct Workers {
     by_id: RwLock<BTreeMap<InstanceId, Arc<Worker>>>,
     /// Breakers not closed, so the common case (all closed) skips the per-worker scan.
     tripped: AtomicUsize,
+    /// Removed workers, alive while some request still holds them: what `views` shows as
+    /// draining. Pruned on every removal and view, so it stays as long as the requests in flight.
+    draining: Mutex<Vec<Weak<Worker>>>,
 }
 
 impl Workers {
@@ -79,9 +89,29 @@ impl Workers {
             url,
             health: Mutex::new(HealthState::default()),
             breaker: Mutex::new(Breaker::default()),
+            retired: AtomicBool::new(false),
         });
         self.by_id.write().insert(id, Arc::clone(&w));
         w
+    }
+
+    /// Takes a worker out of the fleet and frees its scheduler state (load, prefix-index
+    /// entries); requests already holding it finish on it. `None`: no such worker.
+    pub fn remove(&self, sched: &Mutex<Scheduler>, id: InstanceId) -> Option<Arc<Worker>> {
+        // Scheduler first: once the worker is gone from both, no decision can name it.
+        sched.lock().remove_instance(id);
+        let w = self.by_id.write().remove(&id)?;
+        {
+            let b = w.breaker.lock();
+            w.retired.store(true, Ordering::Release);
+            if b.label() != "closed" {
+                self.tripped.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let mut draining = self.draining.lock();
+        draining.retain(|d| d.strong_count() > 0);
+        draining.push(Arc::downgrade(&w));
+        Some(w)
     }
 
     pub fn get(&self, id: InstanceId) -> Option<Arc<Worker>> {
@@ -92,20 +122,37 @@ impl Workers {
         self.by_id.read().values().cloned().collect()
     }
 
+    /// The workers of the fleet, then those draining.
     pub fn views(&self, sched: &Mutex<Scheduler>) -> Vec<WorkerView> {
+        let draining: Vec<Arc<Worker>> = {
+            let mut d = self.draining.lock();
+            d.retain(|w| w.strong_count() > 0);
+            d.iter().filter_map(Weak::upgrade).collect()
+        };
         let s = sched.lock();
-        self.all()
-            .into_iter()
-            .map(|w| WorkerView {
-                id: w.id.0,
-                role: w.role,
-                url: w.url.clone(),
-                protocol: w.protocol.as_str(),
-                healthy: w.health.lock().healthy,
-                breaker: w.breaker.lock().label(),
-                load: s.load(w.id).unwrap_or_default(),
-            })
-            .collect()
+        let view = |w: &Worker, state| WorkerView {
+            id: w.id.0,
+            role: w.role,
+            url: w.url.clone(),
+            protocol: w.protocol.as_str(),
+            healthy: w.health.lock().healthy,
+            breaker: w.breaker.lock().label(),
+            state,
+            load: s.load(w.id).unwrap_or_default(),
+        };
+        let mut out: Vec<WorkerView> = self.all().iter().map(|w| view(w, "active")).collect();
+        out.extend(draining.iter().map(|w| view(w, "draining")));
+        out
+    }
+
+    /// The worker of `role` at `url` (trailing `/` ignored), if one is in the fleet.
+    pub fn find(&self, role: Role, url: &str) -> Option<Arc<Worker>> {
+        let url = url.trim_end_matches('/');
+        self.by_id
+            .read()
+            .values()
+            .find(|w| w.role == role && w.url == url)
+            .cloned()
     }
 
     /// Appends the workers whose breaker admits no new request at `now` to `avoid`.
@@ -116,7 +163,12 @@ impl Workers {
         // A snapshot: `note` reads the map again, and a recursive read could deadlock behind a
         // waiting writer (`add`).
         for w in self.all() {
-            let (admits, t) = w.breaker.lock().admits(now);
+            let (admits, t) = {
+                let mut b = w.breaker.lock();
+                let (admits, t) = b.admits(now);
+                self.count(&w, t);
+                (admits, t)
+            };
             self.note(&w, t);
             if !admits && !avoid.contains(&w.id) {
                 avoid.push(w.id);
@@ -127,28 +179,46 @@ impl Workers {
     /// Claims a scheduled worker's breaker (the one probe of a half-open breaker); `false`: another
     /// request holds the probe or the breaker opened since scheduling.
     pub fn claim(&self, w: &Worker, now: Duration) -> bool {
-        let (ok, t) = w.breaker.lock().claim(now);
+        let (ok, t) = {
+            let mut b = w.breaker.lock();
+            let (ok, t) = b.claim(now);
+            self.count(w, t);
+            (ok, t)
+        };
         self.note(w, t);
         ok
     }
 
     /// Folds the outcome of a leg `w` served into its breaker.
     pub fn record(&self, w: &Worker, outcome: Outcome, now: Duration, cfg: &BreakerConfig) {
-        let t = w.breaker.lock().record(outcome, now, cfg);
+        let t = {
+            let mut b = w.breaker.lock();
+            let t = b.record(outcome, now, cfg);
+            self.count(w, t);
+            t
+        };
         self.note(w, t);
+    }
+
+    /// Keeps `tripped` in step with a transition; called under `w`'s breaker lock, like the
+    /// removal that retires it.
+    fn count(&self, w: &Worker, t: Option<Transition>) {
+        if w.retired.load(Ordering::Acquire) {
+            return;
+        }
+        match t {
+            Some(Transition::Opened) => {
+                self.tripped.fetch_add(1, Ordering::AcqRel);
+            }
+            Some(Transition::Closed) => {
+                self.tripped.fetch_sub(1, Ordering::AcqRel);
+            }
+            Some(Transition::Reopened | Transition::HalfOpened) | None => {}
+        }
     }
 
     fn note(&self, w: &Worker, t: Option<Transition>) {
         let Some(t) = t else { return };
-        match t {
-            Transition::Opened => {
-                self.tripped.fetch_add(1, Ordering::AcqRel);
-            }
-            Transition::Closed => {
-                self.tripped.fetch_sub(1, Ordering::AcqRel);
-            }
-            Transition::Reopened | Transition::HalfOpened => {}
-        }
         let open_now = self
             .by_id
             .read()
