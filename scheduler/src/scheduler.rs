@@ -457,6 +457,32 @@ mod tests {
     }
 
     #[test]
+    fn removing_an_instance_frees_its_index_entries_and_load() {
+        let mut s = sched(PolicyKind::LeastLoad);
+        let p = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let d = s.add_instance(Role::Decode, InstanceSpec::default());
+        let d2 = s.add_instance(Role::Decode, InstanceSpec::default());
+        let blocks: Vec<BlockHash> = (0..1000).map(BlockHash).collect();
+        s.blocks_stored(d, &blocks, NOW);
+        s.blocks_stored(d2, &blocks[..10], NOW);
+        let before = s.index_bytes();
+        let dec = s.schedule(&key(40, &[5000, 5001]), NOW).expect("pair");
+        assert!(s.index_bytes() > before, "routing recorded blocks");
+        s.remove_instance(dec.decode);
+        s.remove_instance(p);
+        let left = s.index_bytes();
+        let kept = if dec.decode == d { 10 } else { 1000 };
+        assert_eq!(left, kept * crate::index::BYTES_PER_ENTRY, "only the survivor's entries");
+        assert_eq!(s.load(dec.decode), None);
+        assert_eq!(s.healthy_counts(), (0, 1));
+        // The request in flight on the removed pair ends without touching the survivor.
+        s.decode_done(dec.ticket, NOW);
+        assert_eq!(s.in_flight(), 0);
+        let survivor = if dec.decode == d { d2 } else { d };
+        assert_eq!(s.load(survivor), Some(InstanceLoad::default()));
+    }
+
+    #[test]
     fn routing_decisions_feed_the_index() {
         let mut s = sched(PolicyKind::CacheAware);
         let p0 = s.add_instance(Role::Prefill, InstanceSpec::default());

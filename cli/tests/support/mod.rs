@@ -2,6 +2,9 @@
 //! engine and gateway metrics.
 #![allow(dead_code)]
 
+pub mod dnsmasq;
+pub mod kube_api;
+
 use pdgate::config::Config;
 use pdgate::Fleet;
 use pdgate_scheduler::Role;

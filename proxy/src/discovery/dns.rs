@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 const SOURCE: &str = "dns";
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn start(cfg: &DnsDiscovery, fleet: &Arc<Fleet>) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let resolver = resolver(&cfg.nameserver)?;
@@ -69,6 +70,10 @@ fn resolver(nameserver: &str) -> anyhow::Result<TokioResolver> {
         )
     };
     let opts = builder.options_mut();
+    // One try of a bounded length: a round that fails is retried by the next round anyway, and
+    // a lookup of minutes would hold the whole role's view that long.
+    opts.timeout = LOOKUP_TIMEOUT;
+    opts.attempts = 1;
     opts.positive_max_ttl = Some(Duration::ZERO);
     opts.negative_max_ttl = Some(Duration::ZERO);
     builder
