@@ -15,9 +15,11 @@ if [ -n "$found" ]; then
   exit 1
 fi
 # The scheduler stays free of I/O and async runtimes; the transfer engine of HTTP servers and LLMs.
-for crate in pdgate-scheduler:'^(tokio|axum|hyper|reqwest|pdgate-transfer) ' \
-             pdgate-transfer:'^(axum|hyper|reqwest|pdgate-scheduler|pdgate-wire) ' \
-             pdgate-wire:'^(tokio|axum|hyper|reqwest|pdgate-) '; do
+# Discovery's clients (kube, k8s-openapi, hickory) belong to the gateway alone.
+for crate in pdgate-scheduler:'^(tokio|axum|hyper|reqwest|pdgate-transfer|kube|k8s-openapi|hickory-[a-z]+) ' \
+             pdgate-transfer:'^(axum|hyper|reqwest|pdgate-scheduler|pdgate-wire|kube|k8s-openapi|hickory-[a-z]+) ' \
+             pdgate-wire:'^(tokio|axum|hyper|reqwest|pdgate-|kube|k8s-openapi|hickory-[a-z]+) ' \
+             pdgate-engine-sim:'^(kube|k8s-openapi|hickory-[a-z]+) '; do
   name=${crate%%:*}; pattern=${crate#*:}
   found=$(cargo tree -p "$name" -e normal --prefix none --locked | tail -n +2 | sort -u | grep -E "$pattern" || true)
   if [ -n "$found" ]; then

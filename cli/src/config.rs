@@ -98,6 +98,7 @@ impl Layered for Config {
         "model",
         "scheduler",
         "workers",
+        "discovery",
         "health",
         "upstream",
         "breaker",

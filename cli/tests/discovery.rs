@@ -71,7 +71,14 @@ async fn a_pod_is_a_worker_only_while_ready_and_leaves_on_delete() {
     let m1 = at("10.0.0.100", 8000);
     // Not ready, then a ready marker behind it: once the marker shows, the first was handled.
     kube.apply(pod("d1", "u-d1", "decode", Some("10.0.0.1"), false, 8000));
-    kube.apply(pod("marker", "u-m", "decode", Some("10.0.0.100"), true, 8000));
+    kube.apply(pod(
+        "marker",
+        "u-m",
+        "decode",
+        Some("10.0.0.100"),
+        true,
+        8000,
+    ));
     until(&pool, Role::Decode, &[&m1]).await;
     // Ready.
     kube.apply(pod("d1", "u-d1", "decode", Some("10.0.0.1"), true, 8000));
@@ -101,7 +108,12 @@ async fn a_pod_is_a_worker_only_while_ready_and_leaves_on_delete() {
     kube.apply(relabelled);
     until(&pool, Role::Prefill, &[&at("10.0.1.1", 9000)]).await;
     until(&pool, Role::Decode, &[]).await;
-    assert_eq!(pool.views().len(), 1, "nothing else held: {:?}", pool.views());
+    assert_eq!(
+        pool.views().len(),
+        1,
+        "nothing else held: {:?}",
+        pool.views()
+    );
     d.stop();
 }
 
@@ -119,7 +131,11 @@ async fn a_dropped_watch_resumes_from_its_version_and_loses_nothing() {
     kube.set_watch_down(false);
     until(&pool, Role::Decode, &[&at("10.0.0.2", 8000)]).await;
     assert!(kube.watches() > watches, "a new watch");
-    assert_eq!(kube.lists(), lists, "resumed from its version, not re-listed");
+    assert_eq!(
+        kube.lists(),
+        lists,
+        "resumed from its version, not re-listed"
+    );
     d.stop();
 }
 
@@ -129,7 +145,12 @@ async fn gone_relists_and_a_pod_deleted_meanwhile_is_removed() {
     kube.apply(pod("d1", "u-d1", "decode", Some("10.0.0.1"), true, 8000));
     kube.apply(pod("d2", "u-d2", "decode", Some("10.0.0.2"), true, 8000));
     let (pool, d) = watched(&kube, 300).await;
-    until(&pool, Role::Decode, &[&at("10.0.0.1", 8000), &at("10.0.0.2", 8000)]).await;
+    until(
+        &pool,
+        Role::Decode,
+        &[&at("10.0.0.1", 8000), &at("10.0.0.2", 8000)],
+    )
+    .await;
     let lists = kube.lists();
     kube.set_watch_down(true);
     kube.delete("d1");
@@ -137,7 +158,12 @@ async fn gone_relists_and_a_pod_deleted_meanwhile_is_removed() {
     // The history the watch would resume from is gone: 410, then a fresh list.
     kube.compact();
     kube.set_watch_down(false);
-    until(&pool, Role::Decode, &[&at("10.0.0.2", 8000), &at("10.0.0.3", 8000)]).await;
+    until(
+        &pool,
+        Role::Decode,
+        &[&at("10.0.0.2", 8000), &at("10.0.0.3", 8000)],
+    )
+    .await;
     assert!(kube.lists() > lists, "re-listed after 410 Gone");
     d.stop();
 }
@@ -202,11 +228,21 @@ async fn dns_records_come_and_go_as_workers() {
         .expect("starts")
         .expect("dns");
     // A/AAAA with the configured port for decode; SRV (its own port) for prefill.
-    until(&pool, Role::Decode, &[&at("127.0.0.11", 8000), &at("127.0.0.12", 8000)]).await;
+    until(
+        &pool,
+        Role::Decode,
+        &[&at("127.0.0.11", 8000), &at("127.0.0.12", 8000)],
+    )
+    .await;
     until(&pool, Role::Prefill, &[&at("127.0.0.21", 9001)]).await;
     // A record removed: drained and removed; one added: added.
     dns.set_hosts("127.0.0.11 pd-decode.test\n127.0.0.13 pd-decode.test\n127.0.0.21 pf-a.test\n");
-    until(&pool, Role::Decode, &[&at("127.0.0.11", 8000), &at("127.0.0.13", 8000)]).await;
+    until(
+        &pool,
+        Role::Decode,
+        &[&at("127.0.0.11", 8000), &at("127.0.0.13", 8000)],
+    )
+    .await;
     // SRV targets change.
     dns.set_hosts("127.0.0.11 pd-decode.test\n127.0.0.21 pf-a.test\n127.0.0.22 pf-b.test\n");
     dns.set_srv(&["_http._tcp.pd-prefill.test,pf-b.test,9002"]);
@@ -300,9 +336,13 @@ async fn admin_api_adds_and_drains_workers() {
     let r = delete(direct["id"].to_string()).await;
     assert_eq!(r.status(), 200);
     let slow_id = added["id"].to_string();
+    let slow = (slow, added["id"].clone());
     assert!(
         eventually(WAIT, || async {
-            listed(&gw, "adm").await.iter().any(|w| w["id"].to_string() == slow_id && w["healthy"] == true)
+            listed(&gw, "adm")
+                .await
+                .iter()
+                .any(|w| w["id"] == slow.1 && w["healthy"] == true)
         })
         .await
     );
@@ -310,25 +350,39 @@ async fn admin_api_adds_and_drains_workers() {
         let gw = gw.clone();
         async move { post_status(&gw, chat("drain me", 8)).await }
     });
-    assert!(eventually(WAIT, || async { slow.hits() > 0 }).await);
+    assert!(eventually(WAIT, || async { slow.0.hits() > 0 }).await);
     let r = delete(slow_id.clone()).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["state"], "draining", "a request is on it");
-    let states: Vec<Value> = listed(&gw, "adm").await.iter().map(|w| w["state"].clone()).collect();
+    let states: Vec<Value> = listed(&gw, "adm")
+        .await
+        .iter()
+        .map(|w| w["state"].clone())
+        .collect();
     assert!(states.contains(&json!("draining")), "{states:?}");
     // Nothing new goes to it: no prefill left.
     assert_eq!(post_status(&gw, chat("no prefill", 4)).await, 503);
-    assert_eq!(in_flight.await.expect("task"), 200, "the request on it finished");
+    assert_eq!(
+        in_flight.await.expect("task"),
+        200,
+        "the request on it finished"
+    );
     assert!(
-        eventually(WAIT, || async { listed(&gw, "adm").await.iter().all(|w| w["id"].to_string() != slow_id) }).await,
+        eventually(WAIT, || async {
+            listed(&gw, "adm").await.iter().all(|w| w["id"] != slow.1)
+        })
+        .await,
         "gone once drained"
     );
     fleet.stop().await;
 }
 
 async fn post_status(gw: &str, body: Value) -> u16 {
-    post(gw, "/v1/chat/completions", body).await.status().as_u16()
+    post(gw, "/v1/chat/completions", body)
+        .await
+        .status()
+        .as_u16()
 }
 
 /// End to end: a gateway whose engines are all pods of the API server serves, loses a decode pod,
@@ -340,11 +394,35 @@ async fn a_kubernetes_discovered_fleet_serves_through_a_pod_deletion() {
     let kube = FakeKube::start().await;
     let port = |i: usize| -> u16 {
         let url = engines.engines[i].1.url();
-        url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port")
+        url.rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
     };
-    kube.apply(pod("pf-0", "u-pf0", "prefill", Some("127.0.0.1"), true, port(0)));
-    kube.apply(pod("dc-0", "u-dc0", "decode", Some("127.0.0.1"), true, port(1)));
-    kube.apply(pod("dc-1", "u-dc1", "decode", Some("127.0.0.1"), true, port(2)));
+    kube.apply(pod(
+        "pf-0",
+        "u-pf0",
+        "prefill",
+        Some("127.0.0.1"),
+        true,
+        port(0),
+    ));
+    kube.apply(pod(
+        "dc-0",
+        "u-dc0",
+        "decode",
+        Some("127.0.0.1"),
+        true,
+        port(1),
+    ));
+    kube.apply(pod(
+        "dc-1",
+        "u-dc1",
+        "decode",
+        Some("127.0.0.1"),
+        true,
+        port(2),
+    ));
     let mut cfg = engines.gateway.state.cfg.clone();
     cfg.workers = Vec::<WorkerConfig>::new();
     cfg.server.port = 0;
@@ -361,7 +439,12 @@ async fn a_kubernetes_discovered_fleet_serves_through_a_pod_deletion() {
     let url = gw.url();
     assert!(
         eventually(WAIT, || async {
-            admin_workers(&url).await.iter().filter(|w| w["healthy"] == true).count() == 3
+            admin_workers(&url)
+                .await
+                .iter()
+                .filter(|w| w["healthy"] == true)
+                .count()
+                == 3
         })
         .await,
         "{:?}",
@@ -371,7 +454,13 @@ async fn a_kubernetes_discovered_fleet_serves_through_a_pod_deletion() {
     let gone = engines.engines[1].1.url();
     kube.delete("dc-0");
     assert!(
-        eventually(WAIT, || async { admin_workers(&url).await.iter().all(|w| w["url"] != gone.as_str()) }).await,
+        eventually(WAIT, || async {
+            admin_workers(&url)
+                .await
+                .iter()
+                .all(|w| w["url"] != gone.as_str())
+        })
+        .await,
         "{:?}",
         admin_workers(&url).await
     );

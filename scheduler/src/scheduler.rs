@@ -472,7 +472,11 @@ mod tests {
         s.remove_instance(p);
         let left = s.index_bytes();
         let kept = if dec.decode == d { 10 } else { 1000 };
-        assert_eq!(left, kept * crate::index::BYTES_PER_ENTRY, "only the survivor's entries");
+        assert_eq!(
+            left,
+            kept * crate::index::BYTES_PER_ENTRY,
+            "only the survivor's entries"
+        );
         assert_eq!(s.load(dec.decode), None);
         assert_eq!(s.healthy_counts(), (0, 1));
         // The request in flight on the removed pair ends without touching the survivor.

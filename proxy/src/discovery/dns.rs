@@ -4,7 +4,7 @@
 //! worker. A failed lookup (timeout, server failure) changes nothing: only an answer, empty or
 //! not, is the new set, so a flaky resolver never empties the fleet.
 
-use super::{engine_url, Membership};
+use super::membership::{engine_url, Membership};
 use crate::config::{DnsDiscovery, WorkerConfig};
 use crate::fleet::Fleet;
 use anyhow::Context;

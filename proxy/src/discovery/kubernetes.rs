@@ -9,7 +9,7 @@
 //! while the watch was down, or an event missed, is repaired. It only reads the API: never
 //! writes to it.
 
-use super::{engine_url, Membership};
+use super::membership::{engine_url, Membership};
 use crate::config::{KubernetesDiscovery, Protocol, WorkerConfig};
 use crate::fleet::Fleet;
 use anyhow::Context;
