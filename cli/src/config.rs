@@ -131,6 +131,7 @@ impl Layered for EngineConfig {
         "registry_url",
         "registry_heartbeat_secs",
         "fleet_secret_file",
+        "transfer_tls",
         "faults",
     ];
 }

@@ -1,14 +1,24 @@
 //! `pdgate transfer-bench`: measures the KV transfer engine, Mooncake
-//! `transfer_engine_bench`-style. Argument parsing and printing only; the
-//! measuring lives in `pdgate_transfer::bench`. Never part of serving.
+//! `transfer_engine_bench`-style. Argument parsing, the plane's secret and
+//! certificates, and printing; the measuring lives in
+//! `pdgate_transfer::bench`. Never part of serving.
+//!
+//! The fleet secret comes as everywhere in pdgate (a file, else
+//! `PDGATE_FLEET_SECRET`; never a flag's value). `--loopback` without one
+//! makes an ephemeral secret, and `--tls` there an ephemeral CA and
+//! certificate, so the default measures the authenticated plane production
+//! runs; `--compare open,keyed,tls` measures several planes in one run.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use pdgate_transfer::bench::{self, BenchOp, BenchOptions, BenchResult, BENCH_SEGMENT};
-use pdgate_transfer::TransportChoice;
+use pdgate_transfer::{Secret, TlsFiles, TlsIdentity, TransportChoice};
+use pdgate_wire::fleet::FleetSecret;
+use rand::RngCore;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Role {
@@ -64,6 +74,108 @@ pub struct TransferBenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// File holding the fleet secret (else PDGATE_FLEET_SECRET). Without
+    /// either, --loopback makes an ephemeral one; the roles run open.
+    #[arg(long)]
+    pub fleet_secret_file: Option<PathBuf>,
+    /// Run without the fleet secret (the open plane), even if one is set.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Mutual TLS on TCP transfer connections. With --loopback and no
+    /// --tls-* files, an ephemeral CA and certificate are made for the run.
+    #[arg(long)]
+    pub tls: bool,
+    /// This end's certificate chain (PEM); with --tls-key and --tls-ca turns TLS on.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The fleet CA the peer's certificate must chain to (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// --loopback only: measure each of these planes in turn, --rounds
+    /// times in rotating order, and print each one's medians and ratios to
+    /// the first. open: no secret; keyed: fleet secret; tls: fleet secret
+    /// inside mutual TLS.
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with_all = ["no_auth", "tls"])]
+    pub compare: Vec<Plane>,
+    /// Rounds of --compare.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// How the transfer plane is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Plane {
+    /// No fleet secret: anyone who reaches the port is served.
+    Open,
+    /// The fleet-secret handshake on every connection.
+    Keyed,
+    /// The fleet-secret handshake inside mutual TLS 1.3.
+    Tls,
+}
+
+/// The secret the roles prove: the configured one; in loopback without one,
+/// an ephemeral one (both ends are this process).
+fn secret(a: &TransferBenchArgs) -> anyhow::Result<Option<Secret>> {
+    if a.no_auth {
+        return Ok(None);
+    }
+    let configured = FleetSecret::load(a.fleet_secret_file.as_deref())?;
+    let bytes = match configured {
+        Some(s) => s.as_bytes().to_vec(),
+        None if a.loopback => {
+            let mut b = vec![0u8; 32];
+            rand::rng().fill_bytes(&mut b);
+            b
+        }
+        None => return Ok(None),
+    };
+    Ok(Some(Secret::new(&bytes)?))
+}
+
+/// The TLS identity: from the --tls-* files, else (loopback, --tls) made for
+/// this run.
+fn tls(a: &TransferBenchArgs, wanted: bool) -> anyhow::Result<Option<TlsIdentity>> {
+    if let (Some(cert), Some(key), Some(ca)) = (&a.tls_cert, &a.tls_key, &a.tls_ca) {
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        };
+        return Ok(Some(TlsIdentity::load(&files)?));
+    }
+    if !wanted {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        a.loopback,
+        "--tls needs --tls-cert, --tls-key and --tls-ca (the fleet's certificates) outside --loopback"
+    );
+    Ok(Some(ephemeral_tls()?))
+}
+
+/// A throwaway CA and one certificate for 127.0.0.1, used by both ends.
+fn ephemeral_tls() -> anyhow::Result<TlsIdentity> {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca = ca.self_signed(&ca_key)?;
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &ca, &ca_key)?;
+    Ok(TlsIdentity::from_pem(
+        cert.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        ca.pem().as_bytes(),
+    )?)
 }
 
 fn options(a: &TransferBenchArgs) -> anyhow::Result<BenchOptions> {
@@ -80,11 +192,20 @@ fn options(a: &TransferBenchArgs) -> anyhow::Result<BenchOptions> {
             None => d.slice_size,
         },
         connections_per_peer: a.connections.unwrap_or(d.connections_per_peer),
+        secret: secret(a)?,
+        tls: tls(a, a.tls)?,
     })
 }
 
 pub async fn run(a: TransferBenchArgs) -> anyhow::Result<()> {
     let opts = options(&a)?;
+    if !a.compare.is_empty() {
+        anyhow::ensure!(
+            a.loopback,
+            "--compare runs both ends here: it needs --loopback"
+        );
+        return compare(&a, opts).await;
+    }
     let result = if a.loopback {
         bench::run_loopback(&opts).await?
     } else {
@@ -104,7 +225,10 @@ pub async fn run(a: TransferBenchArgs) -> anyhow::Result<()> {
                     .target
                     .as_deref()
                     .context("--target host:port is required for the initiator")?;
-                let probe = pdgate_transfer::TransferEngine::start(Default::default()).await?;
+                let probe = pdgate_transfer::TransferEngine::start(
+                    opts.engine_options(SocketAddr::from(([127, 0, 0, 1], 0))),
+                )
+                .await?;
                 let desc = probe.discover(endpoint, BENCH_SEGMENT).await?;
                 probe.shutdown();
                 bench::run_initiator(&opts, &desc).await?
@@ -117,6 +241,104 @@ pub async fn run(a: TransferBenchArgs) -> anyhow::Result<()> {
         None
     };
     print(&result, baseline, a.json)
+}
+
+/// Runs every plane of `--compare` `--rounds` times, rotating the order each
+/// round so the machine's drift hits all alike, and prints each plane's
+/// medians and their ratios to the first plane's.
+async fn compare(a: &TransferBenchArgs, base: BenchOptions) -> anyhow::Result<()> {
+    let secret = match base.secret.clone() {
+        Some(s) => s,
+        None => {
+            let mut b = [0u8; 32];
+            rand::rng().fill_bytes(&mut b);
+            Secret::new(&b)?
+        }
+    };
+    let identity = match a.compare.contains(&Plane::Tls) {
+        true => tls(a, true)?,
+        false => None,
+    };
+    let opts_for = |p: Plane| BenchOptions {
+        secret: (p != Plane::Open).then(|| secret.clone()),
+        tls: if p == Plane::Tls {
+            identity.clone()
+        } else {
+            None
+        },
+        ..base.clone()
+    };
+    let planes = &a.compare;
+    let rounds = a.rounds.max(1);
+    let mut runs: Vec<Vec<BenchResult>> = vec![Vec::new(); planes.len()];
+    for round in 0..rounds {
+        for k in 0..planes.len() {
+            let i = (k + round) % planes.len();
+            let r = bench::run_loopback(&opts_for(planes[i])).await?;
+            if !a.json {
+                println!(
+                    "  round {round}: {:<5} {:>7.3} GB/s  p50 {:>7.1} us  p99 {:>7.1} us",
+                    format!("{:?}", planes[i]).to_lowercase(),
+                    r.gb_per_s,
+                    r.latency_us_p50,
+                    r.latency_us_p99
+                );
+            }
+            runs[i].push(r);
+        }
+    }
+    let median = |v: &[BenchResult], f: fn(&BenchResult) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let rows: Vec<(Plane, f64, f64, f64)> = planes
+        .iter()
+        .zip(&runs)
+        .map(|(p, v)| {
+            (
+                *p,
+                median(v, |r| r.gb_per_s),
+                median(v, |r| r.latency_us_p50),
+                median(v, |r| r.latency_us_p99),
+            )
+        })
+        .collect();
+    let (_, g0, l0, t0) = rows[0];
+    if a.json {
+        let planes: Vec<_> = rows
+            .iter()
+            .map(|(p, g, l, t)| {
+                serde_json::json!({"plane": p, "gb_per_s": g, "latency_us_p50": l, "latency_us_p99": t,
+                    "throughput_ratio": g / g0, "p50_ratio": l / l0, "p99_ratio": t / t0})
+            })
+            .collect();
+        let first = &runs[0][0];
+        println!(
+            "{}",
+            serde_json::json!({"transport": first.transport, "op": first.op, "block_size": first.block_size,
+                "batch_size": first.batch_size, "threads": first.threads, "rounds": rounds, "planes": planes})
+        );
+        return Ok(());
+    }
+    let first = &runs[0][0];
+    println!(
+        "{:?} {:?}: block {} B x batch {} x threads {}, median of {rounds} rounds; ratios to {:?}",
+        first.transport, first.op, first.block_size, first.batch_size, first.threads, rows[0].0
+    );
+    for (p, g, l, t) in &rows {
+        println!(
+            "  {:<5} {:>7.3} GB/s ({:.3})  p50 {:>7.1} us ({:.3})  p99 {:>7.1} us ({:.3})",
+            format!("{p:?}").to_lowercase(),
+            g,
+            g / g0,
+            l,
+            l / l0,
+            t,
+            t / t0
+        );
+    }
+    Ok(())
 }
 
 /// (name, GB/s) of the matching baseline for the bytes `r` moved.

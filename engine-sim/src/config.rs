@@ -60,6 +60,11 @@ pub struct EngineConfig {
     /// File holding the fleet secret (else `PDGATE_FLEET_SECRET`): what proves to the gateway and
     /// to peer engines that this engine belongs to the fleet. Never a command-line value.
     pub fleet_secret_file: Option<std::path::PathBuf>,
+    /// Mutual TLS 1.3 on the transfer plane's TCP connections: `cert`, `key` and `ca` PEM paths
+    /// (`[transfer_tls]`). Peers must present a certificate from `ca`, and the certificate here
+    /// must name the host peers dial. The fleet-secret handshake still runs inside. Absent: plain
+    /// TCP (shared memory to same-host peers is never TLS).
+    pub transfer_tls: Option<pdgate_transfer::TlsFiles>,
     pub faults: Faults,
 }
 
@@ -88,6 +93,7 @@ impl Default for EngineConfig {
             registry_url: None,
             registry_heartbeat_secs: 10,
             fleet_secret_file: None,
+            transfer_tls: None,
             faults: Faults::default(),
         }
     }

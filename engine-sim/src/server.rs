@@ -98,10 +98,16 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
     let secret = FleetSecret::load(cfg.fleet_secret_file.as_deref())?
         .map(|s| pdgate_transfer::Secret::new(s.as_bytes()))
         .transpose()?;
+    let tls = cfg
+        .transfer_tls
+        .as_ref()
+        .map(pdgate_transfer::TlsIdentity::load)
+        .transpose()?;
     let transfer = TransferEngine::start(EngineOptions {
         listen,
         transport: cfg.transport,
         secret,
+        tls,
         ..EngineOptions::default()
     })
     .await?;
@@ -310,12 +316,15 @@ async fn models(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
     )
 }
 
+/// The engine's own figures, then its transfer listeners' admissions (`pdgate_transfer_*`, this
+/// engine's alone: the `metrics` facade's recorder, if the process has one, sums every engine
+/// in the process).
 async fn metrics(State(e): State<Arc<Engine>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        e.stats
-            .render(&e.cfg.model, e.cfg.block_size, e.cfg.kv_blocks),
-    )
+    let mut body = e
+        .stats
+        .render(&e.cfg.model, e.cfg.block_size, e.cfg.kv_blocks);
+    body.push_str(&e.transfer.admission_stats().render_prometheus());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// Small SSE chunks and JSON answers must not wait on Nagle's algorithm (it adds tens of ms per

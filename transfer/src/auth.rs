@@ -25,8 +25,11 @@
 //! (`Mac::verify_slice`).
 //!
 //! This authenticates peers; it does not encrypt or integrity-protect the
-//! frames that follow, so an attacker on the path between two fleet members
-//! could still read or alter them (TLS on the transfer path is not built).
+//! frames that follow, so on its own an attacker on the path between two
+//! fleet members could still read or alter them. With TLS configured
+//! (`tls`), this exchange runs inside the TLS session.
+//! Every message is flushed before the reply is awaited: under TLS, written
+//! bytes may wait in the session until a flush.
 //! This module knows sockets only as byte streams and nothing of frames
 //! beyond the frame magic (to recognise a peer that skipped the handshake).
 
@@ -38,6 +41,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::TransferError;
+use crate::transport::gate::HandshakeOutcome;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -181,7 +185,22 @@ pub(crate) enum Refusal {
     Malformed,
     /// The client's proof is wrong: it does not hold the fleet secret.
     BadProof,
+    /// The TLS handshake before it failed (set by the caller; this module
+    /// runs inside whatever stream it is given).
+    Tls(std::io::Error),
     Io(std::io::Error),
+}
+
+impl Refusal {
+    pub(crate) fn outcome(&self) -> HandshakeOutcome {
+        match self {
+            Refusal::NoHandshake => HandshakeOutcome::NoHandshake,
+            Refusal::Malformed => HandshakeOutcome::Malformed,
+            Refusal::BadProof => HandshakeOutcome::BadMac,
+            Refusal::Tls(_) => HandshakeOutcome::Tls,
+            Refusal::Io(_) => HandshakeOutcome::Aborted,
+        }
+    }
 }
 
 impl From<std::io::Error> for Refusal {
@@ -196,6 +215,7 @@ impl std::fmt::Display for Refusal {
             Refusal::NoHandshake => f.write_str("peer sent a frame without authenticating"),
             Refusal::Malformed => f.write_str("malformed authentication handshake"),
             Refusal::BadProof => f.write_str("peer does not hold the fleet secret"),
+            Refusal::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Refusal::Io(e) => write!(f, "i/o during authentication: {e}"),
         }
     }
@@ -227,6 +247,7 @@ where
     challenge[PREFIX_LEN..PREFIX_LEN + NONCE_LEN].copy_from_slice(&server);
     challenge[PREFIX_LEN + NONCE_LEN..].copy_from_slice(&key.proof(SERVER_LABEL, &client, &server));
     w.write_all(&challenge).await?;
+    w.flush().await?;
     let mut proof = [0u8; TAG_LEN];
     r.read_exact(&mut proof).await?;
     if !key.verify(CLIENT_LABEL, &client, &server, &proof) {
@@ -237,13 +258,15 @@ where
 
 /// Tells an authenticated client it may send frames.
 pub(crate) async fn admit<S: AsyncWrite + Unpin>(s: &mut S) -> std::io::Result<()> {
-    s.write_all(&verdict(ADMITTED)).await
+    s.write_all(&verdict(ADMITTED)).await?;
+    s.flush().await
 }
 
 /// Tells an authenticated client this engine has no room for another
 /// connection; the caller closes it.
 pub(crate) async fn busy<S: AsyncWrite + Unpin>(s: &mut S) -> std::io::Result<()> {
-    s.write_all(&verdict(BUSY)).await
+    s.write_all(&verdict(BUSY)).await?;
+    s.flush().await
 }
 
 fn verdict(status: u8) -> [u8; VERDICT_LEN] {
@@ -264,6 +287,7 @@ pub(crate) async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     hello[..PREFIX_LEN].copy_from_slice(&prefix());
     hello[PREFIX_LEN..].copy_from_slice(&client);
     s.write_all(&hello).await?;
+    s.flush().await?;
     let mut challenge = [0u8; CHALLENGE_LEN];
     read_or_refused(s, &mut challenge[..PREFIX_LEN]).await?;
     let mut head = [0u8; PREFIX_LEN];
@@ -302,6 +326,7 @@ pub(crate) async fn client<S: AsyncRead + AsyncWrite + Unpin>(
     }
     s.write_all(&key.proof(CLIENT_LABEL, &client, &server))
         .await?;
+    s.flush().await?;
     let mut v = [0u8; VERDICT_LEN];
     read_or_refused(s, &mut v).await?;
     let mut head = [0u8; PREFIX_LEN];

@@ -5,6 +5,10 @@
 //! baselines the README compares against (a plain loopback socket copy and
 //! a single-threaded memcpy of the same bytes).
 //!
+//! Both ends run with the fleet secret and TLS the options carry, so the
+//! bench measures the plane production runs (`secret`, `tls`); the caller
+//! decides where they come from.
+//!
 //! It measures; it must never be on a serving path, and it knows nothing of
 //! CLIs (the `pdgate` binary parses arguments and prints).
 
@@ -16,10 +20,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::auth::Secret;
 use crate::batch::Batch;
 use crate::engine::{EngineOptions, TransferEngine};
 use crate::error::TransferError;
 use crate::metadata::SegmentDesc;
+use crate::tls::TlsIdentity;
 use crate::transport::kind::{TransportChoice, TransportKind};
 
 /// Name of the segment a bench target registers.
@@ -56,6 +62,10 @@ pub struct BenchOptions {
     pub duration: Duration,
     pub slice_size: usize,
     pub connections_per_peer: usize,
+    /// The fleet secret both ends prove (`None`: the open plane).
+    pub secret: Option<Secret>,
+    /// Mutual TLS on TCP connections, both ends with this identity.
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Default for BenchOptions {
@@ -70,6 +80,8 @@ impl Default for BenchOptions {
             duration: Duration::from_secs(5),
             slice_size: e.slice_size,
             connections_per_peer: e.connections_per_peer,
+            secret: None,
+            tls: None,
         }
     }
 }
@@ -82,13 +94,16 @@ impl BenchOptions {
             .saturating_mul(self.threads.max(1))
     }
 
-    fn engine_options(&self, listen: SocketAddr) -> EngineOptions {
+    /// The engine options either end of the bench runs with.
+    pub fn engine_options(&self, listen: SocketAddr) -> EngineOptions {
         EngineOptions {
             listen,
             transport: self.transport,
             slice_size: self.slice_size,
             connections_per_peer: self.connections_per_peer,
             op_timeout: Duration::from_secs(60),
+            secret: self.secret.clone(),
+            tls: self.tls.clone(),
             ..EngineOptions::default()
         }
     }

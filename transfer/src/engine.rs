@@ -22,6 +22,7 @@ use crate::error::TransferError;
 use crate::local::{LocalSegments, Notification, ShmBacking};
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
+use crate::tls::TlsIdentity;
 use crate::transport::gate::{AdmissionStats, Counters, Gate, Limits, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::transport::handshake::host_id;
 use crate::transport::kind::{TransportChoice, TransportKind};
@@ -64,6 +65,10 @@ pub struct EngineOptions {
     /// a secret, to send its first bytes) before it is closed; also bounds
     /// this engine's own handshakes as a client.
     pub handshake_timeout: Duration,
+    /// Mutual TLS 1.3 on TCP transfer connections, both directions: peers
+    /// must present a certificate from the fleet CA, and so must this
+    /// engine. `None`: plain TCP. The shm commit socket never uses it.
+    pub tls: Option<TlsIdentity>,
     /// RC queue pairs per RDMA connection (1..=16).
     #[cfg(feature = "rdma")]
     pub rdma_qps_per_peer: usize,
@@ -82,6 +87,7 @@ impl Default for EngineOptions {
             shm_dir: PathBuf::from(SHM_DIR),
             secret: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            tls: None,
             #[cfg(feature = "rdma")]
             rdma_qps_per_peer: crate::transport::rdma::session::DEFAULT_QPS_PER_PEER,
         }
@@ -193,9 +199,10 @@ impl TransferEngine {
         let admissions = Arc::new(Counters::default());
         // One gate per listener (each bounds its own connections), one set
         // of counters for both.
-        let admission = || {
+        let admission = |tls: Option<tokio_rustls::TlsAcceptor>| {
             Arc::new(Admission {
                 key: key.clone(),
+                tls,
                 handshake_timeout: opts.handshake_timeout,
                 gate: Gate::new(Limits::default(), admissions.clone()),
             })
@@ -204,16 +211,17 @@ impl TransferEngine {
             Listener::Tcp(listener),
             local.clone(),
             shutdown_rx.clone(),
-            admission(),
+            admission(opts.tls.as_ref().map(|t| t.acceptor.clone())),
         ));
         let control = shared
-            .then(|| Self::serve_control(&shm_dir, &local, shutdown_rx, admission()))
+            .then(|| Self::serve_control(&shm_dir, &local, shutdown_rx, admission(None)))
             .flatten();
-        tracing::debug!(%endpoint, authenticated = key.is_some(), "transfer engine listening");
+        tracing::debug!(%endpoint, authenticated = key.is_some(), tls = opts.tls.is_some(), "transfer engine listening");
         let tcp = Arc::new(TcpTransport::new(
             opts.connections_per_peer,
             opts.slice_size,
             key,
+            opts.tls.as_ref().map(|t| t.connector.clone()),
             opts.handshake_timeout,
         ));
         Ok(Arc::new(TransferEngine {

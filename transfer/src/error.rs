@@ -61,6 +61,10 @@ pub enum TransferError {
     /// Retrying on another connection cannot help.
     #[error("not authenticated: {0}")]
     Unauthenticated(String),
+    /// The engine's own options are unusable (e.g. TLS files that cannot be
+    /// read or parsed); reported by `TransferEngine::start`.
+    #[error("transfer configuration: {0}")]
+    Config(String),
     /// The local engine has been shut down.
     #[error("transfer engine shut down")]
     Shutdown,

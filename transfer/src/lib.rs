@@ -7,7 +7,8 @@
 //! Segment locations are published through a [`MetadataStore`]. Transports
 //! are pluggable behind [`Transport`]: TCP, shared memory, and RDMA (cargo
 //! feature `rdma`), chosen per peer. With a fleet secret (`Secret`), peers
-//! prove they hold it on every connection before any frame. This crate must know
+//! prove they hold it on every connection before any frame; with TLS
+//! (`TlsIdentity`), TCP connections are mutual TLS 1.3 around that. This crate must know
 //! nothing of HTTP or LLMs: segments are bytes, notifications are opaque.
 
 mod auth;
@@ -21,6 +22,7 @@ mod limits;
 mod local;
 mod metadata;
 mod segment;
+mod tls;
 mod transport;
 mod wire;
 
@@ -34,7 +36,11 @@ pub use limits::MAX_NOTIFY_LEN;
 pub use local::Notification;
 pub use metadata::{Claim, MemoryRegistry, MetadataStore, SegmentDesc};
 pub use segment::Segment;
-pub use transport::gate::{AdmissionStats, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use tls::{TlsFiles, TlsIdentity};
+pub use transport::gate::{
+    AdmissionStats, HandshakeOutcome, DEFAULT_HANDSHAKE_TIMEOUT, METRIC_CAP_REFUSALS,
+    METRIC_HANDSHAKES, METRIC_OPEN,
+};
 pub use transport::handshake::{RdmaLocation, SegmentAdvert, ShmLocation};
 pub use transport::kind::{TransportChoice, TransportKind};
 /// The RDMA transport's verbs-independent logic and thin verbs layer.

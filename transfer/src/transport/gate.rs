@@ -38,6 +38,75 @@ pub(crate) const MAX_ESTABLISHED_PER_HOST: usize = 512;
 /// Default deadline from accept to a completed handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How an inbound connection's admission handshake ended: the `outcome`
+/// label of `pdgate_transfer_handshakes_total`, a fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeOutcome {
+    /// Handshake completed (without a secret: the first bytes arrived).
+    Accepted,
+    /// The peer's proof of the fleet secret was wrong.
+    BadMac,
+    /// The peer sent a frame without authenticating.
+    NoHandshake,
+    /// Not a handshake message of this version.
+    Malformed,
+    /// The peer closed or broke the connection mid-handshake (a client
+    /// with another secret does this after checking our proof).
+    Aborted,
+    /// The TLS handshake failed: no certificate, one from another CA, or
+    /// not TLS at all.
+    Tls,
+    /// No completed handshake within the deadline.
+    Deadline,
+    /// Cancelled to make room for a newer pending connection.
+    Evicted,
+}
+
+impl HandshakeOutcome {
+    pub const ALL: [HandshakeOutcome; 8] = [
+        HandshakeOutcome::Accepted,
+        HandshakeOutcome::BadMac,
+        HandshakeOutcome::NoHandshake,
+        HandshakeOutcome::Malformed,
+        HandshakeOutcome::Aborted,
+        HandshakeOutcome::Tls,
+        HandshakeOutcome::Deadline,
+        HandshakeOutcome::Evicted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeOutcome::Accepted => "accepted",
+            HandshakeOutcome::BadMac => "bad_mac",
+            HandshakeOutcome::NoHandshake => "no_handshake",
+            HandshakeOutcome::Malformed => "malformed",
+            HandshakeOutcome::Aborted => "aborted",
+            HandshakeOutcome::Tls => "tls",
+            HandshakeOutcome::Deadline => "deadline",
+            HandshakeOutcome::Evicted => "evicted",
+        }
+    }
+
+    /// A refusal of the peer (as opposed to a deadline or an eviction).
+    fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            HandshakeOutcome::BadMac
+                | HandshakeOutcome::NoHandshake
+                | HandshakeOutcome::Malformed
+                | HandshakeOutcome::Aborted
+                | HandshakeOutcome::Tls
+        )
+    }
+}
+
+/// Metric names, shared by the facade (process-wide, for whichever
+/// exporter the process installed) and [`AdmissionStats::render_prometheus`]
+/// (one engine's own figures).
+pub const METRIC_HANDSHAKES: &str = "pdgate_transfer_handshakes_total";
+pub const METRIC_CAP_REFUSALS: &str = "pdgate_transfer_connections_refused_total";
+pub const METRIC_OPEN: &str = "pdgate_transfer_connections_open";
+
 /// Why connections to an engine's transfer listeners were closed, and how
 /// many were admitted: totals since the engine started, over its TCP port
 /// and its shm commit socket.
@@ -47,7 +116,8 @@ pub struct AdmissionStats {
     /// sent their first bytes) and were served.
     pub admitted: u64,
     /// Closed for failing the handshake: no handshake at all (a frame
-    /// first), a malformed one, or a wrong proof.
+    /// first), a malformed one, a wrong proof, a TLS failure, or a close
+    /// mid-handshake.
     pub refused: u64,
     /// Closed for not finishing the handshake within the deadline.
     pub timed_out: u64,
@@ -55,40 +125,122 @@ pub struct AdmissionStats {
     pub evicted: u64,
     /// Authenticated but closed because the listener was at its cap.
     pub over_capacity: u64,
+    /// Of `over_capacity`: closed by the per-host cap.
+    pub over_peer_cap: u64,
+    /// Authenticated connections being served now.
+    pub open: u64,
+    /// Handshakes by outcome, in [`HandshakeOutcome::ALL`] order.
+    handshakes: [u64; 8],
+}
+
+impl AdmissionStats {
+    /// Handshakes that ended with `outcome`.
+    pub fn handshakes(&self, outcome: HandshakeOutcome) -> u64 {
+        HandshakeOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |i| self.handshakes[i])
+    }
+
+    /// These figures in Prometheus text format, under the names the facade
+    /// uses, for a `/metrics` that reports one engine (several engines may
+    /// share a process, and the facade's recorder is process-wide).
+    pub fn render_prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(1024);
+        let _ = writeln!(
+            out,
+            "# HELP {METRIC_HANDSHAKES} Inbound transfer connections by how their admission handshake ended.\n# TYPE {METRIC_HANDSHAKES} counter"
+        );
+        for o in HandshakeOutcome::ALL {
+            let _ = writeln!(
+                out,
+                "{METRIC_HANDSHAKES}{{outcome=\"{}\"}} {}",
+                o.label(),
+                self.handshakes(o)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {METRIC_CAP_REFUSALS} Authenticated transfer connections closed at a connection cap.\n# TYPE {METRIC_CAP_REFUSALS} counter"
+        );
+        let per_listener = self.over_capacity - self.over_peer_cap;
+        for (reason, n) in [
+            ("peer_cap", self.over_peer_cap),
+            ("listener_cap", per_listener),
+        ] {
+            let _ = writeln!(out, "{METRIC_CAP_REFUSALS}{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {METRIC_OPEN} Authenticated transfer connections being served.\n# TYPE {METRIC_OPEN} gauge\n{METRIC_OPEN} {}",
+            self.open
+        );
+        out
+    }
 }
 
 /// Shared by an engine's listeners; read through
-/// `TransferEngine::admission_stats`.
+/// `TransferEngine::admission_stats`. Every count also goes to the `metrics`
+/// facade.
 #[derive(Default)]
 pub(crate) struct Counters {
     admitted: AtomicU64,
-    refused: AtomicU64,
-    timed_out: AtomicU64,
-    evicted: AtomicU64,
     over_capacity: AtomicU64,
+    over_peer_cap: AtomicU64,
+    open: AtomicU64,
+    handshakes: [AtomicU64; 8],
 }
 
 impl Counters {
     pub(crate) fn snapshot(&self) -> AdmissionStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let handshakes: [u64; 8] = std::array::from_fn(|i| get(&self.handshakes[i]));
+        let sum = |pick: fn(HandshakeOutcome) -> bool| -> u64 {
+            HandshakeOutcome::ALL
+                .iter()
+                .zip(handshakes)
+                .filter(|(o, _)| pick(**o))
+                .map(|(_, n)| n)
+                .sum()
+        };
         AdmissionStats {
-            admitted: self.admitted.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
-            timed_out: self.timed_out.load(Ordering::Relaxed),
-            evicted: self.evicted.load(Ordering::Relaxed),
-            over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            admitted: get(&self.admitted),
+            refused: sum(HandshakeOutcome::is_refusal),
+            timed_out: sum(|o| o == HandshakeOutcome::Deadline),
+            evicted: sum(|o| o == HandshakeOutcome::Evicted),
+            over_capacity: get(&self.over_capacity),
+            over_peer_cap: get(&self.over_peer_cap),
+            open: get(&self.open),
+            handshakes,
         }
     }
 
-    pub(crate) fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn handshake(&self, outcome: HandshakeOutcome) {
+        if let Some(i) = HandshakeOutcome::ALL.iter().position(|o| *o == outcome) {
+            self.handshakes[i].fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::counter!(METRIC_HANDSHAKES, "outcome" => outcome.label()).increment(1);
     }
 
-    pub(crate) fn timed_out(&self) {
-        self.timed_out.fetch_add(1, Ordering::Relaxed);
+    fn over_capacity(&self, per_host: bool) {
+        self.over_capacity.fetch_add(1, Ordering::Relaxed);
+        if per_host {
+            self.over_peer_cap.fetch_add(1, Ordering::Relaxed);
+        }
+        let reason = if per_host { "peer_cap" } else { "listener_cap" };
+        metrics::counter!(METRIC_CAP_REFUSALS, "reason" => reason).increment(1);
     }
 
-    pub(crate) fn evicted(&self) {
-        self.evicted.fetch_add(1, Ordering::Relaxed);
+    fn opened(&self) {
+        self.admitted.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(METRIC_OPEN).increment(1.0);
+    }
+
+    fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(METRIC_OPEN).decrement(1.0);
     }
 }
 
@@ -176,7 +328,7 @@ impl Gate {
         };
         if let Some(at) = victim {
             if st.remove_pending(at).is_some() {
-                self.counters.evicted();
+                self.counters.handshake(HandshakeOutcome::Evicted);
             }
         }
         let id = st.next_id;
@@ -195,17 +347,16 @@ impl Gate {
         let host: Arc<str> = host.into();
         let mut st = self.state.lock();
         let from_host = st.established_per_host.get(&host).copied().unwrap_or(0);
-        if st.established >= self.limits.established
-            || from_host >= self.limits.established_per_host
-        {
+        let per_host = from_host >= self.limits.established_per_host;
+        if per_host || st.established >= self.limits.established {
             drop(st);
-            self.counters.over_capacity.fetch_add(1, Ordering::Relaxed);
+            self.counters.over_capacity(per_host);
             return None;
         }
         st.established += 1;
         *st.established_per_host.entry(host.clone()).or_insert(0) += 1;
         drop(st);
-        self.counters.admitted.fetch_add(1, Ordering::Relaxed);
+        self.counters.opened();
         Some(Established {
             gate: self.clone(),
             host,
@@ -254,6 +405,8 @@ impl Drop for Established {
         let mut st = self.gate.state.lock();
         st.established -= 1;
         decrement(&mut st.established_per_host, &self.host);
+        drop(st);
+        self.gate.counters.closed();
     }
 }
 
@@ -317,6 +470,13 @@ mod tests {
         drop(a1);
         assert!(g.establish("c").is_some());
         let s = g.counters().snapshot();
-        assert_eq!((s.admitted, s.over_capacity), (4, 2));
+        assert_eq!((s.admitted, s.over_capacity, s.over_peer_cap), (4, 2, 1));
+        assert_eq!(s.open, 2, "a1 and c gave their slots back");
+        let text = s.render_prometheus();
+        assert!(text.contains("pdgate_transfer_connections_refused_total{reason=\"peer_cap\"} 1"));
+        assert!(
+            text.contains("pdgate_transfer_connections_refused_total{reason=\"listener_cap\"} 1")
+        );
+        assert!(text.contains("pdgate_transfer_connections_open 2"));
     }
 }

@@ -4,6 +4,10 @@
 //! acknowledgement through the owner; over a Unix socket that round trip
 //! skips the TCP/IP stack, which costs about twice as much CPU on loopback.
 //!
+//! A TCP connection may carry TLS (`tls`); then frames are read and written
+//! through the session, and the server's zero-copy paths (`try_read` into
+//! segment memory) give way to a copy through a buffer ([`ReadHalf::raw`]).
+//!
 //! Which kind of socket to open is in the type ([`Addr`]), never parsed out of
 //! an endpoint string: endpoints arrive from the network (descriptors,
 //! registries), and none of them may make an engine open a local socket.
@@ -17,6 +21,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::TlsStream;
 
 use crate::error::TransferError;
 
@@ -42,6 +47,8 @@ impl fmt::Display for Addr<'_> {
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: a session's buffers are large, and most streams are not TLS.
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -59,11 +66,23 @@ impl Stream {
         }
     }
 
-    /// Non-blocking read, for probing an idle connection for a close.
+    /// Non-blocking read, for probing an idle connection for a close. On a
+    /// TLS connection it reads the socket under the session: any byte there
+    /// (a close_notify, an alert) means the connection is done with, as the
+    /// server sends nothing unasked (no session tickets).
     pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_read(buf),
             Stream::Unix(s) => s.try_read(buf),
+            Stream::Tls(s) => s.get_ref().0.try_read(buf),
+        }
+    }
+
+    /// The plain TCP stream under this one, for the TLS handshake.
+    pub(crate) fn into_tcp(self) -> Option<TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Unix(_) | Stream::Tls(_) => None,
         }
     }
 
@@ -73,6 +92,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip().to_string()),
             Stream::Unix(_) => Some("local".to_owned()),
+            Stream::Tls(s) => s.get_ref().0.peer_addr().ok().map(|a| a.ip().to_string()),
         }
     }
 
@@ -85,6 +105,10 @@ impl Stream {
             Stream::Unix(s) => {
                 let (r, w) = s.into_split();
                 (ReadHalf::Unix(r), WriteHalf::Unix(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
             }
         }
     }
@@ -114,20 +138,40 @@ impl Listener {
 pub(crate) enum ReadHalf {
     Tcp(tcp::OwnedReadHalf),
     Unix(unix::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// A socket's read side as the kernel sees it: bytes read from it are the
+/// peer's bytes, so they may go straight into segment memory.
+pub(crate) enum RawRead<'a> {
+    Tcp(&'a tcp::OwnedReadHalf),
+    Unix(&'a unix::OwnedReadHalf),
 }
 
 impl ReadHalf {
+    /// The socket itself, unless a TLS session sits between it and the
+    /// frames (then there is no zero-copy read).
+    pub(crate) fn raw(&self) -> Option<RawRead<'_>> {
+        match self {
+            ReadHalf::Tcp(h) => Some(RawRead::Tcp(h)),
+            ReadHalf::Unix(h) => Some(RawRead::Unix(h)),
+            ReadHalf::Tls(_) => None,
+        }
+    }
+}
+
+impl RawRead<'_> {
     pub(crate) async fn readable(&self) -> io::Result<()> {
         match self {
-            ReadHalf::Tcp(h) => h.readable().await,
-            ReadHalf::Unix(h) => h.readable().await,
+            RawRead::Tcp(h) => h.readable().await,
+            RawRead::Unix(h) => h.readable().await,
         }
     }
 
     pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            ReadHalf::Tcp(h) => h.try_read(buf),
-            ReadHalf::Unix(h) => h.try_read(buf),
+            RawRead::Tcp(h) => h.try_read(buf),
+            RawRead::Unix(h) => h.try_read(buf),
         }
     }
 }
@@ -135,25 +179,44 @@ impl ReadHalf {
 pub(crate) enum WriteHalf {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+/// A socket's write side as the kernel sees it (see [`RawRead`]).
+pub(crate) enum RawWrite<'a> {
+    Tcp(&'a tcp::OwnedWriteHalf),
+    Unix(&'a unix::OwnedWriteHalf),
 }
 
 impl WriteHalf {
+    /// The socket itself, unless a TLS session sits in between.
+    pub(crate) fn raw(&self) -> Option<RawWrite<'_>> {
+        match self {
+            WriteHalf::Tcp(h) => Some(RawWrite::Tcp(h)),
+            WriteHalf::Unix(h) => Some(RawWrite::Unix(h)),
+            WriteHalf::Tls(_) => None,
+        }
+    }
+}
+
+impl RawWrite<'_> {
     pub(crate) async fn writable(&self) -> io::Result<()> {
         match self {
-            WriteHalf::Tcp(h) => h.writable().await,
-            WriteHalf::Unix(h) => h.writable().await,
+            RawWrite::Tcp(h) => h.writable().await,
+            RawWrite::Unix(h) => h.writable().await,
         }
     }
 
     pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            WriteHalf::Tcp(h) => h.try_write(buf),
-            WriteHalf::Unix(h) => h.try_write(buf),
+            RawWrite::Tcp(h) => h.try_write(buf),
+            RawWrite::Unix(h) => h.try_write(buf),
         }
     }
 }
 
 // The stream types are all Unpin, so each poll delegates through Pin::new.
+// (`Box<TlsStream>` and tokio's split halves are Unpin too.)
 macro_rules! delegate_read {
     ($ty:ident) => {
         impl AsyncRead for $ty {
@@ -165,6 +228,7 @@ macro_rules! delegate_read {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_read(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_read(cx, buf),
                 }
             }
         }
@@ -182,6 +246,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_write(cx, buf),
                     $ty::Unix(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s).poll_write(cx, buf),
                 }
             }
 
@@ -193,6 +258,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                     $ty::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
                 }
             }
 
@@ -204,6 +270,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_flush(cx),
                     $ty::Unix(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_flush(cx),
                 }
             }
 
@@ -211,6 +278,7 @@ macro_rules! delegate_write {
                 match self.get_mut() {
                     $ty::Tcp(s) => Pin::new(s).poll_shutdown(cx),
                     $ty::Unix(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s).poll_shutdown(cx),
                 }
             }
         }

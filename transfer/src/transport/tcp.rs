@@ -22,7 +22,11 @@
 //! authentication handshake (`auth`) before its first frame; the server side
 //! runs it under a deadline and within the bounds of a `gate`, so a
 //! connection that never authenticates is closed and cannot starve peers that
-//! do.
+//! do. With TLS (`tls`), TCP connections are mutual TLS 1.3 first, under the
+//! same deadline and bounds, and the authentication handshake and frames run
+//! inside the session; payloads then pass through a buffer on the server
+//! side (the session decrypts into it) instead of straight between the
+//! socket and segment memory, and every reply is flushed.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
@@ -47,7 +51,8 @@ use crate::limits::MAX_SEGMENT_NAME_LEN;
 use crate::local::LocalSegments;
 use crate::metadata::SegmentDesc;
 use crate::segment::Segment;
-use crate::transport::gate::{Gate, Pending};
+use crate::tls;
+use crate::transport::gate::{Gate, HandshakeOutcome, Pending};
 use crate::transport::handshake::SegmentAdvert;
 use crate::transport::kind::TransportKind;
 use crate::transport::slice;
@@ -60,7 +65,8 @@ use crate::wire::{self, OpKind, ReplyHeader, ReplyStatus, REPLY_HEADER_LEN};
 const MAX_IO_STEP: usize = 4 << 20;
 /// Server-side buffer for headers; payloads bypass it.
 const SERVER_READ_BUFFER: usize = 64 << 10;
-/// Scratch size used to drain payloads of a batch that already failed.
+/// Scratch size used to drain payloads of a batch that already failed, and
+/// to carry payloads through a TLS session.
 const DISCARD_CHUNK: usize = 64 << 10;
 /// How long a refused peer that skipped the handshake gets to read our
 /// frame error before the connection is closed.
@@ -89,6 +95,8 @@ pub(crate) struct TcpTransport {
     /// The fleet key every new connection proves before its first frame;
     /// `None` on an engine without a secret (the open plane).
     key: Option<AuthKey>,
+    /// Mutual TLS on TCP connections (never on the Unix commit socket).
+    tls: Option<tokio_rustls::TlsConnector>,
     handshake_timeout: Duration,
 }
 
@@ -112,6 +120,7 @@ impl TcpTransport {
         connections_per_peer: usize,
         slice_size: usize,
         key: Option<AuthKey>,
+        tls: Option<tokio_rustls::TlsConnector>,
         handshake_timeout: Duration,
     ) -> Self {
         TcpTransport {
@@ -120,8 +129,37 @@ impl TcpTransport {
             per_peer: connections_per_peer.max(1),
             slice_size: slice_size.max(1),
             key,
+            tls,
             handshake_timeout,
         }
+    }
+
+    /// TLS (for a TCP peer, when configured), then the fleet-secret proof
+    /// (when keyed) inside it. A certificate either side rejects is
+    /// `Unauthenticated`: another connection would present the same one.
+    async fn secure(&self, conn: Stream, addr: Addr<'_>) -> Result<Stream, TransferError> {
+        let mut conn = match (&self.tls, addr) {
+            (Some(tls), Addr::Tcp(endpoint)) => {
+                let name = tls::server_name(endpoint)?;
+                let tcp = conn
+                    .into_tcp()
+                    .ok_or_else(|| TransferError::Protocol("TLS over a non-TCP stream".into()))?;
+                let s = tls.connect(name, tcp).await.map_err(tls_failure)?;
+                Stream::Tls(Box::new(s.into()))
+            }
+            _ => conn,
+        };
+        if let Some(key) = &self.key {
+            match auth::client(&mut conn, key).await {
+                // The server checks our certificate after our side of the TLS handshake is
+                // done, so its verdict arrives here, as an alert, during the first read.
+                Err(TransferError::Io(e)) if matches!(conn, Stream::Tls(_)) => {
+                    return Err(tls_failure(e))
+                }
+                r => r?,
+            }
+        }
+        Ok(conn)
     }
 
     /// A new connection to `addr`, authenticated when this engine has a key.
@@ -130,20 +168,22 @@ impl TcpTransport {
     /// this host evicted it) is tried once more on a fresh connection: no
     /// frame was sent, so even a notification cannot go out twice.
     async fn open(&self, addr: Addr<'_>) -> Result<Stream, TransferError> {
-        let Some(key) = &self.key else {
+        let tls = self.tls.is_some() && matches!(addr, Addr::Tcp(_));
+        if self.key.is_none() && !tls {
             return Stream::connect(addr).await;
-        };
+        }
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut conn = Stream::connect(addr).await?;
-            let e = match tokio::time::timeout(self.handshake_timeout, auth::client(&mut conn, key))
+            let conn = Stream::connect(addr).await?;
+            let e = match tokio::time::timeout(self.handshake_timeout, self.secure(conn, addr))
                 .await
             {
-                Ok(Ok(())) => return Ok(conn),
+                Ok(Ok(conn)) => return Ok(conn),
                 Ok(Err(TransferError::Unauthenticated(m))) => {
                     return Err(TransferError::Unauthenticated(format!("{addr}: {m}")))
                 }
+                Ok(Err(e @ TransferError::Config(_))) => return Err(e),
                 Ok(Err(TransferError::Io(e))) if tries < 2 => {
                     tracing::debug!(%addr, error = %e, "authentication handshake cut off; retrying once");
                     continue;
@@ -248,6 +288,17 @@ impl Peer {
     }
 }
 
+/// A failed TLS handshake or a TLS alert from the peer (rustls reports both
+/// as `InvalidData`) is a verdict on a certificate; anything else (a reset,
+/// an EOF) is the path's.
+fn tls_failure(e: io::Error) -> TransferError {
+    if e.kind() == io::ErrorKind::InvalidData {
+        TransferError::Unauthenticated(format!("TLS: {e}"))
+    } else {
+        TransferError::Io(e)
+    }
+}
+
 /// Cheap check that the peer has not closed an idle connection (e.g. it
 /// restarted). Only a pending EOF or error is detected; anything else is
 /// found out by the next exchange.
@@ -315,6 +366,7 @@ impl TcpTransport {
             .map_err(|_| TransferError::Shutdown)?;
         let mut conn = self.open(addr).await?;
         conn.write_all(frame).await?;
+        conn.flush().await?;
         let mut raw = [0u8; REPLY_HEADER_LEN];
         conn.read_exact(&mut raw).await?;
         let h = ReplyHeader::decode(&raw)?;
@@ -545,6 +597,9 @@ async fn exchange(
     if let Err(e) = write_all_vectored(conn, &mut parts).await {
         return Exchange::NoReply(e.into());
     }
+    if let Err(e) = conn.flush().await {
+        return Exchange::NoReply(e.into());
+    }
     let mut raw = [0u8; REPLY_HEADER_LEN];
     match wire::read_exact_or_eof(conn, &mut raw).await {
         Ok(true) => {}
@@ -663,6 +718,8 @@ fn advance(parts: &mut VecDeque<Bytes>, mut n: usize) {
 /// pending and established connections.
 pub(crate) struct Admission {
     pub key: Option<AuthKey>,
+    /// Mutual TLS before anything else (TCP listener only).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub handshake_timeout: Duration,
     pub gate: Arc<Gate>,
 }
@@ -719,7 +776,6 @@ async fn serve_connection(
 ) {
     let counters = admission.gate.counters();
     let deadline = tokio::time::Instant::now() + admission.handshake_timeout;
-    let mut conn = ServerConn::new(stream, &host);
     let handshake = tokio::select! {
         biased;
         _ = wait_shutdown(&mut shutdown) => return,
@@ -728,15 +784,18 @@ async fn serve_connection(
             tracing::debug!(peer = %host, "pending transfer connection evicted by a newer one");
             return;
         }
-        r = tokio::time::timeout_at(deadline, conn.handshake(admission.key.as_ref())) => r,
+        r = tokio::time::timeout_at(deadline, handshake(stream, &host, &admission)) => r,
     };
     drop(pending);
-    match handshake {
-        Ok(Ok(())) => {}
-        Ok(Err(refusal)) => {
-            counters.refused();
+    let mut conn = match handshake {
+        Ok((Some(conn), Ok(()))) => {
+            counters.handshake(HandshakeOutcome::Accepted);
+            conn
+        }
+        Ok((conn, Err(refusal))) => {
+            counters.handshake(refusal.outcome());
             tracing::debug!(peer = %host, reason = %refusal, "transfer connection refused");
-            if matches!(refusal, Refusal::NoHandshake) {
+            if let (Some(mut conn), Refusal::NoHandshake) = (conn, &refusal) {
                 // A peer without the secret: say why, so its operator sees
                 // more than a reset.
                 let why = TransferError::Unauthenticated(
@@ -750,12 +809,13 @@ async fn serve_connection(
             }
             return;
         }
+        Ok((None, Ok(()))) => return,
         Err(_) => {
-            counters.timed_out();
+            counters.handshake(HandshakeOutcome::Deadline);
             tracing::debug!(peer = %host, "transfer connection closed: no handshake within the deadline");
             return;
         }
-    }
+    };
     let Some(slot) = admission.gate.establish(&host) else {
         tracing::warn!(peer = %host, "transfer listener at its connection cap; closing a new connection");
         let _ = tokio::time::timeout(REFUSAL_LINGER, conn.tell_busy(admission.key.is_some())).await;
@@ -779,6 +839,25 @@ async fn serve_connection(
         }
     }
     drop(slot);
+}
+
+/// TLS (when configured, on a TCP connection), then the fleet-secret
+/// handshake inside it; the connection is returned unless TLS failed.
+async fn handshake(
+    stream: Stream,
+    host: &str,
+    admission: &Admission,
+) -> (Option<ServerConn>, Result<(), Refusal>) {
+    let stream = match (&admission.tls, stream) {
+        (Some(tls), Stream::Tcp(tcp)) => match tls.accept(tcp).await {
+            Ok(s) => Stream::Tls(Box::new(s.into())),
+            Err(e) => return (None, Err(Refusal::Tls(e))),
+        },
+        (_, s) => s,
+    };
+    let mut conn = ServerConn::new(stream, host);
+    let r = conn.handshake(admission.key.as_ref()).await;
+    (Some(conn), r)
 }
 
 async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
@@ -864,6 +943,7 @@ impl ServerConn {
                 Err(e) => return Err(self.fatal(e).await),
             };
             self.serve_batch(local, head).await?;
+            self.wr.flush().await?;
         }
     }
 
@@ -872,6 +952,7 @@ impl ServerConn {
     async fn fatal(&mut self, e: TransferError) -> TransferError {
         if matches!(e, TransferError::Protocol(_)) {
             let _ = self.wr.write_all(&wire::encode_error_reply(&e, true)).await;
+            let _ = self.wr.flush().await;
         }
         e
     }
@@ -969,6 +1050,9 @@ impl ServerConn {
         off: usize,
         len: usize,
     ) -> Result<(), TransferError> {
+        if self.rd.get_ref().raw().is_none() {
+            return self.recv_copied(seg, off, len).await;
+        }
         let mut done = 0;
         // Bytes the header reads already pulled into the BufReader.
         let buffered = self.rd.buffer();
@@ -978,7 +1062,9 @@ impl ServerConn {
             Pin::new(&mut self.rd).consume(n);
             done = n;
         }
-        let sock = self.rd.get_ref();
+        let Some(sock) = self.rd.get_ref().raw() else {
+            return self.recv_copied(seg, off + done, len - done).await;
+        };
         while done < len {
             let step = (len - done).min(MAX_IO_STEP);
             sock.readable().await?;
@@ -992,6 +1078,46 @@ impl ServerConn {
         Ok(())
     }
 
+    /// Receives `len` payload bytes into `seg[off..off+len]` through a
+    /// buffer: the way over a TLS session, which decrypts into it.
+    async fn recv_copied(
+        &mut self,
+        seg: &Segment,
+        off: usize,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        self.scratch.resize(DISCARD_CHUNK, 0);
+        let mut done = 0;
+        while done < len {
+            let step = (len - done).min(DISCARD_CHUNK);
+            let n = self.rd.read(&mut self.scratch[..step]).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            seg.write(off + done, &self.scratch[..n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Sends `seg[off..off+len]` through a buffer (over a TLS session).
+    async fn send_copied(
+        &mut self,
+        seg: &Segment,
+        off: usize,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        self.scratch.resize(DISCARD_CHUNK, 0);
+        let mut done = 0;
+        while done < len {
+            let step = (len - done).min(DISCARD_CHUNK);
+            seg.read_into(off + done, &mut self.scratch[..step])?;
+            self.wr.write_all(&self.scratch[..step]).await?;
+            done += step;
+        }
+        Ok(())
+    }
+
     /// Sends `seg[off..off+len]` straight from segment memory.
     async fn send_from(
         &mut self,
@@ -999,11 +1125,13 @@ impl ServerConn {
         off: usize,
         len: usize,
     ) -> Result<(), TransferError> {
+        let Some(wr) = self.wr.raw() else {
+            return self.send_copied(seg, off, len).await;
+        };
         let mut done = 0;
         while done < len {
             let step = (len - done).min(MAX_IO_STEP);
-            self.wr.writable().await?;
-            let wr = &self.wr;
+            wr.writable().await?;
             match seg.with_range(off + done, step, |src| wr.try_write(src))? {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Ok(n) => done += n,
@@ -1082,7 +1210,7 @@ mod tests {
             drop(listener.accept().await.unwrap());
             (rd, wr)
         });
-        let t = TcpTransport::new(1, 1 << 20, Some(key), Duration::from_secs(2));
+        let t = TcpTransport::new(1, 1 << 20, Some(key), None, Duration::from_secs(2));
         t.open(Addr::Tcp(&addr)).await.unwrap();
         let twice = t.open(Addr::Tcp(&addr)).await;
         assert!(
@@ -1101,6 +1229,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let open = Arc::new(Admission {
             key: None,
+            tls: None,
             handshake_timeout: Duration::from_secs(2),
             gate: Gate::new(Default::default(), Default::default()),
         });
