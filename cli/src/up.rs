@@ -107,6 +107,7 @@ impl Fleet {
             .time_scaled(cfg.up.engine.timing.time_scale);
         let secret = share_fleet_secret(&mut cfg)?;
         let up = cfg.up.clone();
+        let plain_listener = cfg.server.tls.is_none();
         let gateway = Gateway::start(cfg.gateway()).await?;
         let mut engines = Vec::with_capacity(up.prefill + up.decode);
         let roles = std::iter::repeat_n(Role::Prefill, up.prefill)
@@ -116,7 +117,9 @@ impl Fleet {
                 role,
                 port: 0,
                 transfer_port: 0,
-                registry_url: Some(gateway.url()),
+                // The reference engine's registry client speaks plain HTTP only; behind a TLS
+                // listener the demo engines find their peers where the peers say they are.
+                registry_url: plain_listener.then(|| gateway.url()),
                 ..up.engine.clone()
             };
             let handle = pdgate_engine_sim::spawn(engine_cfg).await?;

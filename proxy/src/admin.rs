@@ -73,11 +73,15 @@ fn view_of(fleet: &Fleet, id: InstanceId) -> Option<WorkerView> {
     fleet.views().into_iter().find(|v| v.id == id.0)
 }
 
-/// An engine URL the gateway can dial: `http://host:port` (a path, `https` or userinfo has no
-/// meaning for the engine client).
+/// An engine URL the gateway can dial: `http://host:port` or `https://host:port` (a path or
+/// userinfo has no meaning for the engine client; an `https` engine needs `[upstream.tls]`).
 pub fn check_url(url: &str) -> Result<(), String> {
-    let Some(rest) = url.trim_end_matches('/').strip_prefix("http://") else {
-        return Err(format!("`{url}` is not an http:// URL"));
+    let trimmed = url.trim_end_matches('/');
+    let Some(rest) = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"))
+    else {
+        return Err(format!("`{url}` is not an http:// or https:// URL"));
     };
     let (host, port) = rest
         .rsplit_once(':')
@@ -103,11 +107,12 @@ mod tests {
             "http://10.0.0.7:8000",
             "http://e:1/",
             "http://[fd00::1]:8000",
+            "https://e:8443",
         ] {
             assert_eq!(check_url(ok), Ok(()), "{ok}");
         }
         for bad in [
-            "https://e:8000",
+            "ftp://e:8000",
             "http://e",
             "http://:8000",
             "http://e:0",

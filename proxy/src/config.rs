@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub max_batch_prompts: usize,
     /// Client connections: how many at once, and how long each part of a request may take.
     pub limits: ConnLimits,
+    /// TLS on the client listener; absent means plain HTTP.
+    pub tls: Option<ServerTls>,
     /// Bearer token required on `/v1/*` when set.
     pub api_key: Option<String>,
     /// Bearer token required on `/admin/*` when set.
@@ -72,6 +74,7 @@ impl Default for ServerConfig {
             max_in_flight: 4096,
             max_batch_prompts: 32,
             limits: ConnLimits::default(),
+            tls: None,
             api_key: None,
             admin_token: None,
             fleet_secret_file: None,
@@ -121,6 +124,31 @@ impl Default for ConnLimits {
             idle_timeout_ms: 75_000,
             write_timeout_ms: 30_000,
         }
+    }
+}
+
+/// `[server.tls]`: the client listener speaks TLS (1.2 and 1.3, ALPN `http/1.1`) with this
+/// certificate. The certificate and key are read again on SIGHUP and when either file changes
+/// (checked every `reload_poll_ms`); a pair that does not load keeps the one in service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the first certificate.
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, every client must present a certificate they issued
+    /// (mutual TLS). Read at start only.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the two files are checked for a change, in milliseconds (0: on SIGHUP only).
+    #[serde(default = "ServerTls::default_reload_poll_ms")]
+    pub reload_poll_ms: u64,
+}
+
+impl ServerTls {
+    fn default_reload_poll_ms() -> u64 {
+        10_000
     }
 }
 
@@ -223,6 +251,8 @@ pub struct UpstreamConfig {
     /// the response carries `x-pdgate-fallback: decode-prefill` and `pdgate_fallbacks_total`
     /// counts it. Off by default: a decode prefilling long prompts slows every stream it serves.
     pub fallback_to_decode: bool,
+    /// How `https://` engine URLs are reached.
+    pub tls: UpstreamTls,
 }
 
 impl Default for UpstreamConfig {
@@ -235,6 +265,7 @@ impl Default for UpstreamConfig {
             decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
             fallback_to_decode: false,
+            tls: UpstreamTls::default(),
         }
     }
 }
@@ -323,4 +354,19 @@ impl Default for DnsDiscovery {
             nameserver: String::new(),
         }
     }
+}
+
+/// `[upstream.tls]`: engines whose URL is `https://` are reached over TLS, their certificates
+/// checked against `ca_file` only (never the system's roots). Without `ca_file` an `https://`
+/// engine is refused: the gateway never talks to an engine it cannot authenticate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM CA certificates that engines' certificates must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain the gateway presents to engines that ask for one (mutual TLS);
+    /// needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
 }

@@ -5,6 +5,7 @@
 use crate::access::Access;
 use crate::config::{Config, WorkerConfig};
 use crate::state::AppState;
+use crate::tls::listener::ListenerTls;
 use crate::{discovery, health, listener, segments, server};
 use anyhow::Context;
 use pdgate_wire::fleet::FleetSecret;
@@ -23,6 +24,8 @@ pub struct Gateway {
     scraper: Option<JoinHandle<()>>,
     purge: JoinHandle<()>,
     discovery: Option<discovery::Discovery>,
+    /// Reloads the listener's certificate (`[server.tls]` only).
+    tls_reloader: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -45,6 +48,12 @@ impl Gateway {
         let addr = listener.local_addr()?;
         // Checked against the address really bound: `localhost` or a name may be either.
         let access = Access::new(&cfg.server, secret.as_ref(), addr.ip())?;
+        let tls = match &cfg.server.tls {
+            Some(files) => Some(Arc::new(
+                ListenerTls::new(files).context("loading [server.tls]")?,
+            )),
+            None => None,
+        };
         let state = AppState::new(cfg, access)?;
         let purge = segments::spawn_purge(
             &state.segments,
@@ -64,9 +73,11 @@ impl Gateway {
         let discovery = discovery::start(&state.cfg.discovery, &state.fleet).await?;
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(listener::serve(listener, Arc::clone(&state), app, async {
+        let tls_reloader = tls.as_ref().map(ListenerTls::spawn_reloader);
+        let serving = listener::serve(listener, Arc::clone(&state), app, tls, async {
             let _ = rx.await;
-        }));
+        });
+        let task = tokio::spawn(serving);
         Ok(Self {
             addr,
             state,
@@ -76,6 +87,7 @@ impl Gateway {
             scraper,
             purge,
             discovery,
+            tls_reloader,
         })
     }
 
@@ -91,8 +103,13 @@ impl Gateway {
         health::check_all(&s.fleet, &s.client, &s.cfg.health).await;
     }
 
+    /// The gateway's base URL, `https://` when the listener speaks TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = match self.state.cfg.server.tls {
+            Some(_) => "https",
+            None => "http",
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `drain_secs`, then returns.
@@ -109,6 +126,9 @@ impl Gateway {
         self.purge.abort();
         if let Some(d) = self.discovery.take() {
             d.stop();
+        }
+        if let Some(r) = &self.tls_reloader {
+            r.abort();
         }
         if let Some(s) = &self.scraper {
             s.abort();

@@ -29,6 +29,7 @@ pub mod segments;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tls;
 pub mod workers;
 
 pub use gateway::Gateway;

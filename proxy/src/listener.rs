@@ -1,7 +1,9 @@
 //! Accepting and serving the gateway's connections: one task per connection speaking HTTP/1.1
 //! (`conn`). Every request gets its id and its route's credential check here (`access`), then
 //! the two inference routes go straight to the pipeline and everything else to the axum router
-//! of `server.rs`. The body limit is the connection's.
+//! of `server.rs`. The body limit is the connection's. With `[server.tls]` each connection's
+//! TLS handshake comes first, within the head deadline and holding the connection's slot, so a
+//! client that connects and never handshakes costs a bounded time like one that never sends.
 //!
 //! Why not hyper and the router for everything: on the inference path, the router's tower stack
 //! (request-id and trace layers, middleware, route matching, a boxed future per layer) and
@@ -13,6 +15,7 @@ use crate::config::ConnLimits;
 use crate::error::ApiError;
 use crate::http1::server::{self as conn, Head, Refusal};
 use crate::state::AppState;
+use crate::tls::listener::ListenerTls;
 use crate::{inference, metrics, request_id};
 use axum::body::{Body, Bytes, HttpBody};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +27,7 @@ use pdgate_wire::openai::ApiKind;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -31,12 +35,14 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and waits for the open
-/// connections to finish the requests under way (the caller bounds that wait).
+/// Serves `listener` (over TLS when `tls` is given) until `shutdown` resolves, then stops
+/// accepting and waits for the open connections to finish the requests under way (the caller
+/// bounds that wait).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     app: Router,
+    tls: Option<Arc<ListenerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = &state.cfg.server.limits;
@@ -69,14 +75,21 @@ pub async fn serve(
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            turn_away(tcp, &refusals, deadlines.write, &mut conns);
+            turn_away(tcp, tls.clone(), &refusals, deadlines.write, &mut conns);
             continue;
         };
         // Streamed tokens are small writes: they must not wait on Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
-        let (handler, stop) = (Arc::clone(&handler), stop.clone());
+        let (handler, stop, tls) = (Arc::clone(&handler), stop.clone(), tls.clone());
         conns.spawn(async move {
-            conn::serve(tcp, &*handler, &deadlines, &stop).await;
+            match tls {
+                None => conn::serve(tcp, &*handler, &deadlines, &stop).await,
+                Some(tls) => {
+                    if let Some(tls) = handshake(&tls, tcp, deadlines.head).await {
+                        conn::serve(tls, &*handler, &deadlines, &stop).await;
+                    }
+                }
+            }
             drop(slot);
         });
     }
@@ -102,10 +115,34 @@ fn deadlines(limits: &ConnLimits) -> conn::Deadlines {
     }
 }
 
+/// The server side of a TLS handshake on `tcp`, by `within`; `None` (the connection closed)
+/// if it failed or took longer.
+async fn handshake(
+    tls: &ListenerTls,
+    tcp: TcpStream,
+    within: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(within, tls.acceptor().accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            metrics::tls_handshake_failed("error");
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::tls_handshake_failed("timeout");
+            tracing::debug!("TLS handshake not completed in time");
+            None
+        }
+    }
+}
+
 /// A connection past `server.limits.max_connections`: answered 503 and closed, by a task of its
-/// own (bounded in number) so the accept loop never waits on a client.
+/// own (bounded in number) so the accept loop never waits on a client. Over TLS the handshake
+/// comes first, within the write deadline: a plaintext 503 would mean nothing to the client.
 fn turn_away(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
+    tls: Option<Arc<ListenerTls>>,
     refusals: &Arc<Semaphore>,
     write: Duration,
     conns: &mut JoinSet<()>,
@@ -115,15 +152,26 @@ fn turn_away(
         return; // dropped: closed without an answer
     };
     conns.spawn(async move {
-        let resp = ApiError::unavailable(
-            "too_many_connections",
-            "the gateway has as many client connections as it takes; retry shortly",
-        )
-        .into_response();
-        let mut buf = BytesMut::new();
-        conn::answer_and_close(&mut tcp, &mut buf, resp, write).await;
+        match tls {
+            None => refuse(tcp, write).await,
+            Some(tls) => {
+                if let Some(stream) = handshake(&tls, tcp, write).await {
+                    refuse(stream, write).await;
+                }
+            }
+        }
         drop(refusing);
     });
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, write: Duration) {
+    let resp = ApiError::unavailable(
+        "too_many_connections",
+        "the gateway has as many client connections as it takes; retry shortly",
+    )
+    .into_response();
+    let mut buf = BytesMut::new();
+    conn::answer_and_close(&mut io, &mut buf, resp, write).await;
 }
 
 /// What every connection's requests are handed to.

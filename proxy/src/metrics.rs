@@ -121,6 +121,16 @@ pub fn fallback() {
     counter!("pdgate_fallbacks_total", "to" => "decode_prefill").increment(1);
 }
 
+/// A reload of the client listener's certificate: `ok` or `error` (the old one kept).
+pub fn tls_reload(outcome: &'static str) {
+    counter!("pdgate_tls_reloads_total", "outcome" => outcome).increment(1);
+}
+
+/// A client connection whose TLS handshake did not complete: `timeout` or `error`.
+pub fn tls_handshake_failed(reason: &'static str) {
+    counter!("pdgate_tls_handshake_failures_total", "reason" => reason).increment(1);
+}
+
 pub fn rejected(reason: &'static str) {
     counter!("pdgate_rejections_total", "reason" => reason).increment(1);
 }

@@ -31,11 +31,23 @@ pub struct AppState {
 impl AppState {
     pub fn new(cfg: Config, access: Access) -> anyhow::Result<Arc<Self>> {
         // A leg holds one connection and in-flight requests are capped, so the pool is too.
-        let client = crate::http1::Client::new(
+        let mut client = crate::http1::Client::new(
             Duration::from_millis(cfg.upstream.connect_timeout_ms),
             Duration::from_secs(30),
             cfg.server.max_in_flight.max(1),
         );
+        match crate::tls::upstream::connector(&cfg.upstream.tls)
+            .context("loading [upstream.tls]")?
+        {
+            Some(tls) => client = client.with_tls(tls),
+            // Fail closed at start for the engines known now; engines added later are refused
+            // per request with the same words.
+            None => {
+                if let Some(w) = cfg.workers.iter().find(|w| w.url.starts_with("https://")) {
+                    anyhow::bail!("worker {}: {}", w.url, crate::tls::upstream::NO_CA);
+                }
+            }
+        }
         let tokenizer = match &cfg.model.tokenizer {
             Some(path) => {
                 let bytes = std::fs::read(path)

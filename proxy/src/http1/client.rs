@@ -8,7 +8,8 @@
 //! writes the request with one write, parses the response head with `httparse`, and reads the
 //! body itself; the connection goes back to the pool when its body has been read to the end.
 //! What an engine hop never needs is left out: no redirects, no retries across instances (a
-//! retry is the pipeline's decision), no compression, no TLS, no HTTP/2.
+//! retry is the pipeline's decision), no compression, no HTTP/2. `https://` engines are reached
+//! over TLS with the connector the client was given (`[upstream.tls]`), and refused without one.
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use super::error::{Error, Kind};
 use super::framing::{Chunk, Framing, Step};
@@ -37,6 +39,8 @@ const MAX_HEADERS: usize = 64;
 pub struct Client {
     pool: Arc<Pool>,
     connect_timeout: Duration,
+    /// For `https://` engines; without it they are refused.
+    tls: Option<TlsConnector>,
 }
 
 impl Client {
@@ -46,7 +50,14 @@ impl Client {
         Self {
             pool: Arc::new(Pool::new(pool_idle, max_idle_per_host)),
             connect_timeout,
+            tls: None,
         }
+    }
+
+    /// Reaches `https://` engines with `tls` (their certificates checked against its roots).
+    pub fn with_tls(mut self, tls: TlsConnector) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn get(&self, url: impl AsRef<str>) -> RequestBuilder {
@@ -62,10 +73,14 @@ impl Client {
             .parse::<Uri>()
             .map_err(|e| Error::new(Kind::Request, format!("bad upstream URL `{url}`: {e}")))
             .and_then(|uri| match (uri.scheme_str(), uri.authority().cloned()) {
-                (Some("http"), Some(authority)) => Ok((uri, authority)),
+                (Some("http"), Some(authority)) => Ok((uri, authority, false)),
+                (Some("https"), Some(authority)) => Ok((uri, authority, true)),
                 _ => Err(Error::new(
                     Kind::Request,
-                    format!("bad upstream URL `{url}`: engines are reached over http://host:port"),
+                    format!(
+                        "bad upstream URL `{url}`: engines are reached over http:// or \
+                         https://host:port"
+                    ),
                 )),
             });
         RequestBuilder {
@@ -83,8 +98,8 @@ impl Client {
 pub struct RequestBuilder {
     client: Client,
     method: Method,
-    /// The URL and its `host:port`, which keys the connection pool.
-    uri: Result<(Uri, Authority), Error>,
+    /// The URL, its `host:port` and whether it is `https`, which together key the pool.
+    uri: Result<(Uri, Authority, bool), Error>,
     headers: HeaderMap,
     body: Bytes,
     timeout: Option<Duration>,
@@ -139,12 +154,18 @@ impl RequestBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        let (uri, authority) = self.uri?;
+        let (uri, authority, tls) = self.uri?;
+        let tls = match (tls, &self.client.tls) {
+            (false, _) => None,
+            (true, Some(connector)) => Some(connector),
+            (true, None) => return Err(Error::new(Kind::Request, crate::tls::upstream::NO_CA)),
+        };
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let request = encode(&self.method, &uri, &authority, &self.headers, &self.body);
         let exchange = exchange(
             &self.client,
             authority.as_str(),
+            tls,
             &request,
             self.method == Method::HEAD,
         );
@@ -224,17 +245,18 @@ enum Failed {
 async fn exchange(
     client: &Client,
     key: &str,
+    tls: Option<&TlsConnector>,
     request: &[u8],
     head_only: bool,
 ) -> Result<(Conn, Head), Error> {
-    if let Some(mut conn) = client.pool.take(key) {
+    if let Some(mut conn) = client.pool.take(key, tls.is_some()) {
         match round_trip(&mut conn, request, head_only).await {
             Ok(head) => return Ok((conn, head)),
             Err(Failed::Other(e)) => return Err(e),
             Err(Failed::BeforeResponse(_)) => {}
         }
     }
-    let mut conn = Conn::connect(key, client.connect_timeout).await?;
+    let mut conn = Conn::connect(key, tls, client.connect_timeout).await?;
     match round_trip(&mut conn, request, head_only).await {
         Ok(head) => Ok((conn, head)),
         Err(Failed::Other(e)) => Err(e),

@@ -554,13 +554,19 @@ fn next_frame(
     futures::future::poll_fn(move |cx| std::pin::Pin::new(&mut *body).poll_frame(cx))
 }
 
-/// `write_all`, or `TimedOut` if the client does not take the bytes within `limit`.
+/// `write_all` and `flush`, or `TimedOut` if the client does not take the bytes within
+/// `limit`. The flush is free on a socket; over TLS it pushes out records the TLS layer kept
+/// back when the socket was full, which would otherwise wait for the next write.
 async fn write_by<S: AsyncWrite + Unpin>(
     io: &mut S,
     bytes: &[u8],
     limit: Duration,
 ) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, io.write_all(bytes)).await {
+    let write = async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
         Ok(written) => written,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
