@@ -832,3 +832,159 @@ mod tests {
         assert_eq!(truncate_utf8("abc", 10), "abc");
     }
 }
+
+/// Generated inputs for the decoder (issue 14's fuzzing): any bytes, and valid requests mutated
+/// and cut, read the way the server reads a connection. No panic; nothing decoded past a limit;
+/// an intact request decodes to what was encoded. `PROPTEST_CASES` sets the case count (256 by
+/// default; the long run's figures are in docs/benchmarks.md).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::batch::Batch;
+    use proptest::prelude::*;
+
+    /// What the server loop does with a connection's bytes: request heads, then each op's
+    /// header and (for writes) its payload, until the input ends or fails to decode.
+    fn read_all(mut input: &[u8]) -> Vec<(RequestHead, Vec<OpHeader>)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut out = Vec::new();
+            while let Ok(Some(head)) = read_request_head(&mut input).await {
+                let mut ops = Vec::new();
+                for _ in 0..head.n_ops {
+                    let Ok(op) = read_op_header(&mut input).await else {
+                        return out;
+                    };
+                    if op.kind == OpKind::Write {
+                        // The server reads a payload into the segment, never into a buffer of
+                        // the announced size; skipping is the same bound.
+                        let Ok(n) = usize::try_from(op.len) else {
+                            return out;
+                        };
+                        if n > input.len() {
+                            return out;
+                        }
+                        input = &input[n..];
+                    }
+                    ops.push(op);
+                }
+                out.push((head, ops));
+            }
+            out
+        })
+    }
+
+    fn within_limits(decoded: &[(RequestHead, Vec<OpHeader>)]) -> Result<(), TestCaseError> {
+        for (head, ops) in decoded {
+            prop_assert!(head.segment.len() <= MAX_SEGMENT_NAME_LEN * 3); // lossy UTF-8 may grow
+            prop_assert!(head
+                .notify
+                .as_ref()
+                .is_none_or(|n| n.len() <= MAX_NOTIFY_LEN));
+            prop_assert!(head.n_ops <= MAX_OPS_PER_BATCH);
+            prop_assert!(ops.iter().all(|o| o.len <= MAX_OP_LEN));
+        }
+        Ok(())
+    }
+
+    fn batch() -> impl Strategy<Value = (String, Batch)> {
+        let op = prop_oneof![
+            (any::<u64>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(off, d)| (
+                off,
+                Some(d),
+                0u64
+            )),
+            (any::<u64>(), 0u64..4096).prop_map(|(off, len)| (off, None, len)),
+        ];
+        (
+            "[a-z0-9/_-]{0,40}",
+            prop::collection::vec(op, 0..6),
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..128)),
+        )
+            .prop_map(|(name, ops, notify)| {
+                let mut b = Batch::new();
+                for (off, data, len) in ops {
+                    b = match data {
+                        Some(d) => b.write(off, Bytes::from(d)),
+                        None => b.read(off, len),
+                    };
+                }
+                if let Some(n) = notify {
+                    b = b.notify(Bytes::from(n));
+                }
+                (name, b)
+            })
+    }
+
+    fn flatten(parts: VecDeque<Bytes>) -> Vec<u8> {
+        parts.into_iter().flat_map(|b| b.to_vec()).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_within_limits_or_fail(input in prop::collection::vec(any::<u8>(), 0..512)) {
+            within_limits(&read_all(&input))?;
+        }
+
+        #[test]
+        fn a_header_with_any_lengths_is_bounded(
+            flags in any::<u8>(),
+            name_len in any::<u32>(),
+            notify_len in any::<u32>(),
+            n_ops in any::<u32>(),
+            tail in prop::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut b = BytesMut::new();
+            b.put_u32_le(MAGIC);
+            b.put_u8(VERSION);
+            b.put_u8(flags);
+            b.put_u16_le(0);
+            b.put_u32_le(name_len);
+            b.put_u32_le(notify_len);
+            b.put_u32_le(n_ops);
+            b.extend_from_slice(&tail);
+            within_limits(&read_all(&b))?;
+        }
+
+        #[test]
+        fn an_intact_request_round_trips((name, b) in batch()) {
+            let bytes = flatten(encode_request(&name, &b));
+            let decoded = read_all(&bytes);
+            prop_assert_eq!(decoded.len(), 1);
+            let (head, ops) = &decoded[0];
+            prop_assert_eq!(&head.segment, &name);
+            prop_assert_eq!(head.n_ops, b.ops.len());
+            prop_assert_eq!(ops.len(), b.ops.len());
+            prop_assert_eq!(head.notify.as_deref(), b.notify.as_deref());
+        }
+
+        #[test]
+        fn a_mutated_or_cut_request_never_panics(
+            (name, b) in batch(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = flatten(encode_request(&name, &b));
+            if !bytes.is_empty() {
+                for (at, v) in flips {
+                    let i = at.index(bytes.len());
+                    bytes[i] = v;
+                }
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            within_limits(&read_all(&bytes))?;
+        }
+
+        #[test]
+        fn any_reply_header_is_bounded(raw in prop::array::uniform32(any::<u8>()), rest in prop::array::uniform8(any::<u8>())) {
+            let mut full = [0u8; REPLY_HEADER_LEN];
+            full[..32].copy_from_slice(&raw);
+            full[32..].copy_from_slice(&rest);
+            if let Ok(h) = ReplyHeader::decode(&full) {
+                prop_assert!(h.msg_len as usize <= MAX_MESSAGE_LEN);
+            }
+        }
+    }
+}
