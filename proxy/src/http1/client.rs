@@ -729,6 +729,8 @@ mod tests {
         let e = resp.bytes().await.expect_err("truncated body");
         assert!(e.to_string().contains("still to come"), "{e}");
         let e = fails("https://127.0.0.1:1/".into()).await;
-        assert!(e.to_string().contains("http://host:port"), "{e}");
+        assert!(e.to_string().contains("ca_file is not set"), "{e}");
+        let e = fails("ftp://127.0.0.1:1/".into()).await;
+        assert!(e.to_string().contains("http:// or https://"), "{e}");
     }
 }
