@@ -4,8 +4,6 @@ test CA made here, the client trusting that CA only (an `httpx.Client` with it a
 import datetime
 import ipaddress
 import ssl
-import subprocess
-import time
 
 import httpx
 import openai
@@ -15,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import _binary, _free_port
+from conftest import _free_port, start_up, stop_up
 
 
 def _name(cn):
@@ -85,29 +83,17 @@ def tls_gateway(tmp_path_factory):
         f'[server]\nport = {port}\n\n[server.tls]\ncert_file = "{tmp / "cert.pem"}"\n'
         f'key_file = "{tmp / "key.pem"}"\n'
     )
-    proc = subprocess.Popen(
-        [_binary(), "up", "--config", str(config), "--time-scale", "0.01"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     base = f"https://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pdgate up exited early:\n{proc.stdout.read() if proc.stdout else ''}")
+
+    def ready(url):
         try:
-            if httpx.get(f"{base}/ready", verify=_trusting(ca), timeout=1).json().get("ready"):
-                break
-        except (httpx.HTTPError, ValueError):
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("pdgate up with TLS did not become ready in 60 s")
-        time.sleep(0.1)
+            return httpx.get(f"{url}/ready", verify=_trusting(ca), timeout=1).json().get("ready")
+        except httpx.HTTPError:
+            return False
+
+    proc = start_up(["--config", str(config), "--time-scale", "0.01"], base, ready)
     yield base, ca
-    proc.terminate()
-    proc.wait(timeout=15)
+    stop_up(proc)
 
 
 def _trusting(ca):

@@ -606,7 +606,7 @@ fn u64_at(raw: &[u8], at: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn raw_request(
+    pub(super) fn raw_request(
         name_len: u32,
         flags: u8,
         notify_len: u32,
@@ -936,14 +936,7 @@ mod fuzz {
             n_ops in any::<u32>(),
             tail in prop::collection::vec(any::<u8>(), 0..300),
         ) {
-            let mut b = BytesMut::new();
-            b.put_u32_le(MAGIC);
-            b.put_u8(VERSION);
-            b.put_u8(flags);
-            b.put_u16_le(0);
-            b.put_u32_le(name_len);
-            b.put_u32_le(notify_len);
-            b.put_u32_le(n_ops);
+            let mut b = super::tests::raw_request(name_len, flags, notify_len, n_ops).to_vec();
             b.extend_from_slice(&tail);
             within_limits(&read_all(&b))?;
         }
