@@ -158,10 +158,11 @@ impl Fleet {
 
     /// Engines first, so they can still deregister their segments with the gateway's registry;
     /// a generated secret's file last.
+    /// The gateway drains first, so the requests it lets finish still have their engines.
     pub async fn stop(self) {
+        self.gateway.stop().await;
         for (_, e) in self.engines {
             e.stop().await;
         }
-        self.gateway.stop().await;
     }
 }

@@ -112,14 +112,34 @@ impl Gateway {
         format!("{scheme}://{}", self.addr)
     }
 
-    /// Stops accepting, lets in-flight requests finish for up to `drain_secs`, then returns.
+    /// Drains, then stops: `/ready` turns false and new requests get 503 with `Retry-After` at
+    /// once (the listener keeps answering, so probes and clients learn it rather than meeting a
+    /// closed port), requests in flight get up to `drain_secs` to finish, then the listener
+    /// closes its connections.
     pub async fn stop(mut self) {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.state.cfg.server.drain_secs);
+        self.state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let waiting = self.state.requests_in_flight();
+        tracing::info!(in_flight = waiting, "draining");
+        while self.state.requests_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let drain = Duration::from_secs(self.state.cfg.server.drain_secs);
-        if tokio::time::timeout(drain, &mut self.task).await.is_err() {
-            tracing::warn!("drain deadline passed; closing remaining connections");
+        // Connections between requests close at once; one still answering gets what is left.
+        let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(rest.max(Duration::from_millis(100)), &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.state.requests_in_flight(),
+                "drain deadline passed; closing remaining connections"
+            );
             self.task.abort();
         }
         self.health.abort();

@@ -28,6 +28,13 @@ use tokio::sync::OwnedSemaphorePermit;
 
 /// One in-flight slot, or 503 at once: the gateway never queues requests itself.
 pub fn in_flight_permit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    if state.is_draining() {
+        metrics::rejected("draining");
+        return Err(ApiError::unavailable(
+            "gateway_draining",
+            "the gateway is shutting down; retry on another replica",
+        ));
+    }
     Arc::clone(&state.in_flight)
         .try_acquire_owned()
         .map_err(|_| {

@@ -43,8 +43,15 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 /// Ready when at least one healthy prefill and one healthy decode instance exist.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let (p, d) = state.fleet.scheduler.lock().healthy_counts();
-    let body = Json(json!({"ready": p > 0 && d > 0, "healthy_prefill": p, "healthy_decode": d}));
-    let status = if p > 0 && d > 0 {
+    let draining = state.is_draining();
+    let ready = p > 0 && d > 0 && !draining;
+    let body = Json(json!({
+        "ready": ready,
+        "draining": draining,
+        "healthy_prefill": p,
+        "healthy_decode": d,
+    }));
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

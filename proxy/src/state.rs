@@ -26,9 +26,24 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Bounds requests in flight; acquisition never waits.
     pub in_flight: Arc<Semaphore>,
+    /// Set on SIGTERM: `/ready` says no and new requests get 503 while those in flight finish.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Requests holding an in-flight slot now (a stream holds one to its last byte).
+    pub fn requests_in_flight(&self) -> usize {
+        self.cfg
+            .server
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.in_flight.available_permits())
+    }
+
     pub fn new(cfg: Config, access: Access) -> anyhow::Result<Arc<Self>> {
         // A leg holds one connection and in-flight requests are capped, so the pool is too.
         let mut client = crate::http1::Client::new(
@@ -71,6 +86,7 @@ impl AppState {
             ),
             metrics: crate::metrics::install(),
             in_flight: Arc::new(Semaphore::new(cfg.server.max_in_flight.max(1))),
+            draining: std::sync::atomic::AtomicBool::new(false),
             access,
             cfg,
         });
