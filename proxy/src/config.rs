@@ -246,6 +246,16 @@ pub struct UpstreamConfig {
     /// Prefill instances tried per request before giving up (retries happen before any byte
     /// reached the client).
     pub prefill_attempts: u32,
+    /// Decode instances tried per request before giving up: a decode that failed before its
+    /// first byte reached the client (refused, reset, an error answer, a KV handoff that did not
+    /// verify) is retried with a fresh pair that avoids it.
+    pub decode_attempts: u32,
+    /// Retries under way may be at most this percentage of the requests in flight (Envoy's
+    /// retry budget), so a struggling fleet is not buried under retries; past it a request that
+    /// failed gets 503 with `Retry-After` at once.
+    pub retry_budget_percent: u32,
+    /// Retries always allowed under way, however few requests are in flight.
+    pub retry_budget_min: usize,
     /// When every prefill attempt failed before any byte reached the client, send the plain
     /// request to the decode instance (it prefills locally) instead of failing. Never silent:
     /// the response carries `x-pdgate-fallback: decode-prefill` and `pdgate_fallbacks_total`
@@ -264,6 +274,9 @@ impl Default for UpstreamConfig {
             decode_head_timeout_secs: 60,
             decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
+            decode_attempts: 2,
+            retry_budget_percent: 20,
+            retry_budget_min: 3,
             fallback_to_decode: false,
             tls: UpstreamTls::default(),
         }

@@ -25,6 +25,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod relay;
 pub mod request_id;
+pub mod retry;
 pub mod segments;
 pub mod server;
 pub mod sse;

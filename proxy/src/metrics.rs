@@ -109,6 +109,12 @@ pub fn prefill_retry() {
     counter!("pdgate_prefill_retries_total").increment(1);
 }
 
+/// A request's failed attempt before its first byte: retried on another instance of `role`
+/// (`outcome` = `retried`), or not for want of budget (`budget_exhausted`).
+pub fn retry(role: Role, outcome: &'static str) {
+    counter!("pdgate_retries_total", "role" => role.as_str(), "outcome" => outcome).increment(1);
+}
+
 /// A circuit breaker changed state (`to`: open, half_open, closed); `open_now`: breakers of
 /// that role not closed after the change.
 pub fn breaker(role: Role, to: &'static str, open_now: usize) {

@@ -15,6 +15,7 @@ use crate::metrics;
 use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::{Held, Relay};
+use crate::retry::RetryPermit;
 use crate::state::AppState;
 use crate::workers::Worker;
 use axum::body::Body;
@@ -61,10 +62,20 @@ pub async fn route(
     // Workers whose half-open breaker's one probe another request claimed first: skipped, free.
     let mut contested: Vec<InstanceId> = Vec::new();
     let attempts = state.cfg.upstream.prefill_attempts.max(1) as usize;
+    // Decodes that failed this request before its first byte: avoided by the next pair.
+    let mut decode_failed: Vec<InstanceId> = Vec::new();
+    let decode_attempts = state.cfg.upstream.decode_attempts.max(1) as usize;
+    // The retry under way, if this attempt is one: held until the request is answered.
+    let mut _retry: Option<RetryPermit> = None;
     // The last pair whose prefill failed, for the decode-only fallback (when enabled).
     let mut last_failed: Option<(Booking, Arc<Worker>, ApiError)> = None;
     loop {
-        let mut avoid: Vec<InstanceId> = failed.iter().chain(&contested).copied().collect();
+        let mut avoid: Vec<InstanceId> = failed
+            .iter()
+            .chain(&contested)
+            .chain(&decode_failed)
+            .copied()
+            .collect();
         state.fleet.workers.add_tripped(state.now(), &mut avoid);
         let booking = match schedule(state, &key, &avoid) {
             Ok(b) => b,
@@ -89,10 +100,11 @@ pub async fn route(
         let prefill = decision.prefill.map(|id| state.fleet.workers.get(id));
         let (Some(decode), Some(prefill)) = (decode, prefill.map_or(Some(None), |p| p.map(Some)))
         else {
-            return Err(ApiError::unavailable(
-                "no_healthy_pair",
-                "the chosen pair left the fleet; retry",
-            ));
+            // Removed between the pick and here: pick again without it (each pass avoids more,
+            // so this ends).
+            contested.push(decision.decode);
+            contested.extend(decision.prefill);
+            continue;
         };
         if let Err(id) = claim_pair(state, prefill.as_deref(), &decode) {
             contested.push(id);
@@ -149,8 +161,14 @@ pub async fn route(
             }) => {
                 failed.extend(decision.prefill);
                 if failed.len() < attempts {
+                    let Some(permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+                        metrics::retry(Role::Prefill, "budget_exhausted");
+                        return Err(budget_exhausted(error));
+                    };
+                    _retry = Some(permit);
                     tracing::warn!(message = %error.message, "prefill failed; retrying on another instance");
                     metrics::prefill_retry();
+                    metrics::retry(Role::Prefill, "retried");
                     if state.cfg.upstream.fallback_to_decode {
                         last_failed = Some((booking, decode, error));
                     }
@@ -167,9 +185,35 @@ pub async fn route(
                 }
                 return Err(error);
             }
+            Err(LegError {
+                role: Role::Decode,
+                retryable: true,
+                error,
+            }) => {
+                decode_failed.push(decision.decode);
+                if decode_failed.len() >= decode_attempts {
+                    return Err(error);
+                }
+                let Some(permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+                    metrics::retry(Role::Decode, "budget_exhausted");
+                    return Err(budget_exhausted(error));
+                };
+                _retry = Some(permit);
+                tracing::warn!(message = %error.message, decode = %decode.url, "decode failed before its first byte; retrying with another pair");
+                metrics::retry(Role::Decode, "retried");
+            }
             Err(e) => return Err(e.error),
         }
     }
+}
+
+/// A request that failed where a retry was due, but the fleet's retry budget is spent: 503 at
+/// once with `Retry-After`, saying what failed.
+fn budget_exhausted(cause: ApiError) -> ApiError {
+    ApiError::unavailable(
+        "retry_budget_exhausted",
+        format!("{}; not retried: too many retries under way", cause.message),
+    )
 }
 
 /// Claims the breakers of a scheduled pair; `Err(id)`: that worker's half-open probe is taken.

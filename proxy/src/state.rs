@@ -26,6 +26,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Bounds requests in flight; acquisition never waits.
     pub in_flight: Arc<Semaphore>,
+    /// Bounds retries under way against requests in flight.
+    pub retries: Arc<crate::retry::RetryBudget>,
     /// Set on SIGTERM: `/ready` says no and new requests get 503 while those in flight finish.
     pub draining: std::sync::atomic::AtomicBool,
 }
@@ -87,6 +89,10 @@ impl AppState {
             metrics: crate::metrics::install(),
             in_flight: Arc::new(Semaphore::new(cfg.server.max_in_flight.max(1))),
             draining: std::sync::atomic::AtomicBool::new(false),
+            retries: crate::retry::RetryBudget::new(
+                cfg.upstream.retry_budget_percent,
+                cfg.upstream.retry_budget_min,
+            ),
             access,
             cfg,
         });
