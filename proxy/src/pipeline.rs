@@ -67,6 +67,8 @@ pub async fn route(
     let decode_attempts = state.cfg.upstream.decode_attempts.max(1) as usize;
     // The retry under way, if this attempt is one: held until the request is answered.
     let mut _retry: Option<RetryPermit> = None;
+    // The failure of the decode being retried, answered if no other pair can be scheduled.
+    let mut decode_cause: Option<ApiError> = None;
     // The last pair whose prefill failed, for the decode-only fallback (when enabled).
     let mut last_failed: Option<(Booking, Arc<Worker>, ApiError)> = None;
     loop {
@@ -91,7 +93,9 @@ pub async fn route(
                         };
                         fallback(state, f, booking, decode, cause, permit).await
                     }
-                    (r, _) => Err(rejection_error(r)),
+                    // A decode retry with no other decode to go to: the decode's own failure
+                    // says more than "no healthy pair".
+                    (r, _) => Err(decode_cause.take().unwrap_or_else(|| rejection_error(r))),
                 };
             }
         };
@@ -201,6 +205,7 @@ pub async fn route(
                 _retry = Some(permit);
                 tracing::warn!(message = %error.message, decode = %decode.url, "decode failed before its first byte; retrying with another pair");
                 metrics::retry(Role::Decode, "retried");
+                decode_cause = Some(error);
             }
             Err(e) => return Err(e.error),
         }
