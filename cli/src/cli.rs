@@ -2,7 +2,9 @@
 //! as dotted-key overrides over file and environment, so defaults live only in the config structs.
 
 use crate::config::{self, Config};
+use crate::serve_check;
 use crate::up::Fleet;
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::gateway::{shutdown_signal, Gateway};
@@ -75,6 +77,10 @@ pub struct UpArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub gateway: GatewayFlags,
+    /// Check the config (keys, worker URLs, discovery, the files it names, credentials) and
+    /// print it as the gateway would run it, secrets redacted; exit non-zero on any problem.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -144,11 +150,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             fleet.stop().await;
         }
         Command::Serve(a) => {
-            let cfg = load_gateway(&a.gateway, Vec::new())?;
+            let file = a.gateway.config.as_deref().map_or_else(
+                || "the config".to_string(),
+                |p| format!("config {}", p.display()),
+            );
+            let cfg = load_gateway(&a.gateway, Vec::new()).with_context(|| file.clone())?;
+            if a.check {
+                let effective = serve_check::check(&cfg).with_context(|| file.clone())?;
+                print!("{effective}");
+                if !serve_check::discovery_built(cfg.discovery.kind) {
+                    eprintln!(
+                        "pdgate: the config is valid, but `pdgate serve` would refuse it: {}",
+                        serve_check::unbuilt_discovery(cfg.discovery.kind)
+                    );
+                }
+                return Ok(());
+            }
             crate::telemetry::init(&cfg.log);
+            pdgate_gateway::config_check::check(&cfg.gateway()).with_context(|| file.clone())?;
             anyhow::ensure!(
-                !cfg.workers.is_empty(),
-                "no [[workers]] configured; `pdgate up` starts a demo fleet instead"
+                serve_check::discovery_built(cfg.discovery.kind),
+                serve_check::unbuilt_discovery(cfg.discovery.kind)
             );
             let gw = Gateway::start(cfg.gateway()).await?;
             println!("pdgate gateway {}", gw.url());

@@ -5,7 +5,8 @@
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
-    BreakerConfig, HealthConfig, ModelConfig, Protocol, ServerConfig, UpstreamConfig, WorkerConfig,
+    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, Protocol, ServerConfig,
+    UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Statically configured engine instances.
     pub workers: Vec<WorkerConfig>,
+    /// Where engine instances come from besides `workers` (`static`, `kubernetes`, `dns`).
+    pub discovery: DiscoveryConfig,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
@@ -38,6 +41,7 @@ impl Config {
             model: self.model.clone(),
             scheduler: self.scheduler.clone(),
             workers: self.workers.clone(),
+            discovery: self.discovery.clone(),
             health: self.health.clone(),
             upstream: self.upstream.clone(),
             breaker: self.breaker,
@@ -94,6 +98,7 @@ impl Layered for Config {
         "model",
         "scheduler",
         "workers",
+        "discovery",
         "health",
         "upstream",
         "breaker",

@@ -16,6 +16,9 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Statically configured engine instances.
     pub workers: Vec<WorkerConfig>,
+    /// Where engine instances come from besides `workers`: nowhere (`static`), the Kubernetes
+    /// API, or DNS.
+    pub discovery: DiscoveryConfig,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
@@ -171,6 +174,103 @@ pub struct WorkerConfig {
     /// Unset means the HTTP port (the reference engine serves both on one port).
     #[serde(default)]
     pub bootstrap_port: Option<u16>,
+}
+
+/// `[discovery]`: how the gateway learns its engine instances. Discovered instances join and
+/// leave through the same path as `POST /admin/workers` and `DELETE /admin/workers/{id}` (added;
+/// drained, then removed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub kind: DiscoveryKind,
+    pub kubernetes: KubernetesDiscovery,
+    pub dns: DnsDiscovery,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    /// The `[[workers]]` list only (and what `/admin/workers` adds).
+    #[default]
+    Static,
+    /// Engine pods found by label selector through the Kubernetes API.
+    Kubernetes,
+    /// Engine addresses from a headless Service's DNS records.
+    Dns,
+}
+
+impl DiscoveryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiscoveryKind::Static => "static",
+            DiscoveryKind::Kubernetes => "kubernetes",
+            DiscoveryKind::Dns => "dns",
+        }
+    }
+}
+
+impl std::fmt::Display for DiscoveryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[discovery.kubernetes]`: engine pods selected by label, server-side. Each pod's annotations
+/// say how to reach it: `pdgate.io/protocol` (default `native`), `pdgate.io/http-port` (default
+/// 8000), `pdgate.io/bootstrap-port` (default none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// Namespace watched; empty means the gateway pod's own (`POD_NAMESPACE`, else the service
+    /// account's namespace file).
+    pub namespace: String,
+    /// Label selector of the prefill pods.
+    pub prefill_selector: String,
+    /// Label selector of the decode pods.
+    pub decode_selector: String,
+    /// Seconds between full re-lists, which repair whatever a watch missed.
+    pub resync_secs: u64,
+}
+
+impl Default for KubernetesDiscovery {
+    fn default() -> Self {
+        Self {
+            namespace: String::new(),
+            prefill_selector: "pdgate.io/role=prefill".into(),
+            decode_selector: "pdgate.io/role=decode".into(),
+            resync_secs: 300,
+        }
+    }
+}
+
+/// `[discovery.dns]`: one headless Service name per role, resolved every `interval_secs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsDiscovery {
+    /// Name of the prefill instances (e.g. `pd-prefill.ns.svc.cluster.local`).
+    pub prefill: String,
+    /// Name of the decode instances.
+    pub decode: String,
+    /// Engine HTTP port, used when the name has no SRV record (`_http._tcp.<name>`).
+    pub port: u16,
+    /// The PD protocol every discovered instance speaks.
+    pub protocol: Protocol,
+    /// Bootstrap port of the prefill instances (`sglang`, `vllm-mooncake`); 0 means none.
+    pub bootstrap_port: u16,
+    pub interval_secs: u64,
+}
+
+impl Default for DnsDiscovery {
+    fn default() -> Self {
+        Self {
+            prefill: String::new(),
+            decode: String::new(),
+            port: 8000,
+            protocol: Protocol::Native,
+            bootstrap_port: 0,
+            interval_secs: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod booking;
 pub mod breaker;
 pub mod config;
+pub mod config_check;
 pub mod engine_metrics;
 pub mod error;
 pub mod fleet;
