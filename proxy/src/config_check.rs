@@ -353,8 +353,10 @@ mod tests {
 
     #[test]
     fn named_files_must_be_readable_and_credentials_fit_the_bind() {
-        let mut cfg = Config::default();
-        cfg.workers = vec![worker("http://127.0.0.1:8101")];
+        let mut cfg = Config {
+            workers: vec![worker("http://127.0.0.1:8101")],
+            ..Config::default()
+        };
         cfg.model.tokenizer = Some("/nonexistent/tokenizer.json".into());
         cfg.server.fleet_secret_file = Some("/nonexistent/fleet".into());
         cfg.server.host = "0.0.0.0".into();
