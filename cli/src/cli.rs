@@ -2,7 +2,9 @@
 //! as dotted-key overrides over file and environment, so defaults live only in the config structs.
 
 use crate::config::{self, Config};
+use crate::serve_check;
 use crate::up::Fleet;
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config::DiscoveryKind;
@@ -76,6 +78,10 @@ pub struct UpArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub gateway: GatewayFlags,
+    /// Check the config (keys, worker URLs, discovery, the files it names, credentials) and
+    /// print it as the gateway would run it, secrets redacted; exit non-zero on any problem.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -145,8 +151,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             fleet.stop().await;
         }
         Command::Serve(a) => {
-            let cfg = load_gateway(&a.gateway, Vec::new())?;
+            let file = a.gateway.config.as_deref().map_or_else(
+                || "the config".to_string(),
+                |p| format!("config {}", p.display()),
+            );
+            let cfg = load_gateway(&a.gateway, Vec::new()).with_context(|| file.clone())?;
+            if a.check {
+                let effective = serve_check::check(&cfg).with_context(|| file.clone())?;
+                print!("{effective}");
+                return Ok(());
+            }
             crate::telemetry::init(&cfg.log);
+            pdgate_gateway::config_check::check(&cfg.gateway()).with_context(|| file.clone())?;
             anyhow::ensure!(
                 !cfg.workers.is_empty() || cfg.discovery.kind != DiscoveryKind::Static,
                 "no [[workers]] configured and [discovery] kind is static; `pdgate up` starts a \

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod replay_cmd;
+pub mod serve_check;
 pub mod telemetry;
 pub mod transfer_bench;
 pub mod up;

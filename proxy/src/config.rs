@@ -286,7 +286,7 @@ impl Default for UpstreamConfig {
 /// `[discovery]`: engines found at run time, added and drained through the same path as
 /// `POST /admin/workers` and `DELETE /admin/workers/{id}`. Static `[[workers]]` are kept
 /// whatever the kind: discovery only removes what it added.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiscoveryConfig {
     pub kind: DiscoveryKind,

@@ -10,6 +10,7 @@ pub mod booking;
 pub mod breaker;
 pub mod config;
 pub mod discovery;
+pub mod config_check;
 pub mod engine_metrics;
 pub mod error;
 pub mod fleet;
