@@ -29,16 +29,6 @@ async fn breaker_fleet() -> Fleet {
     fleet(breaker_config()).await
 }
 
-fn engine_url(fleet: &Fleet, role: Role) -> String {
-    fleet
-        .engines
-        .iter()
-        .find(|(r, _)| *r == role)
-        .expect("engine")
-        .1
-        .url()
-}
-
 async fn add_worker(fleet: &Fleet, url: &str, role: Role) {
     fleet.gateway.add_worker(&WorkerConfig {
         url: url.to_string(),

@@ -191,16 +191,6 @@ async fn sighup_reloads_the_certificate() {
     assert!(until_cert(addr, &both, &second).await, "reloaded on SIGHUP");
 }
 
-fn engine_url(fleet: &pdgate::Fleet, role: Role) -> String {
-    fleet
-        .engines
-        .iter()
-        .find(|(r, _)| *r == role)
-        .expect("engine")
-        .1
-        .url()
-}
-
 fn addr_of(url: &str) -> SocketAddr {
     url.trim_start_matches("http://")
         .trim_end_matches('/')

@@ -224,6 +224,17 @@ async fn proxy(target: String, fail: bool, delay: Duration) -> std::sync::Arc<Fl
     flaky
 }
 
+/// The URL of the first engine of `role` in a `pdgate up` fleet.
+pub fn engine_url(fleet: &Fleet, role: Role) -> String {
+    fleet
+        .engines
+        .iter()
+        .find(|(r, _)| *r == role)
+        .expect("engine")
+        .1
+        .url()
+}
+
 /// `/admin/workers` of a gateway, as JSON.
 pub async fn admin_workers(url: &str) -> Vec<Value> {
     client()
