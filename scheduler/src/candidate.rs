@@ -1,5 +1,5 @@
 //! A candidate instance as a policy sees it for one request: its load, how much of the request it
-//! caches, its size and measured speed. Built by the scheduler, read by the policies and the
+//! caches (and what it could pull from another instance), its size and measured speed. Built by the scheduler, read by the policies and the
 //! predictions; below both, so neither has to import the other for it.
 
 use crate::load::InstanceLoad;
@@ -21,4 +21,21 @@ pub struct Candidate {
     /// Predicted wait before a new prefill starts here: booked prefill work not yet done, less
     /// what has elapsed of the one running.
     pub queue_ms: f64,
+    /// Blocks this instance would pull from another holder instead of recomputing them, when
+    /// the scheduler predicts that to be faster (see `Predictor::best_pull`).
+    pub pull: Option<Pull>,
+}
+
+/// A planned pull: the instance that prefills fetches blocks `[matched_blocks, upto_blocks)` of
+/// the request from `from`, which caches them, instead of computing them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pull {
+    pub from: InstanceId,
+    /// Leading blocks of the request the puller holds once the pull has landed.
+    pub upto_blocks: u32,
+    /// Bytes the pull moves.
+    pub bytes: u64,
+    /// Predicted time until the blocks are in the puller's cache: the fixed overhead, the wait
+    /// behind the holder's earlier pulls, and the bytes over the pair's measured bandwidth.
+    pub ms: f64,
 }

@@ -17,6 +17,7 @@ pub struct SchedulerConfig {
     pub cost: CostModel,
     pub index: IndexConfig,
     pub disagg: DisaggConfig,
+    pub reuse: ReuseConfig,
     pub cache_aware: CacheAwareConfig,
     pub kv_cost: KvCostConfig,
 }
@@ -32,6 +33,7 @@ impl Default for SchedulerConfig {
             cost: CostModel::default(),
             index: IndexConfig::default(),
             disagg: DisaggConfig::default(),
+            reuse: ReuseConfig::default(),
             cache_aware: CacheAwareConfig::default(),
             kv_cost: KvCostConfig::default(),
         }
@@ -216,6 +218,29 @@ impl Default for DisaggConfig {
         Self {
             local_prefill_max_tokens: 0,
             local_prefill_min_hit: 0.9,
+        }
+    }
+}
+
+/// Global KV reuse: a prefix another instance caches can be pulled by the instance that prefills
+/// instead of recomputed, when the pull is predicted to finish sooner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReuseConfig {
+    /// Plan pulls at all. Off, a prefix counts only on the instance that holds it.
+    pub pull: bool,
+    /// A pull of fewer blocks than this is not worth its round trip.
+    pub min_pull_blocks: u32,
+    /// Fixed cost of one pull (lease, request, verification), ms, on top of bytes over bandwidth.
+    pub pull_overhead_ms: f64,
+}
+
+impl Default for ReuseConfig {
+    fn default() -> Self {
+        Self {
+            pull: true,
+            min_pull_blocks: 4,
+            pull_overhead_ms: 2.0,
         }
     }
 }

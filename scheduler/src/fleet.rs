@@ -17,6 +17,8 @@ pub struct Instance {
     pub speed: Ewma,
     /// When the prefill work booked here is predicted to be done.
     pub busy_until: Duration,
+    /// When the pulls other instances booked from this one are predicted to have been served.
+    pub egress_until: Duration,
     /// Predicted end of each sequence decoding here: (end time, ticket).
     pub decode_ends: BTreeSet<(Duration, Ticket)>,
 }
@@ -112,6 +114,7 @@ mod tests {
             load: InstanceLoad::default(),
             speed: Ewma::new(1.0, 0.1),
             busy_until: Duration::ZERO,
+            egress_until: Duration::ZERO,
             decode_ends: BTreeSet::new(),
         }
     }

@@ -2,16 +2,31 @@
 //! decides on them) and the scheduler (which reports them next to what was then observed).
 //!
 //! TTFT = queued prefill work + prefill of the uncached tokens (both scaled by the instance's
-//! measured speed) + KV transfer at the measured bandwidth. TBT = one decode step with the batch
-//! the decode instance is expected to hold when this request's prefill finishes.
+//! measured speed) + KV transfer at the measured bandwidth. A prefix block comes one of three
+//! ways: a local hit (free), a pull from another instance that caches it (overhead + wait behind
+//! the holder's other pulls + bytes over the pair's bandwidth; it overlaps the queue wait, as the
+//! engine pulls while the request queues), or recompute. TBT = one decode step with the batch the
+//! decode instance is expected to hold when this request's prefill finishes.
 
-use crate::candidate::Candidate;
+use crate::candidate::{Candidate, Pull};
 use crate::config::SchedulerConfig;
 use crate::types::{InstanceId, RequestKey};
 use std::time::Duration;
 
 /// How many of a decode instance's sequences are expected to have finished by a given time.
 pub type EndsBefore<'a> = &'a dyn Fn(InstanceId, Duration) -> u32;
+
+/// Measured bytes per ms from a holder to a puller.
+pub type PairBandwidth<'a> = &'a dyn Fn(InstanceId, InstanceId) -> f64;
+
+/// An instance that caches a prefix of the request, as a source of pulls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Holder {
+    pub id: InstanceId,
+    pub matched_blocks: u32,
+    /// Time the holder's outgoing link is still busy with pulls booked earlier, ms.
+    pub egress_wait_ms: f64,
+}
 
 pub struct Predictor<'a> {
     pub cfg: &'a SchedulerConfig,
@@ -21,9 +36,51 @@ pub struct Predictor<'a> {
 }
 
 impl Predictor<'_> {
+    /// Prompt tokens `c` computes: those neither cached there nor pulled.
     pub fn uncached_tokens(&self, key: &RequestKey, c: &Candidate) -> u64 {
-        let cached = u64::from(c.matched_blocks) * self.cfg.block_size as u64;
+        let have = c.pull.map_or(c.matched_blocks, |p| p.upto_blocks);
+        let cached = u64::from(have) * self.cfg.block_size as u64;
         u64::from(key.prompt_tokens).saturating_sub(cached)
+    }
+
+    /// The pull that makes `c`'s prefill finish soonest, if any beats recomputing: among the
+    /// holders caching at least `min_pull_blocks` more of the prompt than `c`, the one whose
+    /// pull plus the remaining compute is shortest.
+    pub fn best_pull(
+        &self,
+        key: &RequestKey,
+        c: &Candidate,
+        holders: &[Holder],
+        bandwidth: PairBandwidth<'_>,
+    ) -> Option<Pull> {
+        let reuse = &self.cfg.reuse;
+        if !reuse.pull {
+            return None;
+        }
+        let local = Candidate { pull: None, ..*c };
+        let mut best = (self.prefill_ms(key, &local), None);
+        let block_bytes = self.cfg.block_size as u64 * self.cfg.kv_bytes_per_token;
+        for h in holders {
+            if h.id == c.id
+                || h.matched_blocks < c.matched_blocks.saturating_add(reuse.min_pull_blocks)
+            {
+                continue;
+            }
+            let bytes = u64::from(h.matched_blocks - c.matched_blocks) * block_bytes;
+            let pull = Pull {
+                from: h.id,
+                upto_blocks: h.matched_blocks,
+                bytes,
+                ms: reuse.pull_overhead_ms.max(0.0)
+                    + h.egress_wait_ms.max(0.0)
+                    + bytes as f64 / bandwidth(h.id, c.id).max(1.0),
+            };
+            let t = self.prefill_ms(key, &Candidate { pull: Some(pull), ..*c });
+            if t < best.0 {
+                best = (t, Some(pull));
+            }
+        }
+        best.1
     }
 
     pub fn kv_bytes(&self, key: &RequestKey) -> u64 {
@@ -34,10 +91,11 @@ impl Predictor<'_> {
         self.kv_bytes(key) as f64 / self.bytes_per_ms.max(1.0)
     }
 
-    /// Queue plus compute on `c`, without transfer.
+    /// Queue (or the pull, which runs meanwhile) plus compute on `c`, without transfer.
     pub fn prefill_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
         let cost = &self.cfg.cost;
-        c.queue_ms + cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed
+        let wait = c.pull.map_or(c.queue_ms, |p| c.queue_ms.max(p.ms));
+        wait + cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed
     }
 
     /// Conditional disaggregation: whether decode instance `d` prefills this request itself,
@@ -100,5 +158,95 @@ impl Predictor<'_> {
             free >= need as f64
         });
         booked_ok && engine_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::{cand, key, no_ends};
+
+    /// 8,192-token prompt (512 blocks of 16) on a cold, idle candidate; instance 7 holds 500.
+    fn setup() -> (SchedulerConfig, RequestKey, Candidate, Vec<Holder>) {
+        let cfg = SchedulerConfig::default();
+        let holders = vec![Holder {
+            id: InstanceId(7),
+            matched_blocks: 500,
+            egress_wait_ms: 0.0,
+        }];
+        (cfg, key(8192), cand(0), holders)
+    }
+
+    fn plan(cfg: &SchedulerConfig, k: &RequestKey, c: &Candidate, h: &[Holder], gbps: f64) -> Option<Pull> {
+        let p = Predictor {
+            cfg,
+            bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
+            now: Duration::ZERO,
+            ends_before: &no_ends,
+        };
+        p.best_pull(k, c, h, &|_, _| gbps * 1e6)
+    }
+
+    #[test]
+    fn pull_beats_recompute_only_when_bandwidth_says_so() {
+        let (cfg, k, c, h) = setup();
+        // 500 blocks × 16 tokens × 8 KiB = 65.5 MB. Recomputing 8,192 tokens ≈ 169 ms.
+        let fast = plan(&cfg, &k, &c, &h, 2.0).expect("2 GB/s: ≈ 35 ms beats ≈ 169 ms");
+        assert_eq!((fast.from, fast.upto_blocks), (InstanceId(7), 500));
+        assert_eq!(fast.bytes, 500 * 16 * 8192);
+        assert!((fast.ms - (2.0 + fast.bytes as f64 / 2e6)).abs() < 1e-9);
+        assert!(
+            plan(&cfg, &k, &c, &h, 0.1).is_none(),
+            "0.1 GB/s: ≈ 655 ms loses to recomputing"
+        );
+        // The break-even: pull + compute of the 192-token rest equals the full recompute.
+        let p = Predictor {
+            cfg: &cfg,
+            bytes_per_ms: 1.0,
+            now: Duration::ZERO,
+            ends_before: &no_ends,
+        };
+        let rest = cfg.cost.prefill_ms(192);
+        let budget = p.prefill_ms(&k, &c) - rest - cfg.reuse.pull_overhead_ms;
+        let even_gbps = fast.bytes as f64 / budget / 1e6;
+        assert!(plan(&cfg, &k, &c, &h, even_gbps * 1.01).is_some());
+        assert!(plan(&cfg, &k, &c, &h, even_gbps * 0.99).is_none());
+    }
+
+    #[test]
+    fn a_pull_hides_behind_the_queue_and_waits_behind_the_holders_other_pulls() {
+        let (cfg, k, mut c, mut h) = setup();
+        // At 0.3 GB/s the pull takes ≈ 220 ms: slower than recomputing on an idle instance...
+        assert!(plan(&cfg, &k, &c, &h, 0.3).is_none());
+        // ...but a queue of 300 ms hides it: the engine pulls while the request waits.
+        c.queue_ms = 300.0;
+        assert!(plan(&cfg, &k, &c, &h, 0.3).is_some());
+        c.queue_ms = 0.0;
+        // A holder whose link is busy for 200 ms more with earlier pulls is not worth it.
+        h[0].egress_wait_ms = 200.0;
+        assert!(plan(&cfg, &k, &c, &h, 2.0).is_none());
+    }
+
+    #[test]
+    fn local_hits_first_then_the_longest_worthwhile_holder() {
+        let (mut cfg, k, mut c, mut h) = setup();
+        h.push(Holder {
+            id: InstanceId(8),
+            matched_blocks: 300,
+            egress_wait_ms: 0.0,
+        });
+        assert_eq!(plan(&cfg, &k, &c, &h, 2.0).map(|p| p.from), Some(InstanceId(7)));
+        // Instance 7's link is busy: the shorter but free holder wins.
+        h[0].egress_wait_ms = 100.0;
+        assert_eq!(plan(&cfg, &k, &c, &h, 2.0).map(|p| p.from), Some(InstanceId(8)));
+        // The candidate already caches 498 blocks: 2 more are below min_pull_blocks.
+        h[0].egress_wait_ms = 0.0;
+        c.matched_blocks = 498;
+        assert_eq!(plan(&cfg, &k, &c, &h, 2.0), None);
+        c.matched_blocks = 100;
+        let p = plan(&cfg, &k, &c, &h, 2.0).expect("400 blocks to pull");
+        assert_eq!(p.bytes, 400 * 16 * 8192, "only what is not local moves");
+        cfg.reuse.pull = false;
+        assert_eq!(plan(&cfg, &k, &c, &h, 2.0), None, "pulls switched off");
     }
 }

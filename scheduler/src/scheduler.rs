@@ -7,14 +7,14 @@
 //! closes both legs, e.g. on failure).
 
 use crate::blocks::BlockHash;
-use crate::candidate::Candidate;
+use crate::candidate::{Candidate, Pull};
 use crate::config::SchedulerConfig;
 use crate::cost::Ewma;
 use crate::fleet::{Fleet, Instance};
 use crate::index::PrefixIndex;
 use crate::load::{EngineReport, InstanceLoad};
 use crate::policy::{PickCtx, Policy};
-use crate::predict::Predictor;
+use crate::predict::{Holder, Predictor};
 use crate::types::{InstanceId, Role, Ticket};
 // Defined in `types` so policies and predictions need not import the scheduler; re-exported for
 // callers that name them by their old path (`pdgate_scheduler::scheduler::Rejection`).
@@ -30,6 +30,9 @@ pub struct Decision {
     pub decode: InstanceId,
     /// Leading prompt blocks the instance that prefills already caches.
     pub cached_blocks: u32,
+    /// Blocks `[cached_blocks, pull.upto_blocks)` the instance that prefills should pull from
+    /// another instance before computing the rest; if the pull fails it computes them.
+    pub pull: Option<Pull>,
     pub predicted_ttft_ms: f64,
     pub predicted_tbt_ms: f64,
 }
@@ -69,6 +72,8 @@ pub struct Scheduler {
     index: PrefixIndex,
     booked: HashMap<Ticket, Booked>,
     bandwidth: Ewma,
+    /// Measured pull bandwidth per (holder, puller); pairs not yet measured use `bandwidth`.
+    pull_bandwidth: HashMap<(InstanceId, InstanceId), Ewma>,
     next_id: u32,
     next_ticket: u64,
 }
@@ -81,6 +86,7 @@ impl Scheduler {
             bandwidth: Ewma::new(cfg.cost.prior_bytes_per_ms(), cfg.cost.ewma_alpha),
             instances: Fleet::default(),
             booked: HashMap::new(),
+            pull_bandwidth: HashMap::new(),
             next_id: 0,
             next_ticket: 0,
             cfg,
@@ -114,6 +120,7 @@ impl Scheduler {
                 load: InstanceLoad::default(),
                 speed: Ewma::new(1.0, self.cfg.cost.ewma_alpha),
                 busy_until: Duration::ZERO,
+                egress_until: Duration::ZERO,
                 decode_ends: BTreeSet::new(),
             },
         );
@@ -123,6 +130,8 @@ impl Scheduler {
     pub fn remove_instance(&mut self, id: InstanceId) {
         self.instances.remove(id);
         self.index.remove_instance(id);
+        self.pull_bandwidth
+            .retain(|(from, to), _| *from != id && *to != id);
     }
 
     pub fn set_healthy(&mut self, id: InstanceId, healthy: bool) {
@@ -206,8 +215,8 @@ impl Scheduler {
     ) -> Result<Decision, Rejection> {
         let matches = self.index.match_all(&key.blocks, now);
         let shortlist = self.cfg.policy.shortlists();
-        let prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
-        let decode = self.candidates(Role::Decode, avoid, &matches, shortlist, now);
+        let mut prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
+        let mut decode = self.candidates(Role::Decode, avoid, &matches, shortlist, now);
         if prefill.is_empty() {
             return Err(Rejection::NoHealthy(Role::Prefill));
         }
@@ -226,6 +235,18 @@ impl Scheduler {
             now,
             ends_before: &ends_before,
         };
+        if self.cfg.reuse.pull {
+            let holders = self.holders(&matches, avoid, now);
+            let handoff = self.bandwidth.get();
+            let pair = |from: InstanceId, to: InstanceId| {
+                self.pull_bandwidth
+                    .get(&(from, to))
+                    .map_or(handoff, Ewma::get)
+            };
+            for c in prefill.iter_mut().chain(decode.iter_mut()) {
+                c.pull = predict.best_pull(key, c, &holders, &pair);
+            }
+        }
         let choice = self.policy.pick(&PickCtx {
             key,
             prefill: &prefill,
@@ -264,12 +285,16 @@ impl Scheduler {
             prefill: booked.prefill,
             decode: d.id,
             cached_blocks: runner.matched_blocks,
+            pull: runner.pull,
             predicted_ttft_ms: ttft,
             predicted_tbt_ms: tbt,
         };
         let runner_id = runner.id;
         self.next_ticket += 1;
         self.book(decision.ticket, booked, runner_id, now);
+        if let Some(pull) = decision.pull {
+            self.book_pull(pull, runner_id, now);
+        }
         for id in booked.prefill.into_iter().chain([decision.decode]) {
             self.index.record(id, &key.blocks, now);
         }
@@ -293,6 +318,52 @@ impl Scheduler {
             i.decode_ends.insert((b.decode_end, ticket));
         });
         self.booked.insert(ticket, b);
+    }
+
+    /// A pull occupies the holder's outgoing link for its bytes at the pair's bandwidth, so the
+    /// next pull from the same holder waits behind it: that is the load a pull puts on a holder.
+    fn book_pull(&mut self, pull: Pull, to: InstanceId, now: Duration) {
+        let bw = self.pair_bandwidth(pull.from, to);
+        self.instances.update(pull.from, |i| {
+            i.egress_until =
+                i.egress_until.max(now) + Duration::from_secs_f64(pull.bytes as f64 / bw / 1e3);
+        });
+    }
+
+    fn pair_bandwidth(&self, from: InstanceId, to: InstanceId) -> f64 {
+        self.pull_bandwidth
+            .get(&(from, to))
+            .map_or(self.bandwidth.get(), Ewma::get)
+            .max(1.0)
+    }
+
+    /// A pull from `from` to `to` moved `bytes` in `ms`: corrects that pair's bandwidth.
+    pub fn pull_observed(&mut self, from: InstanceId, to: InstanceId, bytes: u64, ms: f64) {
+        if bytes == 0 || ms <= 0.0 || !ms.is_finite() {
+            return;
+        }
+        let prior = self.bandwidth.get();
+        let alpha = self.cfg.cost.ewma_alpha;
+        self.pull_bandwidth
+            .entry((from, to))
+            .or_insert_with(|| Ewma::new(prior, alpha))
+            .update(bytes as f64 / ms);
+    }
+
+    /// Healthy, non-avoided instances of either role that cache a prefix of the request.
+    fn holders(&self, matches: &[(InstanceId, u32)], avoid: &[InstanceId], now: Duration) -> Vec<Holder> {
+        matches
+            .iter()
+            .filter(|(id, _)| !avoid.contains(id))
+            .filter_map(|&(id, matched_blocks)| {
+                let i = self.instances.get(id).filter(|i| i.healthy)?;
+                Some(Holder {
+                    id,
+                    matched_blocks,
+                    egress_wait_ms: i.egress_until.saturating_sub(now).as_secs_f64() * 1e3,
+                })
+            })
+            .collect()
     }
 
     /// The prefill leg ended (and, disaggregated, its KV landed); `observed` corrects the model.
@@ -396,6 +467,7 @@ impl Scheduler {
                     capacity_blocks: i.capacity_blocks,
                     speed: i.speed.get(),
                     queue_ms: i.busy_until.saturating_sub(now).as_secs_f64() * 1e3,
+                    pull: None,
                 })
             })
             .collect()

@@ -64,6 +64,13 @@ pub struct SimEngine {
     pub requests: u64,
     /// KV pool blocks free for reservations (decode role).
     pub pool_free: usize,
+    /// Prompt tokens this engine pulled from other instances' caches instead of computing.
+    pub pulled_tokens: u64,
+    pub pulls: u64,
+    /// Planned pulls that found the holder no longer caching the blocks (recomputed).
+    pub pull_misses: u64,
+    /// When this engine's outgoing link is free of the pulls other engines make from it, ms.
+    pub egress_free_ms: f64,
 }
 
 impl SimEngine {
@@ -81,6 +88,10 @@ impl SimEngine {
             prompt_tokens: 0,
             generated_tokens: 0,
             requests: 0,
+            pulled_tokens: 0,
+            pulls: 0,
+            pull_misses: 0,
+            egress_free_ms: 0.0,
         }
     }
 

@@ -18,6 +18,8 @@ pub enum Event {
     StepEnd(usize),
     /// Request `r`'s KV cache landed on its decode instance.
     TransferDone(usize),
+    /// The prefix blocks request `r`'s prefill pulled from another instance landed.
+    PullDone(usize),
     /// The gateway scrapes every engine's metrics into the scheduler.
     Scrape,
 }

@@ -1,7 +1,9 @@
 //! The modelled fleet in virtual time: the real `pdgate_scheduler::Scheduler` makes every
 //! decision, modelled engines (`engine.rs`) do the work, and this module plays the gateway's part
-//! of the native PD protocol — reserve KV on decode, prefill (or local prefill on decode when the
-//! scheduler says so), move every KV block at the modelled bandwidth, then decode — reporting
+//! of the native PD protocol — reserve KV on decode, pull the prefix blocks the scheduler planned
+//! to pull from another instance's cache (at the same bandwidth, queued behind the holder's other
+//! pulls; blocks the holder no longer caches are recomputed), prefill (or local prefill on decode
+//! when the scheduler says so), move every KV block at the modelled bandwidth, then decode — reporting
 //! `prefill_done`/`decode_done` and scraped engine load to the scheduler exactly where the
 //! gateway does.
 //!
@@ -34,6 +36,8 @@ pub struct FleetSpec {
     pub kv_gbps: f64,
     /// Fixed cost per leg (HTTP round trip in the gateway), ms, added to TTFT.
     pub overhead_ms: f64,
+    /// Fixed cost of one pull of cached blocks between engines (lease, request, verify), ms.
+    pub pull_overhead_ms: f64,
     /// How often the gateway scrapes engine metrics into the scheduler, ms (0 = never).
     pub metrics_interval_ms: f64,
     /// The scheduler's config; the policy is set per run.
@@ -51,6 +55,7 @@ impl FleetSpec {
             engine,
             kv_gbps: 2.0,
             overhead_ms: 0.0,
+            pull_overhead_ms: 2.0,
             metrics_interval_ms: 500.0,
             scheduler: SchedulerConfig::default(),
         }
@@ -68,7 +73,12 @@ pub enum Arrivals {
 pub struct SimResult {
     pub records: Vec<RequestRecord>,
     pub instances: Vec<InstanceLoad>,
+    /// Prompt tokens served from a cache (local hits and pulls) over prompt tokens.
     pub cache_hit_rate: Option<f64>,
+    /// The part of `cache_hit_rate` that was pulled from another instance.
+    pub pulled_hit_rate: Option<f64>,
+    pub pulls: u64,
+    pub pull_misses: u64,
     pub events: u64,
 }
 
@@ -83,9 +93,20 @@ struct ReqState {
     prefill_ms: f64,
     transfer_ms: f64,
     kv_bytes: u64,
+    /// Runner engine and prompt length, kept while a pull is in flight.
+    runner: usize,
+    pull: Option<PullInFlight>,
     last_token_ms: f64,
     tokens: u32,
     rec: RequestRecord,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PullInFlight {
+    holder: usize,
+    upto_blocks: usize,
+    bytes: u64,
+    ms: f64,
 }
 
 struct Sim<'a> {
@@ -170,6 +191,7 @@ pub fn simulate(
             Event::Kick(e) => sim.kick(e, now),
             Event::StepEnd(e) => sim.step_end(e, now),
             Event::TransferDone(r) => sim.transfer_done(r, now),
+            Event::PullDone(r) => sim.pull_done(r, now),
             Event::Scrape => {
                 sim.scrape();
                 // Keep scraping only while requests remain, so the queue drains.
@@ -274,12 +296,78 @@ impl Sim<'_> {
             self.reqs[r].reserved = need;
         }
         let runner = prefill.unwrap_or(decode);
-        let uncached = self.engines[runner].lookup_prefix(prompt, &key.blocks);
+        self.reqs[r].runner = runner;
+        self.reqs[r].blocks = key.blocks;
+        // The prefill leg, as the gateway times it, includes the pull the engine makes first.
+        self.reqs[r].prefill_submit_ms = now;
+        if let Some(p) = d.pull {
+            let holder = self.engine_of(p.from);
+            if let Some(pull) = self.start_pull(r, runner, holder, p.upto_blocks as usize, now) {
+                self.reqs[r].pull = Some(pull);
+                self.q.push(now + pull.ms, Event::PullDone(r));
+                return;
+            }
+        }
+        self.start_prefill(r, now);
+    }
+
+    /// Leases the blocks the holder still caches of `[runner's match, upto)` and books their
+    /// bytes on its outgoing link; `None` (recompute) when it holds nothing the runner lacks.
+    fn start_pull(
+        &mut self,
+        r: usize,
+        runner: usize,
+        holder: usize,
+        upto: usize,
+        now: f64,
+    ) -> Option<PullInFlight> {
+        let blocks = &self.reqs[r].blocks;
+        let upto = upto.min(blocks.len());
+        let local = self.engines[runner].cache.match_prefix(&blocks[..upto]);
+        let held = self.engines[holder].cache.match_prefix(&blocks[..upto]);
+        if held <= local || holder == runner {
+            self.engines[runner].pull_misses += 1;
+            return None;
+        }
+        let bs = self.spec.engine.block_size.max(1);
+        let bytes = ((held - local) * bs) as u64 * self.spec.engine.kv_bytes_per_token;
+        let wire_ms = bytes as f64 / (self.spec.kv_gbps.max(1e-9) * 1e6);
+        let h = &mut self.engines[holder];
+        let start = h.egress_free_ms.max(now);
+        h.egress_free_ms = start + wire_ms;
+        Some(PullInFlight {
+            holder,
+            upto_blocks: held,
+            bytes,
+            ms: start + wire_ms + self.spec.pull_overhead_ms - now,
+        })
+    }
+
+    fn pull_done(&mut self, r: usize, now: f64) {
+        let s = &mut self.reqs[r];
+        let (runner, Some(p)) = (s.runner, s.pull.take()) else {
+            return self.start_prefill(r, now);
+        };
+        let blocks = &s.blocks[..p.upto_blocks.min(s.blocks.len())];
+        let local = self.engines[runner].cache.match_prefix(blocks);
+        self.engines[runner].cache.insert(blocks);
+        let bs = self.spec.engine.block_size.max(1);
+        let prompt = self.trace.requests[r].input_tokens as u64;
+        let e = &mut self.engines[runner];
+        e.pulls += 1;
+        e.pulled_tokens += (((p.upto_blocks - local.min(p.upto_blocks)) * bs) as u64).min(prompt);
+        self.sched
+            .pull_observed(self.ids[p.holder], self.ids[runner], p.bytes, p.ms);
+        self.start_prefill(r, now);
+    }
+
+    fn start_prefill(&mut self, r: usize, now: f64) {
+        let runner = self.reqs[r].runner;
+        let prompt = self.trace.requests[r].input_tokens as usize;
+        let uncached = self.engines[runner].lookup_prefix(prompt, &self.reqs[r].blocks);
         self.engines[runner].prompt_tokens += prompt as u64;
         let s = &mut self.reqs[r];
         s.rec.cached_tokens = Some((prompt - uncached) as u32);
-        s.blocks = key.blocks;
-        s.prefill_submit_ms = now;
         if self.engines[runner]
             .submit(Job::Prefill { req: r, uncached })
             .is_err()
@@ -414,6 +502,9 @@ impl Sim<'_> {
         let (hits, queries) = self.engines.iter().fold((0u64, 0u64), |(h, q), e| {
             (h + e.prefix_hits_tokens, q + e.prefix_queries_tokens)
         });
+        let pulled: u64 = self.engines.iter().map(|e| e.pulled_tokens).sum();
+        let pulls = self.engines.iter().map(|e| e.pulls).sum();
+        let pull_misses = self.engines.iter().map(|e| e.pull_misses).sum();
         let instances = self
             .engines
             .iter()
@@ -439,6 +530,9 @@ impl Sim<'_> {
             records: self.reqs.into_iter().map(|s| s.rec).collect(),
             instances,
             cache_hit_rate: (queries > 0).then(|| hits as f64 / queries as f64),
+            pulled_hit_rate: (queries > 0).then(|| pulled as f64 / queries as f64),
+            pulls,
+            pull_misses,
             events,
         }
     }

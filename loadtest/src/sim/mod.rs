@@ -35,6 +35,7 @@ pub fn run(
             _ => Arrivals::At(vec![0.0; trace.requests.len()]),
         },
     };
+    let pooled = pooled_lru_hit_rate(trace, spec);
     policies
         .iter()
         .map(|&policy| {
@@ -44,6 +45,13 @@ pub fn run(
             aggregates.cache_hit_rate = result.cache_hit_rate;
             let mut settings = settings.clone();
             settings["events"] = result.events.into();
+            settings["pulls"] = result.pulls.into();
+            settings["pull_misses"] = result.pull_misses.into();
+            if let (Some(all), Some(pulled)) = (result.cache_hit_rate, result.pulled_hit_rate) {
+                settings["local_hit_rate"] = (all - pulled).into();
+                settings["pulled_hit_rate"] = pulled.into();
+            }
+            settings["pooled_lru_hit_rate"] = pooled.into();
             Report {
                 kind: "simulate".into(),
                 label: policy.as_str().into(),
@@ -58,4 +66,26 @@ pub fn run(
             }
         })
         .collect()
+}
+
+/// The hit rate of one LRU prefix cache as large as the whole fleet's caches together, fed every
+/// request in arrival order: the bound a perfectly shared cache would reach, with no placement
+/// and no copies.
+pub fn pooled_lru_hit_rate(trace: &Trace, spec: &FleetSpec) -> f64 {
+    let bs = spec.engine.block_size.max(1);
+    let capacity = spec.prefill * spec.engine.kv_blocks + spec.decode * spec.decode_cache_blocks;
+    let mut cache = pdgate_engine_sim::cache::PrefixCache::new(capacity);
+    let (mut hits, mut queries) = (0u64, 0u64);
+    for req in &trace.requests {
+        let blocks = crate::synth::engine_blocks(req, bs);
+        let prompt = u64::from(req.input_tokens);
+        hits += ((cache.match_prefix(&blocks) * bs) as u64).min(prompt);
+        queries += prompt;
+        cache.insert(&blocks);
+    }
+    if queries == 0 {
+        0.0
+    } else {
+        hits as f64 / queries as f64
+    }
 }

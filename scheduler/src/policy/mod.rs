@@ -74,6 +74,7 @@ pub(crate) mod testing {
             capacity_blocks: 10_000,
             speed: 1.0,
             queue_ms: 0.0,
+            pull: None,
         }
     }
 
