@@ -110,6 +110,22 @@ impl Predictor<'_> {
                 && cached as f64 >= self.cfg.disagg.local_prefill_min_hit * prompt as f64)
     }
 
+    /// What a pull costs the fleet beyond its time: the pulled blocks become a second copy in
+    /// `c`'s cache, and a cache that is full evicts as many blocks of other prefixes, which a
+    /// later request recomputes. Charged as the compute the pulled blocks stand for, times how
+    /// full `c`'s cache is: nothing while there is room, a recompute's worth when every block
+    /// placed evicts one. So with roomy caches the fleet pulls freely, and with tight ones a
+    /// pull wins a request only where recomputing would also have (then it is the cheaper way).
+    pub fn replica_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
+        if c.pull.is_none() {
+            return 0.0;
+        }
+        let local = Candidate { pull: None, ..*c };
+        let saved = self.compute_ms(key, &local) - self.compute_ms(key, c);
+        let fill = c.cached_blocks as f64 / c.capacity_blocks.max(1) as f64;
+        saved.max(0.0) * fill.clamp(0.0, 1.0)
+    }
+
     /// Compute (not queueing) the prefill of this request takes on `c`.
     pub fn compute_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
         self.cfg.cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed

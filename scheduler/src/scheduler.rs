@@ -350,13 +350,24 @@ impl Scheduler {
             .update(bytes as f64 / ms);
     }
 
-    /// Healthy, non-avoided instances of either role that cache a prefix of the request.
-    fn holders(&self, matches: &[(InstanceId, u32)], avoid: &[InstanceId], now: Duration) -> Vec<Holder> {
+    /// Healthy, non-avoided prefill instances that cache a prefix of the request. Decode
+    /// instances are not pulled from: their memory bandwidth is what every decode step waits
+    /// on, and the blocks the index credits them with are the ones routed there, which an engine
+    /// that does not keep received KV in its prefix cache (the reference engine) does not hold.
+    fn holders(
+        &self,
+        matches: &[(InstanceId, u32)],
+        avoid: &[InstanceId],
+        now: Duration,
+    ) -> Vec<Holder> {
         matches
             .iter()
             .filter(|(id, _)| !avoid.contains(id))
             .filter_map(|&(id, matched_blocks)| {
-                let i = self.instances.get(id).filter(|i| i.healthy)?;
+                let i = self
+                    .instances
+                    .get(id)
+                    .filter(|i| i.healthy && i.role == Role::Prefill)?;
                 Some(Holder {
                     id,
                     matched_blocks,

@@ -493,8 +493,10 @@ impl Sim<'_> {
                 running: e.running() as u32,
                 kv_usage: usage,
             };
+            // Every engine reports its pool size (`num_gpu_blocks`), as vLLM and the reference
+            // engine do, so the index mirrors a prefill's cache size too.
             self.sched
-                .observe_engine(self.ids[i], report, decode.then_some(total as u64));
+                .observe_engine(self.ids[i], report, Some(total as u64));
         }
     }
 

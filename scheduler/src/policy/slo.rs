@@ -5,7 +5,9 @@
 //! term is the compute the choice takes from the fleet; `compute_weight`, default 1): a hot
 //! instance wins while its queue is short, and a cold one wins (becoming a replica) once the hot
 //! queue costs more than recomputing the prefix — cache load balancing, and no herding on a
-//! popular prompt. Admission judges the TTFT alone. Decode: among instances
+//! popular prompt. A candidate that would pull the prefix from another instance (see
+//! `predict.rs`) has the pull in its TTFT, and its fleet cost adds the copy it makes in a full
+//! cache (`replica_ms`). Admission judges the TTFT alone. Decode: among instances
 //! with KV headroom, the lowest predicted TBT with the batch expected *when the prefill finishes*
 //! (sequences due to end by then are not counted, those booked but still prefilling are), which
 //! avoids the reject/accept oscillation of deciding on the current load. With admission on, a
@@ -29,7 +31,8 @@ impl Policy for SloPolicy {
         let w = slo.compute_weight.max(0.0);
         let prefill = argmin_by(ctx.prefill, |c| {
             (
-                pred.ttft_ms(ctx.key, c) + w * pred.compute_ms(ctx.key, c),
+                pred.ttft_ms(ctx.key, c)
+                    + w * (pred.compute_ms(ctx.key, c) + pred.replica_ms(ctx.key, c)),
                 c.load.requests(),
             )
         });
