@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # KV reuse across instances in virtual time: every policy × tight (4,096) and roomy (65,536)
 # caches × the public trace at 2× and a multi-turn ~10k-token spec at 2× and 4×, with pulls on
-# (the default) and off (`[reuse] pull = false`, the same code otherwise). Prints one table per
+# (`[reuse] pull = true`) and off (the default; the same code otherwise). Prints one table per
 # run (loadtest/scripts/reuse_table.py) and the pooled-LRU bound.
 #
 # Usage: PDGATE=target/release/pdgate TRACE=../shared/data/traces/synthetic_trace.jsonl \
@@ -13,11 +13,11 @@ OUT=${OUT:-/tmp/pdgate-reuse}
 HERE=$(cd "$(dirname "$0")" && pwd)
 SPEC="synthetic:requests=2000,rate=1,input=3000,input_sd=600,output=128,output_sd=32,groups=16,prefix=1024,turns=4"
 mkdir -p "$OUT"
-printf '[reuse]\npull = false\n' > "$OUT/nopull.toml"
+printf '[reuse]\npull = true\n' > "$OUT/pull-on.toml"
+printf '[reuse]\npull = false\n' > "$OUT/pull-off.toml"
 
 run() { # name source speed blocks pulls
-  local extra=()
-  [ "$5" = off ] && extra=(--scheduler-config "$OUT/nopull.toml")
+  local extra=(--scheduler-config "$OUT/pull-$5.toml")
   "$PDGATE" simulate "$2" --prefill 4 --decode 4 --policy all --kv-blocks "$4" --speed "$3" \
     --slo ttft=2000,tpot=100 "${extra[@]}" --out "$OUT/$1" > "$OUT/$1.log" 2>&1
   echo "### $1 (speed $3, $4 blocks/engine, pulls $5)"

@@ -227,7 +227,9 @@ impl Default for DisaggConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReuseConfig {
-    /// Plan pulls at all. Off, a prefix counts only on the instance that holds it.
+    /// Plan pulls at all. Off, a prefix counts only on the instance that holds it. Off by
+    /// default: the gateway does not yet hand the plan to engines, so live a planned pull would
+    /// be a recompute the prediction did not count; `pdgate simulate` models it.
     pub pull: bool,
     /// A pull of fewer blocks than this is not worth its round trip.
     pub min_pull_blocks: u32,
@@ -238,7 +240,7 @@ pub struct ReuseConfig {
 impl Default for ReuseConfig {
     fn default() -> Self {
         Self {
-            pull: true,
+            pull: false,
             min_pull_blocks: 4,
             pull_overhead_ms: 2.0,
         }

@@ -184,7 +184,8 @@ mod tests {
 
     /// 8,192-token prompt (512 blocks of 16) on a cold, idle candidate; instance 7 holds 500.
     fn setup() -> (SchedulerConfig, RequestKey, Candidate, Vec<Holder>) {
-        let cfg = SchedulerConfig::default();
+        let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = true;
         let holders = vec![Holder {
             id: InstanceId(7),
             matched_blocks: 500,

@@ -671,6 +671,39 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_holder_is_pulled_from_and_its_link_carries_the_load() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = true;
+        cfg.disagg.local_prefill_min_hit = 2.0; // keep every prefill on a prefill instance
+        let mut s = Scheduler::new(cfg);
+        let hot = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let cold = s.add_instance(Role::Prefill, InstanceSpec::default());
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let prefix: Vec<u64> = (1..=500).collect();
+        s.blocks_stored(hot, &prefix.iter().copied().map(BlockHash).collect::<Vec<_>>(), NOW);
+        // 8,192-token prompts sharing a 500-block prefix cached on `hot` only; each books a
+        // 192-token prefill there until its queue outweighs a 35 ms pull.
+        let mut pulled = Vec::new();
+        for r in 0..40u64 {
+            let mut blocks = prefix.clone();
+            blocks.extend((0..12).map(|i| 10_000 + 100 * r + i));
+            let d = s.schedule(&key(8192, &blocks), NOW).expect("admitted");
+            if let Some(p) = d.pull {
+                assert_eq!((d.prefill, p.from, p.upto_blocks), (Some(cold), hot, 500));
+                assert_eq!(d.cached_blocks, 0, "cold held nothing before");
+                pulled.push(d.predicted_ttft_ms);
+            }
+        }
+        assert!(!pulled.is_empty(), "the hot queue makes a pull pay");
+        // Each pull books 65.5 MB on hot's link at 2 GB/s: the next one waits behind it.
+        assert!(pulled.windows(2).all(|w| w[1] >= w[0]), "{pulled:?}");
+        // Pulls off: the same state recomputes instead.
+        s.cfg.reuse.pull = false;
+        let d = s.schedule(&key(8192, &(1..=512).collect::<Vec<_>>()), NOW).expect("admitted");
+        assert_eq!(d.pull, None);
+    }
+
+    #[test]
     fn slo_rejection_has_a_label_and_retry_after() {
         let mut cfg = SchedulerConfig::default();
         cfg.slo.ttft_ms = 10.0;

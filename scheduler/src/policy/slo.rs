@@ -144,6 +144,27 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_into_a_full_cache_is_charged_the_copy_it_makes() {
+        let cfg = SchedulerConfig::default();
+        let mut p: Vec<_> = (0..2).map(cand).collect();
+        let k = key(4096);
+        p[0].matched_blocks = 250;
+        p[0].queue_ms = 60.0; // hot: 60 + 18 ms
+        // Cold could pull the 250 blocks (32.8 MB ≈ 18 ms at 2 GB/s) and compute 96 tokens.
+        p[1].pull = Some(crate::candidate::Pull {
+            from: InstanceId(0),
+            upto_blocks: 250,
+            bytes: 250 * 16 * 8192,
+            ms: 18.4,
+        });
+        let d = [cand(9)];
+        p[1].cached_blocks = 0; // roomy: the copy costs nothing, the faster pull wins
+        assert_eq!(pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill, InstanceId(1));
+        p[1].cached_blocks = p[1].capacity_blocks; // full: the copy evicts a recompute's worth
+        assert_eq!(pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill, InstanceId(0));
+    }
+
+    #[test]
     fn rejects_at_the_ttft_boundary_and_not_below() {
         let mut cfg = SchedulerConfig::default();
         let p = [cand(0)];
