@@ -19,10 +19,10 @@ pub mod tokenizer;
 pub mod types;
 
 pub use blocks::{BlockHash, BlockHasher};
+pub use candidate::Pull;
 pub use config::{CostModel, PolicyKind, ReuseConfig, SchedulerConfig, Slo};
 pub use load::{EngineReport, InstanceLoad};
 pub use policy::Policy;
 pub use scheduler::{Decision, InstanceSpec, Observed, Scheduler};
-pub use candidate::Pull;
 pub use tokenizer::{BuiltinTokenizer, TokenId, Tokenizer};
 pub use types::{InstanceId, Rejection, RequestKey, Role, SloBreach, Ticket};

@@ -75,7 +75,13 @@ impl Predictor<'_> {
                     + h.egress_wait_ms.max(0.0)
                     + bytes as f64 / bandwidth(h.id, c.id).max(1.0),
             };
-            let t = self.prefill_ms(key, &Candidate { pull: Some(pull), ..*c });
+            let t = self.prefill_ms(
+                key,
+                &Candidate {
+                    pull: Some(pull),
+                    ..*c
+                },
+            );
             if t < best.0 {
                 best = (t, Some(pull));
             }
@@ -180,7 +186,33 @@ impl Predictor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::testing::{cand, key, no_ends};
+    use crate::load::InstanceLoad;
+
+    // Built here, not borrowed from `policy::testing`: the policies import this module.
+    fn cand(id: u32) -> Candidate {
+        Candidate {
+            id: InstanceId(id),
+            load: InstanceLoad::default(),
+            matched_blocks: 0,
+            cached_blocks: 0,
+            capacity_blocks: 10_000,
+            speed: 1.0,
+            queue_ms: 0.0,
+            pull: None,
+        }
+    }
+
+    fn key(prompt_tokens: u32) -> RequestKey {
+        RequestKey {
+            prompt_tokens,
+            max_tokens: 16,
+            blocks: Vec::new(),
+        }
+    }
+
+    fn no_ends(_: InstanceId, _: Duration) -> u32 {
+        0
+    }
 
     /// 8,192-token prompt (512 blocks of 16) on a cold, idle candidate; instance 7 holds 500.
     fn setup() -> (SchedulerConfig, RequestKey, Candidate, Vec<Holder>) {
@@ -194,7 +226,13 @@ mod tests {
         (cfg, key(8192), cand(0), holders)
     }
 
-    fn plan(cfg: &SchedulerConfig, k: &RequestKey, c: &Candidate, h: &[Holder], gbps: f64) -> Option<Pull> {
+    fn plan(
+        cfg: &SchedulerConfig,
+        k: &RequestKey,
+        c: &Candidate,
+        h: &[Holder],
+        gbps: f64,
+    ) -> Option<Pull> {
         let p = Predictor {
             cfg,
             bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
@@ -252,10 +290,16 @@ mod tests {
             matched_blocks: 300,
             egress_wait_ms: 0.0,
         });
-        assert_eq!(plan(&cfg, &k, &c, &h, 2.0).map(|p| p.from), Some(InstanceId(7)));
+        assert_eq!(
+            plan(&cfg, &k, &c, &h, 2.0).map(|p| p.from),
+            Some(InstanceId(7))
+        );
         // Instance 7's link is busy: the shorter but free holder wins.
         h[0].egress_wait_ms = 100.0;
-        assert_eq!(plan(&cfg, &k, &c, &h, 2.0).map(|p| p.from), Some(InstanceId(8)));
+        assert_eq!(
+            plan(&cfg, &k, &c, &h, 2.0).map(|p| p.from),
+            Some(InstanceId(8))
+        );
         // The candidate already caches 498 blocks: 2 more are below min_pull_blocks.
         h[0].egress_wait_ms = 0.0;
         c.matched_blocks = 498;

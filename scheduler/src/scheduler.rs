@@ -680,7 +680,11 @@ mod tests {
         let cold = s.add_instance(Role::Prefill, InstanceSpec::default());
         s.add_instance(Role::Decode, InstanceSpec::default());
         let prefix: Vec<u64> = (1..=500).collect();
-        s.blocks_stored(hot, &prefix.iter().copied().map(BlockHash).collect::<Vec<_>>(), NOW);
+        s.blocks_stored(
+            hot,
+            &prefix.iter().copied().map(BlockHash).collect::<Vec<_>>(),
+            NOW,
+        );
         // 8,192-token prompts sharing a 500-block prefix cached on `hot` only; each books a
         // 192-token prefill there until its queue outweighs a 35 ms pull.
         let mut pulled = Vec::new();
@@ -699,7 +703,9 @@ mod tests {
         assert!(pulled.windows(2).all(|w| w[1] >= w[0]), "{pulled:?}");
         // Pulls off: the same state recomputes instead.
         s.cfg.reuse.pull = false;
-        let d = s.schedule(&key(8192, &(1..=512).collect::<Vec<_>>()), NOW).expect("admitted");
+        let d = s
+            .schedule(&key(8192, &(1..=512).collect::<Vec<_>>()), NOW)
+            .expect("admitted");
         assert_eq!(d.pull, None);
     }
 

@@ -150,7 +150,7 @@ mod tests {
         let k = key(4096);
         p[0].matched_blocks = 250;
         p[0].queue_ms = 60.0; // hot: 60 + 18 ms
-        // Cold could pull the 250 blocks (32.8 MB ≈ 18 ms at 2 GB/s) and compute 96 tokens.
+                              // Cold could pull the 250 blocks (32.8 MB ≈ 18 ms at 2 GB/s) and compute 96 tokens.
         p[1].pull = Some(crate::candidate::Pull {
             from: InstanceId(0),
             upto_blocks: 250,
@@ -159,9 +159,15 @@ mod tests {
         });
         let d = [cand(9)];
         p[1].cached_blocks = 0; // roomy: the copy costs nothing, the faster pull wins
-        assert_eq!(pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill, InstanceId(1));
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
+            InstanceId(1)
+        );
         p[1].cached_blocks = p[1].capacity_blocks; // full: the copy evicts a recompute's worth
-        assert_eq!(pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill, InstanceId(0));
+        assert_eq!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
+            InstanceId(0)
+        );
     }
 
     #[test]
