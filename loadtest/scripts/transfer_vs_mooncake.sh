@@ -9,6 +9,9 @@
 set -euo pipefail
 PDGATE=${PDGATE:-target/release/pdgate}
 MC_BIN=${MC_BIN:-$(dirname "$(command -v transfer_engine_bench)")}
+# The pip entry points are wrappers around the packaged binaries; run those, so the pid we stop
+# is theirs.
+MC_PKG=$("$MC_BIN/python" -c 'import mooncake, os; print(os.path.dirname(mooncake.__file__))')
 BLOCK=${BLOCK:-1MiB}
 BATCH=${BATCH:-16}
 OP=${OP:-write}
@@ -39,11 +42,11 @@ done
 pids+=($!)
 sleep 1
 common=(--protocol=tcp --metadata_server=http://127.0.0.1:18080/metadata --buffer_size=268435456)
-"$MC_BIN/transfer_engine_bench" --mode=target "${common[@]}" --local_server_name=127.0.0.1:17801 \
+"$MC_PKG/transfer_engine_bench" --mode=target "${common[@]}" --local_server_name=127.0.0.1:17801 \
   > "$OUT/mc-target.log" 2>&1 &
 pids+=($!)
 sleep 3
-"$MC_BIN/transfer_engine_bench" --mode=initiator "${common[@]}" --local_server_name=127.0.0.1:17802 \
+"$MC_PKG/transfer_engine_bench" --mode=initiator "${common[@]}" --local_server_name=127.0.0.1:17802 \
   --segment_id=127.0.0.1:17801 --operation="$OP" --block_size="$(bytes "$BLOCK")" --batch_size="$BATCH" \
   --threads=1 --duration="$DURATION" > "$OUT/mc-initiator.log" 2>&1
 gbps=$(grep -o 'throughput [0-9.]* GB/s' "$OUT/mc-initiator.log" | awk '{print $2}')
