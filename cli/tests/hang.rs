@@ -122,8 +122,11 @@ async fn a_stopped_prefill_is_timed_out_routed_around_marked_down_and_taken_back
     {
         assert_eq!(resp.status().as_u16(), 200, "request {i}");
     }
-    let retried =
-        pdgate_wire::prometheus::sample(&metrics_text(&url).await, "pdgate_prefill_retries_total");
+    let retried = series(
+        &metrics_text(&url).await,
+        "pdgate_retries_total",
+        &[("role", "prefill"), ("outcome", "retried")],
+    );
     assert!(
         retried.is_some_and(|r| r >= 1.0),
         "a request met the stopped prefill and was retried: {retried:?}"

@@ -103,9 +103,12 @@ async fn a_decode_failing_before_the_first_byte_is_retried_for_every_protocol() 
         );
         let text = metrics_text(&url).await;
         assert!(
-            text.lines().any(|l| l.starts_with("pdgate_retries_total")
-                && l.contains(r#"role="decode""#)
-                && l.contains(r#"outcome="retried""#)),
+            series(
+                &text,
+                "pdgate_retries_total",
+                &[("role", "decode"), ("outcome", "retried")]
+            )
+            .is_some_and(|n| n >= 1.0),
             "{protocol:?}: retries counted"
         );
         assert!(

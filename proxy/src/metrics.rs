@@ -105,10 +105,6 @@ pub fn ttft_prediction_error(observed: Duration, predicted_ms: f64) {
         .record(observed.as_secs_f64() - predicted_ms / 1000.0);
 }
 
-pub fn prefill_retry() {
-    counter!("pdgate_prefill_retries_total").increment(1);
-}
-
 /// A request's failed attempt before its first byte: retried on another instance of `role`
 /// (`outcome` = `retried`), or not for want of budget (`budget_exhausted`).
 pub fn retry(role: Role, outcome: &'static str) {

@@ -171,7 +171,6 @@ pub async fn route(
                     };
                     _retry = Some(permit);
                     tracing::warn!(message = %error.message, "prefill failed; retrying on another instance");
-                    metrics::prefill_retry();
                     metrics::retry(Role::Prefill, "retried");
                     if state.cfg.upstream.fallback_to_decode {
                         last_failed = Some((booking, decode, error));

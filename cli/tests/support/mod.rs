@@ -63,6 +63,19 @@ pub async fn metrics_text(url: &str) -> String {
         .expect("text")
 }
 
+/// The value of the first series of `name` whose labels include every `labels` pair.
+pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Sum of one engine metric over the fleet's engines of `role`.
 pub async fn engine_sum(fleet: &Fleet, role: Role, name: &str) -> f64 {
     let mut total = 0.0;
