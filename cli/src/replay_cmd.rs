@@ -144,6 +144,10 @@ pub struct SimulateArgs {
     /// Delay from an engine's cache change to the gateways applying it, ms (with --kv-events).
     #[arg(long)]
     pub event_lag_ms: Option<f64>,
+    /// Booking sync between replicas through a broker, with this delivery lag in ms (default:
+    /// no sync, each replica knows only its own bookings).
+    #[arg(long)]
+    pub sync_lag_ms: Option<f64>,
     /// How often each gateway scrapes engine metrics, ms (0 = never).
     #[arg(long)]
     pub metrics_interval_ms: Option<f64>,
@@ -327,6 +331,10 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         );
         spec.gateways.event_lag_ms = lag;
     }
+    if let Some(lag) = a.sync_lag_ms {
+        anyhow::ensure!(lag.is_finite() && lag >= 0.0, "--sync-lag-ms must be ≥ 0");
+        spec.gateways.sync_lag_ms = Some(lag);
+    }
     if let Some(every) = a.metrics_interval_ms {
         anyhow::ensure!(
             every.is_finite() && every >= 0.0,
@@ -357,6 +365,7 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         "kv_bytes_per_token": spec.engine.kv_bytes_per_token, "kv_gbps": a.kv_gbps, "time_scale": a.time_scale,
         "overhead_ms": a.overhead_ms, "slo": slo, "kv_events": spec.gateways.kv_events,
         "event_lag_ms": spec.gateways.event_lag_ms, "metrics_interval_ms": spec.metrics_interval_ms,
+        "sync_lag_ms": spec.gateways.sync_lag_ms,
     });
     let reports = sim::run_replicas(&trace, mode, &spec, &policies, &replicas, &slo, settings);
     let total: f64 = reports.iter().map(|r| r.wall_s).sum();

@@ -22,6 +22,8 @@ pub enum Event {
     Scrape(usize),
     /// The oldest engine KV event in transit reaches the gateway replicas.
     KvEvents,
+    /// The oldest booking-sync message in transit reaches the other gateway replicas.
+    SyncDelivered,
 }
 
 #[derive(Debug)]

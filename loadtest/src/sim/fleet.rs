@@ -20,7 +20,6 @@ use pdgate_scheduler::{
     BlockHash, EngineReport, InstanceId, Observed, PolicyKind, RequestKey, Role, SchedulerConfig,
     Ticket,
 };
-use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct FleetSpec {
@@ -189,14 +188,11 @@ pub fn simulate(
                     sim.q.push(now + spec.metrics_interval_ms, Event::Scrape(g));
                 }
             }
-            Event::KvEvents => sim.gw.deliver(now),
+            Event::KvEvents => sim.gw.deliver_kv(now),
+            Event::SyncDelivered => sim.gw.deliver_sync(now),
         }
     }
     sim.finish(events)
-}
-
-fn at(ms: f64) -> Duration {
-    Duration::from_secs_f64(ms.max(0.0) / 1e3)
 }
 
 impl Sim<'_> {
@@ -212,7 +208,7 @@ impl Sim<'_> {
             message,
         });
         if let Some(t) = s.ticket.take() {
-            self.gw.replica(s.replica).decode_done(t, at(now));
+            self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
         let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
         self.engines[d].pool_free += reserved;
@@ -249,7 +245,7 @@ impl Sim<'_> {
             max_tokens: req.output_tokens,
             blocks,
         };
-        let d = match self.gw.replica(replica).schedule(&key, at(now)) {
+        let d = match self.gw.schedule(replica, &key, now, &mut self.q) {
             Ok(d) => d,
             Err(rej) => {
                 let status = if matches!(rej, pdgate_scheduler::Rejection::NoHealthy(_)) {
@@ -325,9 +321,8 @@ impl Sim<'_> {
             self.engines[e]
                 .cache
                 .insert_with(&blocks, |b| evicted.push(b));
-            if let Some(due) = self.gw.publish(self.ids[e], blocks, evicted, now) {
-                self.q.push(due, Event::KvEvents);
-            }
+            self.gw
+                .publish_kv(self.ids[e], blocks, evicted, now, &mut self.q);
             let s = &mut self.reqs[r];
             s.prefill_ms = now - s.prefill_submit_ms;
             if s.prefill.is_some() {
@@ -339,7 +334,7 @@ impl Sim<'_> {
                 self.q.push(now + s.transfer_ms, Event::TransferDone(r));
             } else {
                 if let Some(t) = s.ticket {
-                    self.gw.replica(s.replica).prefill_done(t, at(now), None);
+                    self.gw.prefill_done(s.replica, t, now, None, &mut self.q);
                 }
                 self.first_token(r, now + self.spec.overhead_ms);
             }
@@ -364,7 +359,7 @@ impl Sim<'_> {
                 transfer_ms: s.transfer_ms,
                 kv_bytes: s.kv_bytes,
             };
-            self.gw.replica(s.replica).prefill_done(t, at(now), Some(o));
+            self.gw.prefill_done(s.replica, t, now, Some(o), &mut self.q);
         }
         // Two legs (prefill, then decode) each pay the gateway's per-leg overhead.
         self.first_token(r, now + 2.0 * self.spec.overhead_ms);
@@ -404,7 +399,7 @@ impl Sim<'_> {
         s.rec.output_tokens = s.tokens;
         let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
         if let Some(t) = s.ticket.take() {
-            self.gw.replica(s.replica).decode_done(t, at(now));
+            self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
         self.engines[d].pool_free += reserved;
         self.engines[d].requests += 1;

@@ -1,13 +1,18 @@
 //! The gateway side of the simulated fleet: one or more replicas of the real scheduler, each fed
 //! only what a `pdgate serve` replica behind a load balancer would see — the load it booked
-//! itself, the engines' KV events (blocks stored and evicted) after a delivery lag, and engine
-//! metrics as of its own last scrape. Arrivals are dealt round-robin across replicas.
+//! itself, the engines' KV events (blocks stored and evicted) after a delivery lag, engine
+//! metrics as of its own last scrape and, with booking sync, the other replicas' bookings and
+//! releases after the broker's lag. Arrivals are dealt round-robin across replicas.
 //!
 //! It never looks into an engine: `fleet.rs` hands it what the engines published, so a replica
 //! can only know what a live one could.
 
-use pdgate_scheduler::{BlockHash, InstanceId, InstanceSpec, Role, Scheduler, SchedulerConfig};
-use std::collections::VecDeque;
+use super::events::{Event, EventQueue};
+use pdgate_scheduler::{
+    BlockHash, Booking, Decision, InstanceId, InstanceSpec, Observed, Rejection, RequestKey, Role,
+    Scheduler, SchedulerConfig, Ticket,
+};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -18,8 +23,12 @@ pub struct GatewaySpec {
     /// without them a replica knows only the prefixes it routed itself (approximate learning).
     pub kv_events: bool,
     /// From an engine's cache change to a replica's index applying it, ms: the engine publishes
-    /// after its step, plus a loopback/LAN hop through the subscriber.
+    /// after its step, plus a LAN hop through the subscriber.
     pub event_lag_ms: f64,
+    /// Booking sync between replicas through a broker, with this delivery lag in ms: each
+    /// replica publishes its bookings and releases, the others apply them. `None`: no sync,
+    /// each replica knows only its own bookings.
+    pub sync_lag_ms: Option<f64>,
 }
 
 impl Default for GatewaySpec {
@@ -28,6 +37,7 @@ impl Default for GatewaySpec {
             replicas: 1,
             kv_events: false,
             event_lag_ms: 5.0,
+            sync_lag_ms: None,
         }
     }
 }
@@ -40,25 +50,43 @@ struct KvChange {
     removed: Vec<BlockHash>,
 }
 
+/// What a replica publishes for the others, naming its own ticket.
+#[derive(Debug)]
+enum Sync {
+    Booked(Booking, Vec<BlockHash>),
+    PrefillDone(Option<Observed>),
+    DecodeDone,
+}
+
 pub struct Gateways {
     replicas: Vec<Scheduler>,
     next: usize,
     kv_events: bool,
     lag_ms: f64,
+    sync_lag_ms: Option<f64>,
     /// Published, not yet delivered. Every change takes the same lag, so they arrive in order.
-    in_transit: VecDeque<KvChange>,
+    kv_in_transit: VecDeque<KvChange>,
+    sync_in_transit: VecDeque<(usize, Ticket, Sync)>,
+    /// Per replica: (origin replica, origin's ticket) → the ticket its synced copy booked.
+    synced: Vec<HashMap<(usize, Ticket), Ticket>>,
+}
+
+fn at(ms: f64) -> Duration {
+    Duration::from_secs_f64(ms.max(0.0) / 1e3)
 }
 
 impl Gateways {
     pub fn new(spec: &GatewaySpec, cfg: &SchedulerConfig) -> Self {
+        let n = spec.replicas.max(1);
         Self {
-            replicas: (0..spec.replicas.max(1))
-                .map(|_| Scheduler::new(cfg.clone()))
-                .collect(),
+            replicas: (0..n).map(|_| Scheduler::new(cfg.clone())).collect(),
             next: 0,
             kv_events: spec.kv_events,
             lag_ms: spec.event_lag_ms.max(0.0),
-            in_transit: VecDeque::new(),
+            sync_lag_ms: spec.sync_lag_ms.map(|l| l.max(0.0)),
+            kv_in_transit: VecDeque::new(),
+            sync_in_transit: VecDeque::new(),
+            synced: vec![HashMap::new(); n],
         }
     }
 
@@ -94,17 +122,94 @@ impl Gateways {
         &mut self.replicas[r % n]
     }
 
-    /// An engine's cache changed at `now_ms`. Returns when the change reaches the replicas if
-    /// the caller must deliver it later (`deliver`); with no lag it is applied at once.
-    pub fn publish(
+    /// Replica `r` routes a request; with sync on, the booking goes out to the others.
+    pub fn schedule(
+        &mut self,
+        r: usize,
+        key: &RequestKey,
+        now_ms: f64,
+        q: &mut EventQueue,
+    ) -> Result<Decision, Rejection> {
+        let d = self.replica(r).schedule(key, at(now_ms))?;
+        if self.sync_lag_ms.is_some() {
+            if let Some(b) = self.replica(r).booking(d.ticket, at(now_ms)) {
+                self.send(r, d.ticket, Sync::Booked(b, key.blocks.clone()), now_ms, q);
+            }
+        }
+        Ok(d)
+    }
+
+    pub fn prefill_done(
+        &mut self,
+        r: usize,
+        t: Ticket,
+        now_ms: f64,
+        observed: Option<Observed>,
+        q: &mut EventQueue,
+    ) {
+        self.replica(r).prefill_done(t, at(now_ms), observed);
+        self.send(r, t, Sync::PrefillDone(observed), now_ms, q);
+    }
+
+    pub fn decode_done(&mut self, r: usize, t: Ticket, now_ms: f64, q: &mut EventQueue) {
+        self.replica(r).decode_done(t, at(now_ms));
+        self.send(r, t, Sync::DecodeDone, now_ms, q);
+    }
+
+    fn send(&mut self, origin: usize, t: Ticket, msg: Sync, now_ms: f64, q: &mut EventQueue) {
+        match self.sync_lag_ms {
+            None => {}
+            Some(lag) if lag == 0.0 => self.apply_sync(origin, t, msg, now_ms),
+            Some(lag) => {
+                self.sync_in_transit.push_back((origin, t, msg));
+                q.push(now_ms + lag, Event::SyncDelivered);
+            }
+        }
+    }
+
+    /// The oldest sync message in transit reaches the other replicas.
+    pub fn deliver_sync(&mut self, now_ms: f64) {
+        if let Some((origin, t, msg)) = self.sync_in_transit.pop_front() {
+            self.apply_sync(origin, t, msg, now_ms);
+        }
+    }
+
+    fn apply_sync(&mut self, origin: usize, t: Ticket, msg: Sync, now_ms: f64) {
+        let now = at(now_ms);
+        for (r, s) in self.replicas.iter_mut().enumerate() {
+            if r == origin {
+                continue;
+            }
+            let map = &mut self.synced[r];
+            match &msg {
+                Sync::Booked(b, blocks) => {
+                    map.insert((origin, t), s.book_synced(b, blocks, now));
+                }
+                Sync::PrefillDone(o) => {
+                    if let Some(local) = map.get(&(origin, t)) {
+                        s.prefill_done(*local, now, *o);
+                    }
+                }
+                Sync::DecodeDone => {
+                    if let Some(local) = map.remove(&(origin, t)) {
+                        s.decode_done(local, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An engine's cache changed at `now_ms`: the change reaches every replica after the lag.
+    pub fn publish_kv(
         &mut self,
         instance: InstanceId,
         stored: Vec<BlockHash>,
         removed: Vec<BlockHash>,
         now_ms: f64,
-    ) -> Option<f64> {
+        q: &mut EventQueue,
+    ) {
         if !self.kv_events || (stored.is_empty() && removed.is_empty()) {
-            return None;
+            return;
         }
         let change = KvChange {
             instance,
@@ -112,25 +217,24 @@ impl Gateways {
             removed,
         };
         if self.lag_ms == 0.0 {
-            self.apply(&change, now_ms);
-            return None;
+            self.apply_kv(&change, now_ms);
+        } else {
+            self.kv_in_transit.push_back(change);
+            q.push(now_ms + self.lag_ms, Event::KvEvents);
         }
-        self.in_transit.push_back(change);
-        Some(now_ms + self.lag_ms)
     }
 
     /// The oldest change in transit reaches every replica.
-    pub fn deliver(&mut self, now_ms: f64) {
-        if let Some(change) = self.in_transit.pop_front() {
-            self.apply(&change, now_ms);
+    pub fn deliver_kv(&mut self, now_ms: f64) {
+        if let Some(change) = self.kv_in_transit.pop_front() {
+            self.apply_kv(&change, now_ms);
         }
     }
 
-    fn apply(&mut self, c: &KvChange, now_ms: f64) {
-        let now = Duration::from_secs_f64(now_ms.max(0.0) / 1e3);
+    fn apply_kv(&mut self, c: &KvChange, now_ms: f64) {
         for s in &mut self.replicas {
             if !c.stored.is_empty() {
-                s.blocks_stored(c.instance, &c.stored, now);
+                s.blocks_stored(c.instance, &c.stored, at(now_ms));
             }
             if !c.removed.is_empty() {
                 s.blocks_removed(c.instance, &c.removed);
