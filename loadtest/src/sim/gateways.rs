@@ -242,3 +242,84 @@ impl Gateways {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pdgate_scheduler::PolicyKind;
+
+    fn gateways(kv_events: bool, sync_lag_ms: Option<f64>) -> (Gateways, InstanceId) {
+        let spec = GatewaySpec {
+            replicas: 2,
+            kv_events,
+            event_lag_ms: 5.0,
+            sync_lag_ms,
+        };
+        let mut g = Gateways::new(
+            &spec,
+            &SchedulerConfig {
+                policy: PolicyKind::LeastLoad,
+                ..SchedulerConfig::default()
+            },
+        );
+        let p = g.add_instance(Role::Prefill);
+        g.add_instance(Role::Decode);
+        (g, p)
+    }
+
+    fn blocks(n: u64) -> Vec<BlockHash> {
+        (1..=n).map(BlockHash).collect()
+    }
+
+    #[test]
+    fn kv_events_reach_every_replica_after_the_lag_and_in_order() {
+        let (mut g, p) = gateways(true, None);
+        let mut q = EventQueue::default();
+        g.publish_kv(p, blocks(8), vec![], 0.0, &mut q);
+        g.publish_kv(p, vec![], blocks(8), 1.0, &mut q);
+        assert_eq!(g.replica(1).index_bytes(), 0, "nothing before the lag");
+        assert_eq!(q.pop(), Some((5.0, Event::KvEvents)));
+        g.deliver_kv(5.0);
+        for r in 0..2 {
+            assert_eq!(g.replica(r).index_bytes(), 8 * 64, "replica {r}");
+        }
+        assert_eq!(q.pop(), Some((6.0, Event::KvEvents)));
+        g.deliver_kv(6.0);
+        assert_eq!(g.replica(0).index_bytes(), 0, "the eviction follows");
+    }
+
+    #[test]
+    fn without_kv_events_nothing_is_published() {
+        let (mut g, p) = gateways(false, None);
+        let mut q = EventQueue::default();
+        g.publish_kv(p, blocks(8), vec![], 0.0, &mut q);
+        assert!(q.is_empty());
+        assert_eq!(g.replica(0).index_bytes(), 0);
+    }
+
+    #[test]
+    fn bookings_and_releases_reach_the_other_replicas_after_the_sync_lag() {
+        let mut q = EventQueue::default();
+        let key = RequestKey {
+            prompt_tokens: 64,
+            max_tokens: 8,
+            blocks: blocks(4),
+        };
+        let (mut g, _) = gateways(false, Some(2.0));
+        let d = g.schedule(0, &key, 0.0, &mut q).expect("pair");
+        assert_eq!((g.replica(0).in_flight(), g.replica(1).in_flight()), (1, 0));
+        assert_eq!(q.pop(), Some((2.0, Event::SyncDelivered)));
+        g.deliver_sync(2.0);
+        assert_eq!(g.replica(1).in_flight(), 1, "the booking arrived");
+        g.decode_done(0, d.ticket, 3.0, &mut q);
+        assert_eq!(g.replica(1).in_flight(), 1, "the release is in flight");
+        assert_eq!(q.pop(), Some((5.0, Event::SyncDelivered)));
+        g.deliver_sync(5.0);
+        assert_eq!(g.replica(1).in_flight(), 0, "and released");
+
+        let (mut g, _) = gateways(false, None);
+        g.schedule(0, &key, 0.0, &mut q).expect("pair");
+        assert!(q.is_empty(), "no sync: nothing sent");
+        assert_eq!(g.replica(1).in_flight(), 0);
+    }
+}
