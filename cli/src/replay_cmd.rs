@@ -325,10 +325,7 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     spec.gateways.kv_events = a.kv_events;
     if let Some(lag) = a.event_lag_ms {
-        anyhow::ensure!(
-            lag.is_finite() && lag >= 0.0,
-            "--event-lag-ms must be ≥ 0"
-        );
+        anyhow::ensure!(lag.is_finite() && lag >= 0.0, "--event-lag-ms must be ≥ 0");
         spec.gateways.event_lag_ms = lag;
     }
     if let Some(lag) = a.sync_lag_ms {

@@ -169,8 +169,10 @@ pub fn simulate(
     if spec.metrics_interval_ms > 0.0 {
         let n = sim.gw.len();
         for r in 0..n {
-            sim.q
-                .push(spec.metrics_interval_ms * r as f64 / n as f64, Event::Scrape(r));
+            sim.q.push(
+                spec.metrics_interval_ms * r as f64 / n as f64,
+                Event::Scrape(r),
+            );
         }
     }
     let mut events = 0u64;
@@ -359,7 +361,8 @@ impl Sim<'_> {
                 transfer_ms: s.transfer_ms,
                 kv_bytes: s.kv_bytes,
             };
-            self.gw.prefill_done(s.replica, t, now, Some(o), &mut self.q);
+            self.gw
+                .prefill_done(s.replica, t, now, Some(o), &mut self.q);
         }
         // Two legs (prefill, then decode) each pay the gateway's per-leg overhead.
         self.first_token(r, now + 2.0 * self.spec.overhead_ms);
@@ -421,11 +424,9 @@ impl Sim<'_> {
                 running: e.running() as u32,
                 kv_usage: usage,
             };
-            self.gw.replica(g).observe_engine(
-                self.ids[i],
-                report,
-                decode.then_some(total as u64),
-            );
+            self.gw
+                .replica(g)
+                .observe_engine(self.ids[i], report, decode.then_some(total as u64));
         }
     }
 

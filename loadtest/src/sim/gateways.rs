@@ -159,7 +159,7 @@ impl Gateways {
     fn send(&mut self, origin: usize, t: Ticket, msg: Sync, now_ms: f64, q: &mut EventQueue) {
         match self.sync_lag_ms {
             None => {}
-            Some(lag) if lag == 0.0 => self.apply_sync(origin, t, msg, now_ms),
+            Some(0.0) => self.apply_sync(origin, t, msg, now_ms),
             Some(lag) => {
                 self.sync_in_transit.push_back((origin, t, msg));
                 q.push(now_ms + lag, Event::SyncDelivered);

@@ -14,7 +14,6 @@ pub mod gateways;
 pub use fleet::{simulate, Arrivals, FleetSpec, SimResult};
 pub use gateways::GatewaySpec;
 
-
 use crate::arrivals::Mode;
 use crate::metrics::{Aggregates, Slo};
 use crate::report::types::Report;
