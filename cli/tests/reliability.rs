@@ -43,6 +43,8 @@ async fn fleet_with_failing_decode(
     let id = fleet
         .gateway
         .state
+        .models
+        .all()[0]
         .fleet
         .views()
         .into_iter()
@@ -52,6 +54,8 @@ async fn fleet_with_failing_decode(
     fleet
         .gateway
         .state
+        .models
+        .all()[0]
         .fleet
         .remove_draining(pdgate_scheduler::InstanceId(id))
         .expect("removed");
