@@ -5,8 +5,8 @@
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
-    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, ModelEntry, Protocol,
-    ServerConfig, UpstreamConfig, WorkerConfig,
+    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, ModelEntry, Protocol, ServerConfig,
+    UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};

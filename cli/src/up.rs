@@ -104,11 +104,8 @@ impl Fleet {
                 && (!single || engine.model == cfg.model.name),
             "up.engine.block_size/model must match scheduler.block_size/model.name"
         );
-        let schedulers = std::iter::once(&mut cfg.scheduler).chain(
-            cfg.models
-                .iter_mut()
-                .filter_map(|m| m.scheduler.as_mut()),
-        );
+        let schedulers = std::iter::once(&mut cfg.scheduler)
+            .chain(cfg.models.iter_mut().filter_map(|m| m.scheduler.as_mut()));
         for s in schedulers {
             anyhow::ensure!(
                 s.block_size == engine.block_size,

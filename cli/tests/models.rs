@@ -106,8 +106,11 @@ async fn each_model_is_served_by_its_own_engines() {
     let count = |m: &str, name: &str| sample(m, name).unwrap_or(0.0);
     let m0 = metrics_text(&gw).await;
     let before = finished(&fleet).await;
-    for (asked, served) in [("alpha-8b", "alpha-8b"), ("alpha", "alpha-8b"), ("beta-70b", "beta-70b")]
-    {
+    for (asked, served) in [
+        ("alpha-8b", "alpha-8b"),
+        ("alpha", "alpha-8b"),
+        ("beta-70b", "beta-70b"),
+    ] {
         let r = post(&gw, "/v1/chat/completions", chat_for(asked, "which model?")).await;
         assert_eq!(r.status(), 200, "{asked}");
         let body: Value = r.json().await.expect("json");
@@ -122,7 +125,11 @@ async fn each_model_is_served_by_its_own_engines() {
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["code"], "model_not_found");
-    assert_eq!(finished(&fleet).await, after, "an unknown model reaches no engine");
+    assert_eq!(
+        finished(&fleet).await,
+        after,
+        "an unknown model reaches no engine"
+    );
 
     let ready: Value = client()
         .get(format!("{gw}/ready"))
@@ -160,7 +167,8 @@ async fn the_admin_api_adds_and_drains_engines_per_model() {
             .map(|(_, m)| m.as_str());
         assert_eq!(w["model"].as_str(), model, "{w}");
     }
-    let ids: std::collections::BTreeSet<u64> = listed.iter().filter_map(|w| w["id"].as_u64()).collect();
+    let ids: std::collections::BTreeSet<u64> =
+        listed.iter().filter_map(|w| w["id"].as_u64()).collect();
     assert_eq!(ids.len(), 4, "worker ids are unique across models");
 
     // A second decode engine for beta.
@@ -228,7 +236,11 @@ async fn the_admin_api_adds_and_drains_engines_per_model() {
         &metrics_text(&extra.url()).await,
         "vllm:request_success_total",
     );
-    assert_eq!(extra_done, Some(1.0), "the added engine served beta's request");
+    assert_eq!(
+        extra_done,
+        Some(1.0),
+        "the added engine served beta's request"
+    );
     // Alpha is untouched.
     let r = post(&gw, "/v1/chat/completions", chat_for("alpha", "still here")).await;
     assert_eq!(r.status(), 200);
@@ -241,12 +253,6 @@ fn fleet_engine_template(fleet: &Fleet) -> EngineConfig {
     let mut cfg = EngineConfig::default();
     cfg.timing.time_scale = 0.0;
     cfg.kv_blocks = 1024;
-    cfg.fleet_secret_file = fleet
-        .gateway
-        .state
-        .cfg
-        .server
-        .fleet_secret_file
-        .clone();
+    cfg.fleet_secret_file = fleet.gateway.state.cfg.server.fleet_secret_file.clone();
     cfg
 }

@@ -246,7 +246,10 @@ impl Config {
                 name: m.name.clone(),
                 aliases: m.aliases.clone(),
                 tokenizer: m.tokenizer.clone(),
-                scheduler: m.scheduler.clone().unwrap_or_else(|| self.scheduler.clone()),
+                scheduler: m
+                    .scheduler
+                    .clone()
+                    .unwrap_or_else(|| self.scheduler.clone()),
                 workers: m.workers.clone(),
                 discovery: m.discovery.clone(),
             })
@@ -297,10 +300,9 @@ impl Config {
                     continue;
                 }
                 match names.iter().find(|(seen, _)| seen == n) {
-                    Some((_, owner)) if *owner == i => out.push(format!(
-                        "models[{i}] ({}): `{n}` is listed twice",
-                        m.name
-                    )),
+                    Some((_, owner)) if *owner == i => {
+                        out.push(format!("models[{i}] ({}): `{n}` is listed twice", m.name))
+                    }
                     Some((_, owner)) => out.push(format!(
                         "models[{i}] ({}): `{n}` already names model `{}` (models[{owner}])",
                         m.name, self.models[*owner].name

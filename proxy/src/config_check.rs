@@ -420,7 +420,10 @@ mod tests {
                 .any(|m| m.starts_with("models[1].workers[0].url") && m.ends_with("(model `b`)")),
             "{p:?}"
         );
-        assert!(p.iter().any(|m| m.starts_with("models[1].tokenizer")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.starts_with("models[1].tokenizer")),
+            "{p:?}"
+        );
         cfg.models[1] = model("b", &[]);
         let p = problems(&cfg);
         assert!(
@@ -429,8 +432,14 @@ mod tests {
         );
         cfg.models[1] = model("a", &["http://127.0.0.1:8101"]);
         let p = problems(&cfg);
-        assert!(p.iter().any(|m| m.contains("already names model `a`")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("an engine serves one model")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.contains("already names model `a`")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("an engine serves one model")),
+            "{p:?}"
+        );
         cfg.models[1] = model("b", &["http://127.0.0.1:8201"]);
         cfg.models[1].discovery.kind = DiscoveryKind::Dns;
         let p = problems(&cfg);

@@ -118,14 +118,6 @@ impl Gateway {
         Ok(())
     }
 
-    /// The fleet of the model configured as `model`.
-    pub fn fleet(&self, model: &str) -> Option<Arc<crate::fleet::Fleet>> {
-        self.state
-            .models
-            .named(model)
-            .map(|m| Arc::clone(&m.fleet))
-    }
-
     /// Checks every worker's health once, now.
     pub async fn check_health(&self) {
         let s = &self.state;

@@ -122,9 +122,7 @@ impl Models {
 
     /// The model holding worker `id` (ids are unique across models).
     pub fn model_of(&self, id: InstanceId) -> Option<&Arc<Model>> {
-        self.list
-            .iter()
-            .find(|m| m.fleet.workers.get(id).is_some())
+        self.list.iter().find(|m| m.fleet.workers.get(id).is_some())
     }
 
     /// The model whose fleet holds an engine at `url` (any role), if any.
@@ -183,7 +181,9 @@ mod tests {
         assert_ne!(ida, idb);
         assert_eq!(models.model_of(idb).map(|m| m.name.as_str()), Some("b"));
         assert_eq!(
-            models.holding_url("http://e:1/").map(|(m, _)| m.name.as_str()),
+            models
+                .holding_url("http://e:1/")
+                .map(|(m, _)| m.name.as_str()),
             Some("a")
         );
     }
@@ -191,12 +191,21 @@ mod tests {
     #[test]
     fn clashing_models_are_refused_at_build() {
         for (models, needle) in [
-            (vec![entry("a", &[], &[]), entry("a", &[], &[])], "already names"),
-            (vec![entry("a", &["b"], &[]), entry("b", &[], &[])], "already names"),
+            (
+                vec![entry("a", &[], &[]), entry("a", &[], &[])],
+                "already names",
+            ),
+            (
+                vec![entry("a", &["b"], &[]), entry("b", &[], &[])],
+                "already names",
+            ),
             (vec![entry("a", &["a"], &[])], "listed twice"),
             (vec![entry(" ", &[], &[])], "name: empty"),
             (
-                vec![entry("a", &[], &["http://e:1"]), entry("b", &[], &["http://e:1/"])],
+                vec![
+                    entry("a", &[], &["http://e:1"]),
+                    entry("b", &[], &["http://e:1/"]),
+                ],
                 "already an engine of model `a`",
             ),
         ] {

@@ -332,12 +332,17 @@ mod tests {
         let r = one(ApiKind::Completions, r#"{"model":"n","prompt":"x"}"#);
         assert_eq!(r.model.name, "n");
         let r = one(ApiKind::Completions, r#"{"model":"m-alias","prompt":"x"}"#);
-        assert_eq!((r.model.name.as_str(), &r.body["model"]), ("m", &Value::from("m")));
+        assert_eq!(
+            (r.model.name.as_str(), &r.body["model"]),
+            ("m", &Value::from("m"))
+        );
         let raw = r#"{"model":"m-alias","prompt":["a","b"]}"#;
         let Ok(Parsed::Batch(reqs)) = parse(ApiKind::Completions, raw.as_bytes(), &limits()) else {
             panic!("expected a batch");
         };
-        assert!(reqs.iter().all(|r| r.model.name == "m" && r.body["model"] == "m"));
+        assert!(reqs
+            .iter()
+            .all(|r| r.model.name == "m" && r.body["model"] == "m"));
     }
 
     #[test]
