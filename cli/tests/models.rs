@@ -256,3 +256,111 @@ fn fleet_engine_template(fleet: &Fleet) -> EngineConfig {
     cfg.fleet_secret_file = fleet.gateway.state.cfg.server.fleet_secret_file.clone();
     cfg
 }
+
+/// Each model discovers its own pods (Kubernetes, by the `pdgate.io/model` label the chart puts
+/// on engine pods) into its own fleet; a model that loses its decode pod stops serving while
+/// the other serves on, and the gateway stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_model_discovers_its_own_pods() {
+    use pdgate_gateway::config::{DiscoveryConfig, DiscoveryKind, KubernetesDiscovery};
+    use pdgate_gateway::gateway::Gateway;
+    use support::kube_api::{pod, FakeKube, NAMESPACE};
+    // The engines (their KV registry is this demo gateway's; the gateway under test routes).
+    let engines = fleet(two_models()).await;
+    let kube = FakeKube::start().await;
+    let port_of = |url: String| -> u16 {
+        url.rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    };
+    for (i, ((role, e), model)) in engines
+        .engines
+        .iter()
+        .zip(&engines.engine_models)
+        .enumerate()
+    {
+        let mut p = pod(
+            &format!("{model}-{role}"),
+            &format!("u-{i}"),
+            role.as_str(),
+            Some("127.0.0.1"),
+            true,
+            port_of(e.url()),
+        );
+        p["metadata"]["labels"]["pdgate.io/model"] = json!(model);
+        kube.apply(p);
+    }
+    let discovery = |model: &str| DiscoveryConfig {
+        kind: DiscoveryKind::Kubernetes,
+        kubernetes: KubernetesDiscovery {
+            namespace: NAMESPACE.into(),
+            api_server: kube.url.clone(),
+            prefill_selector: format!("pdgate.io/role=prefill,pdgate.io/model={model}"),
+            decode_selector: format!("pdgate.io/role=decode,pdgate.io/model={model}"),
+            ..KubernetesDiscovery::default()
+        },
+        ..DiscoveryConfig::default()
+    };
+    let mut cfg = engines.gateway.state.cfg.clone();
+    cfg.server.port = 0;
+    for m in &mut cfg.models {
+        m.discovery = discovery(&m.name);
+    }
+    let gw = Gateway::start(cfg).await.expect("gateway");
+    let url = gw.url();
+    let all_healthy = eventually(Duration::from_secs(15), || async {
+        let w = admin_get(&url).await;
+        w.len() == 4 && w.iter().all(|w| w["healthy"] == true)
+    })
+    .await;
+    assert!(all_healthy, "{:?}", admin_get(&url).await);
+    for w in admin_get(&url).await {
+        let engine_model = engines
+            .engines
+            .iter()
+            .zip(&engines.engine_models)
+            .find(|((_, e), _)| w["url"] == e.url().as_str())
+            .map(|(_, m)| m.clone());
+        assert_eq!(w["model"].as_str(), engine_model.as_deref(), "{w}");
+    }
+    for model in ["alpha-8b", "beta-70b"] {
+        let r = post(&url, "/v1/chat/completions", chat_for(model, "discovered?")).await;
+        assert_eq!(r.status(), 200, "{model}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["model"], model);
+    }
+    kube.delete("beta-70b-decode");
+    let beta_gone = eventually(Duration::from_secs(15), || async {
+        admin_get(&url)
+            .await
+            .iter()
+            .all(|w| !(w["model"] == "beta-70b" && w["role"] == "decode"))
+    })
+    .await;
+    assert!(beta_gone, "{:?}", admin_get(&url).await);
+    let r = post(
+        &url,
+        "/v1/chat/completions",
+        chat_for("beta-70b", "anyone?"),
+    )
+    .await;
+    assert_eq!(r.status(), 503, "beta has no decode left");
+    let r = post(&url, "/v1/chat/completions", chat_for("alpha", "still?")).await;
+    assert_eq!(r.status(), 200, "alpha is untouched");
+    let ready = client()
+        .get(format!("{url}/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(
+        ready.status(),
+        200,
+        "one model down leaves the gateway ready"
+    );
+    let ready: Value = ready.json().await.expect("json");
+    assert_eq!(ready["models"]["beta-70b"]["ready"], false);
+    assert_eq!(ready["models"]["alpha-8b"]["ready"], true);
+    gw.stop().await;
+    engines.stop().await;
+}
