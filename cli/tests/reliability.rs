@@ -40,18 +40,14 @@ async fn fleet_with_failing_decode(
     ) = budget;
     let fleet = fleet(cfg).await;
     let second = last_engine_url(&fleet, Role::Decode);
-    let id = fleet
-        .gateway
-        .state
+    let id = fleet.gateway.state.models.all()[0]
         .fleet
         .views()
         .into_iter()
         .find(|w| w.url == second)
         .expect("listed")
         .id;
-    fleet
-        .gateway
-        .state
+    fleet.gateway.state.models.all()[0]
         .fleet
         .remove_draining(pdgate_scheduler::InstanceId(id))
         .expect("removed");

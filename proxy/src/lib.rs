@@ -20,6 +20,7 @@ pub mod http1;
 pub mod inference;
 pub mod listener;
 pub mod metrics;
+pub mod models;
 pub mod openai;
 pub mod pipeline;
 pub mod protocol;

@@ -11,6 +11,7 @@
 use crate::booking::{Booking, Verdict};
 use crate::breaker::Outcome;
 use crate::error::ApiError;
+use crate::fleet::Fleet;
 use crate::metrics;
 use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
@@ -56,7 +57,9 @@ pub async fn route(
     started: Instant,
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    let key = prefix_key(state, req).await;
+    let key = prefix_key(req).await;
+    // The model's own engines and scheduler: a request never leaves the model it named.
+    let fleet = &req.model.fleet;
     // Prefills that failed this request: not tried again, and they count against the attempts.
     let mut failed: Vec<InstanceId> = Vec::new();
     // Workers whose half-open breaker's one probe another request claimed first: skipped, free.
@@ -78,8 +81,8 @@ pub async fn route(
             .chain(&decode_failed)
             .copied()
             .collect();
-        state.fleet.workers.add_tripped(state.now(), &mut avoid);
-        let booking = match schedule(state, &key, &avoid) {
+        fleet.workers.add_tripped(fleet.now(), &mut avoid);
+        let booking = match schedule(req, &key, &avoid) {
             Ok(b) => b,
             Err(r) => {
                 return match (r, last_failed.take()) {
@@ -100,8 +103,8 @@ pub async fn route(
             }
         };
         let decision = booking.decision;
-        let decode = state.fleet.workers.get(decision.decode);
-        let prefill = decision.prefill.map(|id| state.fleet.workers.get(id));
+        let decode = fleet.workers.get(decision.decode);
+        let prefill = decision.prefill.map(|id| fleet.workers.get(id));
         let (Some(decode), Some(prefill)) = (decode, prefill.map_or(Some(None), |p| p.map(Some)))
         else {
             // Removed between the pick and here: pick again without it (each pass avoids more,
@@ -110,7 +113,7 @@ pub async fn route(
             contested.extend(decision.prefill);
             continue;
         };
-        if let Err(id) = claim_pair(state, prefill.as_deref(), &decode) {
+        if let Err(id) = claim_pair(state, fleet, prefill.as_deref(), &decode) {
             contested.push(id);
             continue;
         }
@@ -135,8 +138,8 @@ pub async fn route(
         let verdicts = (
             prefill
                 .as_ref()
-                .map(|p| Verdict::new(&state.fleet, state.cfg.breaker, p)),
-            Verdict::new(&state.fleet, state.cfg.breaker, &decode),
+                .map(|p| Verdict::new(fleet, state.cfg.breaker, p)),
+            Verdict::new(fleet, state.cfg.breaker, &decode),
         );
         let result = protocol::run_legs(decode.protocol, &ctx, |observed| {
             booking.prefill_done(observed)
@@ -223,18 +226,18 @@ fn budget_exhausted(cause: ApiError) -> ApiError {
 /// Claims the breakers of a scheduled pair; `Err(id)`: that worker's half-open probe is taken.
 fn claim_pair(
     state: &AppState,
+    fleet: &Fleet,
     prefill: Option<&Worker>,
     decode: &Worker,
 ) -> Result<(), InstanceId> {
-    let now = state.now();
-    if !state.fleet.workers.claim(decode, now) {
+    let now = fleet.now();
+    if !fleet.workers.claim(decode, now) {
         return Err(decode.id);
     }
     if let Some(p) = prefill {
-        if !state.fleet.workers.claim(p, now) {
+        if !fleet.workers.claim(p, now) {
             // Give back the decode's claim (its probe, if half-open): it served nothing.
-            state
-                .fleet
+            fleet
                 .workers
                 .record(decode, Outcome::Unknown, now, &state.cfg.breaker);
             return Err(p.id);
@@ -289,7 +292,8 @@ async fn fallback(
     cause: ApiError,
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    if !state.fleet.workers.claim(&decode, state.now()) {
+    let fleet = &f.req.model.fleet;
+    if !fleet.workers.claim(&decode, fleet.now()) {
         return Err(cause);
     }
     tracing::warn!(decode = %decode.url, cause = %cause.message, "every prefill failed; decode prefills the request itself (fallback_to_decode)");
@@ -304,7 +308,7 @@ async fn fallback(
         prefill: None,
         decode: &decode,
     };
-    let verdicts = (None, Verdict::new(&state.fleet, state.cfg.breaker, &decode));
+    let verdicts = (None, Verdict::new(fleet, state.cfg.breaker, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;
     let (start, verdict) = account_breakers(verdicts, result).map_err(|e| e.error)?;
     let served = Served {
@@ -327,12 +331,13 @@ pub const FALLBACK_HEADER: &str = "x-pdgate-fallback";
 /// Tokenises the whole rendered prompt and cuts it into chained block hashes. A real tokenizer
 /// takes ~2 ms per 1,000 tokens (measured in the scheduler's bench), so it runs on the blocking
 /// pool rather than stalling the connections sharing this worker thread.
-async fn prefix_key(state: &Arc<AppState>, req: &ClientRequest) -> RequestKey {
-    let tokens = if matches!(state.tokenizer, pdgate_scheduler::Tokenizer::Builtin) {
-        state.tokenizer.encode(&req.prompt)
+async fn prefix_key(req: &ClientRequest) -> RequestKey {
+    let model = &req.model;
+    let tokens = if matches!(model.tokenizer, pdgate_scheduler::Tokenizer::Builtin) {
+        model.tokenizer.encode(&req.prompt)
     } else {
-        let (state, prompt) = (Arc::clone(state), req.prompt.clone());
-        match tokio::task::spawn_blocking(move || state.tokenizer.encode(&prompt)).await {
+        let (model, prompt) = (Arc::clone(model), req.prompt.clone());
+        match tokio::task::spawn_blocking(move || model.tokenizer.encode(&prompt)).await {
             Ok(tokens) => tokens,
             Err(_) => pdgate_scheduler::BuiltinTokenizer.encode(&req.prompt),
         }
@@ -340,27 +345,28 @@ async fn prefix_key(state: &Arc<AppState>, req: &ClientRequest) -> RequestKey {
     RequestKey {
         prompt_tokens: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
         max_tokens: req.max_tokens,
-        blocks: state.hasher.full_blocks(&tokens),
+        blocks: model.hasher.full_blocks(&tokens),
     }
 }
 
 fn schedule(
-    state: &Arc<AppState>,
+    req: &ClientRequest,
     key: &RequestKey,
     avoid: &[InstanceId],
 ) -> Result<Booking, Rejection> {
-    let began = Instant::now();
-    let result = state
-        .fleet
+    let (model, began) = (&req.model, Instant::now());
+    let fleet = &model.fleet;
+    let result = fleet
         .scheduler
         .lock()
-        .schedule_avoiding(key, state.now(), avoid);
+        .schedule_avoiding(key, fleet.now(), avoid);
     metrics::decision(
-        state.cfg.scheduler.policy.as_str(),
+        &model.name,
+        model.scheduler.policy.as_str(),
         began.elapsed(),
         &result,
     );
-    Ok(Booking::new(Arc::clone(&state.fleet), result?))
+    Ok(Booking::new(Arc::clone(fleet), result?))
 }
 
 /// The client's answer to a scheduling rejection: 503 when nothing can serve, 400 when nothing

@@ -105,6 +105,13 @@ impl Scheduler {
         }
     }
 
+    /// Numbers this scheduler's instances from `first` on, so that several schedulers (one per
+    /// served model) hand out ids that never collide while their ranges do not overlap.
+    pub fn with_first_id(mut self, first: u32) -> Self {
+        self.next_id = first;
+        self
+    }
+
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
