@@ -51,7 +51,10 @@ impl Bench {
         cfg.scheduler.policy = PolicyKind::RoundRobin;
         cfg.health.interval_ms = 200;
         cfg.health.timeout_ms = 300;
-        cfg.workers = vec![worker(&prefill, Role::Prefill, protocol), worker(&d1, Role::Decode, protocol)];
+        cfg.workers = vec![
+            worker(&prefill, Role::Prefill, protocol),
+            worker(&d1, Role::Decode, protocol),
+        ];
         tune(&mut cfg);
         let gw = Gateway::start(cfg).await.expect("gateway starts");
         let url = gw.url();
@@ -66,7 +69,9 @@ impl Bench {
     }
 
     async fn add_second_decode(&self) {
-        self.gw.add_worker(&worker(&self.d2, Role::Decode, self.protocol));
+        self.gw
+            .add_worker(&worker(&self.d2, Role::Decode, self.protocol));
+        self.gw.check_health().await;
         let url = self.gw.url();
         assert!(
             eventually(Duration::from_secs(10), || healthy(&url, &self.d2.url)).await,
@@ -94,7 +99,9 @@ fn request(api: Api, tag: &str, extra: Value) -> (&'static str, Value) {
     let mut body = match api {
         Api::Chat => json!({"model": "pdgate-sim-8b",
             "messages": [{"role": "user", "content": format!("tell me about {tag}")}]}),
-        Api::Completions => json!({"model": "pdgate-sim-8b", "prompt": format!("a story about {tag}")}),
+        Api::Completions => {
+            json!({"model": "pdgate-sim-8b", "prompt": format!("a story about {tag}")})
+        }
     };
     body["max_tokens"] = TOKENS.into();
     body["stream"] = true.into();
@@ -146,7 +153,9 @@ impl Read {
     }
 
     fn error(&self) -> Option<Value> {
-        self.chunks().into_iter().find_map(|c| c.get("error").cloned())
+        self.chunks()
+            .into_iter()
+            .find_map(|c| c.get("error").cloned())
     }
 }
 
@@ -177,7 +186,10 @@ where
             }
         }
     }
-    assert!(raw.ends_with("\n\n"), "the body ends with a whole event: {raw:?}");
+    assert!(
+        raw.ends_with("\n\n"),
+        "the body ends with a whole event: {raw:?}"
+    );
     Read {
         events: sse_events(&raw),
     }
@@ -187,10 +199,16 @@ async fn stream(url: &str, path: &str, body: &Value) -> Read {
     stream_with(url, path, body, usize::MAX, || async {}).await
 }
 
-fn migrations(metrics: &str, outcome: &str) -> f64 {
-    metrics
+/// `pdgate_migrations_total{outcome}` as the gateway at `url` reports it; the recorder is one
+/// per process, so tests compare before and after.
+async fn migrations(url: &str, outcome: &str) -> f64 {
+    metrics_text(url)
+        .await
         .lines()
-        .filter(|l| l.starts_with("pdgate_migrations_total") && l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter(|l| {
+            l.starts_with("pdgate_migrations_total")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -199,19 +217,41 @@ fn migrations(metrics: &str, outcome: &str) -> f64 {
 /// envelope, one role chunk, one `[DONE]` at the end, no error.
 fn assert_one_stream(got: &Read, reference: &Read, what: &str) {
     assert_eq!(got.error(), None, "{what}: no error event");
-    assert_eq!(got.text(), reference.text(), "{what}: the uninterrupted answer");
-    assert_eq!(got.usages(), reference.usages(), "{what}: one usage, the uninterrupted one");
+    assert_eq!(
+        got.text(),
+        reference.text(),
+        "{what}: the uninterrupted answer"
+    );
+    assert_eq!(
+        got.usages(),
+        reference.usages(),
+        "{what}: one usage, the uninterrupted one"
+    );
     assert_eq!(got.usages().len(), 1, "{what}");
-    let done: Vec<_> = got.events.iter().enumerate().filter(|(_, e)| *e == "[DONE]").collect();
+    let done: Vec<_> = got
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| *e == "[DONE]")
+        .collect();
     assert_eq!(done.len(), 1, "{what}: one [DONE]");
     assert_eq!(done[0].0 + 1, got.events.len(), "{what}: [DONE] last");
     let chunks = got.chunks();
     let ids: std::collections::BTreeSet<_> = chunks.iter().map(|c| c["id"].to_string()).collect();
     let created: std::collections::BTreeSet<_> =
         chunks.iter().map(|c| c["created"].to_string()).collect();
-    assert_eq!((ids.len(), created.len()), (1, 1), "{what}: one envelope: {ids:?}");
-    let roles = chunks.iter().filter(|c| c.pointer("/choices/0/delta/role").is_some()).count();
-    let chat = chunks.iter().any(|c| c.pointer("/choices/0/delta").is_some());
+    assert_eq!(
+        (ids.len(), created.len()),
+        (1, 1),
+        "{what}: one envelope: {ids:?}"
+    );
+    let roles = chunks
+        .iter()
+        .filter(|c| c.pointer("/choices/0/delta/role").is_some())
+        .count();
+    let chat = chunks
+        .iter()
+        .any(|c| c.pointer("/choices/0/delta").is_some());
     assert_eq!(roles, usize::from(chat), "{what}: one role chunk for chat");
 }
 
@@ -227,13 +267,18 @@ async fn a_decode_killed_mid_stream_is_continued_for_every_protocol() {
     .into_iter()
     .enumerate()
     {
-        let api = if i % 2 == 0 { Api::Chat } else { Api::Completions };
+        let api = if i % 2 == 0 {
+            Api::Chat
+        } else {
+            Api::Completions
+        };
         let what = format!("{protocol:?} {api:?}");
         let bench = Bench::start(protocol, |_| {}).await;
         let url = bench.gw.url();
         let (path, body) = request(api, &what, json!({}));
         let reference = stream(&url, path, &body).await;
-        assert_eq!(reference.text().is_empty(), false, "{what}: reference answered");
+        assert!(!reference.text().is_empty(), "{what}: reference answered");
+        let before = migrations(&url, "ok").await;
 
         let got = stream_with(&url, path, &body, 5, || async {
             bench.add_second_decode().await;
@@ -241,8 +286,8 @@ async fn a_decode_killed_mid_stream_is_continued_for_every_protocol() {
         })
         .await;
         assert_one_stream(&got, &reference, &what);
-        let m = metrics_text(&url).await;
-        assert_eq!(migrations(&m, "ok"), 1.0, "{what}: one migration counted");
+        let counted = migrations(&url, "ok").await - before;
+        assert_eq!(counted, 1.0, "{what}: one migration counted");
         let _ = &bench.prefill;
         bench.gw.stop().await;
     }
@@ -254,6 +299,7 @@ async fn with_migration_off_or_an_unsafe_request_the_break_ends_the_stream() {
     let bench = Bench::start(Protocol::Native, |c| c.upstream.migration_limit = 0).await;
     let url = bench.gw.url();
     let (path, body) = request(Api::Chat, "off", json!({}));
+    let before = migrations(&url, "limit").await;
     let got = stream_with(&url, path, &body, 3, || async {
         bench.add_second_decode().await;
         signal(&bench.d1, "-KILL");
@@ -261,13 +307,21 @@ async fn with_migration_off_or_an_unsafe_request_the_break_ends_the_stream() {
     .await;
     let err = got.error().expect("an error event");
     assert_eq!(err["code"], "decode_stream_interrupted", "{err}");
-    assert_eq!(migrations(&metrics_text(&url).await, "limit"), 1.0);
+    assert_eq!(migrations(&url, "limit").await - before, 1.0);
     bench.gw.stop().await;
 
     // A request a continuation would change (penalties count generated tokens only).
     let bench = Bench::start(Protocol::Sglang, |_| {}).await;
     let url = bench.gw.url();
-    let (path, body) = request(Api::Completions, "unsafe", json!({"frequency_penalty": 0.5}));
+    let (path, body) = request(
+        Api::Completions,
+        "unsafe",
+        json!({"frequency_penalty": 0.5}),
+    );
+    let before = (
+        migrations(&url, "refused_unsafe").await,
+        migrations(&url, "ok").await,
+    );
     let got = stream_with(&url, path, &body, 3, || async {
         bench.add_second_decode().await;
         signal(&bench.d1, "-KILL");
@@ -275,8 +329,11 @@ async fn with_migration_off_or_an_unsafe_request_the_break_ends_the_stream() {
     .await;
     let err = got.error().expect("an error event");
     assert_eq!(err["code"], "decode_stream_interrupted", "{err}");
-    let m = metrics_text(&url).await;
-    assert_eq!((migrations(&m, "refused_unsafe"), migrations(&m, "ok")), (1.0, 0.0));
+    let after = (
+        migrations(&url, "refused_unsafe").await,
+        migrations(&url, "ok").await,
+    );
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1.0, 0.0));
     bench.gw.stop().await;
 }
 
@@ -289,15 +346,19 @@ async fn a_decode_stopped_mid_stream_is_cut_at_the_stall_deadline_and_continued(
     let url = bench.gw.url();
     let (path, body) = request(Api::Chat, "stall", json!({"temperature": 0}));
     let reference = stream(&url, path, &body).await;
+    let before = migrations(&url, "ok").await;
     let got = stream_with(&url, path, &body, 5, || async {
         bench.add_second_decode().await;
         signal(&bench.d1, "-STOP");
     })
     .await;
     assert_one_stream(&got, &reference, "stopped decode");
-    assert_eq!(migrations(&metrics_text(&url).await, "ok"), 1.0);
+    assert_eq!(migrations(&url, "ok").await - before, 1.0);
     assert!(
-        eventually(Duration::from_secs(10), || async { !healthy(&url, &bench.d1.url).await }).await,
+        eventually(Duration::from_secs(10), || async {
+            !healthy(&url, &bench.d1.url).await
+        })
+        .await,
         "health checks mark the stopped decode down"
     );
     signal(&bench.d1, "-CONT");
@@ -327,9 +388,11 @@ async fn a_decode_stopped_before_its_head_is_retried_on_the_other() {
         assert_eq!(got.usages().len(), 1, "request {i}");
     }
     let m = metrics_text(&url).await;
-    let retried = m
-        .lines()
-        .any(|l| l.starts_with("pdgate_retries_total") && l.contains("role=\"decode\"") && l.contains("outcome=\"retried\""));
+    let retried = m.lines().any(|l| {
+        l.starts_with("pdgate_retries_total")
+            && l.contains("role=\"decode\"")
+            && l.contains("outcome=\"retried\"")
+    });
     assert!(retried, "the stopped decode's head deadline led to a retry");
     signal(&bench.d1, "-CONT");
     bench.gw.stop().await;

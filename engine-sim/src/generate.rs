@@ -148,7 +148,11 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
 }
 
 /// Prefills on this engine (a non-PD request), reusing cached leading blocks.
-async fn prefill_locally(e: &Engine, tokens: &[u32], seq: &text::Sequence) -> Result<u32, ApiError> {
+async fn prefill_locally(
+    e: &Engine,
+    tokens: &[u32],
+    seq: &text::Sequence,
+) -> Result<u32, ApiError> {
     let full = e.hasher.full_blocks(tokens);
     let uncached = e.lookup_prefix(tokens, &full);
     e.gpu

@@ -102,7 +102,12 @@ mod tests {
     fn a_prompt_extended_by_the_reply_continues_it() {
         // Prompts ending in a word, a space, punctuation or a newline: the reply's pieces never
         // merge with what precedes them.
-        for prompt in ["once upon a time", "ends with space ", "end.", "<|assistant|>\n"] {
+        for prompt in [
+            "once upon a time",
+            "ends with space ",
+            "end.",
+            "<|assistant|>\n",
+        ] {
             let whole = reply(prompt, 3, 12);
             for n in [1, 5, 11] {
                 let said: String = whole[..n].iter().map(|&i| piece(i)).collect();

@@ -26,12 +26,14 @@ pub fn unsafe_reason(req: &ClientRequest) -> Option<&'static str> {
     if on("echo") {
         return Some("echo");
     }
-    if set("logprobs") && b.get("logprobs") != Some(&Value::Bool(false)) || set("prompt_logprobs")
-    {
+    if set("logprobs") && b.get("logprobs") != Some(&Value::Bool(false)) || set("prompt_logprobs") {
         // Offsets and prompt logprobs would restart at the extended prompt.
         return Some("logprobs");
     }
-    if b.get("best_of").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+    if b.get("best_of")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 1)
+    {
         return Some("best_of");
     }
     if nonzero("presence_penalty") || nonzero("frequency_penalty") {
@@ -39,7 +41,12 @@ pub fn unsafe_reason(req: &ClientRequest) -> Option<&'static str> {
         // and escapes them.
         return Some("penalties");
     }
-    if set("seed") && !b.get("temperature").and_then(Value::as_f64).is_some_and(|t| t == 0.0) {
+    if set("seed")
+        && !b
+            .get("temperature")
+            .and_then(Value::as_f64)
+            .is_some_and(|t| t == 0.0)
+    {
         // A seed promises the same sample for the same request; a continuation samples anew.
         return Some("seeded_sampling");
     }
@@ -62,8 +69,7 @@ pub fn unsafe_reason(req: &ClientRequest) -> Option<&'static str> {
         .get("tools")
         .and_then(Value::as_array)
         .is_some_and(|t| !t.is_empty());
-    if tools && b.get("tool_choice").and_then(Value::as_str) != Some("none") || set("functions")
-    {
+    if tools && b.get("tool_choice").and_then(Value::as_str) != Some("none") || set("functions") {
         // A tool call is streamed as structured deltas, not text a prompt can carry on.
         return Some("tools");
     }
@@ -80,7 +86,10 @@ pub fn request(req: &ClientRequest, text: &str, emitted: u32) -> Option<ClientRe
     let obj = body.as_object_mut()?;
     match req.kind {
         ApiKind::Completions => {
-            obj.insert("prompt".into(), Value::String(format!("{}{text}", req.prompt)));
+            obj.insert(
+                "prompt".into(),
+                Value::String(format!("{}{text}", req.prompt)),
+            );
         }
         ApiKind::Chat => {
             let messages = obj.get_mut("messages")?.as_array_mut()?;
@@ -105,7 +114,10 @@ pub fn request(req: &ClientRequest, text: &str, emitted: u32) -> Option<ClientRe
         }
     }
     if let Some(min) = obj.get("min_tokens").and_then(Value::as_u64) {
-        obj.insert("min_tokens".into(), min.saturating_sub(emitted.into()).into());
+        obj.insert(
+            "min_tokens".into(),
+            min.saturating_sub(emitted.into()).into(),
+        );
     }
     let prompt = prompt_of(req.kind, &body).ok()?;
     Some(ClientRequest {
@@ -298,9 +310,15 @@ mod tests {
             json!({"model": "m", "prompt": "once", "max_completion_tokens": 5, "stream": true}),
         );
         let c = request(&original, " upon", 1).expect("tokens left");
-        assert_eq!((c.prompt.as_str(), c.body["prompt"].as_str()), ("once upon", Some("once upon")));
+        assert_eq!(
+            (c.prompt.as_str(), c.body["prompt"].as_str()),
+            ("once upon", Some("once upon"))
+        );
         assert_eq!(c.body["max_completion_tokens"], 4);
-        assert!(c.body.get("max_tokens").is_none(), "only what the client set");
+        assert!(
+            c.body.get("max_tokens").is_none(),
+            "only what the client set"
+        );
     }
 
     #[test]
@@ -318,14 +336,20 @@ mod tests {
         assert_eq!(with(json!({"logprobs": true})), Some("logprobs"));
         assert_eq!(with(json!({"logprobs": false})), None);
         assert_eq!(with(json!({"frequency_penalty": 0.5})), Some("penalties"));
-        assert_eq!(with(json!({"seed": 1, "temperature": 0.7})), Some("seeded_sampling"));
+        assert_eq!(
+            with(json!({"seed": 1, "temperature": 0.7})),
+            Some("seeded_sampling")
+        );
         assert_eq!(with(json!({"seed": 1, "temperature": 0})), None);
         assert_eq!(
             with(json!({"response_format": {"type": "json_object"}})),
             Some("structured_output")
         );
         assert_eq!(with(json!({"response_format": {"type": "text"}})), None);
-        assert_eq!(with(json!({"tools": [{"type": "function"}]})), Some("tools"));
+        assert_eq!(
+            with(json!({"tools": [{"type": "function"}]})),
+            Some("tools")
+        );
         assert_eq!(
             with(json!({"tools": [{"type": "function"}], "tool_choice": "none"})),
             None
@@ -357,11 +381,15 @@ mod tests {
             .pass(event(json!({"id": "b", "created": 9, "model": "m",
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": " warm"}, "finish_reason": "length"}]})));
         let v = data(&cont);
-        assert_eq!((v["id"].clone(), v["created"].clone()), (json!("a"), json!(1)));
+        assert_eq!(
+            (v["id"].clone(), v["created"].clone()),
+            (json!("a"), json!(1))
+        );
         assert_eq!(v["choices"][0]["delta"], json!({"content": " warm"}));
-        let usage = t
-            .pass(event(json!({"id": "b", "created": 9, "model": "m", "choices": [],
-                "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}})));
+        let usage = t.pass(event(
+            json!({"id": "b", "created": 9, "model": "m", "choices": [],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}}),
+        ));
         assert_eq!(
             data(&usage)["usage"],
             json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13})

@@ -181,7 +181,11 @@ impl Splice {
                 };
                 metrics::migration(outcome);
                 tracing::warn!(request_id = %rid, error = %e.message, "migration failed");
-                Err(Broken(format!("{}; continuing on another decode failed: {}", broken.0, e.message)).event())
+                Err(Broken(format!(
+                    "{}; continuing on another decode failed: {}",
+                    broken.0, e.message
+                ))
+                .event())
             }
         }
     }
