@@ -98,7 +98,7 @@ mod tests {
             role: "assistant",
             content: " the cache",
         };
-        let asked = render_chat(&[user.clone()]);
+        let asked = render_chat(std::slice::from_ref(&user));
         let continued = render_chat_ending(&[user.clone(), partial], Ending::ContinueFinal);
         assert_eq!(continued, format!("{asked} the cache"));
         assert_eq!(
