@@ -12,7 +12,7 @@ use pdgate_gateway::config::{Config, WorkerConfig};
 use pdgate_gateway::Gateway;
 use pdgate_scheduler::{PolicyKind, Role};
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::engines::{engine_process, healthy, signal, EngineProcess};
 use support::*;
 
@@ -120,6 +120,12 @@ fn request(api: Api, tag: &str, extra: Value) -> (&'static str, Value) {
 #[derive(Debug)]
 struct Read {
     events: Vec<String>,
+    /// When the request was sent, when the first content arrived, when `during` returned, and
+    /// when each network chunk arrived (for the measurement only).
+    sent: Instant,
+    first_content: Option<Instant>,
+    signalled: Option<Instant>,
+    arrivals: Vec<Instant>,
 }
 
 impl Read {
@@ -165,6 +171,7 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    let sent = Instant::now();
     let mut resp = client()
         .post(format!("{url}{path}"))
         .json(body)
@@ -174,15 +181,21 @@ where
     assert_eq!(resp.status().as_u16(), 200);
     let mut raw = String::new();
     let mut during = Some(during);
+    let (mut first_content, mut signalled, mut arrivals) = (None, None, Vec::new());
     while let Some(bytes) = resp.chunk().await.expect("the body reads to its end") {
+        arrivals.push(Instant::now());
         raw.push_str(&String::from_utf8_lossy(&bytes));
         let content = sse_events(&raw)
             .iter()
             .filter(|e| e.contains("\"content\":\"") || e.contains("\"text\":\""))
             .count();
+        if content > 0 && first_content.is_none() {
+            first_content = Some(Instant::now());
+        }
         if content >= after {
             if let Some(f) = during.take() {
                 f().await;
+                signalled = Some(Instant::now());
             }
         }
     }
@@ -192,6 +205,10 @@ where
     );
     Read {
         events: sse_events(&raw),
+        sent,
+        first_content,
+        signalled,
+        arrivals,
     }
 }
 
@@ -396,4 +413,54 @@ async fn a_decode_stopped_before_its_head_is_retried_on_the_other() {
     assert!(retried, "the stopped decode's head deadline led to a retry");
     signal(&bench.d1, "-CONT");
     bench.gw.stop().await;
+}
+
+/// Not a check: the figures of docs/benchmarks.md's migration section. For `RUNS` SIGKILLed
+/// streams (native, chat), the longest gap the client saw after the kill (the migration: break
+/// noticed, pair scheduled, extended prompt prefilled and handed off, continuation's head), next
+/// to the same run's baselines: the stream's median gap between chunks (one decode step) and the
+/// uninterrupted reference's time to first token (what a pre-stream retry costs at least).
+/// `cargo test -p pdgate --test migration -- --ignored --nocapture measure_migration_gap`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn measure_migration_gap() {
+    const RUNS: usize = 5;
+    let (mut gaps, mut steps, mut ttfts) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let bench = Bench::start(Protocol::Native, |_| {}).await;
+        let url = bench.gw.url();
+        let (path, body) = request(Api::Chat, &format!("measure {run}"), json!({}));
+        let reference = stream(&url, path, &body).await;
+        let got = stream_with(&url, path, &body, 5, || async {
+            bench.add_second_decode().await;
+            signal(&bench.d1, "-KILL");
+        })
+        .await;
+        assert_one_stream(&got, &reference, "measured run");
+        let signalled = got.signalled.expect("signalled");
+        let mut after: Vec<Instant> = vec![signalled];
+        after.extend(got.arrivals.iter().filter(|t| **t > signalled));
+        let gap = after
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .expect("chunks after the kill");
+        let mut between: Vec<Duration> =
+            reference.arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+        between.sort();
+        gaps.push(gap);
+        steps.push(between[between.len() / 2]);
+        ttfts.push(reference.first_content.expect("content") - reference.sent);
+        bench.gw.stop().await;
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let (gap, step, ttft) = (median(gaps), median(steps), median(ttfts));
+    println!(
+        "migration gap {gap:.0} ms; decode step {step:.0} ms ({:.1}x); reference TTFT {ttft:.0} ms ({:.2}x)",
+        gap / step,
+        gap / ttft
+    );
 }
