@@ -5,6 +5,7 @@
 //!
 //! It never decides when a stream broke or schedules anything: `migrate` does, with this.
 
+use crate::config::Protocol;
 use crate::openai::ClientRequest;
 use crate::sse;
 use bytes::Bytes;
@@ -12,8 +13,8 @@ use pdgate_wire::openai::{content_text, prompt_of, ApiKind};
 use serde_json::{Map, Value};
 
 /// Why a request is not continued if its stream breaks: each case changes what a continuation
-/// would produce, beyond which text comes after the break.
-pub fn unsafe_reason(req: &ClientRequest) -> Option<&'static str> {
+/// would produce, beyond which text comes after the break. `protocol`: the decode pool's.
+pub fn unsafe_reason(req: &ClientRequest, protocol: Protocol) -> Option<&'static str> {
     let b = &req.body;
     let set = |f: &str| b.get(f).is_some_and(|v| !v.is_null());
     let on = |f: &str| b.get(f).and_then(Value::as_bool).unwrap_or(false);
@@ -25,6 +26,11 @@ pub fn unsafe_reason(req: &ClientRequest) -> Option<&'static str> {
     }
     if on("echo") {
         return Some("echo");
+    }
+    if protocol == Protocol::Trtllm && req.kind == ApiKind::Chat {
+        // trtllm-serve's chat API has no `continue_final_message`: the partial answer would be
+        // closed as a turn of its own and answered anew.
+        return Some("engine_cannot_continue_chat");
     }
     if set("logprobs") && b.get("logprobs") != Some(&Value::Bool(false)) || set("prompt_logprobs") {
         // Offsets and prompt logprobs would restart at the extended prompt.
@@ -324,13 +330,13 @@ mod tests {
     #[test]
     fn unsafe_requests_say_why() {
         let base = chat();
-        assert_eq!(unsafe_reason(&base), None);
+        assert_eq!(unsafe_reason(&base, Protocol::Native), None);
         let with = |extra: Value| {
             let mut r = base.clone();
             for (k, v) in extra.as_object().expect("object") {
                 r.body[k] = v.clone();
             }
-            unsafe_reason(&r)
+            unsafe_reason(&r, Protocol::Native)
         };
         assert_eq!(with(json!({"echo": true})), Some("echo"));
         assert_eq!(with(json!({"logprobs": true})), Some("logprobs"));
@@ -354,9 +360,16 @@ mod tests {
             with(json!({"tools": [{"type": "function"}], "tool_choice": "none"})),
             None
         );
+        assert_eq!(
+            unsafe_reason(&base, Protocol::Trtllm),
+            Some("engine_cannot_continue_chat")
+        );
         let mut unstreamed = base.clone();
         unstreamed.stream = false;
-        assert_eq!(unsafe_reason(&unstreamed), Some("not_streamed"));
+        assert_eq!(
+            unsafe_reason(&unstreamed, Protocol::Native),
+            Some("not_streamed")
+        );
     }
 
     fn event(v: Value) -> Bytes {

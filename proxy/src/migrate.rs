@@ -47,6 +47,8 @@ pub struct Plan {
     pub request_id: String,
     /// The decode serving the stream now.
     pub decode: InstanceId,
+    /// The decode pool's PD protocol (some engines cannot continue a chat answer).
+    pub protocol: crate::config::Protocol,
     pub restart: Restart,
     /// Migrations the stream may still take (`upstream.migration_limit`).
     pub left: u32,
@@ -70,7 +72,7 @@ impl Splice {
         let kind = plan.as_ref().map(|p| p.req.kind);
         let refused = plan
             .as_ref()
-            .and_then(|p| continuation::unsafe_reason(&p.req));
+            .and_then(|p| continuation::unsafe_reason(&p.req, p.protocol));
         Self {
             relay,
             plan,

@@ -68,6 +68,7 @@ struct Leg {
     /// The decode worker's breaker verdict, given by the relay.
     verdict: Verdict,
     decode: InstanceId,
+    protocol: crate::config::Protocol,
     /// The decode prefilled the request itself (`fallback_to_decode`).
     fallback: bool,
 }
@@ -173,6 +174,7 @@ async fn start_leg(
                     booking,
                     verdict,
                     decode: decision.decode,
+                    protocol: decode.protocol,
                     fallback: false,
                 });
             }
@@ -328,6 +330,7 @@ async fn fallback(
         booking,
         verdict,
         decode: decode.id,
+        protocol: decode.protocol,
         fallback: true,
     })
 }
@@ -400,7 +403,7 @@ fn respond(
     leg: Leg,
     permit: OwnedSemaphorePermit,
 ) -> Response {
-    let (fallback, decode) = (leg.fallback, leg.decode);
+    let (fallback, decode, protocol) = (leg.fallback, leg.decode, leg.protocol);
     let (relay, content_type) = relay_of(state, request_id, started, leg, false);
     // Only a stream can break after its head went out with part of an answer delivered; with
     // `migration_limit = 0` the plan only counts breaks.
@@ -409,6 +412,7 @@ fn respond(
         req: req.clone(),
         request_id: request_id.to_string(),
         decode,
+        protocol,
         restart: restart(state),
         left: state.cfg.upstream.migration_limit,
     });
