@@ -391,6 +391,13 @@ pub struct UpstreamConfig {
     /// first byte reached the client (refused, reset, an error answer, a KV handoff that did not
     /// verify) is retried with a fresh pair that avoids it.
     pub decode_attempts: u32,
+    /// A decode stream that breaks after its head went out (engine gone, body cut, stalled past
+    /// `decode_stall_timeout_ms`) is continued on another pair at most this many times per
+    /// request: the prompt extended by the text already streamed, `max_tokens` reduced by what
+    /// was emitted, spliced into the client's stream. 0 turns migration off (the client gets
+    /// the `decode_stream_interrupted` error event). Requests it would change are never
+    /// migrated (see the README's Reliability section).
+    pub migration_limit: u32,
     /// Retries under way may be at most this percentage of the requests in flight (Envoy's
     /// retry budget), so a struggling fleet is not buried under retries; past it a request that
     /// failed gets 503 with `Retry-After` at once.
@@ -416,6 +423,7 @@ impl Default for UpstreamConfig {
             decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
             decode_attempts: 2,
+            migration_limit: 1,
             retry_budget_percent: 20,
             retry_budget_min: 3,
             fallback_to_decode: false,

@@ -118,6 +118,18 @@ pub fn retry(role: Role, outcome: &'static str) {
     counter!("pdgate_retries_total", "role" => role.as_str(), "outcome" => outcome).increment(1);
 }
 
+/// A decode stream that broke after its head went out: continued on another decode (`ok`), or
+/// not (`failed`, `refused_unsafe`, `limit`, `budget_exhausted`, `finished`).
+pub fn migration(outcome: &'static str) {
+    counter!("pdgate_migrations_total", "outcome" => outcome).increment(1);
+}
+
+/// From a stream's break to its continuation's head: the gap the client saw in its stream,
+/// beyond the decode's own pace.
+pub fn migration_gap(took: Duration) {
+    histogram!("pdgate_migration_gap_seconds").record(took.as_secs_f64());
+}
+
 /// A circuit breaker changed state (`to`: open, half_open, closed); `open_now`: breakers of
 /// that role not closed after the change.
 pub fn breaker(role: Role, to: &'static str, open_now: usize) {

@@ -13,6 +13,7 @@ use crate::breaker::Outcome;
 use crate::error::ApiError;
 use crate::fleet::Fleet;
 use crate::metrics;
+use crate::migrate::{Plan, Restart, Splice};
 use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::{Held, Relay};
@@ -57,6 +58,30 @@ pub async fn route(
     started: Instant,
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
+    let leg = start_leg(state, req, request_id, &[]).await?;
+    Ok(respond(state, req, request_id, started, leg, permit))
+}
+
+/// A decode leg whose head arrived, ready for the relay.
+struct Leg {
+    start: DecodeStart,
+    booking: Booking,
+    /// The decode worker's breaker verdict, given by the relay.
+    verdict: Verdict,
+    decode: InstanceId,
+    protocol: crate::config::Protocol,
+    /// The decode prefilled the request itself (`fallback_to_decode`).
+    fallback: bool,
+}
+
+/// Schedules a pair avoiding `avoid_decodes` and runs its legs up to the decode's head,
+/// retrying failed legs on fresh pairs while nothing reached the client.
+async fn start_leg(
+    state: &Arc<AppState>,
+    req: &ClientRequest,
+    request_id: &str,
+    avoid_decodes: &[InstanceId],
+) -> Result<Leg, ApiError> {
     let key = prefix_key(req).await;
     // The model's own engines and scheduler: a request never leaves the model it named.
     let fleet = &req.model.fleet;
@@ -79,6 +104,7 @@ pub async fn route(
             .iter()
             .chain(&contested)
             .chain(&decode_failed)
+            .chain(avoid_decodes)
             .copied()
             .collect();
         fleet.workers.add_tripped(fleet.now(), &mut avoid);
@@ -92,9 +118,8 @@ pub async fn route(
                             req,
                             request_id,
                             prompt_tokens: key.prompt_tokens,
-                            started,
                         };
-                        fallback(state, f, booking, decode, cause, permit).await
+                        fallback(state, f, booking, decode, cause).await
                     }
                     // A decode retry with no other decode to go to: the decode's own failure
                     // says more than "no healthy pair".
@@ -146,20 +171,15 @@ pub async fn route(
         })
         .await;
         match account_breakers(verdicts, result) {
-            Ok((start, decode_verdict)) => {
-                let served = Served {
-                    booking,
-                    verdict: decode_verdict,
-                    started,
-                    request_id,
-                    permit,
-                };
-                return Ok(respond(
-                    req,
+            Ok((start, verdict)) => {
+                return Ok(Leg {
                     start,
-                    served,
-                    state.cfg.upstream.decode_stall_timeout_ms,
-                ));
+                    booking,
+                    verdict,
+                    decode: decision.decode,
+                    protocol: decode.protocol,
+                    fallback: false,
+                });
             }
             Err(LegError {
                 role: Role::Prefill,
@@ -185,9 +205,8 @@ pub async fn route(
                         req,
                         request_id,
                         prompt_tokens: key.prompt_tokens,
-                        started,
                     };
-                    return fallback(state, f, booking, decode, error, permit).await;
+                    return fallback(state, f, booking, decode, error).await;
                 }
                 return Err(error);
             }
@@ -278,7 +297,6 @@ struct Fallback<'a> {
     req: &'a ClientRequest,
     request_id: &'a str,
     prompt_tokens: u32,
-    started: Instant,
 }
 
 /// Every prefill attempt failed before any byte reached the client: the plain request goes to
@@ -290,8 +308,7 @@ async fn fallback(
     booking: Booking,
     decode: Arc<Worker>,
     cause: ApiError,
-    permit: OwnedSemaphorePermit,
-) -> Result<Response, ApiError> {
+) -> Result<Leg, ApiError> {
     let fleet = &f.req.model.fleet;
     if !fleet.workers.claim(&decode, fleet.now()) {
         return Err(cause);
@@ -311,18 +328,14 @@ async fn fallback(
     let verdicts = (None, Verdict::new(fleet, state.cfg.breaker, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;
     let (start, verdict) = account_breakers(verdicts, result).map_err(|e| e.error)?;
-    let served = Served {
+    Ok(Leg {
+        start,
         booking,
         verdict,
-        started: f.started,
-        request_id: f.request_id,
-        permit,
-    };
-    let stall_ms = state.cfg.upstream.decode_stall_timeout_ms;
-    let mut resp = respond(f.req, start, served, stall_ms);
-    resp.headers_mut()
-        .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
-    Ok(resp)
+        decode: decode.id,
+        protocol: decode.protocol,
+        fallback: true,
+    })
 }
 
 /// Marks a response the decode instance prefilled itself because every prefill failed.
@@ -385,48 +398,36 @@ fn rejection_error(r: Rejection) -> ApiError {
     }
 }
 
-/// What a request that reached its decode's head holds until its relay ends.
-struct Served<'a> {
-    booking: Booking,
-    /// The decode worker's breaker verdict, given by the relay.
-    verdict: Verdict,
+/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body; a stream
+/// that breaks mid-way is continued on another pair when it may be (`migrate`).
+fn respond(
+    state: &Arc<AppState>,
+    req: &ClientRequest,
+    request_id: &str,
     started: Instant,
-    request_id: &'a str,
+    leg: Leg,
     permit: OwnedSemaphorePermit,
-}
-
-/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.
-fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>, stall_ms: u64) -> Response {
-    let DecodeBody {
-        content_type,
-        body: upstream,
-        sse,
-        abort_on_drop,
-    } = start.into_body();
-    let content_type = content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
-    let Served {
-        booking,
-        verdict,
-        started,
-        request_id,
-        permit,
-    } = served;
-    let held = Held {
-        booking,
-        verdict,
-        started,
+) -> Response {
+    let (fallback, decode, protocol) = (leg.fallback, leg.decode, leg.protocol);
+    let (relay, content_type) = relay_of(state, request_id, started, leg, false);
+    // Only a stream can break after its head went out with part of an answer delivered; with
+    // `migration_limit = 0` the plan only counts breaks.
+    let plan = req.stream.then(|| Plan {
+        state: Arc::clone(state),
+        req: req.clone(),
         request_id: request_id.to_string(),
-        stall_limit: Duration::from_millis(stall_ms),
-        // Dropped before the upstream ended (client gone, upstream stalled), it aborts the
-        // engines' legs.
-        abort_on_drop,
-    };
-    let relay = Relay::new(upstream, sse, held);
+        decode,
+        protocol,
+        restart: restart(state),
+        left: state.cfg.upstream.migration_limit,
+    });
+    let body = Splice::new(relay, plan).into_stream();
     // The permit lives as long as the body, so a long stream counts as in flight.
-    let body = relay.map(move |item| {
+    let body = body.map(move |item| {
         let _keep = &permit;
         item
     });
+    let content_type = content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut()
@@ -435,5 +436,58 @@ fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>, stall_ms
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
+    if fallback {
+        resp.headers_mut()
+            .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
+    }
     resp
+}
+
+/// The relay of a leg whose head arrived, and its content type.
+fn relay_of(
+    state: &AppState,
+    request_id: &str,
+    started: Instant,
+    leg: Leg,
+    continuation: bool,
+) -> (Relay, Option<HeaderValue>) {
+    let DecodeBody {
+        content_type,
+        body: upstream,
+        sse,
+        abort_on_drop,
+    } = leg.start.into_body();
+    let held = Held {
+        booking: leg.booking,
+        verdict: leg.verdict,
+        started,
+        request_id: request_id.to_string(),
+        stall_limit: Duration::from_millis(state.cfg.upstream.decode_stall_timeout_ms),
+        continuation,
+        // Dropped before the upstream ended (client gone, upstream stalled), it aborts the
+        // engines' legs.
+        abort_on_drop,
+    };
+    (Relay::new(upstream, sse, held), content_type)
+}
+
+/// How a broken stream's continuation starts: a fresh pair through the same path as any
+/// request, counted against the retry budget like a retry.
+fn restart(state: &Arc<AppState>) -> Restart {
+    let state = Arc::clone(state);
+    Box::new(move |req, avoid, leg_id| {
+        let state = Arc::clone(&state);
+        Box::pin(async move {
+            let Some(_permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+                return Err(budget_exhausted(ApiError::upstream(
+                    "decode_stream_interrupted",
+                    "the decode stream broke",
+                )));
+            };
+            let leg = start_leg(&state, &req, &leg_id, &avoid).await?;
+            let decode = leg.decode;
+            let (relay, _) = relay_of(&state, &leg_id, Instant::now(), leg, true);
+            Ok((relay, decode))
+        })
+    })
 }

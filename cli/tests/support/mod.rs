@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dnsmasq;
+pub mod engines;
 pub mod kube_api;
 pub mod tls;
 
