@@ -3,10 +3,7 @@
 //! secrets redacted, so what a deployment will run can be read (and diffed) before it runs.
 //! It never binds or connects.
 
-use crate::config::{
-    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ServerConfig,
-    UpstreamConfig, WorkerConfig,
-};
+use crate::config::{BreakerConfig, Config, DiscoveryConfig, HealthConfig, KvEventsConfig, LogConfig, ModelConfig, ServerConfig, UpstreamConfig, WorkerConfig};
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
 
@@ -31,6 +28,7 @@ struct Served<'a> {
     health: &'a HealthConfig,
     upstream: &'a UpstreamConfig,
     breaker: &'a BreakerConfig,
+    kv_events: &'a KvEventsConfig,
     log: &'a LogConfig,
 }
 
@@ -45,6 +43,7 @@ impl<'a> Served<'a> {
             health: &c.health,
             upstream: &c.upstream,
             breaker: &c.breaker,
+            kv_events: &c.kv_events,
             log: &c.log,
         }
     }

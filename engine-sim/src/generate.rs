@@ -157,7 +157,7 @@ async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, Ap
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(&full);
+    e.remember(&full, tokens);
     Stats::add(&e.stats.generation_tokens, 1);
     Ok(text::token_at(key, e.cfg.seed, 0))
 }

@@ -23,6 +23,8 @@ pub struct Gateway {
     health: JoinHandle<()>,
     scraper: Option<JoinHandle<()>>,
     purge: JoinHandle<()>,
+    /// Subscriptions to the engines' KV events (workers with `kv_events`).
+    kv_events: JoinHandle<()>,
     discovery: Option<discovery::Discovery>,
     /// Reloads the listener's certificate (`[server.tls]` only).
     tls_reloader: Option<JoinHandle<()>>,
@@ -70,6 +72,11 @@ impl Gateway {
             &state.cfg.health,
             state.cfg.scheduler.block_size,
         );
+        let kv_events = crate::kv_events::spawn(
+            Arc::clone(&state.fleet),
+            state.cfg.kv_events.clone(),
+            state.hasher,
+        );
         let discovery = discovery::start(&state.cfg.discovery, &state.fleet).await?;
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
@@ -86,6 +93,7 @@ impl Gateway {
             health,
             scraper,
             purge,
+            kv_events,
             discovery,
             tls_reloader,
         })
@@ -144,6 +152,7 @@ impl Gateway {
         }
         self.health.abort();
         self.purge.abort();
+        self.kv_events.abort();
         if let Some(d) = self.discovery.take() {
             d.stop();
         }
