@@ -198,7 +198,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let e = pdgate_engine_sim::spawn(cfg).await?;
             println!("pdgate engine ({role}) {}", e.url());
             if let Some((events, replay)) = e.kv_events_endpoints() {
-                println!("kv events {events} replay {}", replay.as_deref().unwrap_or("-"));
+                println!(
+                    "kv events {events} replay {}",
+                    replay.as_deref().unwrap_or("-")
+                );
             }
             shutdown_signal().await;
             e.stop().await;

@@ -3,7 +3,10 @@
 //! secrets redacted, so what a deployment will run can be read (and diffed) before it runs.
 //! It never binds or connects.
 
-use crate::config::{BreakerConfig, Config, DiscoveryConfig, HealthConfig, KvEventsConfig, LogConfig, ModelConfig, ServerConfig, UpstreamConfig, WorkerConfig};
+use crate::config::{
+    BreakerConfig, Config, DiscoveryConfig, HealthConfig, KvEventsConfig, LogConfig, ModelConfig,
+    ServerConfig, UpstreamConfig, WorkerConfig,
+};
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
 

@@ -181,7 +181,12 @@ async fn a_second_replica_routes_follow_ups_to_the_engines_holding_the_prefix() 
         .map(|(_, e)| e)
         .collect();
     for (i, p) in spread.iter().enumerate() {
-        let r = post(&prefills[i % prefills.len()].url(), "/v1/completions", completion(p, 2)).await;
+        let r = post(
+            &prefills[i % prefills.len()].url(),
+            "/v1/completions",
+            completion(p, 2),
+        )
+        .await;
         assert_eq!(r.status(), 200);
     }
     assert!(
@@ -191,7 +196,10 @@ async fn a_second_replica_routes_follow_ups_to_the_engines_holding_the_prefix() 
     );
     let with_events = follow_ups(&b, &fleet, &spread).await;
     for (i, h) in with_events.iter().enumerate() {
-        assert!(*h >= 80.0 * 16.0, "spread follow-up {i} through B: {with_events:?}");
+        assert!(
+            *h >= 80.0 * 16.0,
+            "spread follow-up {i} through B: {with_events:?}"
+        );
     }
     let without = follow_ups(&blind, &fleet, &spread).await;
     let missed = without.iter().filter(|h| **h < 80.0 * 16.0).count();
@@ -214,7 +222,12 @@ async fn a_cleared_cache_or_a_lost_engine_drops_its_entries() {
     let gw = start(gateway_cfg(&fleet, true)).await;
     let held = || indexed(&gw);
 
-    let r = post(&gw.url(), "/v1/completions", completion(&long_prompt("r", 0), 2)).await;
+    let r = post(
+        &gw.url(),
+        "/v1/completions",
+        completion(&long_prompt("r", 0), 2),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(eventually(Duration::from_secs(5), || async { held() >= 80 }).await);
 
@@ -233,7 +246,12 @@ async fn a_cleared_cache_or_a_lost_engine_drops_its_entries() {
         held()
     );
 
-    let r = post(&gw.url(), "/v1/completions", completion(&long_prompt("r", 1), 2)).await;
+    let r = post(
+        &gw.url(),
+        "/v1/completions",
+        completion(&long_prompt("r", 1), 2),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(eventually(Duration::from_secs(5), || async { held() >= 80 }).await);
 

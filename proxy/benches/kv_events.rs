@@ -148,7 +148,11 @@ fn p99(mut v: Vec<f64>) -> f64 {
 /// batch's timestamp to the end of its processing, and the block-event rate achieved.
 async fn live(n: usize, rate: f64, noop: bool) -> (f64, f64, f64) {
     let mut publ = zeromq::PubSocket::new();
-    let ep = publ.bind("tcp://127.0.0.1:0").await.expect("bind").to_string();
+    let ep = publ
+        .bind("tcp://127.0.0.1:0")
+        .await
+        .expect("bind")
+        .to_string();
     let mut sub = zeromq::SubSocket::new();
     sub.subscribe("").await.expect("subscribe");
     sub.connect(&ep).await.expect("connect");
@@ -161,7 +165,9 @@ async fn live(n: usize, rate: f64, noop: bool) -> (f64, f64, f64) {
             let Ok(m) = sub.recv().await else { break };
             first.get_or_insert_with(Instant::now);
             let frames = m.into_vec();
-            let Some(payload) = frames.get(2) else { continue };
+            let Some(payload) = frames.get(2) else {
+                continue;
+            };
             let ts = if noop {
                 // Only the timestamp: the first field of the map, read without decoding.
                 f64::from_be_bytes(payload[5..13].try_into().unwrap_or([0; 8]))
@@ -189,7 +195,11 @@ async fn live(n: usize, rate: f64, noop: bool) -> (f64, f64, f64) {
     }
     let (lags, took) = recv.await.expect("receiver");
     let achieved = (lags.len() * per_batch) as f64 / took.as_secs_f64();
-    (p99(lags.clone()) * 1e3, lags.iter().sum::<f64>() / lags.len() as f64 * 1e3, achieved)
+    (
+        p99(lags.clone()) * 1e3,
+        lags.iter().sum::<f64>() / lags.len() as f64 * 1e3,
+        achieved,
+    )
 }
 
 fn main() {
@@ -212,8 +222,17 @@ fn main() {
         let n = 16_000;
         let (np99, nmean, nrate) = live(n, 500_000.0, true).await;
         let (fp99, fmean, frate) = live(n, 500_000.0, false).await;
-        println!("| loopback at 500k block events/s: achieved rate | {nrate:.0} | {frate:.0} | {:.3} |", frate / nrate);
-        println!("| loopback at 500k block events/s: mean lag, ms | {nmean:.3} | {fmean:.3} | {:.2} |", fmean / nmean);
-        println!("| loopback at 500k block events/s: p99 lag, ms | {np99:.3} | {fp99:.3} | {:.2} |", fp99 / np99);
+        println!(
+            "| loopback at 500k block events/s: achieved rate | {nrate:.0} | {frate:.0} | {:.3} |",
+            frate / nrate
+        );
+        println!(
+            "| loopback at 500k block events/s: mean lag, ms | {nmean:.3} | {fmean:.3} | {:.2} |",
+            fmean / nmean
+        );
+        println!(
+            "| loopback at 500k block events/s: p99 lag, ms | {np99:.3} | {fp99:.3} | {:.2} |",
+            fp99 / np99
+        );
     });
 }

@@ -68,7 +68,10 @@ fn check_worker(i: usize, w: &WorkerConfig, out: &mut Vec<String>) {
         Some(_) => {}
         None => out.push(format!("{key}: no host")),
     }
-    for (key, ep) in [("kv_events", &w.kv_events), ("kv_events_replay", &w.kv_events_replay)] {
+    for (key, ep) in [
+        ("kv_events", &w.kv_events),
+        ("kv_events_replay", &w.kv_events_replay),
+    ] {
         if let Some(ep) = ep {
             if !crate::kv_events::is_tcp_endpoint(ep) {
                 out.push(format!(

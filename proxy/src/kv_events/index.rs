@@ -309,7 +309,11 @@ mod tests {
             ),
         );
         assert_eq!(log.held, want[..2].iter().copied().collect());
-        apply(&mut ix, &mut log, batch(vec![KvEvent::AllBlocksCleared], None));
+        apply(
+            &mut ix,
+            &mut log,
+            batch(vec![KvEvent::AllBlocksCleared], None),
+        );
         assert!(log.held.is_empty() && ix.is_empty());
     }
 
@@ -377,7 +381,12 @@ mod tests {
         );
         assert_eq!(
             skips,
-            vec![Skip::Orphan, Skip::NotPlainTokens, Skip::BlockSize, Skip::Full]
+            vec![
+                Skip::Orphan,
+                Skip::NotPlainTokens,
+                Skip::BlockSize,
+                Skip::Full
+            ]
         );
         assert_eq!(ix.len(), 2, "bounded per worker");
         assert_eq!(log.held.len(), 2);

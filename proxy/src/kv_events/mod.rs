@@ -8,6 +8,7 @@
 //! A supervisor starts a subscription when a worker with events joins the fleet (static
 //! config, the admin API or discovery) and stops it when the worker leaves.
 
+pub mod counters;
 pub mod index;
 pub mod sequence;
 pub mod subscriber;
@@ -15,7 +16,6 @@ pub mod subscriber;
 use crate::config::KvEventsConfig;
 use crate::fleet::Fleet;
 use pdgate_scheduler::{BlockHasher, InstanceId};
-use pdgate_wire::kv_events::{EventBatch, KvEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,54 +78,24 @@ impl Drop for Tasks {
     }
 }
 
-/// Counts a decoded batch's events by kind and, for live ones, the lag from the engine's
-/// timestamp to now (both clocks are wall clocks; a skewed engine clock shows up here).
-fn record_batch(batch: &EventBatch, live: bool) {
-    let mut n = [0u64; 3];
-    for e in &batch.events {
-        n[match e {
-            KvEvent::BlockStored(_) => 0,
-            KvEvent::BlockRemoved { .. } => 1,
-            KvEvent::AllBlocksCleared => 2,
-        }] += 1;
-    }
-    for (kind, count) in ["stored", "removed", "cleared"].into_iter().zip(n) {
-        if count > 0 {
-            metrics::counter!("pdgate_kv_events_total", "kind" => kind).increment(count);
-        }
-    }
-    if live {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        metrics::histogram!("pdgate_kv_events_lag_seconds").record((now - batch.ts).max(0.0));
-    }
-}
-
-fn metric_decode_error(part: &'static str) {
-    metrics::counter!("pdgate_kv_events_decode_errors_total", "part" => part).increment(1);
-}
-
-fn metric_gap() {
-    metrics::counter!("pdgate_kv_events_gaps_total").increment(1);
-}
-
-fn metric_replay(outcome: &'static str) {
-    metrics::counter!("pdgate_kv_events_replays_total", "outcome" => outcome).increment(1);
-}
-
-fn metric_lost(reason: &'static str) {
-    metrics::counter!("pdgate_kv_events_resets_total", "reason" => reason).increment(1);
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn tcp_endpoints_only() {
-        for ok in ["tcp://127.0.0.1:5557", "tcp://[::1]:5557", "tcp://engine-0:1"] {
+        for ok in [
+            "tcp://127.0.0.1:5557",
+            "tcp://[::1]:5557",
+            "tcp://engine-0:1",
+        ] {
             assert!(super::is_tcp_endpoint(ok), "{ok}");
         }
-        for bad in ["tcp://:5557", "ipc:///tmp/x", "tcp://h:0", "tcp://h", "h:5557"] {
+        for bad in [
+            "tcp://:5557",
+            "ipc:///tmp/x",
+            "tcp://h:0",
+            "tcp://h",
+            "h:5557",
+        ] {
             assert!(!super::is_tcp_endpoint(bad), "{bad}");
         }
     }

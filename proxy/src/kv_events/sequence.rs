@@ -7,7 +7,9 @@
 pub enum Step {
     Apply,
     /// Batches `from..seq` are missing.
-    Gap { from: u64 },
+    Gap {
+        from: u64,
+    },
     /// Already applied (it came through a replay too).
     Duplicate,
     /// The publisher restarted: what was learnt from it is stale.

@@ -6,9 +6,9 @@
 //! every precise entry of the worker: the engine's cache may have changed while nobody listened.
 //! The socket reconnects by itself; the first batch after it asks for a replay from the start.
 
+use super::counters::{metric_decode_error, metric_gap, metric_lost, metric_replay, record_batch};
 use super::index::{Sink, WorkerIndex};
 use super::sequence::{Sequence, Step};
-use super::{metric_decode_error, metric_lost, metric_replay, record_batch};
 use crate::config::KvEventsConfig;
 use crate::fleet::Fleet;
 use bytes::Bytes;
@@ -112,7 +112,11 @@ impl Subscription {
 impl Stream {
     fn lost(&mut self, why: &'static str) {
         if self.seq.next().is_some() || !self.index.is_empty() {
-            tracing::info!(worker = self.sub.id.0, reason = why, "kv events: subscription lost; dropping this worker's precise entries");
+            tracing::info!(
+                worker = self.sub.id.0,
+                reason = why,
+                "kv events: subscription lost; dropping this worker's precise entries"
+            );
             metric_lost(why);
         }
         self.seq.reset();
@@ -146,7 +150,7 @@ impl Stream {
             Step::Duplicate => {}
             Step::Restart => {}
             Step::Gap { from } => {
-                super::metric_gap();
+                metric_gap();
                 self.recover(from, seq).await;
                 match self.seq.observe(seq) {
                     Step::Apply => self.apply(seq, payload, true),
@@ -192,7 +196,14 @@ impl Stream {
             self.clear();
             self.seq.reset();
         }
-        tracing::debug!(worker = self.sub.id.0, from, upto, batches = frames.len(), complete, "kv events: replayed");
+        tracing::debug!(
+            worker = self.sub.id.0,
+            from,
+            upto,
+            batches = frames.len(),
+            complete,
+            "kv events: replayed"
+        );
         for (seq, payload) in frames {
             match self.seq.next() {
                 Some(n) if seq < n => continue,

@@ -2,7 +2,7 @@
 //! tree, every length checked against the remaining bytes and the limits before anything is
 //! allocated. Unknown map keys and trailing positional fields are skipped (engines add fields).
 
-use super::{BlockStored, EngineHash, EventBatch, KvEvent, Limits, Medium};
+use super::types::{BlockStored, EngineHash, EventBatch, KvEvent, Limits, Medium};
 use rmp::Marker;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,7 +246,9 @@ impl<'a> Reader<'a> {
         }
         let m = self.marker()?;
         let fixed = match m {
-            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => 0,
+            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
+                0
+            }
             Marker::U8 | Marker::I8 => 1,
             Marker::U16 | Marker::I16 => 2,
             Marker::U32 | Marker::I32 | Marker::F32 => 4,

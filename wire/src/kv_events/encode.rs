@@ -2,7 +2,7 @@
 //! positional event or as `"type"` in a map, fields without a default always present (nil when
 //! unset), `data_parallel_rank` left out when unset.
 
-use super::{BlockStored, EngineHash, EventBatch, KvEvent};
+use super::types::{BlockStored, EngineHash, EventBatch, KvEvent};
 use rmp::Marker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
