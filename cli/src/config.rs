@@ -5,8 +5,8 @@
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
-    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, ModelEntry, Protocol, ServerConfig,
-    UpstreamConfig, WorkerConfig,
+    BreakerConfig, DiscoveryConfig, HealthConfig, KvEventsConfig, ModelConfig, ModelEntry,
+    Protocol, ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
     pub breaker: BreakerConfig,
+    /// Bounds on what the engines' KV event streams may make the gateway hold.
+    pub kv_events: KvEventsConfig,
     /// The embedded demo fleet started by `pdgate up`.
     pub up: UpConfig,
     pub log: LogConfig,
@@ -48,6 +50,7 @@ impl Config {
             health: self.health.clone(),
             upstream: self.upstream.clone(),
             breaker: self.breaker,
+            kv_events: self.kv_events.clone(),
         }
     }
 }
@@ -59,6 +62,10 @@ pub struct UpConfig {
     pub decode: usize,
     /// Every demo engine starts from this; role, port and registry are set per engine.
     pub engine: EngineConfig,
+    /// Each demo engine publishes KV events on loopback ports of its own (publisher and
+    /// replay) and the gateway subscribes: the prefix index is then what the engines hold.
+    /// `up.engine.kv_events.encoding` picks the encoding.
+    pub kv_events: bool,
 }
 
 impl Default for UpConfig {
@@ -67,6 +74,7 @@ impl Default for UpConfig {
             prefill: 2,
             decode: 2,
             engine: EngineConfig::default(),
+            kv_events: true,
         }
     }
 }
@@ -106,6 +114,7 @@ impl Layered for Config {
         "health",
         "upstream",
         "breaker",
+        "kv_events",
         "up",
         "log",
     ];
@@ -136,6 +145,7 @@ impl Layered for EngineConfig {
         "registry_heartbeat_secs",
         "fleet_secret_file",
         "transfer_tls",
+        "kv_events",
         "faults",
     ];
 }

@@ -4,8 +4,8 @@
 //! It never binds or connects.
 
 use crate::config::{
-    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ModelEntry,
-    ServerConfig, UpstreamConfig, WorkerConfig,
+    BreakerConfig, Config, DiscoveryConfig, HealthConfig, KvEventsConfig, LogConfig, ModelConfig,
+    ModelEntry, ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
@@ -32,6 +32,7 @@ struct Served<'a> {
     health: &'a HealthConfig,
     upstream: &'a UpstreamConfig,
     breaker: &'a BreakerConfig,
+    kv_events: &'a KvEventsConfig,
     log: &'a LogConfig,
 }
 
@@ -47,6 +48,7 @@ impl<'a> Served<'a> {
             health: &c.health,
             upstream: &c.upstream,
             breaker: &c.breaker,
+            kv_events: &c.kv_events,
             log: &c.log,
         }
     }

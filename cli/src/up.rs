@@ -90,6 +90,22 @@ fn share_fleet_secret(cfg: &mut Config) -> anyhow::Result<Option<GeneratedSecret
     Ok(generated)
 }
 
+/// A demo engine's events: on the engine's own (loopback by default) interface, ports picked by
+/// the system, so any number of engines fit on one host.
+fn demo_kv_events(e: &EngineConfig) -> pdgate_engine_sim::kv_events::KvEventsConfig {
+    let host = match e.host.parse::<std::net::Ipv6Addr>() {
+        Ok(v6) => format!("[{v6}]"),
+        Err(_) => e.host.clone(),
+    };
+    pdgate_engine_sim::kv_events::KvEventsConfig {
+        enable_kv_cache_events: true,
+        publisher: "zmq".into(),
+        endpoint: format!("tcp://{host}:0"),
+        replay_endpoint: Some(format!("tcp://{host}:0")),
+        ..e.kv_events.clone()
+    }
+}
+
 impl Fleet {
     pub async fn start(cfg: Config) -> anyhow::Result<Self> {
         anyhow::ensure!(
@@ -137,7 +153,7 @@ impl Fleet {
             let roles = std::iter::repeat_n(Role::Prefill, up.prefill)
                 .chain(std::iter::repeat_n(Role::Decode, up.decode));
             for role in roles {
-                let engine_cfg = EngineConfig {
+                let mut engine_cfg = EngineConfig {
                     role,
                     model: model.clone(),
                     port: 0,
@@ -147,12 +163,21 @@ impl Fleet {
                     registry_url: plain_listener.then(|| gateway.url()),
                     ..up.engine.clone()
                 };
+                if up.kv_events {
+                    engine_cfg.kv_events = demo_kv_events(&engine_cfg);
+                }
                 let handle = pdgate_engine_sim::spawn(engine_cfg).await?;
+                let (kv_events, kv_events_replay) = match handle.kv_events_endpoints() {
+                    Some((pub_ep, replay)) => (Some(pub_ep), replay),
+                    None => (None, None),
+                };
                 let worker = WorkerConfig {
                     url: handle.url(),
                     role,
                     protocol: up.engine.protocol,
                     bootstrap_port: None,
+                    kv_events,
+                    kv_events_replay,
                 };
                 gateway.add_worker_to(model, &worker)?;
                 engines.push((role, handle));

@@ -354,12 +354,16 @@ async fn no_healthy_pair_is_503_and_not_ready() {
             role: Role::Prefill,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         },
         WorkerConfig {
             url: "http://127.0.0.1:9".into(),
             role: Role::Decode,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         },
     ];
     let gw = Gateway::start(cfg.gateway()).await.expect("gateway");

@@ -35,6 +35,8 @@ async fn add_worker(fleet: &Fleet, url: &str, role: Role) {
         role,
         protocol: Protocol::VllmNixl,
         bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
     });
     fleet.gateway.check_health().await;
 }

@@ -41,6 +41,8 @@ async fn a_stopped_prefill_is_timed_out_routed_around_marked_down_and_taken_back
         role,
         protocol: Protocol::VllmNixl,
         bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
     })
     .collect();
     let gw = Gateway::start(cfg).await.expect("gateway starts");

@@ -86,6 +86,8 @@ fn worker(e: &EngineProcess, role: Role, protocol: Protocol) -> WorkerConfig {
         role,
         protocol,
         bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
     }
 }
 

@@ -57,6 +57,8 @@ async fn fleet_with_failing_decode(
         role: Role::Decode,
         protocol,
         bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
     });
     fleet.gateway.check_health().await;
     (fleet, bad)

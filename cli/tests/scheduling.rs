@@ -235,6 +235,8 @@ async fn sglang_engine_metrics_reach_the_scheduler() {
         role,
         protocol: pdgate::config::Protocol::Sglang,
         bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
     };
     cfg.workers = vec![
         worker(sglang_metrics_engine().await, Role::Prefill),

@@ -12,6 +12,14 @@ use std::hash::BuildHasherDefault;
 /// already-uniform hash: the map holds each block's latest touch, and the age queue keeps every
 /// touch, oldest first. A queued touch older than its block's latest is stale and skipped at
 /// eviction; the queue is compacted when stale touches outnumber live blocks.
+/// What one insert did to the cache.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Positions in the inserted slice of the blocks that were not cached before.
+    pub new: Vec<usize>,
+    pub evicted: Vec<BlockHash>,
+}
+
 #[derive(Debug)]
 pub struct PrefixCache {
     capacity: usize,
@@ -54,18 +62,17 @@ impl PrefixCache {
         hits
     }
 
-    /// Inserts (or refreshes) `blocks`, evicting the least recently used beyond capacity.
-    pub fn insert(&mut self, blocks: &[BlockHash]) {
-        self.insert_with(blocks, |_| {});
-    }
-
-    /// `insert`, telling `evicted` each block it drops (what an engine's KV "removed" event
-    /// carries).
-    pub fn insert_with(&mut self, blocks: &[BlockHash], mut evicted: impl FnMut(BlockHash)) {
+    /// Inserts (or refreshes) `blocks`, evicting the least recently used beyond capacity. Says
+    /// which of `blocks` were new and which blocks were evicted: what KV events report.
+    pub fn insert(&mut self, blocks: &[BlockHash]) -> Change {
+        let mut change = Change::default();
         if self.capacity == 0 {
-            return;
+            return change;
         }
-        for b in blocks {
+        for (i, b) in blocks.iter().enumerate() {
+            if !self.last_use.contains_key(b) {
+                change.new.push(i);
+            }
             self.touch(*b);
         }
         while self.last_use.len() > self.capacity {
@@ -74,9 +81,16 @@ impl PrefixCache {
             };
             if self.last_use.get(&victim) == Some(&tick) {
                 self.last_use.remove(&victim);
-                evicted(victim);
+                change.evicted.push(victim);
             }
         }
+        change
+    }
+
+    /// Drops every block (vLLM's `/reset_prefix_cache`).
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+        self.by_age.clear();
     }
 
     fn touch(&mut self, b: BlockHash) {
@@ -138,15 +152,14 @@ mod tests {
     }
 
     #[test]
-    fn insert_with_names_exactly_the_evicted_blocks() {
+    fn an_insert_reports_new_and_evicted_blocks() {
         let mut c = PrefixCache::new(3);
-        let mut gone = Vec::new();
-        c.insert_with(&hs(&[1, 2, 3]), |b| gone.push(b));
-        assert!(gone.is_empty());
-        c.match_prefix(&hs(&[1]));
-        c.insert_with(&hs(&[4, 5]), |b| gone.push(b));
-        assert_eq!(gone, hs(&[2, 3]), "the two least recently used");
-        assert_eq!(c.match_prefix(&hs(&[1])), 1);
+        assert_eq!(c.insert(&hs(&[1, 2])).new, vec![0, 1]);
+        let ch = c.insert(&hs(&[1, 3, 4]));
+        assert_eq!(ch.new, vec![1, 2]);
+        assert_eq!(ch.evicted, hs(&[2]));
+        c.clear();
+        assert!(c.is_empty());
     }
 
     #[test]

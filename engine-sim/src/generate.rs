@@ -159,7 +159,7 @@ async fn prefill_locally(
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(&full);
+    e.remember(&full, tokens);
     Stats::add(&e.stats.generation_tokens, 1);
     Ok(seq.next_token())
 }

@@ -26,6 +26,37 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
     pub breaker: BreakerConfig,
+    /// Bounds on what the engines' KV event streams may make the gateway hold.
+    pub kv_events: KvEventsConfig,
+}
+
+/// Limits for the KV event subscribers (workers with `kv_events` set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvEventsConfig {
+    /// A payload (one event batch) larger than this is dropped and counted as a decode error.
+    pub max_payload_bytes: usize,
+    /// Events in one batch, block hashes in one event: more is a decode error.
+    pub max_events_per_batch: usize,
+    pub max_blocks_per_event: usize,
+    /// Engine blocks remembered per worker (for `BlockRemoved`); stores beyond it are skipped.
+    pub max_blocks_per_worker: usize,
+    /// How long a replay after a gap may take, and how many batches it may bring.
+    pub replay_timeout_ms: u64,
+    pub max_replay_batches: usize,
+}
+
+impl Default for KvEventsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 16 << 20,
+            max_events_per_batch: 65_536,
+            max_blocks_per_event: 16_384,
+            max_blocks_per_worker: 4 << 20,
+            replay_timeout_ms: 2_000,
+            max_replay_batches: 20_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,6 +373,16 @@ pub struct WorkerConfig {
     /// Unset means the HTTP port (the reference engine serves both on one port).
     #[serde(default)]
     pub bootstrap_port: Option<u16>,
+    /// The engine's KV events publisher (`tcp://host:5557`, the `endpoint` of vLLM's and
+    /// SGLang's `--kv-events-config`, the reference engine's too): the gateway subscribes and
+    /// keeps this worker's prefix index exactly as the engine reports it. Unset: the index
+    /// learns from the gateway's own routing (approximate, `scheduler.index.ttl_secs`).
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// The engine's replay socket (`replay_endpoint`, `tcp://host:5558`): missed batches are
+    /// asked for after a sequence gap or a reconnect. Unset: a gap drops this worker's entries.
+    #[serde(default)]
+    pub kv_events_replay: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

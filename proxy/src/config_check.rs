@@ -108,6 +108,23 @@ fn check_worker(i: usize, w: &WorkerConfig, out: &mut Vec<String>) {
         Some(_) => {}
         None => out.push(format!("{key}: no host")),
     }
+    for (key, ep) in [
+        ("kv_events", &w.kv_events),
+        ("kv_events_replay", &w.kv_events_replay),
+    ] {
+        if let Some(ep) = ep {
+            if !crate::kv_events::is_tcp_endpoint(ep) {
+                out.push(format!(
+                    "workers[{i}].{key}: `{ep}` is not a tcp://host:port endpoint"
+                ));
+            }
+        }
+    }
+    if w.kv_events.is_none() && w.kv_events_replay.is_some() {
+        out.push(format!(
+            "workers[{i}].kv_events_replay: set without kv_events"
+        ));
+    }
     if w.bootstrap_port == Some(0) {
         out.push(format!("workers[{i}].bootstrap_port: 0 is not a port"));
     }
@@ -306,6 +323,8 @@ mod tests {
             role: Role::Prefill,
             protocol: Default::default(),
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Gateway {
     health: Vec<JoinHandle<()>>,
     scraper: Vec<JoinHandle<()>>,
     purge: JoinHandle<()>,
+    /// Subscriptions to the engines' KV events (workers with `kv_events`), one task per model.
+    kv_events: Vec<JoinHandle<()>>,
     discovery: Vec<discovery::Discovery>,
     /// Reloads the listener's certificate (`[server.tls]` only).
     tls_reloader: Option<JoinHandle<()>>,
@@ -61,6 +63,7 @@ impl Gateway {
             Duration::from_secs(state.cfg.server.segment_ttl_secs.max(1)),
         );
         let (mut health, mut scraper, mut discovery) = (Vec::new(), Vec::new(), Vec::new());
+        let mut kv_events = Vec::new();
         for m in state.models.all() {
             health.push(health::spawn(
                 Arc::clone(&m.fleet),
@@ -72,6 +75,11 @@ impl Gateway {
                 state.client.clone(),
                 &state.cfg.health,
                 m.scheduler.block_size,
+            ));
+            kv_events.push(crate::kv_events::spawn(
+                Arc::clone(&m.fleet),
+                state.cfg.kv_events.clone(),
+                m.hasher,
             ));
             let found = discovery::start(&m.discovery, &m.fleet)
                 .await
@@ -93,6 +101,7 @@ impl Gateway {
             health,
             scraper,
             purge,
+            kv_events,
             discovery,
             tls_reloader,
         })
@@ -169,6 +178,9 @@ impl Gateway {
             h.abort();
         }
         self.purge.abort();
+        for k in &self.kv_events {
+            k.abort();
+        }
         for d in self.discovery.drain(..) {
             d.stop();
         }

@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod health;
 pub mod http1;
 pub mod inference;
+pub mod kv_events;
 pub mod listener;
 pub mod metrics;
 pub mod migrate;

@@ -35,6 +35,14 @@ pub fn install() -> PrometheusHandle {
                     )
                 })
                 .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("pdgate_kv_events_lag_seconds".into()),
+                        &[
+                            1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 1.0, 5.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new());

@@ -156,6 +156,8 @@ mod tests {
                     role: Role::Decode,
                     protocol: Default::default(),
                     bootstrap_port: None,
+                    kv_events: None,
+                    kv_events_replay: None,
                 })
                 .collect(),
             ..ModelEntry::default()

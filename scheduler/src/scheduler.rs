@@ -180,6 +180,11 @@ impl Scheduler {
         self.index.memory_bytes()
     }
 
+    /// Prefix-index entries (precise and approximate) held for `id`.
+    pub fn index_blocks_of(&self, id: InstanceId) -> u64 {
+        self.index.blocks_of(id)
+    }
+
     /// Requests booked and not yet reported done.
     pub fn in_flight(&self) -> usize {
         self.booked.len()

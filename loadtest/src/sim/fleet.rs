@@ -319,10 +319,7 @@ impl Sim<'_> {
         let out = self.engines[e].end_step();
         for r in out.prefills_done {
             let blocks = std::mem::take(&mut self.reqs[r].blocks);
-            let mut evicted = Vec::new();
-            self.engines[e]
-                .cache
-                .insert_with(&blocks, |b| evicted.push(b));
+            let evicted = self.engines[e].cache.insert(&blocks).evicted;
             self.gw
                 .publish_kv(self.ids[e], blocks, evicted, now, &mut self.q);
             let s = &mut self.reqs[r];

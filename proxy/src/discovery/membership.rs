@@ -115,6 +115,8 @@ mod tests {
             role: Role::Decode,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         }
     }
 

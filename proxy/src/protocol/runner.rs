@@ -350,6 +350,8 @@ mod tests {
                     role,
                     protocol: Default::default(),
                     bootstrap_port: None,
+                    kv_events: None,
+                    kv_events_replay: None,
                 };
                 state.models.all()[0].fleet.add(&cfg)
             };
