@@ -109,6 +109,12 @@ pub struct EngineArgs {
     /// SGLang / vLLM Mooncake modes: how long a decode waits for its prefill (ms).
     #[arg(long)]
     pub bootstrap_timeout_ms: Option<u64>,
+    /// KV cache events as vLLM takes them, a JSON object: e.g. `{"enable_kv_cache_events":
+    /// true, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:5557", "replay_endpoint":
+    /// "tcp://127.0.0.1:5558", "topic": ""}` (plus `"encoding": "positional"` for the older
+    /// encoding). Replaces the config's `[kv_events]`.
+    #[arg(long)]
+    pub kv_events_config: Option<String>,
 }
 
 fn push<T: ToString>(out: &mut Vec<(&'static str, String)>, key: &'static str, v: &Option<T>) {
@@ -164,7 +170,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::telemetry::init(&cfg.log);
             pdgate_gateway::config_check::check(&cfg.gateway()).with_context(|| file.clone())?;
             anyhow::ensure!(
-                !cfg.workers.is_empty() || cfg.discovery.kind != DiscoveryKind::Static,
+                !cfg.models.is_empty()
+                    || !cfg.workers.is_empty()
+                    || cfg.discovery.kind != DiscoveryKind::Static,
                 "no [[workers]] configured and [discovery] kind is static; `pdgate up` starts a \
                  demo fleet instead"
             );
@@ -183,11 +191,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             push(&mut o, "registry_url", &a.registry);
             push(&mut o, "protocol", &a.protocol);
             push(&mut o, "bootstrap_timeout_ms", &a.bootstrap_timeout_ms);
-            let cfg: EngineConfig = config::load(a.config.as_deref(), "PDGATE_ENGINE", &o)?;
+            let mut cfg: EngineConfig = config::load(a.config.as_deref(), "PDGATE_ENGINE", &o)?;
+            if let Some(json) = &a.kv_events_config {
+                cfg.kv_events = serde_json::from_str(json).context("--kv-events-config")?;
+            }
             crate::telemetry::init(&crate::config::LogConfig::default());
             let role = cfg.role;
             let e = pdgate_engine_sim::spawn(cfg).await?;
             println!("pdgate engine ({role}) {}", e.url());
+            if let Some((events, replay)) = e.kv_events_endpoints() {
+                println!(
+                    "kv events {events} replay {}",
+                    replay.as_deref().unwrap_or("-")
+                );
+            }
             shutdown_signal().await;
             e.stop().await;
         }

@@ -5,8 +5,8 @@
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
-    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, Protocol, ServerConfig,
-    UpstreamConfig, WorkerConfig,
+    BreakerConfig, DiscoveryConfig, HealthConfig, KvEventsConfig, ModelConfig, ModelEntry,
+    Protocol, ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
@@ -24,10 +24,14 @@ pub struct Config {
     pub workers: Vec<WorkerConfig>,
     /// Where more engine instances come from: none (`static`), the Kubernetes API or DNS.
     pub discovery: DiscoveryConfig,
+    /// Several models behind one gateway, each with its own engines and scheduler.
+    pub models: Vec<ModelEntry>,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
     pub breaker: BreakerConfig,
+    /// Bounds on what the engines' KV event streams may make the gateway hold.
+    pub kv_events: KvEventsConfig,
     /// The embedded demo fleet started by `pdgate up`.
     pub up: UpConfig,
     pub log: LogConfig,
@@ -42,9 +46,11 @@ impl Config {
             scheduler: self.scheduler.clone(),
             workers: self.workers.clone(),
             discovery: self.discovery.clone(),
+            models: self.models.clone(),
             health: self.health.clone(),
             upstream: self.upstream.clone(),
             breaker: self.breaker,
+            kv_events: self.kv_events.clone(),
         }
     }
 }
@@ -56,6 +62,10 @@ pub struct UpConfig {
     pub decode: usize,
     /// Every demo engine starts from this; role, port and registry are set per engine.
     pub engine: EngineConfig,
+    /// Each demo engine publishes KV events on loopback ports of its own (publisher and
+    /// replay) and the gateway subscribes: the prefix index is then what the engines hold.
+    /// `up.engine.kv_events.encoding` picks the encoding.
+    pub kv_events: bool,
 }
 
 impl Default for UpConfig {
@@ -64,6 +74,7 @@ impl Default for UpConfig {
             prefill: 2,
             decode: 2,
             engine: EngineConfig::default(),
+            kv_events: true,
         }
     }
 }
@@ -99,9 +110,11 @@ impl Layered for Config {
         "scheduler",
         "workers",
         "discovery",
+        "models",
         "health",
         "upstream",
         "breaker",
+        "kv_events",
         "up",
         "log",
     ];
@@ -132,6 +145,7 @@ impl Layered for EngineConfig {
         "registry_heartbeat_secs",
         "fleet_secret_file",
         "transfer_tls",
+        "kv_events",
         "faults",
     ];
 }

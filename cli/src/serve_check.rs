@@ -4,8 +4,8 @@
 //! It never binds or connects.
 
 use crate::config::{
-    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ServerConfig,
-    UpstreamConfig, WorkerConfig,
+    BreakerConfig, Config, DiscoveryConfig, HealthConfig, KvEventsConfig, LogConfig, ModelConfig,
+    ModelEntry, ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
@@ -28,9 +28,11 @@ struct Served<'a> {
     scheduler: &'a SchedulerConfig,
     workers: &'a [WorkerConfig],
     discovery: &'a DiscoveryConfig,
+    models: &'a [ModelEntry],
     health: &'a HealthConfig,
     upstream: &'a UpstreamConfig,
     breaker: &'a BreakerConfig,
+    kv_events: &'a KvEventsConfig,
     log: &'a LogConfig,
 }
 
@@ -42,9 +44,11 @@ impl<'a> Served<'a> {
             scheduler: &c.scheduler,
             workers: &c.workers,
             discovery: &c.discovery,
+            models: &c.models,
             health: &c.health,
             upstream: &c.upstream,
             breaker: &c.breaker,
+            kv_events: &c.kv_events,
             log: &c.log,
         }
     }

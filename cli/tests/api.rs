@@ -354,12 +354,16 @@ async fn no_healthy_pair_is_503_and_not_ready() {
             role: Role::Prefill,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         },
         WorkerConfig {
             url: "http://127.0.0.1:9".into(),
             role: Role::Decode,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         },
     ];
     let gw = Gateway::start(cfg.gateway()).await.expect("gateway");
@@ -402,9 +406,10 @@ async fn failed_prefill_is_retried_on_another_instance() {
         .await;
         assert_eq!(resp.status(), 200, "request {i}");
     }
-    let retries = pdgate_wire::prometheus::sample(
+    let retries = series(
         &metrics_text(&fleet.url()).await,
-        "pdgate_prefill_retries_total",
+        "pdgate_retries_total",
+        &[("role", "prefill"), ("outcome", "retried")],
     );
     assert!(
         retries.is_some_and(|r| r >= 1.0),

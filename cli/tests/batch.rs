@@ -312,6 +312,8 @@ async fn fleet_with_proxied_decode(time_scale: f64) -> (Fleet, std::sync::Arc<Fl
         role: Role::Decode,
         protocol: Protocol::Native,
         bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
     });
     fleet.gateway.check_health().await;
     (fleet, proxy)

@@ -443,6 +443,8 @@ async fn gateway_on(fake: &FakeEngine, tune: impl FnOnce(&mut GatewayConfig)) ->
             role,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         })
         .collect();
     tune(&mut cfg);

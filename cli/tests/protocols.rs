@@ -563,12 +563,16 @@ async fn sglang_slow_prefill_answers(
             role: Role::Prefill,
             protocol: Protocol::Sglang,
             bootstrap_port: Some(prefill.addr.port()),
+            kv_events: None,
+            kv_events_replay: None,
         },
         pdgate::config::WorkerConfig {
             url: decode.url(),
             role: Role::Decode,
             protocol: Protocol::Sglang,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         },
     ];
     let gateway = pdgate_gateway::Gateway::start(cfg.gateway())

@@ -257,6 +257,8 @@ async fn engines_behind_mutual_tls_are_reached_with_the_gateways_certificate() {
             role: Role::Prefill,
             protocol,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         });
     }
     fleet.gateway.check_health().await;

@@ -12,6 +12,14 @@ use std::hash::BuildHasherDefault;
 /// already-uniform hash: the map holds each block's latest touch, and the age queue keeps every
 /// touch, oldest first. A queued touch older than its block's latest is stale and skipped at
 /// eviction; the queue is compacted when stale touches outnumber live blocks.
+/// What one insert did to the cache.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Positions in the inserted slice of the blocks that were not cached before.
+    pub new: Vec<usize>,
+    pub evicted: Vec<BlockHash>,
+}
+
 #[derive(Debug)]
 pub struct PrefixCache {
     capacity: usize,
@@ -54,12 +62,17 @@ impl PrefixCache {
         hits
     }
 
-    /// Inserts (or refreshes) `blocks`, evicting the least recently used beyond capacity.
-    pub fn insert(&mut self, blocks: &[BlockHash]) {
+    /// Inserts (or refreshes) `blocks`, evicting the least recently used beyond capacity. Says
+    /// which of `blocks` were new and which blocks were evicted: what KV events report.
+    pub fn insert(&mut self, blocks: &[BlockHash]) -> Change {
+        let mut change = Change::default();
         if self.capacity == 0 {
-            return;
+            return change;
         }
-        for b in blocks {
+        for (i, b) in blocks.iter().enumerate() {
+            if !self.last_use.contains_key(b) {
+                change.new.push(i);
+            }
             self.touch(*b);
         }
         while self.last_use.len() > self.capacity {
@@ -68,8 +81,16 @@ impl PrefixCache {
             };
             if self.last_use.get(&victim) == Some(&tick) {
                 self.last_use.remove(&victim);
+                change.evicted.push(victim);
             }
         }
+        change
+    }
+
+    /// Drops every block (vLLM's `/reset_prefix_cache`).
+    pub fn clear(&mut self) {
+        self.last_use.clear();
+        self.by_age.clear();
     }
 
     fn touch(&mut self, b: BlockHash) {
@@ -128,6 +149,17 @@ mod tests {
         assert_eq!(c.match_prefix(&hs(&[3])), 0, "3 and 4 were the oldest");
         assert_eq!(c.match_prefix(&hs(&[4])), 0);
         assert_eq!(c.match_prefix(&hs(&[1, 2, 5, 6])), 4);
+    }
+
+    #[test]
+    fn an_insert_reports_new_and_evicted_blocks() {
+        let mut c = PrefixCache::new(3);
+        assert_eq!(c.insert(&hs(&[1, 2])).new, vec![0, 1]);
+        let ch = c.insert(&hs(&[1, 3, 4]));
+        assert_eq!(ch.new, vec![1, 2]);
+        assert_eq!(ch.evicted, hs(&[2]));
+        c.clear();
+        assert!(c.is_empty());
     }
 
     #[test]

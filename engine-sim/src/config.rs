@@ -65,6 +65,9 @@ pub struct EngineConfig {
     /// must name the host peers dial. The fleet-secret handshake still runs inside. Absent: plain
     /// TCP (shared memory to same-host peers is never TLS).
     pub transfer_tls: Option<pdgate_transfer::TlsFiles>,
+    /// KV cache events over ZMQ, with vLLM's keys (`--kv-events-config` on `pdgate engine`):
+    /// off unless `enable_kv_cache_events` and `publisher = "zmq"`.
+    pub kv_events: crate::kv_events::KvEventsConfig,
     pub faults: Faults,
 }
 
@@ -94,6 +97,7 @@ impl Default for EngineConfig {
             registry_heartbeat_secs: 10,
             fleet_secret_file: None,
             transfer_tls: None,
+            kv_events: crate::kv_events::KvEventsConfig::default(),
             faults: Faults::default(),
         }
     }

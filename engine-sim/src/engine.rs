@@ -15,6 +15,7 @@ use crate::stats::Stats;
 use parking_lot::Mutex;
 use pdgate_scheduler::{BlockHash, BlockHasher};
 use pdgate_transfer::{MetadataStore, TransferEngine};
+use pdgate_wire::kv_events::{BlockStored, EngineHash, KvEvent, Medium};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -43,6 +44,8 @@ pub struct Engine {
     pub rendezvous: Rendezvous,
     /// Push-mode offers: the mailbox a prefill takes them on, the mailboxes a decode learnt.
     pub bootstrap: Bootstrap,
+    /// Publishes the prefix cache's changes as KV events, when configured.
+    pub events: Option<Arc<crate::kv_events::Publisher>>,
 }
 
 impl Engine {
@@ -60,6 +63,58 @@ impl Engine {
         Stats::add(&self.stats.prefix_queries_tokens, tokens.len() as u64);
         Stats::add(&self.stats.prefix_hits_tokens, hit_tokens as u64);
         tokens.len() - hit_tokens
+    }
+}
+
+impl Engine {
+    /// Caches the full blocks `full` of `tokens` and reports what changed: a `BlockStored` per
+    /// run of blocks that were not cached (with the block before the run as its parent), a
+    /// `BlockRemoved` for what the insert evicted.
+    pub fn remember(&self, full: &[BlockHash], tokens: &[u32]) {
+        let mut cache = self.cache.lock();
+        let change = cache.insert(full);
+        let Some(events) = &self.events else {
+            return;
+        };
+        let bs = self.hasher.block_size();
+        let mut out = Vec::new();
+        let mut runs = change.new.iter().copied().peekable();
+        while let Some(start) = runs.next() {
+            let mut end = start + 1;
+            while runs.peek() == Some(&end) {
+                runs.next();
+                end += 1;
+            }
+            let Some(token_ids) = tokens.get(start * bs..end * bs) else {
+                break;
+            };
+            out.push(KvEvent::BlockStored(BlockStored {
+                block_hashes: full[start..end].iter().map(|b| EngineHash(b.0)).collect(),
+                parent_block_hash: start.checked_sub(1).map(|p| EngineHash(full[p].0)),
+                token_ids: token_ids.to_vec(),
+                block_size: bs as u32,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Gpu,
+                has_extra_keys: false,
+            }));
+        }
+        if !change.evicted.is_empty() {
+            out.push(KvEvent::BlockRemoved {
+                block_hashes: change.evicted.iter().map(|b| EngineHash(b.0)).collect(),
+                medium: Medium::Gpu,
+            });
+        }
+        events.publish(out);
+    }
+
+    /// Empties the prefix cache (vLLM's `POST /reset_prefix_cache`).
+    pub fn reset_prefix_cache(&self) {
+        let mut cache = self.cache.lock();
+        cache.clear();
+        if let Some(events) = &self.events {
+            events.publish(vec![KvEvent::AllBlocksCleared]);
+        }
     }
 }
 

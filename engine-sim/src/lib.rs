@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod generate;
 pub mod kv;
+pub mod kv_events;
 pub mod logprobs;
 pub mod openai;
 pub mod pd;

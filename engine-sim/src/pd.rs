@@ -78,7 +78,7 @@ pub async fn prefill(
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(full);
+    e.remember(full, &tokens);
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     Stats::add(&e.stats.generation_tokens, 1);
@@ -93,6 +93,6 @@ pub async fn prefill(
         bytes_sent,
         prefill_ms,
         transfer_ms: sent.elapsed().as_secs_f64() * 1e3,
-        first_token: text::token_at(text::prompt_key(&tokens), e.cfg.seed, 0),
+        first_token: text::first_token(&tokens, e.cfg.seed),
     }))
 }

@@ -59,6 +59,17 @@ impl EngineHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+        if let Some(p) = &self.engine.events {
+            p.stop();
+        }
+    }
+
+    /// Where this engine publishes KV events and answers replays, when it does.
+    pub fn kv_events_endpoints(&self) -> Option<(String, Option<String>)> {
+        self.engine
+            .events
+            .as_ref()
+            .map(|p| (p.endpoint.clone(), p.replay_endpoint.clone()))
     }
 }
 
@@ -154,7 +165,12 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         }
         false => protocol::mailbox::Bootstrap::default(),
     };
+    let events = match cfg.kv_events.enabled() {
+        true => Some(crate::kv_events::Publisher::start(&cfg.kv_events).await?),
+        false => None,
+    };
     let engine = Arc::new(Engine {
+        events,
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
         cache: Mutex::new(PrefixCache::new(cfg.kv_blocks)),
         hasher: BlockHasher::new(cfg.block_size, pdgate_scheduler::blocks::DEFAULT_SEED),
@@ -299,6 +315,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route(native::RELEASE_PATH, post(pd::release))
         .route(native::PREFILL_PATH, post(pd::prefill))
         .route("/abort_request", post(protocol::abort_request))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route(
             protocol::bootstrap::BOOTSTRAP_PATH,
             get(protocol::bootstrap::query),
@@ -308,6 +325,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(protocol::vllm_mooncake::query),
         )
         .with_state(engine)
+}
+
+async fn reset_prefix_cache(State(e): State<Arc<Engine>>) -> &'static str {
+    e.reset_prefix_cache();
+    "ok"
 }
 
 async fn models(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {

@@ -44,6 +44,6 @@ pub fn verify_claim(
     }
     Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
     // Decode now holds this prefix, as a real engine would after receiving it.
-    e.cache.lock().insert(e.full_blocks(&hashes, tokens));
+    e.remember(e.full_blocks(&hashes, tokens), tokens);
     Ok(())
 }

@@ -29,6 +29,9 @@ pub struct Worker {
     /// A vLLM Mooncake prefill's engine id (data-parallel rank 0), learnt from its bootstrap
     /// server on first use.
     pub engine_id: Mutex<Option<String>>,
+    /// The engine's KV events endpoints (`tcp://host:port`), when it publishes them.
+    pub kv_events: Option<String>,
+    pub kv_events_replay: Option<String>,
     pub health: Mutex<HealthState>,
     pub breaker: Mutex<Breaker>,
     /// Removed from the fleet: no longer counted among the tripped breakers. Written under the
@@ -86,6 +89,8 @@ impl Workers {
             bootstrap_host,
             bootstrap_port,
             engine_id: Mutex::new(None),
+            kv_events: cfg.kv_events.clone(),
+            kv_events_replay: cfg.kv_events_replay.clone(),
             url,
             health: Mutex::new(HealthState::default()),
             breaker: Mutex::new(Breaker::default()),
@@ -288,6 +293,8 @@ mod tests {
                 role: Role::Decode,
                 protocol: Protocol::Native,
                 bootstrap_port: None,
+                kv_events: None,
+                kv_events_replay: None,
             },
         );
         assert_eq!(w.url, "http://x");

@@ -36,12 +36,22 @@ impl BlockHasher {
 
     /// Hashes of every *full* block: what a prefix cache can hold.
     pub fn full_blocks(&self, tokens: &[TokenId]) -> Vec<BlockHash> {
-        self.chain(tokens.chunks_exact(self.block_size))
+        self.chain(0, tokens.chunks_exact(self.block_size))
+    }
+
+    /// Keys of the full blocks of `tokens` continuing the chain after `parent` (`None`: from
+    /// the start of a prompt): how an engine's report of blocks it stored becomes the keys a
+    /// request for the same tokens looks up, whatever the engine hashes with.
+    pub fn continue_chain(&self, parent: Option<BlockHash>, tokens: &[TokenId]) -> Vec<BlockHash> {
+        self.chain(
+            parent.map_or(0, |p| p.0),
+            tokens.chunks_exact(self.block_size),
+        )
     }
 
     /// Hashes of every block including a partial last one: what a KV handoff must move.
     pub fn all_blocks(&self, tokens: &[TokenId]) -> Vec<BlockHash> {
-        self.chain(tokens.chunks(self.block_size))
+        self.chain(0, tokens.chunks(self.block_size))
     }
 
     /// Number of blocks (a partial last block counts) that `tokens` tokens occupy.
@@ -49,8 +59,11 @@ impl BlockHasher {
         tokens.div_ceil(self.block_size)
     }
 
-    fn chain<'a>(&self, chunks: impl Iterator<Item = &'a [TokenId]>) -> Vec<BlockHash> {
-        let mut prev = 0u64;
+    fn chain<'a>(
+        &self,
+        mut prev: u64,
+        chunks: impl Iterator<Item = &'a [TokenId]>,
+    ) -> Vec<BlockHash> {
         let mut buf = Vec::with_capacity(8 + 4 * self.block_size);
         chunks
             .map(|chunk| {
@@ -97,6 +110,15 @@ mod tests {
         assert_eq!(all.len(), 3);
         assert_eq!(all[..2], h.full_blocks(&t)[..]);
         assert_eq!(h.blocks_for(10), 3);
+    }
+
+    #[test]
+    fn continuing_a_chain_gives_the_same_keys_as_hashing_the_whole() {
+        let h = BlockHasher::new(4, DEFAULT_SEED);
+        let t = toks(16, 3);
+        let whole = h.full_blocks(&t);
+        assert_eq!(h.continue_chain(None, &t[..8]), whole[..2]);
+        assert_eq!(h.continue_chain(Some(whole[1]), &t[8..]), whole[2..]);
     }
 
     #[test]

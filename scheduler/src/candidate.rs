@@ -28,7 +28,7 @@ pub struct Candidate {
 
 /// A planned pull: the instance that prefills fetches blocks `[matched_blocks, upto_blocks)` of
 /// the request from `from`, which caches them, instead of computing them.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pull {
     pub from: InstanceId,
     /// Leading blocks of the request the puller holds once the pull has landed.

@@ -23,6 +23,6 @@ pub use candidate::Pull;
 pub use config::{CostModel, PolicyKind, ReuseConfig, SchedulerConfig, Slo};
 pub use load::{EngineReport, InstanceLoad};
 pub use policy::Policy;
-pub use scheduler::{Decision, InstanceSpec, Observed, Scheduler};
+pub use scheduler::{Booking, Decision, InstanceSpec, Observed, Scheduler};
 pub use tokenizer::{BuiltinTokenizer, TokenId, Tokenizer};
 pub use types::{InstanceId, Rejection, RequestKey, Role, SloBreach, Ticket};

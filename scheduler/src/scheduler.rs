@@ -19,6 +19,7 @@ use crate::types::{InstanceId, Role, Ticket};
 // Defined in `types` so policies and predictions need not import the scheduler; re-exported for
 // callers that name them by their old path (`pdgate_scheduler::scheduler::Rejection`).
 pub use crate::types::{Rejection, RequestKey, SloBreach};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ pub struct Decision {
 }
 
 /// What the gateway measured once a prefill leg finished.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Observed {
     pub prefill_ms: f64,
     pub transfer_ms: f64,
@@ -52,6 +53,27 @@ pub struct InstanceSpec {
     pub kv_capacity_blocks: u64,
 }
 
+/// What one decision booked, as another gateway replica books it too (booking sync): the load
+/// on the chosen pair, with the predicted decode end relative to the booking so replicas need
+/// no shared clock. Instance ids must mean the same instances on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Booking {
+    /// `None`: the decode instance prefills locally.
+    pub prefill: Option<InstanceId>,
+    pub decode: InstanceId,
+    pub uncached_tokens: u64,
+    pub decode_tokens: u64,
+    pub decode_blocks: u64,
+    pub predicted_prefill_ms: f64,
+    pub compute_ms: f64,
+    /// Predicted end of the decode, ms after the booking.
+    pub decode_end_ms: f64,
+    /// The pull the decision planned: the other replicas book it on the holder's link too, so
+    /// they do not plan pulls into a link it already fills.
+    #[serde(default)]
+    pub pull: Option<Pull>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Booked {
     prefill: Option<InstanceId>,
@@ -63,6 +85,7 @@ struct Booked {
     compute_ms: f64,
     decode_end: Duration,
     prefill_open: bool,
+    pull: Option<Pull>,
 }
 
 pub struct Scheduler {
@@ -91,6 +114,13 @@ impl Scheduler {
             next_ticket: 0,
             cfg,
         }
+    }
+
+    /// Numbers this scheduler's instances from `first` on, so that several schedulers (one per
+    /// served model) hand out ids that never collide while their ranges do not overlap.
+    pub fn with_first_id(mut self, first: u32) -> Self {
+        self.next_id = first;
+        self
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -162,6 +192,11 @@ impl Scheduler {
     /// Bytes the prefix index occupies (estimate).
     pub fn index_bytes(&self) -> u64 {
         self.index.memory_bytes()
+    }
+
+    /// Prefix-index entries (precise and approximate) held for `id`.
+    pub fn index_blocks_of(&self, id: InstanceId) -> u64 {
+        self.index.blocks_of(id)
     }
 
     /// Requests booked and not yet reported done.
@@ -279,6 +314,7 @@ impl Scheduler {
             compute_ms: predict.compute_ms(key, runner),
             decode_end: at + Duration::from_secs_f64(tbt * f64::from(key.max_tokens) / 1000.0),
             prefill_open: true,
+            pull: runner.pull,
         };
         let decision = Decision {
             ticket: Ticket(self.next_ticket),
@@ -299,6 +335,51 @@ impl Scheduler {
             self.index.record(id, &key.blocks, now);
         }
         Ok(decision)
+    }
+
+    /// What `ticket` booked, for the other replicas (`now`: the booking's time).
+    pub fn booking(&self, ticket: Ticket, now: Duration) -> Option<Booking> {
+        let b = self.booked.get(&ticket)?;
+        Some(Booking {
+            prefill: b.prefill,
+            decode: b.decode,
+            uncached_tokens: b.uncached_tokens,
+            decode_tokens: b.decode_tokens,
+            decode_blocks: b.decode_blocks,
+            predicted_prefill_ms: b.predicted_prefill_ms,
+            compute_ms: b.compute_ms,
+            decode_end_ms: b.decode_end.saturating_sub(now).as_secs_f64() * 1e3,
+            pull: b.pull,
+        })
+    }
+
+    /// Books load another replica routed (booking sync), as if this replica had decided it:
+    /// the pair's load, its pull on the holder's link and the routed prefix (`blocks`) in the
+    /// index. Returns the local ticket that its `prefill_done`/`decode_done` must name.
+    pub fn book_synced(&mut self, b: &Booking, blocks: &[BlockHash], now: Duration) -> Ticket {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        let booked = Booked {
+            prefill: b.prefill,
+            decode: b.decode,
+            uncached_tokens: b.uncached_tokens,
+            decode_tokens: b.decode_tokens,
+            decode_blocks: b.decode_blocks,
+            predicted_prefill_ms: b.predicted_prefill_ms,
+            compute_ms: b.compute_ms,
+            decode_end: now + Duration::from_secs_f64(b.decode_end_ms.max(0.0) / 1e3),
+            prefill_open: true,
+            pull: b.pull,
+        };
+        let runner = b.prefill.unwrap_or(b.decode);
+        self.book(ticket, booked, runner, now);
+        if let Some(pull) = b.pull {
+            self.book_pull(pull, runner, now);
+        }
+        for id in b.prefill.into_iter().chain([b.decode]) {
+            self.index.record(id, blocks, now);
+        }
+        ticket
     }
 
     fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId, now: Duration) {
@@ -722,6 +803,76 @@ mod tests {
         assert_eq!(r.label(), "slo_ttft");
         assert!(r.retry_after_secs() >= 1);
         assert_eq!(s.in_flight(), 0, "a rejection books nothing");
+    }
+
+    #[test]
+    fn a_synced_booking_books_its_pull_on_the_holders_link() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = true;
+        cfg.disagg.local_prefill_min_hit = 2.0;
+        let (mut a, mut b) = (Scheduler::new(cfg.clone()), Scheduler::new(cfg));
+        let prefix: Vec<u64> = (1..=500).collect();
+        let cached: Vec<BlockHash> = prefix.iter().copied().map(BlockHash).collect();
+        for s in [&mut a, &mut b] {
+            for role in [Role::Prefill, Role::Prefill, Role::Decode] {
+                s.add_instance(role, InstanceSpec::default());
+            }
+            s.blocks_stored(InstanceId(0), &cached, NOW);
+        }
+        let prompt = |r: u64| {
+            let mut blocks = prefix.clone();
+            blocks.extend((0..12).map(|i| 10_000 + 100 * r + i));
+            key(8192, &blocks)
+        };
+        // Replica `a` routes until it plans a pull; `b` books everything `a` booked.
+        let mut pulls = 0;
+        for r in 0..40u64 {
+            let k = prompt(r);
+            let d = a.schedule(&k, NOW).expect("admitted");
+            let booking = a.booking(d.ticket, NOW).expect("booked");
+            assert_eq!(booking.pull, d.pull);
+            b.book_synced(&booking, &k.blocks, NOW);
+            pulls += usize::from(d.pull.is_some());
+            if pulls == 1 {
+                break;
+            }
+        }
+        assert_eq!(pulls, 1, "the hot queue makes a pull pay");
+        // Both see the holder's link busy until the same moment.
+        let egress = |s: &Scheduler| s.instances.get(InstanceId(0)).map(|i| i.egress_until);
+        assert!(egress(&a) > Some(NOW));
+        assert_eq!(egress(&a), egress(&b));
+    }
+
+    #[test]
+    fn a_synced_booking_loads_the_pair_as_the_original_did() {
+        let mut a = sched(PolicyKind::Slo);
+        let mut b = sched(PolicyKind::Slo);
+        for s in [&mut a, &mut b] {
+            for role in [Role::Prefill, Role::Prefill, Role::Decode] {
+                s.add_instance(role, InstanceSpec::default());
+            }
+        }
+        let k = key(2048, &(1..=128).collect::<Vec<_>>());
+        let dec = a.schedule(&k, NOW).expect("pair");
+        let booking = a.booking(dec.ticket, NOW).expect("booked");
+        let local = b.book_synced(&booking, &k.blocks, NOW);
+        for id in (0..3).map(InstanceId) {
+            assert_eq!(a.load(id), b.load(id), "{id}");
+        }
+        // Both now route the same prefix to the same place, and predict the same queue.
+        let (da, db) = (
+            a.schedule(&k, NOW).expect("pair"),
+            b.schedule(&k, NOW).expect("pair"),
+        );
+        assert_eq!((da.prefill, da.decode), (db.prefill, db.decode));
+        assert_eq!(da.predicted_ttft_ms, db.predicted_ttft_ms);
+        b.decode_done(db.ticket, NOW);
+        b.decode_done(local, NOW);
+        assert_eq!(b.in_flight(), 0);
+        for id in (0..3).map(InstanceId) {
+            assert_eq!(b.load(id), Some(InstanceLoad::default()), "released");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! this crate, neither on the other. A change here is a change of the contract between them.
 
 pub mod fleet;
+pub mod kv_events;
 pub mod native;
 pub mod openai;
 pub mod prometheus;

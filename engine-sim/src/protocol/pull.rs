@@ -68,7 +68,7 @@ pub async fn compute(e: &Engine, tokens: &[u32]) -> Result<Vec<BlockHash>, ApiEr
         .prefill(uncached)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
-    e.cache.lock().insert(full);
+    e.remember(full, tokens);
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     Stats::add(&e.stats.generation_tokens, 1);
     Ok(all)
@@ -198,7 +198,7 @@ pub async fn pull(
         }
     }
     Stats::add(&e.stats.kv_blocks_verified, hashes.len() as u64);
-    e.cache.lock().insert(e.full_blocks(&hashes, tokens));
+    e.remember(e.full_blocks(&hashes, tokens), tokens);
     pool.mark_landed(key, hashes.len() as u32);
     let claim = pool.claim(key, Duration::ZERO).await.map_err(pool_error)?;
     guard.armed = false;

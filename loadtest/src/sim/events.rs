@@ -20,8 +20,12 @@ pub enum Event {
     TransferDone(usize),
     /// The prefix blocks request `r`'s prefill pulled from another instance landed.
     PullDone(usize),
-    /// The gateway scrapes every engine's metrics into the scheduler.
-    Scrape,
+    /// Gateway replica `g` scrapes every engine's metrics into its scheduler.
+    Scrape(usize),
+    /// The oldest engine KV event in transit reaches the gateway replicas.
+    KvEvents,
+    /// The oldest booking-sync message in transit reaches the other gateway replicas.
+    SyncDelivered,
 }
 
 #[derive(Debug)]

@@ -12,16 +12,16 @@
 
 use super::engine::{Job, SimEngine};
 use super::events::{Event, EventQueue};
+use super::gateways::{GatewaySpec, Gateways};
 use crate::metrics::{RequestError, RequestRecord};
 use crate::report::types::InstanceLoad;
 use crate::synth::engine_blocks;
 use crate::trace::types::Trace;
 use pdgate_engine_sim::EngineConfig;
 use pdgate_scheduler::{
-    BlockHash, EngineReport, InstanceId, InstanceSpec, Observed, PolicyKind, RequestKey, Role,
-    Scheduler, SchedulerConfig, Ticket,
+    BlockHash, EngineReport, InstanceId, Observed, PolicyKind, RequestKey, Role, SchedulerConfig,
+    Ticket,
 };
-use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct FleetSpec {
@@ -38,8 +38,11 @@ pub struct FleetSpec {
     pub overhead_ms: f64,
     /// Fixed cost of one pull of cached blocks between engines (lease, request, verify), ms.
     pub pull_overhead_ms: f64,
-    /// How often the gateway scrapes engine metrics into the scheduler, ms (0 = never).
+    /// How often the gateway scrapes engine metrics into the scheduler, ms (0 = never); each
+    /// replica scrapes on its own timer, the timers spread evenly over the interval.
     pub metrics_interval_ms: f64,
+    /// Gateway replicas and what reaches them from the engines.
+    pub gateways: GatewaySpec,
     /// The scheduler's config; the policy is set per run.
     pub scheduler: SchedulerConfig,
 }
@@ -57,6 +60,7 @@ impl FleetSpec {
             overhead_ms: 0.0,
             pull_overhead_ms: 2.0,
             metrics_interval_ms: 500.0,
+            gateways: GatewaySpec::default(),
             scheduler: SchedulerConfig::default(),
         }
     }
@@ -84,6 +88,8 @@ pub struct SimResult {
 
 #[derive(Debug, Default)]
 struct ReqState {
+    /// The gateway replica that routed it (its ticket is that replica's).
+    replica: usize,
     ticket: Option<Ticket>,
     prefill: Option<usize>,
     decode: usize,
@@ -112,7 +118,7 @@ struct PullInFlight {
 struct Sim<'a> {
     trace: &'a Trace,
     spec: &'a FleetSpec,
-    sched: Scheduler,
+    gw: Gateways,
     engines: Vec<SimEngine>,
     ids: Vec<InstanceId>,
     reqs: Vec<ReqState>,
@@ -128,12 +134,15 @@ pub fn simulate(
     spec: &FleetSpec,
     policy: PolicyKind,
 ) -> SimResult {
-    let mut sched = Scheduler::new(SchedulerConfig {
-        policy,
-        block_size: spec.engine.block_size,
-        kv_bytes_per_token: spec.engine.kv_bytes_per_token,
-        ..spec.scheduler.clone()
-    });
+    let mut gw = Gateways::new(
+        &spec.gateways,
+        &SchedulerConfig {
+            policy,
+            block_size: spec.engine.block_size,
+            kv_bytes_per_token: spec.engine.kv_bytes_per_token,
+            ..spec.scheduler.clone()
+        },
+    );
     let mut engines = Vec::new();
     let mut ids = Vec::new();
     for role in std::iter::repeat_n(Role::Prefill, spec.prefill)
@@ -148,16 +157,14 @@ pub fn simulate(
         } else {
             spec.decode_cache_blocks
         };
-        // The gateway registers instances with an unknown size and learns the decode pool's
-        // from its metrics (`num_gpu_blocks`); the first scrape below does the same.
-        ids.push(sched.add_instance(role, InstanceSpec::default()));
+        ids.push(gw.add_instance(role));
         engines.push(SimEngine::new(cfg, cache));
     }
     let n = trace.requests.len();
     let mut sim = Sim {
         trace,
         spec,
-        sched,
+        gw,
         engines,
         ids,
         reqs: (0..n).map(|_| ReqState::default()).collect(),
@@ -181,7 +188,13 @@ pub fn simulate(
         }
     }
     if spec.metrics_interval_ms > 0.0 {
-        sim.q.push(0.0, Event::Scrape);
+        let n = sim.gw.len();
+        for r in 0..n {
+            sim.q.push(
+                spec.metrics_interval_ms * r as f64 / n as f64,
+                Event::Scrape(r),
+            );
+        }
     }
     let mut events = 0u64;
     while let Some((now, ev)) = sim.q.pop() {
@@ -192,20 +205,18 @@ pub fn simulate(
             Event::StepEnd(e) => sim.step_end(e, now),
             Event::TransferDone(r) => sim.transfer_done(r, now),
             Event::PullDone(r) => sim.pull_done(r, now),
-            Event::Scrape => {
-                sim.scrape();
+            Event::Scrape(g) => {
+                sim.scrape(g);
                 // Keep scraping only while requests remain, so the queue drains.
                 if sim.open > 0 {
-                    sim.q.push(now + spec.metrics_interval_ms, Event::Scrape);
+                    sim.q.push(now + spec.metrics_interval_ms, Event::Scrape(g));
                 }
             }
+            Event::KvEvents => sim.gw.deliver_kv(now),
+            Event::SyncDelivered => sim.gw.deliver_sync(now),
         }
     }
     sim.finish(events)
-}
-
-fn at(ms: f64) -> Duration {
-    Duration::from_secs_f64(ms.max(0.0) / 1e3)
 }
 
 impl Sim<'_> {
@@ -221,7 +232,7 @@ impl Sim<'_> {
             message,
         });
         if let Some(t) = s.ticket.take() {
-            self.sched.decode_done(t, at(now));
+            self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
         let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
         self.engines[d].pool_free += reserved;
@@ -241,8 +252,10 @@ impl Sim<'_> {
         let bs = self.spec.engine.block_size;
         let blocks = engine_blocks(req, bs);
         let prompt = req.input_tokens as usize;
+        let replica = self.gw.deal();
         {
             let s = &mut self.reqs[r];
+            s.replica = replica;
             s.rec = RequestRecord {
                 index: req.index,
                 scheduled_ms: now,
@@ -256,7 +269,7 @@ impl Sim<'_> {
             max_tokens: req.output_tokens,
             blocks,
         };
-        let d = match self.sched.schedule(&key, at(now)) {
+        let d = match self.gw.schedule(replica, &key, now, &mut self.q) {
             Ok(d) => d,
             Err(rej) => {
                 let status = if matches!(rej, pdgate_scheduler::Rejection::NoHealthy(_)) {
@@ -348,15 +361,27 @@ impl Sim<'_> {
         let (runner, Some(p)) = (s.runner, s.pull.take()) else {
             return self.start_prefill(r, now);
         };
+        let replica = s.replica;
         let blocks = &s.blocks[..p.upto_blocks.min(s.blocks.len())];
         let local = self.engines[runner].cache.match_prefix(blocks);
-        self.engines[runner].cache.insert(blocks);
+        // The pulled blocks enter the runner's cache like computed ones, so its KV events
+        // announce them (and what they evicted) to every replica.
+        let change = self.engines[runner].cache.insert(blocks);
+        self.gw.publish_kv(
+            self.ids[runner],
+            blocks.to_vec(),
+            change.evicted,
+            now,
+            &mut self.q,
+        );
         let bs = self.spec.engine.block_size.max(1);
         let prompt = self.trace.requests[r].input_tokens as u64;
         let e = &mut self.engines[runner];
         e.pulls += 1;
         e.pulled_tokens += (((p.upto_blocks - local.min(p.upto_blocks)) * bs) as u64).min(prompt);
-        self.sched
+        // Only the replica that planned the pull sees how long it took.
+        self.gw
+            .replica(replica)
             .pull_observed(self.ids[p.holder], self.ids[runner], p.bytes, p.ms);
         self.start_prefill(r, now);
     }
@@ -394,7 +419,9 @@ impl Sim<'_> {
         let out = self.engines[e].end_step();
         for r in out.prefills_done {
             let blocks = std::mem::take(&mut self.reqs[r].blocks);
-            self.engines[e].cache.insert(&blocks);
+            let evicted = self.engines[e].cache.insert(&blocks).evicted;
+            self.gw
+                .publish_kv(self.ids[e], blocks, evicted, now, &mut self.q);
             let s = &mut self.reqs[r];
             s.prefill_ms = now - s.prefill_submit_ms;
             if s.prefill.is_some() {
@@ -406,7 +433,7 @@ impl Sim<'_> {
                 self.q.push(now + s.transfer_ms, Event::TransferDone(r));
             } else {
                 if let Some(t) = s.ticket {
-                    self.sched.prefill_done(t, at(now), None);
+                    self.gw.prefill_done(s.replica, t, now, None, &mut self.q);
                 }
                 self.first_token(r, now + self.spec.overhead_ms);
             }
@@ -431,7 +458,8 @@ impl Sim<'_> {
                 transfer_ms: s.transfer_ms,
                 kv_bytes: s.kv_bytes,
             };
-            self.sched.prefill_done(t, at(now), Some(o));
+            self.gw
+                .prefill_done(s.replica, t, now, Some(o), &mut self.q);
         }
         // Two legs (prefill, then decode) each pay the gateway's per-leg overhead.
         self.first_token(r, now + 2.0 * self.spec.overhead_ms);
@@ -471,15 +499,15 @@ impl Sim<'_> {
         s.rec.output_tokens = s.tokens;
         let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
         if let Some(t) = s.ticket.take() {
-            self.sched.decode_done(t, at(now));
+            self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
         self.engines[d].pool_free += reserved;
         self.engines[d].requests += 1;
         self.done(now);
     }
 
-    /// What the gateway's metrics scraper reads from each engine.
-    fn scrape(&mut self) {
+    /// What gateway replica `g`'s metrics scraper reads from each engine.
+    fn scrape(&mut self, g: usize) {
         for (i, e) in self.engines.iter().enumerate() {
             let decode = e.cfg.role == Role::Decode;
             let total = e.cfg.kv_blocks;
@@ -494,8 +522,9 @@ impl Sim<'_> {
                 kv_usage: usage,
             };
             // Every engine reports its pool size (`num_gpu_blocks`), as vLLM and the reference
-            // engine do, so the index mirrors a prefill's cache size too.
-            self.sched
+            // engine do, so each replica's index mirrors a prefill's cache size too.
+            self.gw
+                .replica(g)
                 .observe_engine(self.ids[i], report, Some(total as u64));
         }
     }

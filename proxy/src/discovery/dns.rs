@@ -117,6 +117,8 @@ impl Poll {
             role,
             protocol: self.cfg.protocol,
             bootstrap_port: (self.cfg.bootstrap_port > 0).then_some(self.cfg.bootstrap_port),
+            kv_events: None,
+            kv_events_replay: None,
         }
     }
 

@@ -28,6 +28,12 @@ use tokio::task::JoinHandle;
 pub const PROTOCOL_ANNOTATION: &str = "pdgate.io/protocol";
 pub const HTTP_PORT_ANNOTATION: &str = "pdgate.io/http-port";
 pub const BOOTSTRAP_PORT_ANNOTATION: &str = "pdgate.io/bootstrap-port";
+/// The engine's KV events publisher port (vLLM/SGLang `--kv-events-config` endpoint, 5557 by
+/// their examples): the gateway subscribes to `tcp://{podIP}:{port}`. Absent: no events, the
+/// prefix index learns from routing for this pod.
+pub const KV_EVENTS_PORT_ANNOTATION: &str = "pdgate.io/kv-events-port";
+/// The engine's KV events replay (ROUTER) port, `replay_endpoint` in `--kv-events-config`.
+pub const KV_EVENTS_REPLAY_PORT_ANNOTATION: &str = "pdgate.io/kv-events-replay-port";
 /// The engine's HTTP port when a pod does not name one.
 pub const DEFAULT_HTTP_PORT: u16 = 8000;
 
@@ -217,7 +223,16 @@ pub fn endpoint(pod: &Pod, role: Role) -> Result<Option<WorkerConfig>, String> {
         role,
         protocol,
         bootstrap_port: port(BOOTSTRAP_PORT_ANNOTATION)?,
+        kv_events: port(KV_EVENTS_PORT_ANNOTATION)?.map(|p| zmq_tcp(ip, p)),
+        kv_events_replay: port(KV_EVENTS_REPLAY_PORT_ANNOTATION)?.map(|p| zmq_tcp(ip, p)),
     }))
+}
+
+fn zmq_tcp(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("tcp://{v4}:{port}"),
+        IpAddr::V6(v6) => format!("tcp://[{v6}]:{port}"),
+    }
 }
 
 #[cfg(test)]
@@ -264,6 +279,8 @@ mod tests {
             "pdgate.io/protocol": "sglang",
             "pdgate.io/http-port": "30000",
             "pdgate.io/bootstrap-port": "8998",
+            "pdgate.io/kv-events-port": "5557",
+            "pdgate.io/kv-events-replay-port": "5558",
         });
         let e = endpoint(&pod(true, "fd00::7", a, false), Role::Prefill)
             .expect("valid")
@@ -271,10 +288,13 @@ mod tests {
         assert_eq!(e.url, "http://[fd00::7]:30000");
         assert_eq!(e.protocol, Protocol::Sglang);
         assert_eq!(e.bootstrap_port, Some(8998));
+        assert_eq!(e.kv_events.as_deref(), Some("tcp://[fd00::7]:5557"));
+        assert_eq!(e.kv_events_replay.as_deref(), Some("tcp://[fd00::7]:5558"));
         for bad in [
             json!({"pdgate.io/protocol": "grpc"}),
             json!({"pdgate.io/http-port": "http"}),
             json!({"pdgate.io/bootstrap-port": "0"}),
+            json!({"pdgate.io/kv-events-port": "zmq"}),
         ] {
             assert!(endpoint(&pod(true, "10.0.0.1", bad, false), Role::Prefill).is_err());
         }

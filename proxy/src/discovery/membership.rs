@@ -90,7 +90,12 @@ impl Membership {
     }
 
     fn publish(&self) {
-        crate::metrics::discovery_workers(self.source, self.role, self.held.len());
+        crate::metrics::discovery_workers(
+            self.source,
+            &self.fleet.model,
+            self.role,
+            self.held.len(),
+        );
     }
 }
 
@@ -110,6 +115,8 @@ mod tests {
             role: Role::Decode,
             protocol: Protocol::Native,
             bootstrap_port: None,
+            kv_events: None,
+            kv_events_replay: None,
         }
     }
 

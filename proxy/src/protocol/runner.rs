@@ -350,8 +350,10 @@ mod tests {
                     role,
                     protocol: Default::default(),
                     bootstrap_port: None,
+                    kv_events: None,
+                    kv_events_replay: None,
                 };
-                state.fleet.add(&cfg)
+                state.models.all()[0].fleet.add(&cfg)
             };
             let (prefill, decode) = (
                 add(prefill_url, Role::Prefill),
@@ -359,6 +361,7 @@ mod tests {
             );
             let req = ClientRequest {
                 kind: ApiKind::Completions,
+                model: std::sync::Arc::clone(&state.models.all()[0]),
                 body: json!({"model": "m", "prompt": "hello", "max_tokens": 4}),
                 prompt: "hello".into(),
                 stream: false,
