@@ -146,6 +146,8 @@ impl Layered for EngineConfig {
         "fleet_secret_file",
         "transfer_tls",
         "kv_events",
+        "export_blocks",
+        "export_lease_ms",
         "faults",
     ];
 }

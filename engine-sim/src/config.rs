@@ -68,6 +68,13 @@ pub struct EngineConfig {
     /// KV cache events over ZMQ, with vLLM's keys (`--kv-events-config` on `pdgate engine`):
     /// off unless `enable_kv_cache_events` and `publisher = "zmq"`.
     pub kv_events: crate::kv_events::KvEventsConfig,
+    /// Blocks this engine can lend to peers at once (cross-instance KV reuse): cached blocks are
+    /// copied into a registered segment of this many blocks while a peer reads them. 0: lends
+    /// nothing, `POST /pd/export` answers 404.
+    pub export_blocks: usize,
+    /// How long a lent copy stays readable before it is freed (zeroed), ms: a puller that has not
+    /// read by then fails verification and recomputes.
+    pub export_lease_ms: u64,
     pub faults: Faults,
 }
 
@@ -98,6 +105,8 @@ impl Default for EngineConfig {
             fleet_secret_file: None,
             transfer_tls: None,
             kv_events: crate::kv_events::KvEventsConfig::default(),
+            export_blocks: 0,
+            export_lease_ms: 2_000,
             faults: Faults::default(),
         }
     }
@@ -181,6 +190,9 @@ pub struct Faults {
     /// A streamed answer breaks off (connection cut, no `[DONE]`) after this many tokens, as an
     /// engine that crashes mid-decode would; 0 never.
     pub cut_stream_after_tokens: u32,
+    /// A puller waits this long between the holder's lease and its reads, ms (tests of lease
+    /// expiry and of a holder dying mid-pull); 0 never.
+    pub pull_delay_ms: u64,
 }
 
 #[cfg(test)]

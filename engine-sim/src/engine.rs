@@ -46,6 +46,8 @@ pub struct Engine {
     pub bootstrap: Bootstrap,
     /// Publishes the prefix cache's changes as KV events, when configured.
     pub events: Option<Arc<crate::kv_events::Publisher>>,
+    /// Where cached blocks are lent to peers (`export_blocks` > 0).
+    pub exports: Option<Arc<crate::export::Exports>>,
 }
 
 impl Engine {

@@ -1,4 +1,6 @@
-//! Native PD endpoints: `reserve` and `release` on a decode engine, `prefill` on any engine.
+//! Native PD endpoints: `reserve` and `release` on a decode engine, `prefill` on any engine
+//! (pulling a planned prefix from a peer first, `import`), `export` on an engine that lends its
+//! cached blocks (`export`).
 //!
 //! A prefill computes only the blocks its prefix cache lacks, then writes *every* block of the
 //! prompt into the decode engine's reserved slots through the transfer engine, closing the last
@@ -12,9 +14,11 @@ use crate::stats::Stats;
 use crate::text;
 use axum::extract::State;
 use axum::Json;
+use pdgate_scheduler::BlockHash;
 use pdgate_scheduler::BuiltinTokenizer;
 use pdgate_wire::native::{
-    KvDescriptor, PrefillReport, PrefillRequest, ReleaseRequest, ReleaseResponse, ReserveRequest,
+    ExportRequest, KvDescriptor, PrefillReport, PrefillRequest, ReleaseRequest, ReleaseResponse,
+    ReserveRequest,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +76,10 @@ pub async fn prefill(
         return Err(ApiError::invalid("target", msg));
     }
     let full = e.full_blocks(&blocks, &tokens);
+    let pulled_blocks = match &req.pull {
+        Some(from) => crate::import::pull_prefix(&e, &req.request_id, full, &tokens, from).await,
+        None => 0,
+    };
     let uncached = e.lookup_prefix(&tokens, full);
     let started = Instant::now();
     e.gpu
@@ -94,5 +102,49 @@ pub async fn prefill(
         prefill_ms,
         transfer_ms: sent.elapsed().as_secs_f64() * 1e3,
         first_token: text::first_token(&tokens, e.cfg.seed),
+        pulled_blocks,
     }))
+}
+
+/// `POST /pd/export`: leases the cached run of the asked blocks from `skip` on.
+pub async fn export(
+    State(e): State<Arc<Engine>>,
+    body: axum::body::Bytes,
+) -> Result<Json<KvDescriptor>, ApiError> {
+    let Some(exports) = &e.exports else {
+        return Err(ApiError::server(
+            404,
+            "not_found",
+            "this engine lends no KV blocks (export_blocks = 0)",
+        ));
+    };
+    let req: ExportRequest = serde_json::from_slice(&body)
+        .map_err(|err| ApiError::invalid("body", format!("invalid request: {err}")))?;
+    let asked: Vec<BlockHash> = req.blocks.iter().copied().map(BlockHash).collect();
+    let held = e.cache.lock().match_prefix(&asked);
+    let skip = (req.skip as usize).min(held);
+    let lend = &asked[skip..held];
+    let empty = KvDescriptor {
+        request_id: req.request_id.clone(),
+        segment: exports.segment_name().to_string(),
+        endpoint: e.transfer.endpoint(),
+        block_bytes: e.cfg.block_bytes(),
+        block_offsets: Vec::new(),
+    };
+    if lend.is_empty() {
+        return Ok(Json(empty));
+    }
+    // A lease key of our own: two pullers of one request id (retries) must not share a lease.
+    let key = crate::protocol::pull::unique_key(&req.request_id);
+    match exports.lend(&key, lend, e.cfg.faults.corrupt_kv, Instant::now()) {
+        Some(desc) => {
+            Stats::add(&e.stats.kv_blocks_exported, lend.len() as u64);
+            tracing::debug!(request_id = %req.request_id, blocks = lend.len(), "lent cached KV blocks");
+            Ok(Json(desc))
+        }
+        None => {
+            tracing::warn!(request_id = %req.request_id, blocks = lend.len(), "no room to lend KV blocks");
+            Ok(Json(empty))
+        }
+    }
 }

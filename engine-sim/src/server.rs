@@ -165,12 +165,28 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         }
         false => protocol::mailbox::Bootstrap::default(),
     };
+    let exports = match cfg.export_blocks {
+        0 => None,
+        blocks => {
+            // Peers find it through the endpoint in the lease (P2P), as pull-mode decodes do.
+            let name = format!("kvx-{}-{}", cfg.model, addr.port());
+            let bytes = usize::try_from(cfg.block_bytes().saturating_mul(blocks as u64))?;
+            let segment = transfer.register_segment(&name, bytes)?;
+            Some(Arc::new(crate::export::Exports::new(
+                segment,
+                transfer.endpoint(),
+                cfg.block_bytes(),
+                Duration::from_millis(cfg.export_lease_ms),
+            )))
+        }
+    };
     let events = match cfg.kv_events.enabled() {
         true => Some(crate::kv_events::Publisher::start(&cfg.kv_events).await?),
         false => None,
     };
     let engine = Arc::new(Engine {
         events,
+        exports,
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
         cache: Mutex::new(PrefixCache::new(cfg.kv_blocks)),
         hasher: BlockHasher::new(cfg.block_size, pdgate_scheduler::blocks::DEFAULT_SEED),
@@ -195,6 +211,9 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
     if let Some(pool) = &engine.pool {
         spawn_sweeper(Arc::clone(pool));
     }
+    if let Some(exports) = &engine.exports {
+        spawn_lease_sweeper(Arc::clone(exports), Arc::clone(&engine.stats));
+    }
     spawn_heartbeat(&engine);
     Ok(engine)
 }
@@ -202,7 +221,7 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
 /// Every notification this engine's transfer engine delivers (the receiver can be taken only
 /// once): offers on the bootstrap mailbox; KV landed in, or pulled from, the KV segment.
 fn spawn_notification_listener(engine: &Arc<Engine>) {
-    if engine.pool.is_none() && engine.bootstrap.mailbox().is_none() {
+    if engine.pool.is_none() && engine.bootstrap.mailbox().is_none() && engine.exports.is_none() {
         return;
     }
     let Some(mut rx) = engine.transfer.take_notifications() else {
@@ -215,6 +234,16 @@ fn spawn_notification_listener(engine: &Arc<Engine>) {
             let Some(e) = weak.upgrade() else { return };
             if e.bootstrap.is_mailbox(&n.segment) {
                 protocol::bootstrap::receive(&e, &n.payload);
+            } else if let Some(x) = e.exports.as_ref().filter(|x| x.segment_name() == n.segment) {
+                // A puller read what we lent: end the lease now rather than at its deadline.
+                match serde_json::from_slice::<native::KvReturned>(&n.payload) {
+                    Ok(r) => {
+                        x.end(&r.returned);
+                    }
+                    Err(_) => {
+                        tracing::warn!("ignoring a malformed notification on the export segment")
+                    }
+                }
             } else if let Some(pool) = &e.pool {
                 on_kv_notification(&e.stats, pool, &n.payload);
             } else {
@@ -250,6 +279,26 @@ fn spawn_sweeper(pool: Arc<KvPool>) {
                     expired = n,
                     "reclaimed KV reservations whose decode leg never came"
                 );
+            }
+        }
+    });
+}
+
+fn spawn_lease_sweeper(exports: Arc<crate::export::Exports>, stats: Arc<Stats>) {
+    let every = exports.sweep_every();
+    let weak = Arc::downgrade(&exports);
+    drop(exports);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(exports) = weak.upgrade() else {
+                return;
+            };
+            let n = exports.sweep(Instant::now());
+            if n > 0 {
+                Stats::add(&stats.kv_export_leases_expired, n as u64);
+                tracing::warn!(expired = n, "ended KV export leases no puller returned");
             }
         }
     });
@@ -314,6 +363,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route(native::RESERVE_PATH, post(pd::reserve))
         .route(native::RELEASE_PATH, post(pd::release))
         .route(native::PREFILL_PATH, post(pd::prefill))
+        .route(native::EXPORT_PATH, post(pd::export))
         .route("/abort_request", post(protocol::abort_request))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route(

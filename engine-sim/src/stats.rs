@@ -27,6 +27,12 @@ pub struct Stats {
     pub bootstrap_queries: AtomicU64,
     pub bootstrap_offers: AtomicU64,
     pub bootstrap_offers_refused: AtomicU64,
+    /// Holder side of cross-instance reuse: blocks lent under a lease, leases that expired.
+    pub kv_blocks_exported: AtomicU64,
+    pub kv_export_leases_expired: AtomicU64,
+    /// Puller side: blocks pulled and verified into the cache, pulls given up (recomputed).
+    pub kv_blocks_pulled: AtomicU64,
+    pub kv_pull_failures: AtomicU64,
 }
 
 impl Stats {
@@ -154,6 +160,30 @@ impl Stats {
             "counter",
             "Bootstrap offers refused (duplicate room, too many rooms); their decode times out.",
             g(&self.bootstrap_offers_refused).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_blocks_exported_total",
+            "counter",
+            "Cached KV blocks lent to peer engines under a lease.",
+            g(&self.kv_blocks_exported).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_export_leases_expired_total",
+            "counter",
+            "Export leases that ended at their deadline rather than on the puller's notification.",
+            g(&self.kv_export_leases_expired).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_blocks_pulled_total",
+            "counter",
+            "KV blocks pulled from peer engines and verified into the prefix cache.",
+            g(&self.kv_blocks_pulled).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_pull_failures_total",
+            "counter",
+            "Planned pulls given up (holder unreachable, lease gone, bytes wrong); recomputed.",
+            g(&self.kv_pull_failures).to_string(),
         );
         let _ = writeln!(
             out,

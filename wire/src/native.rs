@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub const RESERVE_PATH: &str = "/pd/reserve";
 pub const RELEASE_PATH: &str = "/pd/release";
 pub const PREFILL_PATH: &str = "/pd/prefill";
+/// Served by an engine that lends its cached blocks to peers (see [`ExportRequest`]).
+pub const EXPORT_PATH: &str = "/pd/export";
 /// Body field of a decode leg carrying [`DecodeLeg`].
 pub const DECODE_FIELD: &str = "pdgate_kv";
 
@@ -49,6 +51,36 @@ pub struct PrefillRequest {
     /// The rendered prompt text (chat messages already through the shared template).
     pub prompt: String,
     pub target: KvDescriptor,
+    /// The scheduler's plan to fetch cached prefix blocks from another engine before computing
+    /// the rest; a pull that fails for any reason is recomputed, never an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullFrom>,
+}
+
+/// Where to pull a prefix from: the holder engine's HTTP base URL (it answers [`EXPORT_PATH`])
+/// and how many leading blocks of the prompt the pull should leave cached.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PullFrom {
+    pub url: String,
+    pub upto_blocks: u32,
+}
+
+/// Asks a holder to lease the blocks it caches of `blocks` (a prompt's leading chained block
+/// hashes), from position `skip` on, so the asker can read them over the transfer plane. The
+/// answer is a [`KvDescriptor`] naming the leased copies of the longest cached run, in prompt
+/// order (possibly none); the asker's last read batch notifies [`KvReturned`], else the lease
+/// expires.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub request_id: String,
+    pub blocks: Vec<u64>,
+    pub skip: u32,
+}
+
+/// Notification payload of a puller's last read batch: the holder may end the lease now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KvReturned {
+    pub returned: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,6 +94,9 @@ pub struct PrefillReport {
     pub transfer_ms: f64,
     /// Vocabulary index of the first generated token; decode continues after it.
     pub first_token: u32,
+    /// Blocks pulled from another engine and verified (counted in `cached_tokens` too).
+    #[serde(default)]
+    pub pulled_blocks: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -48,6 +48,7 @@ impl PdProtocol for Native {
             request_id: ctx.request_id.into(),
             prompt: ctx.req.prompt.clone(),
             target: r.kv.clone(),
+            pull: None,
         })
     }
 
