@@ -28,11 +28,22 @@ fn free_port() -> u16 {
 /// Starts an engine of `role` speaking `protocol` (its CLI name), with `time_scale` (0: no
 /// modelled time; larger: slower steps), and waits until it answers `/health`.
 pub async fn engine_process(role: &str, protocol: &str, time_scale: f64) -> EngineProcess {
+    engine_process_with(role, protocol, time_scale, &[]).await
+}
+
+/// As [`engine_process`], with extra environment (`PDGATE_ENGINE_*` config, the fleet secret).
+pub async fn engine_process_with(
+    role: &str,
+    protocol: &str,
+    time_scale: f64,
+    env: &[(&str, &str)],
+) -> EngineProcess {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_pdgate"))
         .args(["engine", "--role", role, "--protocol", protocol])
         .args(["--time-scale", &time_scale.to_string()])
         .args(["--port", &port.to_string()])
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

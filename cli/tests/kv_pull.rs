@@ -1,0 +1,288 @@
+//! Cross-instance KV reuse between reference engines, each a process of its own: a prefill pulls
+//! the prefix another engine caches over the authenticated transfer plane, verifies every block,
+//! and computes only the rest; a pull that cannot complete (bytes wrong, lease expired, holder
+//! dead, wrong fleet secret) is recomputed and the prefill still answers.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use pdgate_wire::native::{KvDescriptor, PrefillReport, EXPORT_PATH, PREFILL_PATH, RESERVE_PATH};
+use pdgate_wire::prometheus::sample;
+use serde_json::json;
+use std::time::Duration;
+use support::engines::{engine_process_with, signal, EngineProcess};
+use support::{client, eventually, metrics_text};
+
+const SECRET: (&str, &str) = (
+    "PDGATE_FLEET_SECRET",
+    "kv-pull-test-fleet-secret-0123456789",
+);
+const LENDS: (&str, &str) = ("PDGATE_ENGINE_EXPORT_BLOCKS", "256");
+
+/// A prompt of a few dozen full blocks; `tag` makes it distinct from other tests' prompts.
+fn prompt(tag: &str) -> String {
+    (0..400).map(|i| format!("{tag}{i} ")).collect()
+}
+
+async fn engine(role: &str, env: &[(&str, &str)]) -> EngineProcess {
+    engine_process_with(role, "native", 0.0, env).await
+}
+
+/// Reserves on `decode`, prefills on `prefill` (pulling from `holder` first, if given).
+async fn prefill(
+    prefill: &str,
+    decode: &str,
+    rid: &str,
+    prompt: &str,
+    pull: Option<(&str, u32)>,
+) -> PrefillReport {
+    let target: KvDescriptor = client()
+        .post(format!("{decode}{RESERVE_PATH}"))
+        .json(&json!({"request_id": rid, "prompt": prompt}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut body = json!({"request_id": rid, "prompt": prompt, "target": target});
+    if let Some((url, upto)) = pull {
+        body["pull"] = json!({"url": url, "upto_blocks": upto});
+    }
+    let resp = client()
+        .post(format!("{prefill}{PREFILL_PATH}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "a prefill never fails for its pull");
+    let report: PrefillReport = resp.json().await.unwrap();
+    // The decode verifies what the prefill wrote only on its leg; free the slots for the next.
+    client()
+        .post(format!("{decode}/pd/release"))
+        .json(&json!({"request_id": rid}))
+        .send()
+        .await
+        .unwrap();
+    report
+}
+
+async fn metric(url: &str, name: &str) -> f64 {
+    sample(&metrics_text(url).await, name).unwrap_or(0.0)
+}
+
+/// Warms `holder` with `p`; returns the prompt's full blocks.
+async fn warm(holder: &str, decode: &str, p: &str) -> u32 {
+    let r = prefill(holder, decode, "warm", p, None).await;
+    assert_eq!(r.cached_tokens, 0);
+    r.prompt_tokens / 16
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_pulls_the_cached_prefix_verifies_it_and_computes_the_rest() {
+    let holder = engine("prefill", &[SECRET, LENDS]).await;
+    let puller = engine("prefill", &[SECRET]).await;
+    let decode = engine("decode", &[SECRET]).await;
+    let p = prompt("pull");
+    let full = warm(&holder.url, &decode.url, &p).await;
+    assert!(full >= 16, "{full} blocks");
+    // The plan covers all but the last 4 full blocks: those, and the partial one, are computed.
+    let r = prefill(
+        &puller.url,
+        &decode.url,
+        "r1",
+        &p,
+        Some((&holder.url, full - 4)),
+    )
+    .await;
+    assert_eq!(r.pulled_blocks, full - 4);
+    assert_eq!(r.cached_tokens, (full - 4) * 16);
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_blocks_pulled_total").await,
+        f64::from(full - 4)
+    );
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_verify_failures_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&holder.url, "pdgate_sim_kv_blocks_exported_total").await,
+        f64::from(full - 4)
+    );
+    // The pulled blocks are the puller's own now: the same prompt again hits them locally, and a
+    // second plan has nothing left to pull.
+    let again = prefill(
+        &puller.url,
+        &decode.url,
+        "r2",
+        &p,
+        Some((&holder.url, full - 4)),
+    )
+    .await;
+    assert_eq!((again.pulled_blocks, again.cached_tokens), (0, full * 16));
+    // An engine configured to lend nothing says so.
+    let resp = client()
+        .post(format!("{}{EXPORT_PATH}", puller.url))
+        .json(&json!({"request_id": "q", "blocks": [1, 2], "skip": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    // The puller's last read ended the lease, so nothing is left to expire.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        metric(&holder.url, "pdgate_sim_kv_export_leases_expired_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_from_the_holder_are_refused_and_recomputed() {
+    let holder = engine(
+        "prefill",
+        &[SECRET, LENDS, ("PDGATE_ENGINE_FAULTS__CORRUPT_KV", "true")],
+    )
+    .await;
+    let puller = engine("prefill", &[SECRET]).await;
+    let decode = engine("decode", &[SECRET]).await;
+    let p = prompt("corrupt");
+    let full = warm(&holder.url, &decode.url, &p).await;
+    let r = prefill(
+        &puller.url,
+        &decode.url,
+        "r1",
+        &p,
+        Some((&holder.url, full)),
+    )
+    .await;
+    assert_eq!((r.pulled_blocks, r.cached_tokens), (0, 0), "all recomputed");
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_verify_failures_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_pull_failures_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_blocks_pulled_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puller_without_the_fleet_secret_reads_nothing() {
+    let holder = engine("prefill", &[SECRET, LENDS]).await;
+    let outsider = engine(
+        "prefill",
+        &[("PDGATE_FLEET_SECRET", "some-other-fleet-secret-9876543210")],
+    )
+    .await;
+    let decode = engine("decode", &[SECRET]).await;
+    let p = prompt("secret");
+    let full = warm(&holder.url, &decode.url, &p).await;
+    // The outsider's prefill writes to decode too, which refuses it: only the pull is judged.
+    let target: KvDescriptor = client()
+        .post(format!("{}{RESERVE_PATH}", decode.url))
+        .json(&json!({"request_id": "x", "prompt": p}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = json!({"request_id": "x", "prompt": p, "target": target,
+        "pull": {"url": holder.url, "upto_blocks": full}});
+    let resp = client()
+        .post(format!("{}{PREFILL_PATH}", outsider.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let _ = resp.text().await;
+    assert_eq!(
+        metric(&outsider.url, "pdgate_sim_kv_pull_failures_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&outsider.url, "pdgate_sim_kv_blocks_pulled_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_expires_before_the_read_is_recomputed() {
+    let holder = engine(
+        "prefill",
+        &[SECRET, LENDS, ("PDGATE_ENGINE_EXPORT_LEASE_MS", "100")],
+    )
+    .await;
+    // The puller reads well after the lease and its sweep (every 25 ms here) ended it.
+    let puller = engine(
+        "prefill",
+        &[SECRET, ("PDGATE_ENGINE_FAULTS__PULL_DELAY_MS", "1500")],
+    )
+    .await;
+    let decode = engine("decode", &[SECRET]).await;
+    let p = prompt("lease");
+    let full = warm(&holder.url, &decode.url, &p).await;
+    let r = prefill(
+        &puller.url,
+        &decode.url,
+        "r1",
+        &p,
+        Some((&holder.url, full)),
+    )
+    .await;
+    assert_eq!((r.pulled_blocks, r.cached_tokens), (0, 0));
+    assert_eq!(
+        metric(&holder.url, "pdgate_sim_kv_export_leases_expired_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_pull_failures_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_verify_failures_total").await,
+        1.0,
+        "zeroed bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_dies_mid_pull_leaves_a_recompute() {
+    let holder = engine("prefill", &[SECRET, LENDS]).await;
+    let puller = engine(
+        "prefill",
+        &[SECRET, ("PDGATE_ENGINE_FAULTS__PULL_DELAY_MS", "3000")],
+    )
+    .await;
+    let decode = engine("decode", &[SECRET]).await;
+    let p = prompt("death");
+    let full = warm(&holder.url, &decode.url, &p).await;
+    let (pu, de, hu, pp) = (
+        puller.url.clone(),
+        decode.url.clone(),
+        holder.url.clone(),
+        p.clone(),
+    );
+    let pending =
+        tokio::spawn(async move { prefill(&pu, &de, "r1", &pp, Some((&hu, full))).await });
+    // The lease is granted (the puller now waits before reading): kill the holder.
+    let leased = eventually(Duration::from_secs(10), || async {
+        metric(&holder.url, "pdgate_sim_kv_blocks_exported_total").await > 0.0
+    })
+    .await;
+    assert!(leased);
+    signal(&holder, "-KILL");
+    let r = pending.await.unwrap();
+    assert_eq!((r.pulled_blocks, r.cached_tokens), (0, 0));
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_pull_failures_total").await,
+        1.0
+    );
+    // The recompute cached the prompt as a prefill does.
+    let again = prefill(&puller.url, &decode.url, "r2", &p, None).await;
+    assert_eq!(again.cached_tokens, full * 16);
+}
