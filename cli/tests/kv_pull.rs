@@ -286,3 +286,53 @@ async fn a_holder_that_dies_mid_pull_leaves_a_recompute() {
     let again = prefill(&puller.url, &decode.url, "r2", &p, None).await;
     assert_eq!(again.cached_tokens, full * 16);
 }
+
+/// Through the gateway: with `[scheduler.reuse] pull` on, a burst on one hot prefix makes the
+/// scheduler plan pulls from its holder into the other prefill, which the engines carry out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_hands_planned_pulls_to_the_prefill_and_counts_them() {
+    let mut cfg = support::config(2, 1, 1.0);
+    cfg.scheduler.reuse.pull = true;
+    cfg.scheduler.disagg.local_prefill_min_hit = 2.0; // every prefill on a prefill instance
+    cfg.up.engine.export_blocks = 1024;
+    cfg.up.engine.kv_blocks = 4096;
+    let fleet = support::fleet(cfg).await;
+    let prefix = prompt("hot");
+    let warm = support::post(
+        &fleet.url(),
+        "/v1/completions",
+        support::completion(&prefix, 1),
+    )
+    .await;
+    assert_eq!(warm.status(), 200);
+    let burst = (0..24).map(|i| {
+        let url = fleet.url();
+        let body = support::completion(&format!("{prefix} tail{i} {}", "x ".repeat(64)), 1);
+        tokio::spawn(async move { support::post(&url, "/v1/completions", body).await.status() })
+    });
+    for h in burst.collect::<Vec<_>>() {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    let gw = sample(
+        &metrics_text(&fleet.url()).await,
+        "pdgate_kv_pulled_blocks_total",
+    )
+    .unwrap_or(0.0);
+    let engines = support::engine_sum(
+        &fleet,
+        pdgate_scheduler::Role::Prefill,
+        "pdgate_sim_kv_blocks_pulled_total",
+    )
+    .await;
+    let failures = support::engine_sum(
+        &fleet,
+        pdgate_scheduler::Role::Prefill,
+        "pdgate_sim_kv_pull_failures_total",
+    )
+    .await;
+    assert!(
+        gw > 0.0,
+        "some pull was planned and done (failures {failures})"
+    );
+    assert_eq!(gw, engines, "the gateway counts what the engines pulled");
+}

@@ -83,6 +83,13 @@ pub fn first_token(elapsed: Duration) {
     histogram!("pdgate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
 }
 
+/// Blocks a prefill pulled from another instance's cache instead of computing them.
+pub fn kv_pulled(blocks: u64) {
+    if blocks > 0 {
+        counter!("pdgate_kv_pulled_blocks_total").increment(blocks);
+    }
+}
+
 pub fn leg(role: Role, outcome: &'static str) {
     counter!("pdgate_legs_total", "role" => role.as_str(), "outcome" => outcome).increment(1);
 }

@@ -159,6 +159,7 @@ async fn start_leg(
             prompt_tokens: key.prompt_tokens,
             prefill: prefill.as_deref(),
             decode: &decode,
+            pull: pull_from(fleet, &decision),
         };
         let verdicts = (
             prefill
@@ -231,6 +232,20 @@ async fn start_leg(
             Err(e) => return Err(e.error),
         }
     }
+}
+
+/// The decision's pull as the prefill engine takes it: the holder's URL, if it is still in the
+/// fleet (a holder removed since the pick is simply not pulled from).
+fn pull_from(
+    fleet: &Fleet,
+    d: &pdgate_scheduler::Decision,
+) -> Option<pdgate_wire::native::PullFrom> {
+    let p = d.pull?;
+    let holder = fleet.workers.get(p.from)?;
+    Some(pdgate_wire::native::PullFrom {
+        url: holder.url.clone(),
+        upto_blocks: p.upto_blocks,
+    })
 }
 
 /// A request that failed where a retry was due, but the fleet's retry budget is spent: 503 at
@@ -324,6 +339,7 @@ async fn fallback(
         prompt_tokens: f.prompt_tokens,
         prefill: None,
         decode: &decode,
+        pull: None,
     };
     let verdicts = (None, Verdict::new(fleet, state.cfg.breaker, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;

@@ -48,7 +48,7 @@ impl PdProtocol for Native {
             request_id: ctx.request_id.into(),
             prompt: ctx.req.prompt.clone(),
             target: r.kv.clone(),
-            pull: None,
+            pull: ctx.pull.clone(),
         })
     }
 
@@ -78,6 +78,7 @@ impl PdProtocol for Native {
             u64::from(report.cached_tokens),
             Duration::from_secs_f64(report.transfer_ms.max(0.0) / 1e3),
         );
+        metrics::kv_pulled(u64::from(report.pulled_blocks));
         tracing::debug!(
             blocks = report.blocks_sent,
             bytes = report.bytes_sent,

@@ -383,6 +383,7 @@ mod tests {
                 prompt_tokens: 1,
                 prefill: Some(&self.prefill),
                 decode: &self.decode,
+                pull: None,
             }
         }
 

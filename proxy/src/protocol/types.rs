@@ -19,6 +19,9 @@ pub struct LegContext<'a> {
     /// `None`: the decode instance prefills locally (conditional disaggregation).
     pub prefill: Option<&'a Worker>,
     pub decode: &'a Worker,
+    /// The scheduler's planned pull of cached prefix blocks into the prefill, for protocols
+    /// whose prefill can take it (native); the engine recomputes whatever the pull misses.
+    pub pull: Option<pdgate_wire::native::PullFrom>,
 }
 
 /// A failed leg, attributed to the role that failed.
