@@ -24,9 +24,37 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// An export answer names at most one offset per asked block; this bounds it well above that.
 const MAX_ANSWER_BYTES: usize = 8 << 20;
 
+/// What a pull brought: blocks verified into the cache, the bytes read for them, the time taken
+/// from the ask to the last read. All zero when the pull gave nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pulled {
+    pub blocks: u32,
+    pub bytes: u64,
+    pub ms: f64,
+}
+
 /// Pulls what `from` holds of `full` (the prompt's full blocks; `tokens` the prompt) into the
-/// prefix cache; returns the blocks pulled and verified (0 when the pull gave nothing).
+/// prefix cache.
 pub async fn pull_prefix(
+    e: &Engine,
+    request_id: &str,
+    full: &[BlockHash],
+    tokens: &[u32],
+    from: &PullFrom,
+) -> Pulled {
+    let started = std::time::Instant::now();
+    let blocks = pull_blocks(e, request_id, full, tokens, from).await;
+    if blocks == 0 {
+        return Pulled::default();
+    }
+    Pulled {
+        blocks,
+        bytes: u64::from(blocks) * e.cfg.block_bytes(),
+        ms: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+async fn pull_blocks(
     e: &Engine,
     request_id: &str,
     full: &[BlockHash],

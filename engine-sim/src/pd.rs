@@ -76,9 +76,9 @@ pub async fn prefill(
         return Err(ApiError::invalid("target", msg));
     }
     let full = e.full_blocks(&blocks, &tokens);
-    let pulled_blocks = match &req.pull {
+    let pulled = match &req.pull {
         Some(from) => crate::import::pull_prefix(&e, &req.request_id, full, &tokens, from).await,
-        None => 0,
+        None => crate::import::Pulled::default(),
     };
     let uncached = e.lookup_prefix(&tokens, full);
     let started = Instant::now();
@@ -102,7 +102,9 @@ pub async fn prefill(
         prefill_ms,
         transfer_ms: sent.elapsed().as_secs_f64() * 1e3,
         first_token: text::first_token(&tokens, e.cfg.seed),
-        pulled_blocks,
+        pulled_blocks: pulled.blocks,
+        pulled_bytes: pulled.bytes,
+        pull_ms: pulled.ms,
     }))
 }
 

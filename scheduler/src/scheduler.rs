@@ -39,11 +39,17 @@ pub struct Decision {
 }
 
 /// What the gateway measured once a prefill leg finished.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Observed {
     pub prefill_ms: f64,
     pub transfer_ms: f64,
     pub kv_bytes: u64,
+    /// The planned pull as the engine made it: bytes it moved and how long it took (0 when
+    /// there was none, or it failed); corrects that holder-puller pair's bandwidth.
+    #[serde(default)]
+    pub pulled_bytes: u64,
+    #[serde(default)]
+    pub pull_ms: f64,
 }
 
 /// How an instance's cache is sized, so the index mirrors it.
@@ -487,6 +493,9 @@ impl Scheduler {
         if let Some(o) = observed.filter(|o| o.transfer_ms > 0.0 && o.kv_bytes > 0) {
             self.bandwidth.update(o.kv_bytes as f64 / o.transfer_ms);
         }
+        if let (Some(p), Some(o)) = (b.pull, observed) {
+            self.pull_observed(p.from, runner, o.pulled_bytes, o.pull_ms);
+        }
     }
 
     /// The request ended (finished, failed or abandoned): releases everything it booked.
@@ -737,6 +746,7 @@ mod tests {
                     prefill_ms: 2.0 * 58.0,
                     transfer_ms: 2048.0 * 8192.0 / 0.5e6,
                     kv_bytes: 2048 * 8192,
+                    ..Observed::default()
                 }),
             );
             s.decode_done(d.ticket, NOW);

@@ -94,9 +94,14 @@ pub struct PrefillReport {
     pub transfer_ms: f64,
     /// Vocabulary index of the first generated token; decode continues after it.
     pub first_token: u32,
-    /// Blocks pulled from another engine and verified (counted in `cached_tokens` too).
+    /// Blocks pulled from another engine and verified (counted in `cached_tokens` too), the
+    /// bytes read for them and how long the pull took, ask to last read (0 when none).
     #[serde(default)]
     pub pulled_blocks: u32,
+    #[serde(default)]
+    pub pulled_bytes: u64,
+    #[serde(default)]
+    pub pull_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

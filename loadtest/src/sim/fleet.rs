@@ -457,6 +457,8 @@ impl Sim<'_> {
                 prefill_ms: s.prefill_ms,
                 transfer_ms: s.transfer_ms,
                 kv_bytes: s.kv_bytes,
+                // The pull was observed when it landed (`pull_done`), by the replica that planned it.
+                ..Observed::default()
             };
             self.gw
                 .prefill_done(s.replica, t, now, Some(o), &mut self.q);

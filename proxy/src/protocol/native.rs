@@ -90,6 +90,8 @@ impl PdProtocol for Native {
             prefill_ms: report.prefill_ms,
             transfer_ms: report.transfer_ms,
             kv_bytes: report.bytes_sent,
+            pulled_bytes: report.pulled_bytes,
+            pull_ms: report.pull_ms,
         }
     }
 

@@ -80,8 +80,7 @@ pub trait PdProtocol: Sync {
     fn reported(&self, _answer: &Self::Answer, elapsed: Duration) -> Observed {
         Observed {
             prefill_ms: elapsed.as_secs_f64() * 1e3,
-            transfer_ms: 0.0,
-            kv_bytes: 0,
+            ..Observed::default()
         }
     }
 
