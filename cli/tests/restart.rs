@@ -31,13 +31,12 @@ fn gateway_config(workers: &[&EngineProcess]) -> Config {
     cfg
 }
 
-async fn all_healthy(gateway: &str, engines: &[&EngineProcess]) -> bool {
-    for e in engines {
-        if !healthy(gateway, &e.url).await {
-            return false;
-        }
-    }
-    true
+/// Waits (up to 10 s) until the gateway has both engines in rotation.
+async fn both_healthy(gateway: &str, a: &EngineProcess, b: &EngineProcess) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        healthy(gateway, &a.url).await && healthy(gateway, &b.url).await
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +53,7 @@ async fn a_killed_engine_restarted_on_its_port_takes_its_segment_back_at_once() 
     decode = decode.registry(&url);
     prefill.start().await;
     decode.start().await;
-    assert!(eventually(Duration::from_secs(10), || all_healthy(&url, &[&prefill, &decode])).await);
+    assert!(both_healthy(&url, &prefill, &decode).await);
     let first = post(&url, "/v1/completions", completion("before the crash", 4)).await;
     assert_eq!(first.status(), 200);
 
@@ -97,13 +96,7 @@ async fn a_pull_mode_prefill_frees_kv_held_for_a_decode_that_died_before_reading
         cfg.health.interval_ms = 3_600_000;
         let gw = Gateway::start(cfg).await.expect("gateway starts");
         let url = gw.url();
-        assert!(
-            eventually(Duration::from_secs(10), || all_healthy(
-                &url,
-                &[&prefill, &decode]
-            ))
-            .await
-        );
+        assert!(both_healthy(&url, &prefill, &decode).await);
 
         decode.signal("-KILL");
         let resp = post(&url, "/v1/completions", completion("nobody will read this", 4)).await;
@@ -136,7 +129,7 @@ async fn slow_client_freed_both_legs_aborted_and_the_kv_released() {
     decode = decode.registry(&url);
     prefill.start().await;
     decode.start().await;
-    assert!(eventually(Duration::from_secs(10), || all_healthy(&url, &[&prefill, &decode])).await);
+    assert!(both_healthy(&url, &prefill, &decode).await);
 
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
