@@ -70,10 +70,18 @@ async fn a_killed_engine_restarted_on_its_port_takes_its_segment_back_at_once() 
         eventually(Duration::from_secs(10), || healthy(&url, &decode.url)).await,
         "the restarted decode is back in rotation"
     );
-    assert!(decode.running(), "it published its segment and kept running");
+    assert!(
+        decode.running(),
+        "it published its segment and kept running"
+    );
     // KV really moves to the new process: its segment is the one the registry names now.
     let resp = post(&url, "/v1/completions", completion("after the restart", 4)).await;
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
     assert!(
         decode.metric("pdgate_sim_kv_blocks_verified_total").await > 0.0,
         "the restarted decode received and verified the prompt's KV"
@@ -99,7 +107,12 @@ async fn a_pull_mode_prefill_frees_kv_held_for_a_decode_that_died_before_reading
         assert!(both_healthy(&url, &prefill, &decode).await);
 
         decode.signal("-KILL");
-        let resp = post(&url, "/v1/completions", completion("nobody will read this", 4)).await;
+        let resp = post(
+            &url,
+            "/v1/completions",
+            completion("nobody will read this", 4),
+        )
+        .await;
         assert_eq!(resp.status(), 502, "{protocol}: the decode's own failure");
         assert!(
             prefill.metric("pdgate_sim_kv_blocks_sent_total").await > 0.0,
@@ -110,7 +123,10 @@ async fn a_pull_mode_prefill_frees_kv_held_for_a_decode_that_died_before_reading
             prefill.metric(RESERVATIONS).await == 0.0
         })
         .await;
-        assert!(freed, "{protocol}: the KV held for the dead decode was freed");
+        assert!(
+            freed,
+            "{protocol}: the KV held for the dead decode was freed"
+        );
         gw.stop().await;
     }
 }
@@ -176,7 +192,10 @@ async fn slow_client_freed_both_legs_aborted_and_the_kv_released() {
         })
     })
     .await;
-    assert!(cancelled, "the decode leg was called off as the client's doing");
+    assert!(
+        cancelled,
+        "the decode leg was called off as the client's doing"
+    );
     // The engine stopped generating for it: far fewer tokens than asked for.
     let generated = decode.metric("vllm:generation_tokens_total").await;
     assert!(generated < 150_000.0, "{generated}");
@@ -199,6 +218,9 @@ async fn slow_client_freed_both_legs_aborted_and_the_kv_released() {
         .find(|w| w["role"] == "decode")
         .expect("decode")["breaker"]
         .clone();
-    assert_eq!(breaker, "closed", "a slow client is not the engine's failure");
+    assert_eq!(
+        breaker, "closed",
+        "a slow client is not the engine's failure"
+    );
     gw.stop().await;
 }

@@ -45,7 +45,8 @@ impl EngineProcess {
 
     /// An engine setting, as `PDGATE_ENGINE_{KEY}` (e.g. `MAX_TOKENS_LIMIT`).
     pub fn setting(mut self, key: &str, value: &str) -> Self {
-        self.env.push((format!("PDGATE_ENGINE_{key}"), value.into()));
+        self.env
+            .push((format!("PDGATE_ENGINE_{key}"), value.into()));
         self
     }
 
