@@ -276,6 +276,10 @@ class Gateway:
     def healthy(self, url):
         return any(w.get("url") == url and w.get("healthy") for w in self.workers())
 
+    def in_rotation(self, url):
+        return any(w.get("url") == url and w.get("healthy") and w.get("breaker") != "open"
+                   for w in self.workers())
+
     def booked(self):
         return sum(w.get("load", {}).get("in_flight", 0) for w in self.workers())
 
@@ -418,6 +422,10 @@ def inject(kind, e, gw, args, fabric, t, entry_out):
     back = wait_until(lambda: gw.healthy(e.url), 60, step=0.02)
     entry["recovery_s"] = round(time.monotonic() - ended, 2) if back else None
     entry["within_2_intervals"] = back and (time.monotonic() - ended) <= 2 * args.health_ms / 1e3
+    # In rotation: healthy and its breaker admitting work (an open breaker, tripped by the
+    # failures the fault caused, keeps the scheduler away until its cooldown or a probe).
+    admitted = wait_until(lambda: gw.in_rotation(e.url), 60, step=0.02)
+    entry["rotation_s"] = round(time.monotonic() - ended, 2) if admitted else None
 
 
 def run_protocol(args, protocol, out, faults, fabric_ok):
@@ -486,7 +494,7 @@ def run_protocol(args, protocol, out, faults, fabric_ok):
                 pool = [e for e in engines if e.role == ("decode" if n % 2 == 0 else "prefill")]
                 target = pool[(n // 2) % len(pool)]
                 fault_times.append(t)
-                th = threading.Thread(target=inject,
+                th = threading.Thread(target=inject, daemon=True,
                                       args=(kind, target, gw, args, fabric, t, faults_log))
                 th.start()
                 threads.append(th)
@@ -547,8 +555,11 @@ def run_protocol(args, protocol, out, faults, fabric_ok):
 def recovery_summary(r):
     out = []
     for f in r["faults"]:
-        rec = f.get("recovery_s")
-        out.append(f"{f['fault']} {f['engine']} {rec if rec is not None else 'never'}")
+        rec, rot = f.get("recovery_s"), f.get("rotation_s")
+        text = f"{f['fault']} {f['engine']} {rec if rec is not None else 'never'}"
+        if rot is not None and rot != rec:
+            text += f" (rotation {rot})"
+        out.append(text)
     return "; ".join(out) or "none"
 
 
