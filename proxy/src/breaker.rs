@@ -217,7 +217,11 @@ mod tests {
             "a failed probe reopens it for a whole cooldown"
         );
         let mut closed = Breaker::default();
-        assert_eq!(closed.health_recovered(), None, "a closed breaker stays closed");
+        assert_eq!(
+            closed.health_recovered(),
+            None,
+            "a closed breaker stays closed"
+        );
     }
 
     #[test]
