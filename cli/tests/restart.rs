@@ -1,8 +1,10 @@
 //! Engines that die and come back (issue 15), as separate `pdgate engine` processes:
 //!
 //! - an engine SIGKILLed and restarted on its port claims its segment name at once, although
-//!   its old registry entry (under its old transfer port) has not expired: it is back in
-//!   rotation and serving transfers at the next health check, not a segment TTL later;
+//!   its old registry entry (under its old transfer port) has not expired, and the breaker its
+//!   dying process opened lets a probe through as soon as a health check sees it back: it is in
+//!   rotation and serving transfers at the next health check, not a segment TTL or a breaker
+//!   cooldown later;
 //! - a pull-mode prefill (vLLM NIXL, TensorRT-LLM) does not keep KV for a decode that died
 //!   before reading it: the gateway calls the holding off, so it is freed long before the
 //!   engine's reservation TTL;
@@ -47,6 +49,11 @@ async fn a_killed_engine_restarted_on_its_port_takes_its_segment_back_at_once() 
     // Far longer than the engine waits for a held name (60 s): without the takeover the
     // restarted decode could not publish its segment and would exit.
     cfg.server.segment_ttl_secs = 600;
+    // One failed leg opens a breaker that would stay open for the whole test: only the
+    // health check that sees the engine back may let it in again.
+    cfg.breaker.failure_threshold = 1;
+    cfg.breaker.cooldown_ms = 600_000;
+    cfg.health.fail_threshold = 5;
     let gw = Gateway::start(cfg).await.expect("gateway starts");
     let url = gw.url();
     prefill = prefill.registry(&url);
@@ -58,6 +65,10 @@ async fn a_killed_engine_restarted_on_its_port_takes_its_segment_back_at_once() 
     assert_eq!(first.status(), 200);
 
     decode.signal("-KILL");
+    // Sent before the health checks notice: the dead decode fails it and opens its breaker.
+    let lost = post(&url, "/v1/completions", completion("during the crash", 4)).await;
+    assert_eq!(lost.status(), 502);
+    assert_eq!(breaker_of(&url, &decode.url).await, "open");
     assert!(
         eventually(Duration::from_secs(10), || async {
             !healthy(&url, &decode.url).await
@@ -67,8 +78,11 @@ async fn a_killed_engine_restarted_on_its_port_takes_its_segment_back_at_once() 
     );
     decode.start().await;
     assert!(
-        eventually(Duration::from_secs(10), || healthy(&url, &decode.url)).await,
-        "the restarted decode is back in rotation"
+        eventually(Duration::from_secs(10), || async {
+            healthy(&url, &decode.url).await && breaker_of(&url, &decode.url).await != "open"
+        })
+        .await,
+        "the restarted decode is healthy and its breaker lets a probe through"
     );
     assert!(
         decode.running(),
@@ -85,6 +99,11 @@ async fn a_killed_engine_restarted_on_its_port_takes_its_segment_back_at_once() 
     assert!(
         decode.metric("pdgate_sim_kv_blocks_verified_total").await > 0.0,
         "the restarted decode received and verified the prompt's KV"
+    );
+    assert_eq!(
+        breaker_of(&url, &decode.url).await,
+        "closed",
+        "the probe closed it"
     );
     gw.stop().await;
 }
