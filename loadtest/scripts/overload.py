@@ -145,7 +145,9 @@ def stalled(args, out):
     env = {"PDGATE_ENGINE_KV_BYTES_PER_TOKEN": "16",
            "PDGATE_ENGINE_MAX_BATCH": str(args.streams),
            "PDGATE_ENGINE_MAX_TOKENS_LIMIT": str(args.max_tokens)}
-    extra = "[server.limits]\nwrite_timeout_ms = 600000\n"
+    # The write deadline far off, so the streams stay open; admission off, so all of them are
+    # taken (the `slo` policy would refuse streams past the TBT it predicts for a full batch).
+    extra = "[server.limits]\nwrite_timeout_ms = 600000\n[scheduler.slo]\nadmission = false\n"
     gw, engines = start_fleet(args, out, env, extra)
     try:
         # Warm the gateway's pools and allocator with a few ordinary requests first.
@@ -176,6 +178,7 @@ def stalled(args, out):
             if still >= 4 and booked >= args.streams:
                 break
         during = chaos.rss_kib(gw.proc.pid)
+        queued = send_queue(port)
         for s in socks:
             s.close()
         freed = chaos.wait_until(lambda: chaos.leaked(engines) == 0 and gw.booked() == 0,
@@ -186,7 +189,7 @@ def stalled(args, out):
             "streams": args.streams,
             "max_tokens": args.max_tokens,
             "booked_when_measured": booked,
-            "gateway_send_queue_bytes": send_queue(port),
+            "gateway_send_queue_bytes": queued,
             "stalled_engine_tokens": last,
             "gateway_rss_kib": {"before": before, "stalled": during, "after_close": after},
             "rss_per_stalled_stream_kib": round((during - before) / args.streams, 1),
