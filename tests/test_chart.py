@@ -71,6 +71,7 @@ MATRIX = {
     },
     "sglang": {**_example("sglang.yaml"), "networkPolicy": {"enabled": True}},
     "reference": _example("reference.yaml"),
+    "two-models": _example("two-models.yaml"),
 }
 
 
@@ -177,7 +178,24 @@ def test_the_rendered_gateway_config_passes_pdgate_serve_check(case, tmp_path):
     assert effective["server"]["admin_token"] == "<redacted>"
     assert "chart-test-admin-token" not in out.stdout
     groups = effective_groups(name)
-    if groups:
+    if len(groups) > 1:
+        assert "model" not in effective or effective["model"]["name"] == "pdgate-sim-8b"
+        assert effective["discovery"]["kind"] == "static", "each model discovers its own engines"
+        assert [m["name"] for m in effective["models"]] == [g["model"] for g in groups]
+        for g, m in zip(groups, effective["models"]):
+            label = re.sub(r"[^a-z0-9.-]+", "-", g["model"].lower()).strip("-.")
+            assert m.get("aliases", []) == g.get("aliases", [])
+            assert m["discovery"]["kind"] == "kubernetes"
+            k = m["discovery"]["kubernetes"]
+            assert k["namespace"] == NAMESPACE
+            for role in ("prefill", "decode"):
+                assert k[f"{role}_selector"] == f"pdgate.io/role={role},pdgate.io/model={label},app.kubernetes.io/instance={RELEASE}"
+            if "scheduler" in g:
+                assert _within(g["scheduler"], m["scheduler"]), m["scheduler"]
+                assert m["scheduler"]["block_size"] == effective["scheduler"]["block_size"], "merged over [scheduler]"
+            else:
+                assert "scheduler" not in m, "a model without its own scheduler uses [scheduler]"
+    elif groups:
         (g,) = groups
         k = effective["discovery"]["kubernetes"]
         model = re.sub(r"[^a-z0-9.-]+", "-", g["model"].lower()).strip("-.")
@@ -192,11 +210,25 @@ def test_the_rendered_gateway_config_passes_pdgate_serve_check(case, tmp_path):
         assert effective["workers"][0]["bootstrap_port"] == 8998
 
 
+def _within(part, whole) -> bool:
+    """Every key of `part` is in `whole` with that value (nested tables compared the same way)."""
+    if isinstance(part, dict):
+        return isinstance(whole, dict) and all(k in whole and _within(v, whole[k]) for k, v in part.items())
+    return part == whole
+
+
 def effective_groups(name):
     values = MATRIX[name]
     if "workerGroups" in values:
         return values["workerGroups"]
     return yaml.safe_load((CHART / "values.yaml").read_text())["workerGroups"]
+
+
+def test_two_groups_of_one_model_are_refused_at_render():
+    group = {"model": "m", "engine": "reference"}
+    with pytest.raises(Exception) as e:
+        render({"workerGroups": [group, {**group, "aliases": ["x"]}]})
+    assert "used twice" in str(e.value), str(e.value)
 
 
 def test_a_wrong_gateway_config_key_is_caught_by_check(tmp_path):

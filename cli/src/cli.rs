@@ -164,7 +164,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::telemetry::init(&cfg.log);
             pdgate_gateway::config_check::check(&cfg.gateway()).with_context(|| file.clone())?;
             anyhow::ensure!(
-                !cfg.workers.is_empty() || cfg.discovery.kind != DiscoveryKind::Static,
+                !cfg.models.is_empty()
+                    || !cfg.workers.is_empty()
+                    || cfg.discovery.kind != DiscoveryKind::Static,
                 "no [[workers]] configured and [discovery] kind is static; `pdgate up` starts a \
                  demo fleet instead"
             );

@@ -5,7 +5,7 @@
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
-    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, Protocol, ServerConfig,
+    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, ModelEntry, Protocol, ServerConfig,
     UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
@@ -24,6 +24,8 @@ pub struct Config {
     pub workers: Vec<WorkerConfig>,
     /// Where more engine instances come from: none (`static`), the Kubernetes API or DNS.
     pub discovery: DiscoveryConfig,
+    /// Several models behind one gateway, each with its own engines and scheduler.
+    pub models: Vec<ModelEntry>,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
@@ -42,6 +44,7 @@ impl Config {
             scheduler: self.scheduler.clone(),
             workers: self.workers.clone(),
             discovery: self.discovery.clone(),
+            models: self.models.clone(),
             health: self.health.clone(),
             upstream: self.upstream.clone(),
             breaker: self.breaker,
@@ -99,6 +102,7 @@ impl Layered for Config {
         "scheduler",
         "workers",
         "discovery",
+        "models",
         "health",
         "upstream",
         "breaker",

@@ -134,6 +134,23 @@ pub struct SimulateArgs {
     /// Scheduler seed.
     #[arg(long, default_value_t = 1)]
     pub sched_seed: u64,
+    /// Gateway replicas behind a round-robin balancer, each knowing only its own bookings;
+    /// comma-separated counts run one after another (e.g. `1,2,4,8`).
+    #[arg(long, default_value = "1")]
+    pub replicas: String,
+    /// Engines publish KV events (blocks stored/evicted) to every gateway replica.
+    #[arg(long)]
+    pub kv_events: bool,
+    /// Delay from an engine's cache change to the gateways applying it, ms (with --kv-events).
+    #[arg(long)]
+    pub event_lag_ms: Option<f64>,
+    /// Booking sync between replicas through a broker, with this delivery lag in ms (default:
+    /// no sync, each replica knows only its own bookings).
+    #[arg(long)]
+    pub sync_lag_ms: Option<f64>,
+    /// How often each gateway scrapes engine metrics, ms (0 = never).
+    #[arg(long)]
+    pub metrics_interval_ms: Option<f64>,
 }
 
 fn load_trace(a: &TraceArgs, tok: &dyn CountTokens) -> anyhow::Result<Trace> {
@@ -296,6 +313,32 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     spec.engine.timing.time_scale = a.time_scale;
     spec.kv_gbps = a.kv_gbps;
     spec.overhead_ms = a.overhead_ms;
+    let replicas: Vec<usize> = a
+        .replicas
+        .split(',')
+        .map(|n| match n.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(anyhow::anyhow!(
+                "--replicas takes counts ≥ 1, comma-separated (got `{n}`)"
+            )),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    spec.gateways.kv_events = a.kv_events;
+    if let Some(lag) = a.event_lag_ms {
+        anyhow::ensure!(lag.is_finite() && lag >= 0.0, "--event-lag-ms must be ≥ 0");
+        spec.gateways.event_lag_ms = lag;
+    }
+    if let Some(lag) = a.sync_lag_ms {
+        anyhow::ensure!(lag.is_finite() && lag >= 0.0, "--sync-lag-ms must be ≥ 0");
+        spec.gateways.sync_lag_ms = Some(lag);
+    }
+    if let Some(every) = a.metrics_interval_ms {
+        anyhow::ensure!(
+            every.is_finite() && every >= 0.0,
+            "--metrics-interval-ms must be ≥ 0"
+        );
+        spec.metrics_interval_ms = every;
+    }
     if let Some(path) = &a.scheduler_config {
         spec.scheduler = config::Config::builder()
             .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml))
@@ -317,9 +360,11 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
         "mode": format!("{mode:?}"), "kv_blocks": spec.engine.kv_blocks, "decode_cache_blocks": spec.decode_cache_blocks,
         "max_batch": spec.engine.max_batch, "max_batched_tokens": spec.engine.max_batched_tokens,
         "kv_bytes_per_token": spec.engine.kv_bytes_per_token, "kv_gbps": a.kv_gbps, "time_scale": a.time_scale,
-        "overhead_ms": a.overhead_ms, "slo": slo,
+        "overhead_ms": a.overhead_ms, "slo": slo, "kv_events": spec.gateways.kv_events,
+        "event_lag_ms": spec.gateways.event_lag_ms, "metrics_interval_ms": spec.metrics_interval_ms,
+        "sync_lag_ms": spec.gateways.sync_lag_ms,
     });
-    let reports = sim::run(&trace, mode, &spec, &policies, &slo, settings);
+    let reports = sim::run_replicas(&trace, mode, &spec, &policies, &replicas, &slo, settings);
     let total: f64 = reports.iter().map(|r| r.wall_s).sum();
     eprintln!(
         "simulated {} requests × {} policies in {total:.2} s",

@@ -4,8 +4,8 @@
 //! It never binds or connects.
 
 use crate::config::{
-    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ServerConfig,
-    UpstreamConfig, WorkerConfig,
+    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ModelEntry,
+    ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
@@ -28,6 +28,7 @@ struct Served<'a> {
     scheduler: &'a SchedulerConfig,
     workers: &'a [WorkerConfig],
     discovery: &'a DiscoveryConfig,
+    models: &'a [ModelEntry],
     health: &'a HealthConfig,
     upstream: &'a UpstreamConfig,
     breaker: &'a BreakerConfig,
@@ -42,6 +43,7 @@ impl<'a> Served<'a> {
             scheduler: &c.scheduler,
             workers: &c.workers,
             discovery: &c.discovery,
+            models: &c.models,
             health: &c.health,
             upstream: &c.upstream,
             breaker: &c.breaker,

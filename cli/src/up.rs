@@ -2,6 +2,8 @@
 //! together (engines register their KV segments with the gateway's registry) and ready to serve.
 //! The fleet shares one fleet secret: the configured one, else a random one made for this process
 //! (so the demo's transfer plane is authenticated, not open to anyone who reaches its ports).
+//! With `[[models]]`, every model that lists no engines and discovers none gets a fleet of its
+//! own (`up.prefill` + `up.decode` engines serving that model's name).
 
 use crate::config::{Config, WorkerConfig};
 use pdgate_engine_sim::{EngineConfig, EngineHandle};
@@ -12,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub struct Fleet {
     pub gateway: Gateway,
     pub engines: Vec<(Role, EngineHandle)>,
+    /// The model each of `engines` serves, in the same order.
+    pub engine_models: Vec<String>,
     /// The per-process secret's file, when `up` made one; removed with the fleet.
     _secret: Option<GeneratedSecret>,
 }
@@ -92,49 +96,74 @@ impl Fleet {
             cfg.up.prefill > 0 && cfg.up.decode > 0,
             "`up` needs at least one prefill and one decode engine"
         );
+        let mut cfg = cfg;
+        let engine = cfg.up.engine.clone();
+        let single = cfg.models.is_empty();
         anyhow::ensure!(
-            cfg.up.engine.block_size == cfg.scheduler.block_size
-                && cfg.up.engine.model == cfg.model.name,
+            engine.block_size == cfg.scheduler.block_size
+                && (!single || engine.model == cfg.model.name),
             "up.engine.block_size/model must match scheduler.block_size/model.name"
         );
-        let mut cfg = cfg;
-        // The demo fleet's model is authoritative for what a handoff moves.
-        cfg.scheduler.kv_bytes_per_token = cfg.up.engine.kv_bytes_per_token;
-        // ... and for how fast it computes: a time-scaled fleet is predicted time-scaled.
-        cfg.scheduler.cost = cfg
-            .scheduler
-            .cost
-            .time_scaled(cfg.up.engine.timing.time_scale);
+        let schedulers = std::iter::once(&mut cfg.scheduler)
+            .chain(cfg.models.iter_mut().filter_map(|m| m.scheduler.as_mut()));
+        for s in schedulers {
+            anyhow::ensure!(
+                s.block_size == engine.block_size,
+                "a model's scheduler.block_size must match up.engine.block_size"
+            );
+            // The demo fleet's model is authoritative for what a handoff moves.
+            s.kv_bytes_per_token = engine.kv_bytes_per_token;
+            // ... and for how fast it computes: a time-scaled fleet is predicted time-scaled.
+            s.cost = s.cost.time_scaled(engine.timing.time_scale);
+        }
+        // The models `up` starts engines for: the single model, or each `[[models]]` entry
+        // that has no engines of its own.
+        let demo_models: Vec<String> = match single {
+            true => vec![cfg.model.name.clone()],
+            false => cfg
+                .models
+                .iter()
+                .filter(|m| m.workers.is_empty() && m.discovery == Default::default())
+                .map(|m| m.name.clone())
+                .collect(),
+        };
         let secret = share_fleet_secret(&mut cfg)?;
         let up = cfg.up.clone();
         let plain_listener = cfg.server.tls.is_none();
         let gateway = Gateway::start(cfg.gateway()).await?;
-        let mut engines = Vec::with_capacity(up.prefill + up.decode);
-        let roles = std::iter::repeat_n(Role::Prefill, up.prefill)
-            .chain(std::iter::repeat_n(Role::Decode, up.decode));
-        for role in roles {
-            let engine_cfg = EngineConfig {
-                role,
-                port: 0,
-                transfer_port: 0,
-                // The reference engine's registry client speaks plain HTTP only; behind a TLS
-                // listener the demo engines find their peers where the peers say they are.
-                registry_url: plain_listener.then(|| gateway.url()),
-                ..up.engine.clone()
-            };
-            let handle = pdgate_engine_sim::spawn(engine_cfg).await?;
-            gateway.add_worker(&WorkerConfig {
-                url: handle.url(),
-                role,
-                protocol: up.engine.protocol,
-                bootstrap_port: None,
-            });
-            engines.push((role, handle));
+        let mut engines = Vec::with_capacity(demo_models.len() * (up.prefill + up.decode));
+        let mut engine_models = Vec::with_capacity(engines.capacity());
+        for model in &demo_models {
+            let roles = std::iter::repeat_n(Role::Prefill, up.prefill)
+                .chain(std::iter::repeat_n(Role::Decode, up.decode));
+            for role in roles {
+                let engine_cfg = EngineConfig {
+                    role,
+                    model: model.clone(),
+                    port: 0,
+                    transfer_port: 0,
+                    // The reference engine's registry client speaks plain HTTP only; behind a
+                    // TLS listener the demo engines find their peers where the peers say they are.
+                    registry_url: plain_listener.then(|| gateway.url()),
+                    ..up.engine.clone()
+                };
+                let handle = pdgate_engine_sim::spawn(engine_cfg).await?;
+                let worker = WorkerConfig {
+                    url: handle.url(),
+                    role,
+                    protocol: up.engine.protocol,
+                    bootstrap_port: None,
+                };
+                gateway.add_worker_to(model, &worker)?;
+                engines.push((role, handle));
+                engine_models.push(model.clone());
+            }
         }
         gateway.check_health().await;
         Ok(Self {
             gateway,
             engines,
+            engine_models,
             _secret: secret,
         })
     }
@@ -145,13 +174,18 @@ impl Fleet {
 
     pub fn banner(&self) -> String {
         let mut out = format!("pdgate gateway  {}\n", self.url());
-        for (role, e) in &self.engines {
-            out.push_str(&format!("  {role:<7} engine  {}\n", e.url()));
+        for ((role, e), model) in self.engines.iter().zip(&self.engine_models) {
+            out.push_str(&format!("  {role:<7} engine  {}  {model}\n", e.url()));
         }
         out.push_str(&format!(
             "\ntry:\n  curl -s {}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\nCtrl-C stops everything.\n",
             self.url(),
-            self.gateway.state.cfg.model.name
+            self.gateway
+                .state
+                .models
+                .all()
+                .first()
+                .map_or("", |m| m.name.as_str())
         ));
         out
     }

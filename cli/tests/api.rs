@@ -402,9 +402,10 @@ async fn failed_prefill_is_retried_on_another_instance() {
         .await;
         assert_eq!(resp.status(), 200, "request {i}");
     }
-    let retries = pdgate_wire::prometheus::sample(
+    let retries = series(
         &metrics_text(&fleet.url()).await,
-        "pdgate_prefill_retries_total",
+        "pdgate_retries_total",
+        &[("role", "prefill"), ("outcome", "retried")],
     );
     assert!(
         retries.is_some_and(|r| r >= 1.0),

@@ -225,14 +225,20 @@ async fn decode_cut_mid_stream_opens_its_own_breaker() {
     let bad = pdgate_engine_sim::spawn(bad_cfg).await.expect("engine");
     add_worker(&fleet, &bad.url(), Role::Decode).await;
 
-    let mut cut = 0;
+    let migrated = |m: String| {
+        pdgate_wire::prometheus::sample(&m, r#"pdgate_migrations_total{outcome="ok"}"#)
+            .unwrap_or(0.0)
+    };
+    let before = migrated(metrics_text(&url).await);
     for i in 0..12 {
-        if !stream_completes(&url, i, 6).await {
-            cut += 1;
-        }
+        assert!(
+            stream_completes(&url, i, 6).await,
+            "request {i}: a cut stream is continued on the good decode"
+        );
     }
     assert_eq!(
-        cut, 2,
+        migrated(metrics_text(&url).await) - before,
+        2.0,
         "cut streams count until the breaker opens; then only the good decode"
     );
     assert_eq!(breaker_of(&url, &bad.url()).await, "open");

@@ -9,75 +9,12 @@ use pdgate::config::Protocol;
 use pdgate_gateway::config::{Config, WorkerConfig};
 use pdgate_gateway::Gateway;
 use pdgate_scheduler::{PolicyKind, Role};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use support::engines::{engine_process, healthy, signal, EngineProcess};
 use support::*;
 
-/// A `pdgate engine` process, killed on drop.
-struct Engine {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-async fn engine(role: &str) -> Engine {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args([
-            "engine",
-            "--role",
-            role,
-            "--protocol",
-            "vllm-nixl",
-            "--time-scale",
-            "0",
-        ])
-        .args(["--port", &port.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("engine starts");
-    let url = format!("http://127.0.0.1:{port}");
-    let up = eventually(Duration::from_secs(20), || async {
-        client()
-            .get(format!("{url}/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
-    assert!(up, "engine {role} on {url} came up");
-    Engine { child, url }
-}
-
-fn signal(e: &Engine, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &e.child.id().to_string()])
-        .status()
-        .expect("kill runs")
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
-async fn healthy(gateway: &str, url: &str) -> bool {
-    admin_workers(gateway)
-        .await
-        .iter()
-        .any(|w| w["url"] == url && w["healthy"] == true)
+async fn engine(role: &str) -> EngineProcess {
+    engine_process(role, "vllm-nixl", 0.0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,8 +59,11 @@ async fn a_stopped_prefill_is_timed_out_routed_around_marked_down_and_taken_back
     {
         assert_eq!(resp.status().as_u16(), 200, "request {i}");
     }
-    let retried =
-        pdgate_wire::prometheus::sample(&metrics_text(&url).await, "pdgate_prefill_retries_total");
+    let retried = series(
+        &metrics_text(&url).await,
+        "pdgate_retries_total",
+        &[("role", "prefill"), ("outcome", "retried")],
+    );
     assert!(
         retried.is_some_and(|r| r >= 1.0),
         "a request met the stopped prefill and was retried: {retried:?}"

@@ -101,8 +101,7 @@ async fn decode_report_reaches_scheduler(
     gw: &pdgate_gateway::Gateway,
     check: impl Fn(&pdgate_scheduler::EngineReport) -> bool,
 ) -> bool {
-    let decode_id = gw
-        .state
+    let decode_id = gw.state.models.all()[0]
         .fleet
         .workers
         .all()
@@ -111,7 +110,11 @@ async fn decode_report_reaches_scheduler(
         .expect("decode")
         .id;
     eventually(Duration::from_secs(3), || async {
-        let load = gw.state.fleet.scheduler.lock().load(decode_id);
+        let load = gw.state.models.all()[0]
+            .fleet
+            .scheduler
+            .lock()
+            .load(decode_id);
         load.and_then(|l| l.engine).is_some_and(|e| check(&e))
     })
     .await
@@ -263,9 +266,7 @@ async fn a_push_mode_prefills_cache_size_bounds_the_index() {
     cfg.health.metrics_interval_ms = 50;
     cfg.scheduler.index.default_capacity_blocks = 65_536;
     let fleet = fleet(cfg).await;
-    let prefill = fleet
-        .gateway
-        .state
+    let prefill = fleet.gateway.state.models.all()[0]
         .fleet
         .workers
         .all()
@@ -274,7 +275,7 @@ async fn a_push_mode_prefills_cache_size_bounds_the_index() {
         .expect("prefill")
         .id;
     let sized = eventually(Duration::from_secs(3), || async {
-        let s = fleet.gateway.state.fleet.scheduler.lock();
+        let s = fleet.gateway.state.models.all()[0].fleet.scheduler.lock();
         s.capacity_blocks(prefill) == Some(16)
     })
     .await;
@@ -285,7 +286,11 @@ async fn a_push_mode_prefills_cache_size_bounds_the_index() {
         let resp = post(&fleet.url(), "/v1/completions", completion(&prompt, 1)).await;
         assert_eq!(resp.status(), 200);
     }
-    let bytes = fleet.gateway.state.fleet.scheduler.lock().index_bytes();
+    let bytes = fleet.gateway.state.models.all()[0]
+        .fleet
+        .scheduler
+        .lock()
+        .index_bytes();
     let per_entry = pdgate_scheduler::index::BYTES_PER_ENTRY;
     assert!(
         bytes <= 2 * 16 * per_entry,

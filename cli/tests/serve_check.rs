@@ -190,3 +190,67 @@ decode_selector = "pdgate.io/role=decode,pdgate.io/model=llama"
     let out = check(&file);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The two-model example checks, and its effective config (printed) checks again and still
+/// lists both models with their engines and the one scheduler of their own.
+#[test]
+fn the_two_model_example_passes_and_prints_every_model() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/two-models.toml");
+    let out = check(&example);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let effective: toml::Value = toml::from_str(&printed).expect("the print is TOML");
+    let models = effective["models"].as_array().expect("models");
+    let names: Vec<_> = models.iter().map(|m| m["name"].as_str()).collect();
+    assert_eq!(names, [Some("pdgate-sim-8b"), Some("pdgate-sim-70b")]);
+    assert_eq!(models[0]["workers"].as_array().map(Vec::len), Some(2));
+    assert!(models[0].get("scheduler").is_none());
+    assert_eq!(models[1]["scheduler"]["policy"].as_str(), Some("slo"));
+    let again = write(&dir("two-models"), "printed.toml", &printed);
+    assert!(check(&again).status.success(), "{printed}");
+}
+
+/// Models that cannot be told apart, or share an engine, or have no engines: each named.
+#[test]
+fn clashing_or_empty_models_are_named() {
+    let d = dir("models-bad");
+    let file = write(
+        &d,
+        "gw.toml",
+        r#"
+[[models]]
+name = "llama"
+aliases = ["small"]
+[[models.workers]]
+url = "http://127.0.0.1:8101"
+role = "decode"
+
+[[models]]
+name = "small"
+[[models.workers]]
+url = "http://127.0.0.1:8101/"
+role = "prefill"
+
+[[models]]
+name = "empty"
+"#,
+    );
+    let out = check(&file);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    for needle in [
+        "models[1] (small): `small` already names model `llama`",
+        "engine http://127.0.0.1:8101 is already an engine of model `llama`",
+        "models[2].no [[models.workers]]",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // The single-model sections cannot be mixed in.
+    let file = write(
+        &d,
+        "gw.toml",
+        "[[workers]]\nurl = \"http://127.0.0.1:8101\"\nrole = \"decode\"\n[[models]]\nname = \"m\"\n[[models.workers]]\nurl = \"http://127.0.0.1:8102\"\nrole = \"decode\"\n",
+    );
+    let err = stderr(&check(&file));
+    assert!(err.contains("[[models.workers]]"), "{err}");
+}

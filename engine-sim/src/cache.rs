@@ -56,6 +56,12 @@ impl PrefixCache {
 
     /// Inserts (or refreshes) `blocks`, evicting the least recently used beyond capacity.
     pub fn insert(&mut self, blocks: &[BlockHash]) {
+        self.insert_with(blocks, |_| {});
+    }
+
+    /// `insert`, telling `evicted` each block it drops (what an engine's KV "removed" event
+    /// carries).
+    pub fn insert_with(&mut self, blocks: &[BlockHash], mut evicted: impl FnMut(BlockHash)) {
         if self.capacity == 0 {
             return;
         }
@@ -68,6 +74,7 @@ impl PrefixCache {
             };
             if self.last_use.get(&victim) == Some(&tick) {
                 self.last_use.remove(&victim);
+                evicted(victim);
             }
         }
     }
@@ -128,6 +135,18 @@ mod tests {
         assert_eq!(c.match_prefix(&hs(&[3])), 0, "3 and 4 were the oldest");
         assert_eq!(c.match_prefix(&hs(&[4])), 0);
         assert_eq!(c.match_prefix(&hs(&[1, 2, 5, 6])), 4);
+    }
+
+    #[test]
+    fn insert_with_names_exactly_the_evicted_blocks() {
+        let mut c = PrefixCache::new(3);
+        let mut gone = Vec::new();
+        c.insert_with(&hs(&[1, 2, 3]), |b| gone.push(b));
+        assert!(gone.is_empty());
+        c.match_prefix(&hs(&[1]));
+        c.insert_with(&hs(&[4, 5]), |b| gone.push(b));
+        assert_eq!(gone, hs(&[2, 3]), "the two least recently used");
+        assert_eq!(c.match_prefix(&hs(&[1])), 1);
     }
 
     #[test]

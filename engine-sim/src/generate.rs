@@ -75,7 +75,7 @@ async fn handle(
     }
     let rid = request_id(&headers);
     let tokens = BuiltinTokenizer.encode(&req.prompt);
-    let key = text::prompt_key(&tokens);
+    let seq = text::Sequence::new(&tokens, e.cfg.seed);
     let leg = match body.get(DECODE_FIELD) {
         Some(v) => Some(
             serde_json::from_value::<DecodeLeg>(v.clone())
@@ -97,16 +97,15 @@ async fn handle(
             false,
         ),
         None => match protocol::prepare(&e, &body, &rid, &tokens, abort_rx.clone()).await? {
-            Prepared::Plain => (prefill_locally(&e, &tokens, key).await?, None, true),
+            Prepared::Plain => (prefill_locally(&e, &tokens, &seq).await?, None, true),
             Prepared::PrefillOnly(d) => {
                 // A prefill-only leg produces exactly the first token, whatever was asked.
                 req.max_tokens = 1;
                 decorate = Some(d);
-                (text::token_at(key, e.cfg.seed, 0), None, true)
+                (seq.next_token(), None, true)
             }
             Prepared::Decode(leg) => (
-                leg.first
-                    .unwrap_or_else(|| text::token_at(key, e.cfg.seed, 0)),
+                leg.first.unwrap_or_else(|| seq.next_token()),
                 leg.claim,
                 false,
             ),
@@ -119,10 +118,9 @@ async fn handle(
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
     let out = Output {
         engine: Arc::clone(&e),
-        req,
         rid,
-        key,
-        first,
+        reply: seq.reply(first, req.max_tokens),
+        req,
         prompt_tokens: tokens.len() as u32,
         prompt_here,
         decorate,
@@ -150,7 +148,11 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
 }
 
 /// Prefills on this engine (a non-PD request), reusing cached leading blocks.
-async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, ApiError> {
+async fn prefill_locally(
+    e: &Engine,
+    tokens: &[u32],
+    seq: &text::Sequence,
+) -> Result<u32, ApiError> {
     let full = e.hasher.full_blocks(tokens);
     let uncached = e.lookup_prefix(tokens, &full);
     e.gpu
@@ -159,15 +161,16 @@ async fn prefill_locally(e: &Engine, tokens: &[u32], key: u64) -> Result<u32, Ap
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
     e.cache.lock().insert(&full);
     Stats::add(&e.stats.generation_tokens, 1);
-    Ok(text::token_at(key, e.cfg.seed, 0))
+    Ok(seq.next_token())
 }
 
 struct Output {
     engine: Arc<Engine>,
     req: GenRequest,
     rid: String,
-    key: u64,
-    first: u32,
+    /// The reply's vocabulary indices, all `max_tokens` of them: a pure function of the prompt's
+    /// tokens and the first token (see `text`), so computed up front.
+    reply: Vec<u32>,
     prompt_tokens: u32,
     /// Whether this engine ran the prompt (and so has its logprobs).
     prompt_here: bool,
@@ -185,10 +188,7 @@ impl Output {
     }
 
     fn piece(&self, position: u32) -> &'static str {
-        if position == 0 {
-            return text::piece(self.first);
-        }
-        text::piece(text::token_at(self.key, self.engine.cfg.seed, position))
+        text::piece(self.reply.get(position as usize).copied().unwrap_or(0))
     }
 
     /// The logprobs of the answer's first `generated` tokens, or `None` if none were asked for;

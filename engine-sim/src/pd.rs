@@ -93,6 +93,6 @@ pub async fn prefill(
         bytes_sent,
         prefill_ms,
         transfer_ms: sent.elapsed().as_secs_f64() * 1e3,
-        first_token: text::token_at(text::prompt_key(&tokens), e.cfg.seed, 0),
+        first_token: text::first_token(&tokens, e.cfg.seed),
     }))
 }

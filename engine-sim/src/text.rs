@@ -1,11 +1,16 @@
-//! Deterministic generated text: the token at each position is a function of the prompt's
-//! token ids, the engine seed and the position, so a prompt always yields the same reply and a
-//! decode engine continues exactly where a prefill engine's first token left off.
+//! Deterministic generated text: the next token is a function of the engine seed and every
+//! token id of the sequence so far (the prompt's, then the generated ones), like greedy decoding
+//! of a real model. So a prompt always yields the same reply, a decode engine continues exactly
+//! where a prefill engine's first token left off, and a prompt extended by the first N tokens
+//! of a reply (a continuation, as the gateway sends when it migrates a broken stream) yields
+//! exactly the reply's tokens from N on.
 //!
-//! Every piece is one token under the built-in tokenizer, so `usage.completion_tokens` is exact.
+//! Every piece is one token under the built-in tokenizer, and each starts with a space or is
+//! punctuation, so it never merges with the text before it: `prompt + pieces` re-encodes to the
+//! prompt's tokens followed by the pieces', which keeps `usage` exact and continuations exact.
 
-use pdgate_scheduler::TokenId;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use pdgate_scheduler::{BuiltinTokenizer, TokenId};
+use xxhash_rust::xxh3::Xxh3;
 
 const VOCAB: [&str; 48] = [
     " the", " a", " model", " cache", " block", " token", " prefix", " decode", " prefill",
@@ -15,21 +20,48 @@ const VOCAB: [&str; 48] = [
     " and", " then", " now", " soon", " here", " there", ",", ".", " it", " we",
 ];
 
-/// A key of the whole prompt, from its token ids.
-pub fn prompt_key(tokens: &[TokenId]) -> u64 {
-    let mut bytes = Vec::with_capacity(tokens.len() * 4);
-    for t in tokens {
-        bytes.extend_from_slice(&t.to_le_bytes());
+/// A sequence being generated: a running hash of its token ids under the engine seed.
+#[derive(Clone)]
+pub struct Sequence(Xxh3);
+
+impl Sequence {
+    /// The sequence of a prompt's tokens, nothing generated yet.
+    pub fn new(tokens: &[TokenId], seed: u64) -> Self {
+        let mut h = Xxh3::with_seed(seed);
+        for t in tokens {
+            h.update(&t.to_le_bytes());
+        }
+        Self(h)
     }
-    xxh3_64(&bytes)
+
+    /// The vocabulary index of the token generated next.
+    pub fn next_token(&self) -> u32 {
+        (self.0.digest() % VOCAB.len() as u64) as u32
+    }
+
+    /// Appends a generated token (a vocabulary index) to the sequence.
+    pub fn push(&mut self, index: u32) {
+        let id = BuiltinTokenizer::piece_id(piece(index));
+        self.0.update(&id.to_le_bytes());
+    }
+
+    /// The vocabulary indices of a reply of `len` tokens whose first is `first` (computed by
+    /// whichever engine ran the prompt).
+    pub fn reply(mut self, first: u32, len: u32) -> Vec<u32> {
+        let mut out = Vec::with_capacity(len as usize);
+        let mut next = first;
+        for _ in 0..len {
+            out.push(next);
+            self.push(next);
+            next = self.next_token();
+        }
+        out
+    }
 }
 
-/// The index into the vocabulary of the token generated at `position` (0 is the first token).
-pub fn token_at(prompt_key: u64, seed: u64, position: u32) -> u32 {
-    let mut buf = [0u8; 12];
-    buf[..8].copy_from_slice(&prompt_key.to_le_bytes());
-    buf[8..].copy_from_slice(&position.to_le_bytes());
-    (xxh3_64_with_seed(&buf, seed) % VOCAB.len() as u64) as u32
+/// The first token a prompt generates.
+pub fn first_token(tokens: &[TokenId], seed: u64) -> u32 {
+    Sequence::new(tokens, seed).next_token()
 }
 
 /// The text of a vocabulary index; out-of-range indices (from a bad peer) map into range.
@@ -48,15 +80,40 @@ mod tests {
         for p in VOCAB {
             assert_eq!(tok.count(p), 1, "{p:?}");
         }
-        let text: String = (0..40).map(|i| piece(token_at(7, 0, i))).collect();
+        let seq = Sequence::new(&[7], 0);
+        let text: String = seq.reply(3, 40).into_iter().map(piece).collect();
         assert_eq!(tok.count(&text), 40);
+    }
+
+    fn reply(prompt: &str, seed: u64, len: u32) -> Vec<u32> {
+        let tokens = BuiltinTokenizer.encode(prompt);
+        Sequence::new(&tokens, seed).reply(first_token(&tokens, seed), len)
     }
 
     #[test]
     fn deterministic_per_prompt_and_seed() {
-        let a: Vec<_> = (0..16).map(|i| token_at(1, 0, i)).collect();
-        assert_eq!(a, (0..16).map(|i| token_at(1, 0, i)).collect::<Vec<_>>());
-        assert_ne!(a, (0..16).map(|i| token_at(2, 0, i)).collect::<Vec<_>>());
-        assert_ne!(a, (0..16).map(|i| token_at(1, 9, i)).collect::<Vec<_>>());
+        let a = reply("a prompt", 0, 16);
+        assert_eq!(a, reply("a prompt", 0, 16));
+        assert_ne!(a, reply("another prompt", 0, 16));
+        assert_ne!(a, reply("a prompt", 9, 16));
+    }
+
+    #[test]
+    fn a_prompt_extended_by_the_reply_continues_it() {
+        // Prompts ending in a word, a space, punctuation or a newline: the reply's pieces never
+        // merge with what precedes them.
+        for prompt in [
+            "once upon a time",
+            "ends with space ",
+            "end.",
+            "<|assistant|>\n",
+        ] {
+            let whole = reply(prompt, 3, 12);
+            for n in [1, 5, 11] {
+                let said: String = whole[..n].iter().map(|&i| piece(i)).collect();
+                let rest = reply(&format!("{prompt}{said}"), 3, 12 - n as u32);
+                assert_eq!(rest, whole[n..], "{prompt:?} continued after {n}");
+            }
+        }
     }
 }

@@ -1,36 +1,77 @@
-//! The admin API (control plane, behind the admin token): the fleet as the gateway sees it, and
-//! workers added or drained by hand. Both changes go through `Fleet`, as discovery's do.
+//! The admin API (control plane, behind the admin token): every model's fleet as the gateway
+//! sees it, and workers added to a model or drained by hand. Both changes go through that
+//! model's `Fleet`, as discovery's do. Worker ids are unique across models.
 
 use crate::config::WorkerConfig;
 use crate::error::ApiError;
 use crate::fleet::Fleet;
+use crate::models::Models;
 use crate::workers::WorkerView;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use pdgate_scheduler::InstanceId;
+use serde::Serialize;
+use serde_json::Value;
 use std::sync::Arc;
 
-/// Largest `POST /admin/workers` body: one `[[workers]]` entry.
+/// Largest `POST /admin/workers` body: one `[[workers]]` entry and its model.
 const MAX_WORKER_BYTES: usize = 4096;
 
-pub async fn workers(State(fleet): State<Arc<Fleet>>) -> Json<Vec<WorkerView>> {
-    Json(fleet.views())
+/// A worker as the admin API shows it: its view and the model it serves.
+#[derive(Debug, Serialize)]
+pub struct ModelWorkerView {
+    pub model: String,
+    #[serde(flatten)]
+    pub worker: WorkerView,
 }
 
-/// `POST /admin/workers` with a `[[workers]]` entry as JSON: 201 and the worker, which takes
-/// traffic once a health check passed; 409 when that role already has a worker at that URL.
+pub async fn workers(State(models): State<Arc<Models>>) -> Json<Vec<ModelWorkerView>> {
+    let views = models.all().iter().flat_map(|m| {
+        m.fleet.views().into_iter().map(|worker| ModelWorkerView {
+            model: m.name.clone(),
+            worker,
+        })
+    });
+    Json(views.collect())
+}
+
+/// `POST /admin/workers` with a `[[workers]]` entry as JSON, plus `model` (the configured name
+/// of the model it serves; optional while the gateway serves one model): 201 and the worker,
+/// which takes traffic once a health check passed; 409 when that role already has a worker at
+/// that URL, or another model has an engine there (an engine serves one model).
 pub async fn add_worker(
-    State(fleet): State<Arc<Fleet>>,
+    State(models): State<Arc<Models>>,
     body: Bytes,
-) -> Result<(StatusCode, Json<WorkerView>), ApiError> {
+) -> Result<(StatusCode, Json<ModelWorkerView>), ApiError> {
     if body.len() > MAX_WORKER_BYTES {
         return Err(ApiError::body_too_large(MAX_WORKER_BYTES));
     }
-    let cfg: WorkerConfig = serde_json::from_slice(&body).map_err(ApiError::malformed_json)?;
+    let mut raw: Value = serde_json::from_slice(&body).map_err(ApiError::malformed_json)?;
+    let named = match raw.as_object_mut().and_then(|o| o.remove("model")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => Some(m),
+        Some(_) => return Err(ApiError::invalid("model", "`model` must be a string")),
+    };
+    let cfg: WorkerConfig = serde_json::from_value(raw).map_err(ApiError::malformed_json)?;
     check_url(&cfg.url).map_err(|m| ApiError::invalid("url", m))?;
-    if let Some(w) = fleet.workers.find(cfg.role, &cfg.url) {
+    let model = match (&named, models.only()) {
+        (Some(name), _) => models.named(name).ok_or_else(|| {
+            ApiError::invalid(
+                "model",
+                format!("no model is configured as `{name}` (name it as /v1/models lists it)"),
+            )
+        })?,
+        (None, Some(only)) => only,
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "model",
+                "`model` is required: this gateway serves several models",
+            ))
+        }
+    };
+    if let Some(w) = model.fleet.workers.find(cfg.role, &cfg.url) {
         return Err(ApiError::conflict(
             "worker_exists",
             format!(
@@ -40,9 +81,25 @@ pub async fn add_worker(
             None,
         ));
     }
-    let id = fleet.add(&cfg).id;
-    view_of(&fleet, id)
-        .map(|v| (StatusCode::CREATED, Json(v)))
+    if let Some((other, w)) = models
+        .holding_url(&cfg.url)
+        .filter(|(m, _)| m.name != model.name)
+    {
+        return Err(ApiError::conflict(
+            "worker_exists",
+            format!(
+                "{} is already an engine of model `{}` as id {} (an engine serves one model)",
+                w.url, other.name, w.id
+            ),
+            None,
+        ));
+    }
+    let id = model.fleet.add(&cfg).id;
+    view_of(&model.fleet, id)
+        .map(|worker| {
+            let model = model.name.clone();
+            (StatusCode::CREATED, Json(ModelWorkerView { model, worker }))
+        })
         .ok_or_else(|| ApiError::not_found("the worker was removed as it was added"))
 }
 
@@ -50,14 +107,16 @@ pub async fn add_worker(
 /// with its last view (`state`: `draining` while requests hold it, else `removed`), 404 for an
 /// unknown id.
 pub async fn remove_worker(
-    State(fleet): State<Arc<Fleet>>,
+    State(models): State<Arc<Models>>,
     Path(id): Path<String>,
-) -> Result<Json<WorkerView>, ApiError> {
+) -> Result<Json<ModelWorkerView>, ApiError> {
     let id: u32 = id
         .parse()
         .map_err(|_| ApiError::invalid("id", "a worker id is the number /admin/workers lists"))?;
     let not_found = || ApiError::not_found(format!("no worker with id {id}"));
-    let mut view = view_of(&fleet, InstanceId(id)).ok_or_else(not_found)?;
+    let model = models.model_of(InstanceId(id)).ok_or_else(not_found)?;
+    let fleet = &model.fleet;
+    let mut view = view_of(fleet, InstanceId(id)).ok_or_else(not_found)?;
     let removed = fleet
         .remove_draining(InstanceId(id))
         .ok_or_else(not_found)?;
@@ -66,7 +125,10 @@ pub async fn remove_worker(
         1 => "removed",
         _ => "draining",
     };
-    Ok(Json(view))
+    Ok(Json(ModelWorkerView {
+        model: model.name.clone(),
+        worker: view,
+    }))
 }
 
 fn view_of(fleet: &Fleet, id: InstanceId) -> Option<WorkerView> {

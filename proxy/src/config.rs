@@ -12,12 +12,16 @@ use std::path::PathBuf;
 pub struct Config {
     pub server: ServerConfig,
     pub model: ModelConfig,
-    /// How pairs are chosen and requests admitted (policy, SLOs, cost model, prefix index).
+    /// How pairs are chosen and requests admitted (policy, SLOs, cost model, prefix index); with
+    /// `[[models]]`, the settings of every model that has no `[models.scheduler]` of its own.
     pub scheduler: SchedulerConfig,
     /// Statically configured engine instances.
     pub workers: Vec<WorkerConfig>,
     /// Where more engine instances come from: none (`static`), the Kubernetes API or DNS.
     pub discovery: DiscoveryConfig,
+    /// Several models behind one gateway, each with its own engines and scheduler. Empty: the
+    /// top-level `model`, `workers` and `discovery` are the one model served.
+    pub models: Vec<ModelEntry>,
     pub health: HealthConfig,
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
@@ -186,6 +190,143 @@ impl Default for ModelConfig {
     }
 }
 
+/// `[[models]]`: one model of several served by one gateway. Requests naming `name` or one of
+/// `aliases` go to this model's engines only, scheduled by its own scheduler; the engines are
+/// sent `name` (what they serve) whichever the client used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    /// More names clients may use for this model.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// As `model.tokenizer`, for this model.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// This model's scheduler settings, replacing the top-level `[scheduler]` whole.
+    #[serde(default)]
+    pub scheduler: Option<SchedulerConfig>,
+    #[serde(default)]
+    pub workers: Vec<WorkerConfig>,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+}
+
+/// One served model as the gateway runs it: `[[models]]` entries with their scheduler resolved,
+/// or the single model of the top-level sections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedModel {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub tokenizer: Option<PathBuf>,
+    pub scheduler: SchedulerConfig,
+    pub workers: Vec<WorkerConfig>,
+    pub discovery: DiscoveryConfig,
+}
+
+/// Most `[[models]]` one gateway serves: each model's worker ids get a range of their own.
+pub const MAX_MODELS: usize = 1024;
+
+impl Config {
+    /// The models served: every `[[models]]` entry, or the one the top-level sections describe.
+    pub fn served_models(&self) -> Vec<ServedModel> {
+        if self.models.is_empty() {
+            return vec![ServedModel {
+                name: self.model.name.clone(),
+                aliases: Vec::new(),
+                tokenizer: self.model.tokenizer.clone(),
+                scheduler: self.scheduler.clone(),
+                workers: self.workers.clone(),
+                discovery: self.discovery.clone(),
+            }];
+        }
+        self.models
+            .iter()
+            .map(|m| ServedModel {
+                name: m.name.clone(),
+                aliases: m.aliases.clone(),
+                tokenizer: m.tokenizer.clone(),
+                scheduler: m
+                    .scheduler
+                    .clone()
+                    .unwrap_or_else(|| self.scheduler.clone()),
+                workers: m.workers.clone(),
+                discovery: m.discovery.clone(),
+            })
+            .collect()
+    }
+
+    /// What makes a set of models unservable whatever else holds: a name two models answer to,
+    /// an engine in two models, single-model sections mixed with `[[models]]`. The gateway
+    /// refuses to start on any; `config_check` reports them with the rest.
+    pub fn model_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.models.is_empty() {
+            let single = ModelConfig::default();
+            if self.model.name != single.name || self.model.tokenizer.is_some() {
+                out.push(
+                    "model: with [[models]], each model is named in its own entry (drop [model])"
+                        .into(),
+                );
+            }
+            if !self.workers.is_empty() {
+                out.push(
+                    "workers: with [[models]], each model lists its own engines \
+                     ([[models.workers]])"
+                        .into(),
+                );
+            }
+            if self.discovery != DiscoveryConfig::default() {
+                out.push(
+                    "discovery: with [[models]], each model has its own [models.discovery]".into(),
+                );
+            }
+            if self.models.len() > MAX_MODELS {
+                out.push(format!("models: at most {MAX_MODELS} models"));
+            }
+        }
+        // Each name or URL seen, with the index of the model it belongs to.
+        let mut names: Vec<(&str, usize)> = Vec::new();
+        let mut urls: Vec<(&str, usize)> = Vec::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.trim().is_empty() {
+                out.push(format!("models[{i}].name: empty"));
+            }
+            for n in std::iter::once(&m.name).chain(&m.aliases) {
+                if n.trim().is_empty() {
+                    if n != &m.name {
+                        out.push(format!("models[{i}].aliases: an empty alias"));
+                    }
+                    continue;
+                }
+                match names.iter().find(|(seen, _)| seen == n) {
+                    Some((_, owner)) if *owner == i => {
+                        out.push(format!("models[{i}] ({}): `{n}` is listed twice", m.name))
+                    }
+                    Some((_, owner)) => out.push(format!(
+                        "models[{i}] ({}): `{n}` already names model `{}` (models[{owner}])",
+                        m.name, self.models[*owner].name
+                    )),
+                    None => names.push((n, i)),
+                }
+            }
+            for w in &m.workers {
+                let url = w.url.trim_end_matches('/');
+                if let Some((_, owner)) = urls.iter().find(|(u, o)| *u == url && *o != i) {
+                    out.push(format!(
+                        "models[{i}] ({}): engine {url} is already an engine of model `{}` \
+                         (an engine serves one model)",
+                        m.name, self.models[*owner].name
+                    ));
+                } else {
+                    urls.push((url, i));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The PD protocol a worker speaks: `native`, `vllm-nixl`, `vllm-mooncake`, `sglang` or `trtllm`.
 pub use pdgate_wire::Protocol;
 
@@ -250,6 +391,13 @@ pub struct UpstreamConfig {
     /// first byte reached the client (refused, reset, an error answer, a KV handoff that did not
     /// verify) is retried with a fresh pair that avoids it.
     pub decode_attempts: u32,
+    /// A decode stream that breaks after its head went out (engine gone, body cut, stalled past
+    /// `decode_stall_timeout_ms`) is continued on another pair at most this many times per
+    /// request: the prompt extended by the text already streamed, `max_tokens` reduced by what
+    /// was emitted, spliced into the client's stream. 0 turns migration off (the client gets
+    /// the `decode_stream_interrupted` error event). Requests it would change are never
+    /// migrated (see the README's Reliability section).
+    pub migration_limit: u32,
     /// Retries under way may be at most this percentage of the requests in flight (Envoy's
     /// retry budget), so a struggling fleet is not buried under retries; past it a request that
     /// failed gets 503 with `Retry-After` at once.
@@ -275,6 +423,7 @@ impl Default for UpstreamConfig {
             decode_stall_timeout_ms: 120_000,
             prefill_attempts: 2,
             decode_attempts: 2,
+            migration_limit: 1,
             retry_budget_percent: 20,
             retry_budget_min: 3,
             fallback_to_decode: false,

@@ -1,11 +1,13 @@
-//! Checking a gateway config before it serves: what the types cannot say. Worker URLs, discovery
-//! settings, the files the config names (read and parsed as the gateway would), and credentials
+//! Checking a gateway config before it serves: what the types cannot say. Models that clash,
+//! worker URLs, discovery settings (each model's), the files the config names (read and parsed as the gateway would), and credentials
 //! that fit the address it will bind. `pdgate serve --check` reports every problem at once, and
 //! `pdgate serve` refuses to start on any. It reads files and resolves `server.host`; it never
 //! binds, connects to an engine or calls the Kubernetes API.
 
 use crate::access::Access;
-use crate::config::{Config, DiscoveryKind, DnsDiscovery, KubernetesDiscovery, WorkerConfig};
+use crate::config::{
+    Config, DiscoveryKind, DnsDiscovery, KubernetesDiscovery, ServedModel, WorkerConfig,
+};
 use pdgate_wire::fleet::FleetSecret;
 use std::net::ToSocketAddrs;
 
@@ -27,25 +29,63 @@ impl std::error::Error for Problems {}
 
 /// `Ok` when `cfg` can be served as it is, else every problem found.
 pub fn check(cfg: &Config) -> Result<(), Problems> {
-    let mut out = Vec::new();
-    for (i, w) in cfg.workers.iter().enumerate() {
-        check_worker(i, w, &mut out);
-    }
-    match cfg.discovery.kind {
-        DiscoveryKind::Static if cfg.workers.is_empty() => out.push(
-            "no [[workers]] configured and discovery.kind is \"static\": list the engines, or \
-             discover them (discovery.kind = \"kubernetes\" or \"dns\")"
-                .into(),
-        ),
-        DiscoveryKind::Static => {}
-        DiscoveryKind::Kubernetes => check_kubernetes(&cfg.discovery.kubernetes, &mut out),
-        DiscoveryKind::Dns => check_dns(&cfg.discovery.dns, &mut out),
+    let mut out = cfg.model_problems();
+    for (i, m) in cfg.served_models().iter().enumerate() {
+        // The single-model config's keys are top-level; a `[[models]]` entry's are its own.
+        let at = match cfg.models.is_empty() {
+            true => String::new(),
+            false => format!("models[{i}]."),
+        };
+        check_model(&at, m, &mut out);
     }
     check_files_and_credentials(cfg, &mut out);
     if out.is_empty() {
         Ok(())
     } else {
         Err(Problems(out))
+    }
+}
+
+/// One model's engines: listed, or found by a discovery source that is set up; its tokenizer.
+fn check_model(at: &str, m: &ServedModel, out: &mut Vec<String>) {
+    let before = out.len();
+    for (i, w) in m.workers.iter().enumerate() {
+        check_worker(i, w, out);
+    }
+    match m.discovery.kind {
+        DiscoveryKind::Static if m.workers.is_empty() && at.is_empty() => out.push(
+            "no [[workers]] configured and discovery.kind is \"static\": list the engines, or \
+             discover them (discovery.kind = \"kubernetes\" or \"dns\")"
+                .into(),
+        ),
+        DiscoveryKind::Static if m.workers.is_empty() => out.push(
+            "no [[models.workers]] configured and discovery.kind is \"static\": list the \
+             model's engines, or discover them ([models.discovery] kind = \"kubernetes\" or \
+             \"dns\")"
+                .into(),
+        ),
+        DiscoveryKind::Static => {}
+        DiscoveryKind::Kubernetes => check_kubernetes(&m.discovery.kubernetes, out),
+        DiscoveryKind::Dns => check_dns(&m.discovery.dns, out),
+    }
+    let tokenizer_key = match at {
+        "" => "model.tokenizer",
+        _ => "tokenizer",
+    };
+    if let Some(path) = &m.tokenizer {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                if let Err(e) = pdgate_scheduler::Tokenizer::from_json_bytes(&bytes) {
+                    out.push(format!("{tokenizer_key} {}: {e}", path.display()));
+                }
+            }
+            Err(e) => out.push(format!("{tokenizer_key} {}: {e}", path.display())),
+        }
+    }
+    if !at.is_empty() {
+        for p in &mut out[before..] {
+            *p = format!("{at}{p} (model `{}`)", m.name);
+        }
     }
 }
 
@@ -116,19 +156,9 @@ fn check_dns(d: &DnsDiscovery, out: &mut Vec<String>) {
     }
 }
 
-/// What `Gateway::start` would read and refuse: the tokenizer, the fleet secret, the API keys
-/// file, and credentials that fit the bind address (`Access::new`, the same code).
+/// What `Gateway::start` would read and refuse: the fleet secret, the API keys file, and
+/// credentials that fit the bind address (`Access::new`, the same code).
 fn check_files_and_credentials(cfg: &Config, out: &mut Vec<String>) {
-    if let Some(path) = &cfg.model.tokenizer {
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                if let Err(e) = pdgate_scheduler::Tokenizer::from_json_bytes(&bytes) {
-                    out.push(format!("model.tokenizer {}: {e}", path.display()));
-                }
-            }
-            Err(e) => out.push(format!("model.tokenizer {}: {e}", path.display())),
-        }
-    }
     let secret = match FleetSecret::load(cfg.server.fleet_secret_file.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -364,5 +394,59 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("model.tokenizer")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("fleet secret")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("admin_token")), "{p:?}");
+    }
+
+    #[test]
+    fn every_model_is_checked_under_its_own_key() {
+        use crate::config::ModelEntry;
+        let model = |name: &str, urls: &[&str]| ModelEntry {
+            name: name.into(),
+            workers: urls.iter().map(|u| worker(u)).collect(),
+            ..ModelEntry::default()
+        };
+        let mut cfg = Config {
+            models: vec![
+                model("a", &["http://127.0.0.1:8101"]),
+                model("b", &["http://127.0.0.1:8201"]),
+            ],
+            ..Config::default()
+        };
+        assert_eq!(problems(&cfg), Vec::<String>::new());
+        cfg.models[1].workers = vec![worker("http://x")];
+        cfg.models[1].tokenizer = Some("/nonexistent/tokenizer.json".into());
+        let p = problems(&cfg);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("models[1].workers[0].url") && m.ends_with("(model `b`)")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.starts_with("models[1].tokenizer")),
+            "{p:?}"
+        );
+        cfg.models[1] = model("b", &[]);
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].contains("no [[models.workers]]"),
+            "{p:?}"
+        );
+        cfg.models[1] = model("a", &["http://127.0.0.1:8101"]);
+        let p = problems(&cfg);
+        assert!(
+            p.iter().any(|m| m.contains("already names model `a`")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("an engine serves one model")),
+            "{p:?}"
+        );
+        cfg.models[1] = model("b", &["http://127.0.0.1:8201"]);
+        cfg.models[1].discovery.kind = DiscoveryKind::Dns;
+        let p = problems(&cfg);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("models[1].discovery.dns.prefill")),
+            "{p:?}"
+        );
     }
 }

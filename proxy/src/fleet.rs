@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Fleet {
+    /// The model these engines serve (a bounded metrics label: models are configured).
+    pub model: String,
     pub workers: Workers,
     pub scheduler: Mutex<Scheduler>,
     /// The scheduler's time origin: it is fed `epoch.elapsed()`, never reads a clock itself.
@@ -19,10 +21,18 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// The fleet of the default model, its worker ids from 0.
     pub fn new(cfg: SchedulerConfig) -> Self {
+        Self::for_model(pdgate_wire::openai::DEFAULT_MODEL, cfg, 0)
+    }
+
+    /// The fleet of one served model; its worker ids start at `first_id`, so that the fleets of
+    /// several models never share an id (the admin API names workers by id alone).
+    pub fn for_model(model: &str, cfg: SchedulerConfig, first_id: u32) -> Self {
         Self {
+            model: model.to_string(),
             workers: Workers::default(),
-            scheduler: Mutex::new(Scheduler::new(cfg)),
+            scheduler: Mutex::new(Scheduler::new(cfg).with_first_id(first_id)),
             epoch: Instant::now(),
         }
     }
@@ -34,8 +44,8 @@ impl Fleet {
     /// Registers a worker with both halves, unhealthy until its first health check passes.
     pub fn add(&self, cfg: &WorkerConfig) -> Arc<Worker> {
         let w = self.workers.add(&self.scheduler, cfg);
-        tracing::info!(worker = %w.url, id = w.id.0, role = %w.role, protocol = %w.protocol, "worker added");
-        crate::metrics::membership(w.role, "added");
+        tracing::info!(model = %self.model, worker = %w.url, id = w.id.0, role = %w.role, protocol = %w.protocol, "worker added");
+        crate::metrics::membership(&self.model, w.role, "added");
         w
     }
 
@@ -43,8 +53,8 @@ impl Fleet {
     /// scheduler state (load, prefix-index entries) is freed now. `None`: no such worker.
     pub fn remove_draining(&self, id: InstanceId) -> Option<Arc<Worker>> {
         let w = self.workers.remove(&self.scheduler, id)?;
-        tracing::info!(worker = %w.url, id = w.id.0, role = %w.role, "worker removed; draining");
-        crate::metrics::membership(w.role, "removed");
+        tracing::info!(model = %self.model, worker = %w.url, id = w.id.0, role = %w.role, "worker removed; draining");
+        crate::metrics::membership(&self.model, w.role, "removed");
         Some(w)
     }
 

@@ -20,10 +20,11 @@ pub struct Gateway {
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
-    health: JoinHandle<()>,
-    scraper: Option<JoinHandle<()>>,
+    /// One per model, as are the scrapers and discovery sources.
+    health: Vec<JoinHandle<()>>,
+    scraper: Vec<JoinHandle<()>>,
     purge: JoinHandle<()>,
-    discovery: Option<discovery::Discovery>,
+    discovery: Vec<discovery::Discovery>,
     /// Reloads the listener's certificate (`[server.tls]` only).
     tls_reloader: Option<JoinHandle<()>>,
 }
@@ -59,18 +60,24 @@ impl Gateway {
             &state.segments,
             Duration::from_secs(state.cfg.server.segment_ttl_secs.max(1)),
         );
-        let health = health::spawn(
-            Arc::clone(&state.fleet),
-            state.client.clone(),
-            state.cfg.health.clone(),
-        );
-        let scraper = crate::engine_metrics::spawn(
-            Arc::clone(&state.fleet),
-            state.client.clone(),
-            &state.cfg.health,
-            state.cfg.scheduler.block_size,
-        );
-        let discovery = discovery::start(&state.cfg.discovery, &state.fleet).await?;
+        let (mut health, mut scraper, mut discovery) = (Vec::new(), Vec::new(), Vec::new());
+        for m in state.models.all() {
+            health.push(health::spawn(
+                Arc::clone(&m.fleet),
+                state.client.clone(),
+                state.cfg.health.clone(),
+            ));
+            scraper.extend(crate::engine_metrics::spawn(
+                Arc::clone(&m.fleet),
+                state.client.clone(),
+                &state.cfg.health,
+                m.scheduler.block_size,
+            ));
+            let found = discovery::start(&m.discovery, &m.fleet)
+                .await
+                .with_context(|| format!("model `{}`", m.name))?;
+            discovery.extend(found);
+        }
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
         let tls_reloader = tls.as_ref().map(ListenerTls::spawn_reloader);
@@ -91,16 +98,32 @@ impl Gateway {
         })
     }
 
-    /// Adds an engine to the fleet; it takes traffic once a health check passed. Removal is
-    /// `state.fleet.remove_draining`.
+    /// Adds an engine to the first model's fleet (the only one unless `[[models]]` lists
+    /// several); it takes traffic once a health check passed.
     pub fn add_worker(&self, cfg: &WorkerConfig) {
-        self.state.fleet.add(cfg);
+        if let Some(m) = self.state.models.all().first() {
+            m.fleet.add(cfg);
+        }
+    }
+
+    /// Adds an engine to the fleet of the model configured as `model`; it takes traffic once a
+    /// health check passed. Removal is that model's `fleet.remove_draining`.
+    pub fn add_worker_to(&self, model: &str, cfg: &WorkerConfig) -> anyhow::Result<()> {
+        let m = self
+            .state
+            .models
+            .named(model)
+            .with_context(|| format!("no model `{model}` is configured"))?;
+        m.fleet.add(cfg);
+        Ok(())
     }
 
     /// Checks every worker's health once, now.
     pub async fn check_health(&self) {
         let s = &self.state;
-        health::check_all(&s.fleet, &s.client, &s.cfg.health).await;
+        for m in s.models.all() {
+            health::check_all(&m.fleet, &s.client, &s.cfg.health).await;
+        }
     }
 
     /// The gateway's base URL, `https://` when the listener speaks TLS.
@@ -142,15 +165,17 @@ impl Gateway {
             );
             self.task.abort();
         }
-        self.health.abort();
+        for h in &self.health {
+            h.abort();
+        }
         self.purge.abort();
-        if let Some(d) = self.discovery.take() {
+        for d in self.discovery.drain(..) {
             d.stop();
         }
         if let Some(r) = &self.tls_reloader {
             r.abort();
         }
-        if let Some(s) = &self.scraper {
+        for s in &self.scraper {
             s.abort();
         }
     }

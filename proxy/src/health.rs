@@ -31,7 +31,7 @@ pub async fn check_all(fleet: &Fleet, client: &Client, cfg: &HealthConfig) {
             }
         }
     }
-    crate::metrics::record_health(&fleet.scheduler.lock());
+    crate::metrics::record_health(&fleet.model, &fleet.scheduler.lock());
 }
 
 /// Runs checks forever; the first pass runs at once.

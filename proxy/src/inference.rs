@@ -4,6 +4,7 @@
 use crate::batch;
 use crate::error::ApiError;
 use crate::metrics;
+use crate::models::Model;
 use crate::openai::{self, Parsed};
 use crate::pipeline::{in_flight_permit, route};
 use crate::state::AppState;
@@ -22,14 +23,22 @@ pub async fn serve(
     raw: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let resp = match run(&state, kind, &request_id, raw, started).await {
+    // The model the request resolved to, for the metrics label; none when it named none served.
+    let mut model = None;
+    let resp = match run(&state, kind, &request_id, raw, started, &mut model).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
             e.into_response()
         }
     };
-    metrics::request_done(api_label(kind), resp.status().as_u16(), started.elapsed());
+    let model = model.as_ref().map_or("", |m: &Arc<Model>| m.name.as_str());
+    metrics::request_done(
+        api_label(kind),
+        model,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     resp
 }
 
@@ -39,15 +48,22 @@ async fn run(
     request_id: &str,
     raw: Bytes,
     started: Instant,
+    model: &mut Option<Arc<Model>>,
 ) -> Result<Response, ApiError> {
     let permit = in_flight_permit(state)?;
     let limits = openai::Limits {
-        served_model: &state.cfg.model.name,
+        models: &state.models,
         max_batch_prompts: state.cfg.server.max_batch_prompts,
     };
     match openai::parse(kind, &raw, &limits)? {
-        Parsed::One(req) => route(state, &req, request_id, started, permit).await,
-        Parsed::Batch(reqs) => batch::run(state, reqs, request_id, started, permit).await,
+        Parsed::One(req) => {
+            *model = Some(Arc::clone(&req.model));
+            route(state, &req, request_id, started, permit).await
+        }
+        Parsed::Batch(reqs) => {
+            *model = reqs.first().map(|r| Arc::clone(&r.model));
+            batch::run(state, reqs, request_id, started, permit).await
+        }
     }
 }
 

@@ -64,8 +64,10 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-pub fn request_done(api: &'static str, status: u16, elapsed: Duration) {
-    counter!("pdgate_requests_total", "api" => api, "status" => status_class(status)).increment(1);
+/// One client request answered; `model` is the configured name it resolved to, or `""` when it
+/// named none the gateway serves (so the label stays bounded).
+pub fn request_done(api: &'static str, model: &str, status: u16, elapsed: Duration) {
+    counter!("pdgate_requests_total", "api" => api, "model" => model.to_string(), "status" => status_class(status)).increment(1);
     histogram!("pdgate_request_duration_seconds", "api" => api).record(elapsed.as_secs_f64());
 }
 
@@ -85,14 +87,19 @@ pub fn kv_handoff(blocks: u64, bytes: u64, cached_tokens: u64, transfer: Duratio
 }
 
 /// One scheduling decision: its latency and outcome.
-pub fn decision(policy: &'static str, took: Duration, result: &Result<Decision, Rejection>) {
+pub fn decision(
+    model: &str,
+    policy: &'static str,
+    took: Duration,
+    result: &Result<Decision, Rejection>,
+) {
     histogram!("pdgate_scheduler_decision_duration_seconds").record(took.as_secs_f64());
     let outcome = match result {
         Ok(d) if d.prefill.is_some() => "disaggregated",
         Ok(_) => "local_prefill",
         Err(_) => "rejected",
     };
-    counter!("pdgate_scheduler_decisions_total", "policy" => policy, "outcome" => outcome)
+    counter!("pdgate_scheduler_decisions_total", "model" => model.to_string(), "policy" => policy, "outcome" => outcome)
         .increment(1);
     if let Ok(d) = result {
         counter!("pdgate_prefix_hit_blocks_total").increment(u64::from(d.cached_blocks));
@@ -105,14 +112,22 @@ pub fn ttft_prediction_error(observed: Duration, predicted_ms: f64) {
         .record(observed.as_secs_f64() - predicted_ms / 1000.0);
 }
 
-pub fn prefill_retry() {
-    counter!("pdgate_prefill_retries_total").increment(1);
-}
-
 /// A request's failed attempt before its first byte: retried on another instance of `role`
 /// (`outcome` = `retried`), or not for want of budget (`budget_exhausted`).
 pub fn retry(role: Role, outcome: &'static str) {
     counter!("pdgate_retries_total", "role" => role.as_str(), "outcome" => outcome).increment(1);
+}
+
+/// A decode stream that broke after its head went out: continued on another decode (`ok`), or
+/// not (`failed`, `refused_unsafe`, `limit`, `budget_exhausted`, `finished`).
+pub fn migration(outcome: &'static str) {
+    counter!("pdgate_migrations_total", "outcome" => outcome).increment(1);
+}
+
+/// From a stream's break to its continuation's head: the gap the client saw in its stream,
+/// beyond the decode's own pace.
+pub fn migration_gap(took: Duration) {
+    histogram!("pdgate_migration_gap_seconds").record(took.as_secs_f64());
 }
 
 /// A circuit breaker changed state (`to`: open, half_open, closed); `open_now`: breakers of
@@ -151,12 +166,15 @@ pub fn registry_entries(held: usize) {
     gauge!("pdgate_registry_segments").set(held as f64);
 }
 
-pub fn record_health(s: &Scheduler) {
+/// One model's healthy workers per role and its prefix index's size.
+pub fn record_health(model: &str, s: &Scheduler) {
     let (p, d) = s.healthy_counts();
     let index_bytes = s.index_bytes();
-    gauge!("pdgate_scheduler_index_bytes").set(index_bytes as f64);
-    gauge!("pdgate_workers_healthy", "role" => "prefill").set(p as f64);
-    gauge!("pdgate_workers_healthy", "role" => "decode").set(d as f64);
+    gauge!("pdgate_scheduler_index_bytes", "model" => model.to_string()).set(index_bytes as f64);
+    gauge!("pdgate_workers_healthy", "model" => model.to_string(), "role" => "prefill")
+        .set(p as f64);
+    gauge!("pdgate_workers_healthy", "model" => model.to_string(), "role" => "decode")
+        .set(d as f64);
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -168,8 +186,8 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// A worker joined or left the fleet (`change`: `added` or `removed`).
-pub fn membership(role: Role, change: &'static str) {
-    counter!("pdgate_worker_membership_changes_total", "role" => role.as_str(), "change" => change)
+pub fn membership(model: &str, role: Role, change: &'static str) {
+    counter!("pdgate_worker_membership_changes_total", "model" => model.to_string(), "role" => role.as_str(), "change" => change)
         .increment(1);
 }
 
@@ -178,7 +196,7 @@ pub fn discovery_event(source: &'static str, kind: &'static str) {
     counter!("pdgate_discovery_events_total", "source" => source, "kind" => kind).increment(1);
 }
 
-/// Workers a discovery source currently holds in the fleet, per role.
-pub fn discovery_workers(source: &'static str, role: Role, n: usize) {
-    gauge!("pdgate_discovery_workers", "source" => source, "role" => role.as_str()).set(n as f64);
+/// Workers a discovery source currently holds in one model's fleet, per role.
+pub fn discovery_workers(source: &'static str, model: &str, role: Role, n: usize) {
+    gauge!("pdgate_discovery_workers", "source" => source, "model" => model.to_string(), "role" => role.as_str()).set(n as f64);
 }

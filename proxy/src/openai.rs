@@ -5,8 +5,10 @@
 //! prefix cache is keyed on text.
 
 use crate::error::ApiError;
+use crate::models::{Model, Models};
 use pdgate_wire::openai::{prompt_of, ApiKind};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Output length assumed for load predictions when a request names none: what the reference
 /// engine generates by default.
@@ -16,6 +18,8 @@ const DEFAULT_MAX_TOKENS: u32 = 16;
 #[derive(Debug, Clone)]
 pub struct ClientRequest {
     pub kind: ApiKind,
+    /// The served model the body names; the body's `model` is its configured name.
+    pub model: Arc<Model>,
     pub body: Value,
     pub prompt: String,
     pub stream: bool,
@@ -33,7 +37,7 @@ pub enum Parsed {
 
 /// What validation needs of the gateway's config.
 pub struct Limits<'a> {
-    pub served_model: &'a str,
+    pub models: &'a Models,
     pub max_batch_prompts: usize,
 }
 
@@ -71,13 +75,17 @@ pub fn parse(kind: ApiKind, raw: &[u8], limits: &Limits<'_>) -> Result<Parsed, A
             return Err(ApiError::invalid("n", "only `n: 1` is supported"));
         }
     }
-    if model != limits.served_model {
+    let Some(model) = limits.models.resolve(model).map(Arc::clone) else {
         return Err(ApiError::model_not_found(model));
-    }
+    };
     let max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|f| obj.get(*f).and_then(Value::as_u64))
         .map_or(DEFAULT_MAX_TOKENS, |n| u32::try_from(n).unwrap_or(u32::MAX));
+    if let Some(named) = body.get_mut("model") {
+        // An alias is the gateway's: engines serve the configured name only.
+        *named = Value::String(model.name.clone());
+    }
     // Only completions take a prompt array: a chat body's stray `prompt` is the engine's business,
     // never a reason to send the conversation once per element.
     let batch = match kind {
@@ -85,7 +93,7 @@ pub fn parse(kind: ApiKind, raw: &[u8], limits: &Limits<'_>) -> Result<Parsed, A
         ApiKind::Chat => None,
     };
     let Some(prompts) = batch else {
-        return request(kind, body, stream, max_tokens).map(Parsed::One);
+        return request(kind, model, body, stream, max_tokens).map(Parsed::One);
     };
     // `body` no longer holds the prompt array, so each copy costs only the other fields.
     prompts
@@ -93,7 +101,7 @@ pub fn parse(kind: ApiKind, raw: &[u8], limits: &Limits<'_>) -> Result<Parsed, A
         .map(|p| {
             let mut sub = body.clone();
             sub["prompt"] = Value::String(p);
-            request(kind, sub, stream, max_tokens)
+            request(kind, Arc::clone(&model), sub, stream, max_tokens)
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Parsed::Batch)
@@ -101,6 +109,7 @@ pub fn parse(kind: ApiKind, raw: &[u8], limits: &Limits<'_>) -> Result<Parsed, A
 
 fn request(
     kind: ApiKind,
+    model: Arc<Model>,
     body: Value,
     stream: bool,
     max_tokens: u32,
@@ -108,6 +117,7 @@ fn request(
     let prompt = prompt_of(kind, &body).map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok(ClientRequest {
         kind,
+        model,
         body,
         prompt,
         stream,
@@ -214,17 +224,40 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
-    const LIMITS: Limits<'static> = Limits {
-        served_model: "m",
-        max_batch_prompts: 3,
-    };
+    fn models() -> &'static Models {
+        static MODELS: std::sync::OnceLock<Models> = std::sync::OnceLock::new();
+        MODELS.get_or_init(|| {
+            let cfg = crate::config::Config {
+                models: vec![
+                    crate::config::ModelEntry {
+                        name: "m".into(),
+                        aliases: vec!["m-alias".into()],
+                        ..Default::default()
+                    },
+                    crate::config::ModelEntry {
+                        name: "n".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            };
+            Models::build(&cfg).expect("models")
+        })
+    }
+
+    fn limits() -> Limits<'static> {
+        Limits {
+            models: models(),
+            max_batch_prompts: 3,
+        }
+    }
 
     fn err(kind: ApiKind, raw: &str) -> ApiError {
-        parse(kind, raw.as_bytes(), &LIMITS).expect_err("should fail")
+        parse(kind, raw.as_bytes(), &limits()).expect_err("should fail")
     }
 
     fn one(kind: ApiKind, raw: &str) -> ClientRequest {
-        match parse(kind, raw.as_bytes(), &LIMITS) {
+        match parse(kind, raw.as_bytes(), &limits()) {
             Ok(Parsed::One(r)) => r,
             other => panic!("expected one request, got {other:?}"),
         }
@@ -295,6 +328,24 @@ mod tests {
     }
 
     #[test]
+    fn a_request_reaches_the_model_it_names_and_engines_see_its_name() {
+        let r = one(ApiKind::Completions, r#"{"model":"n","prompt":"x"}"#);
+        assert_eq!(r.model.name, "n");
+        let r = one(ApiKind::Completions, r#"{"model":"m-alias","prompt":"x"}"#);
+        assert_eq!(
+            (r.model.name.as_str(), &r.body["model"]),
+            ("m", &Value::from("m"))
+        );
+        let raw = r#"{"model":"m-alias","prompt":["a","b"]}"#;
+        let Ok(Parsed::Batch(reqs)) = parse(ApiKind::Completions, raw.as_bytes(), &limits()) else {
+            panic!("expected a batch");
+        };
+        assert!(reqs
+            .iter()
+            .all(|r| r.model.name == "m" && r.body["model"] == "m"));
+    }
+
+    #[test]
     fn valid_request_keeps_unknown_fields_and_renders_every_message() {
         let raw = r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}],"stream":true,"vendor_x":1}"#;
         let r = one(ApiKind::Chat, raw);
@@ -306,7 +357,7 @@ mod tests {
     #[test]
     fn a_prompt_array_fans_out_one_request_per_string() {
         let raw = r#"{"model":"m","prompt":["a b","c"],"max_tokens":2,"x":1}"#;
-        let Ok(Parsed::Batch(reqs)) = parse(ApiKind::Completions, raw.as_bytes(), &LIMITS) else {
+        let Ok(Parsed::Batch(reqs)) = parse(ApiKind::Completions, raw.as_bytes(), &limits()) else {
             panic!("expected a batch");
         };
         let prompts: Vec<_> = reqs.iter().map(|r| r.prompt.as_str()).collect();

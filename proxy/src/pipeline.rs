@@ -11,7 +11,9 @@
 use crate::booking::{Booking, Verdict};
 use crate::breaker::Outcome;
 use crate::error::ApiError;
+use crate::fleet::Fleet;
 use crate::metrics;
+use crate::migrate::{Plan, Restart, Splice};
 use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::{Held, Relay};
@@ -56,7 +58,33 @@ pub async fn route(
     started: Instant,
     permit: OwnedSemaphorePermit,
 ) -> Result<Response, ApiError> {
-    let key = prefix_key(state, req).await;
+    let leg = start_leg(state, req, request_id, &[]).await?;
+    Ok(respond(state, req, request_id, started, leg, permit))
+}
+
+/// A decode leg whose head arrived, ready for the relay.
+struct Leg {
+    start: DecodeStart,
+    booking: Booking,
+    /// The decode worker's breaker verdict, given by the relay.
+    verdict: Verdict,
+    decode: InstanceId,
+    protocol: crate::config::Protocol,
+    /// The decode prefilled the request itself (`fallback_to_decode`).
+    fallback: bool,
+}
+
+/// Schedules a pair avoiding `avoid_decodes` and runs its legs up to the decode's head,
+/// retrying failed legs on fresh pairs while nothing reached the client.
+async fn start_leg(
+    state: &Arc<AppState>,
+    req: &ClientRequest,
+    request_id: &str,
+    avoid_decodes: &[InstanceId],
+) -> Result<Leg, ApiError> {
+    let key = prefix_key(req).await;
+    // The model's own engines and scheduler: a request never leaves the model it named.
+    let fleet = &req.model.fleet;
     // Prefills that failed this request: not tried again, and they count against the attempts.
     let mut failed: Vec<InstanceId> = Vec::new();
     // Workers whose half-open breaker's one probe another request claimed first: skipped, free.
@@ -76,10 +104,11 @@ pub async fn route(
             .iter()
             .chain(&contested)
             .chain(&decode_failed)
+            .chain(avoid_decodes)
             .copied()
             .collect();
-        state.fleet.workers.add_tripped(state.now(), &mut avoid);
-        let booking = match schedule(state, &key, &avoid) {
+        fleet.workers.add_tripped(fleet.now(), &mut avoid);
+        let booking = match schedule(req, &key, &avoid) {
             Ok(b) => b,
             Err(r) => {
                 return match (r, last_failed.take()) {
@@ -89,9 +118,8 @@ pub async fn route(
                             req,
                             request_id,
                             prompt_tokens: key.prompt_tokens,
-                            started,
                         };
-                        fallback(state, f, booking, decode, cause, permit).await
+                        fallback(state, f, booking, decode, cause).await
                     }
                     // A decode retry with no other decode to go to: the decode's own failure
                     // says more than "no healthy pair".
@@ -100,8 +128,8 @@ pub async fn route(
             }
         };
         let decision = booking.decision;
-        let decode = state.fleet.workers.get(decision.decode);
-        let prefill = decision.prefill.map(|id| state.fleet.workers.get(id));
+        let decode = fleet.workers.get(decision.decode);
+        let prefill = decision.prefill.map(|id| fleet.workers.get(id));
         let (Some(decode), Some(prefill)) = (decode, prefill.map_or(Some(None), |p| p.map(Some)))
         else {
             // Removed between the pick and here: pick again without it (each pass avoids more,
@@ -110,7 +138,7 @@ pub async fn route(
             contested.extend(decision.prefill);
             continue;
         };
-        if let Err(id) = claim_pair(state, prefill.as_deref(), &decode) {
+        if let Err(id) = claim_pair(state, fleet, prefill.as_deref(), &decode) {
             contested.push(id);
             continue;
         }
@@ -135,28 +163,23 @@ pub async fn route(
         let verdicts = (
             prefill
                 .as_ref()
-                .map(|p| Verdict::new(&state.fleet, state.cfg.breaker, p)),
-            Verdict::new(&state.fleet, state.cfg.breaker, &decode),
+                .map(|p| Verdict::new(fleet, state.cfg.breaker, p)),
+            Verdict::new(fleet, state.cfg.breaker, &decode),
         );
         let result = protocol::run_legs(decode.protocol, &ctx, |observed| {
             booking.prefill_done(observed)
         })
         .await;
         match account_breakers(verdicts, result) {
-            Ok((start, decode_verdict)) => {
-                let served = Served {
-                    booking,
-                    verdict: decode_verdict,
-                    started,
-                    request_id,
-                    permit,
-                };
-                return Ok(respond(
-                    req,
+            Ok((start, verdict)) => {
+                return Ok(Leg {
                     start,
-                    served,
-                    state.cfg.upstream.decode_stall_timeout_ms,
-                ));
+                    booking,
+                    verdict,
+                    decode: decision.decode,
+                    protocol: decode.protocol,
+                    fallback: false,
+                });
             }
             Err(LegError {
                 role: Role::Prefill,
@@ -171,7 +194,6 @@ pub async fn route(
                     };
                     _retry = Some(permit);
                     tracing::warn!(message = %error.message, "prefill failed; retrying on another instance");
-                    metrics::prefill_retry();
                     metrics::retry(Role::Prefill, "retried");
                     if state.cfg.upstream.fallback_to_decode {
                         last_failed = Some((booking, decode, error));
@@ -183,9 +205,8 @@ pub async fn route(
                         req,
                         request_id,
                         prompt_tokens: key.prompt_tokens,
-                        started,
                     };
-                    return fallback(state, f, booking, decode, error, permit).await;
+                    return fallback(state, f, booking, decode, error).await;
                 }
                 return Err(error);
             }
@@ -224,18 +245,18 @@ fn budget_exhausted(cause: ApiError) -> ApiError {
 /// Claims the breakers of a scheduled pair; `Err(id)`: that worker's half-open probe is taken.
 fn claim_pair(
     state: &AppState,
+    fleet: &Fleet,
     prefill: Option<&Worker>,
     decode: &Worker,
 ) -> Result<(), InstanceId> {
-    let now = state.now();
-    if !state.fleet.workers.claim(decode, now) {
+    let now = fleet.now();
+    if !fleet.workers.claim(decode, now) {
         return Err(decode.id);
     }
     if let Some(p) = prefill {
-        if !state.fleet.workers.claim(p, now) {
+        if !fleet.workers.claim(p, now) {
             // Give back the decode's claim (its probe, if half-open): it served nothing.
-            state
-                .fleet
+            fleet
                 .workers
                 .record(decode, Outcome::Unknown, now, &state.cfg.breaker);
             return Err(p.id);
@@ -276,7 +297,6 @@ struct Fallback<'a> {
     req: &'a ClientRequest,
     request_id: &'a str,
     prompt_tokens: u32,
-    started: Instant,
 }
 
 /// Every prefill attempt failed before any byte reached the client: the plain request goes to
@@ -288,9 +308,9 @@ async fn fallback(
     booking: Booking,
     decode: Arc<Worker>,
     cause: ApiError,
-    permit: OwnedSemaphorePermit,
-) -> Result<Response, ApiError> {
-    if !state.fleet.workers.claim(&decode, state.now()) {
+) -> Result<Leg, ApiError> {
+    let fleet = &f.req.model.fleet;
+    if !fleet.workers.claim(&decode, fleet.now()) {
         return Err(cause);
     }
     tracing::warn!(decode = %decode.url, cause = %cause.message, "every prefill failed; decode prefills the request itself (fallback_to_decode)");
@@ -305,21 +325,17 @@ async fn fallback(
         prefill: None,
         decode: &decode,
     };
-    let verdicts = (None, Verdict::new(&state.fleet, state.cfg.breaker, &decode));
+    let verdicts = (None, Verdict::new(fleet, state.cfg.breaker, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;
     let (start, verdict) = account_breakers(verdicts, result).map_err(|e| e.error)?;
-    let served = Served {
+    Ok(Leg {
+        start,
         booking,
         verdict,
-        started: f.started,
-        request_id: f.request_id,
-        permit,
-    };
-    let stall_ms = state.cfg.upstream.decode_stall_timeout_ms;
-    let mut resp = respond(f.req, start, served, stall_ms);
-    resp.headers_mut()
-        .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
-    Ok(resp)
+        decode: decode.id,
+        protocol: decode.protocol,
+        fallback: true,
+    })
 }
 
 /// Marks a response the decode instance prefilled itself because every prefill failed.
@@ -328,12 +344,13 @@ pub const FALLBACK_HEADER: &str = "x-pdgate-fallback";
 /// Tokenises the whole rendered prompt and cuts it into chained block hashes. A real tokenizer
 /// takes ~2 ms per 1,000 tokens (measured in the scheduler's bench), so it runs on the blocking
 /// pool rather than stalling the connections sharing this worker thread.
-async fn prefix_key(state: &Arc<AppState>, req: &ClientRequest) -> RequestKey {
-    let tokens = if matches!(state.tokenizer, pdgate_scheduler::Tokenizer::Builtin) {
-        state.tokenizer.encode(&req.prompt)
+async fn prefix_key(req: &ClientRequest) -> RequestKey {
+    let model = &req.model;
+    let tokens = if matches!(model.tokenizer, pdgate_scheduler::Tokenizer::Builtin) {
+        model.tokenizer.encode(&req.prompt)
     } else {
-        let (state, prompt) = (Arc::clone(state), req.prompt.clone());
-        match tokio::task::spawn_blocking(move || state.tokenizer.encode(&prompt)).await {
+        let (model, prompt) = (Arc::clone(model), req.prompt.clone());
+        match tokio::task::spawn_blocking(move || model.tokenizer.encode(&prompt)).await {
             Ok(tokens) => tokens,
             Err(_) => pdgate_scheduler::BuiltinTokenizer.encode(&req.prompt),
         }
@@ -341,27 +358,28 @@ async fn prefix_key(state: &Arc<AppState>, req: &ClientRequest) -> RequestKey {
     RequestKey {
         prompt_tokens: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
         max_tokens: req.max_tokens,
-        blocks: state.hasher.full_blocks(&tokens),
+        blocks: model.hasher.full_blocks(&tokens),
     }
 }
 
 fn schedule(
-    state: &Arc<AppState>,
+    req: &ClientRequest,
     key: &RequestKey,
     avoid: &[InstanceId],
 ) -> Result<Booking, Rejection> {
-    let began = Instant::now();
-    let result = state
-        .fleet
+    let (model, began) = (&req.model, Instant::now());
+    let fleet = &model.fleet;
+    let result = fleet
         .scheduler
         .lock()
-        .schedule_avoiding(key, state.now(), avoid);
+        .schedule_avoiding(key, fleet.now(), avoid);
     metrics::decision(
-        state.cfg.scheduler.policy.as_str(),
+        &model.name,
+        model.scheduler.policy.as_str(),
         began.elapsed(),
         &result,
     );
-    Ok(Booking::new(Arc::clone(&state.fleet), result?))
+    Ok(Booking::new(Arc::clone(fleet), result?))
 }
 
 /// The client's answer to a scheduling rejection: 503 when nothing can serve, 400 when nothing
@@ -380,48 +398,36 @@ fn rejection_error(r: Rejection) -> ApiError {
     }
 }
 
-/// What a request that reached its decode's head holds until its relay ends.
-struct Served<'a> {
-    booking: Booking,
-    /// The decode worker's breaker verdict, given by the relay.
-    verdict: Verdict,
+/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body; a stream
+/// that breaks mid-way is continued on another pair when it may be (`migrate`).
+fn respond(
+    state: &Arc<AppState>,
+    req: &ClientRequest,
+    request_id: &str,
     started: Instant,
-    request_id: &'a str,
+    leg: Leg,
     permit: OwnedSemaphorePermit,
-}
-
-/// Relays the decode leg to the client: streamed as it arrives, or as one JSON body.
-fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>, stall_ms: u64) -> Response {
-    let DecodeBody {
-        content_type,
-        body: upstream,
-        sse,
-        abort_on_drop,
-    } = start.into_body();
-    let content_type = content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
-    let Served {
-        booking,
-        verdict,
-        started,
-        request_id,
-        permit,
-    } = served;
-    let held = Held {
-        booking,
-        verdict,
-        started,
+) -> Response {
+    let (fallback, decode, protocol) = (leg.fallback, leg.decode, leg.protocol);
+    let (relay, content_type) = relay_of(state, request_id, started, leg, false);
+    // Only a stream can break after its head went out with part of an answer delivered; with
+    // `migration_limit = 0` the plan only counts breaks.
+    let plan = req.stream.then(|| Plan {
+        state: Arc::clone(state),
+        req: req.clone(),
         request_id: request_id.to_string(),
-        stall_limit: Duration::from_millis(stall_ms),
-        // Dropped before the upstream ended (client gone, upstream stalled), it aborts the
-        // engines' legs.
-        abort_on_drop,
-    };
-    let relay = Relay::new(upstream, sse, held);
+        decode,
+        protocol,
+        restart: restart(state),
+        left: state.cfg.upstream.migration_limit,
+    });
+    let body = Splice::new(relay, plan).into_stream();
     // The permit lives as long as the body, so a long stream counts as in flight.
-    let body = relay.map(move |item| {
+    let body = body.map(move |item| {
         let _keep = &permit;
         item
     });
+    let content_type = content_type.unwrap_or_else(|| HeaderValue::from_static("application/json"));
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut()
@@ -430,5 +436,58 @@ fn respond(req: &ClientRequest, start: DecodeStart, served: Served<'_>, stall_ms
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
+    if fallback {
+        resp.headers_mut()
+            .insert(FALLBACK_HEADER, HeaderValue::from_static("decode-prefill"));
+    }
     resp
+}
+
+/// The relay of a leg whose head arrived, and its content type.
+fn relay_of(
+    state: &AppState,
+    request_id: &str,
+    started: Instant,
+    leg: Leg,
+    continuation: bool,
+) -> (Relay, Option<HeaderValue>) {
+    let DecodeBody {
+        content_type,
+        body: upstream,
+        sse,
+        abort_on_drop,
+    } = leg.start.into_body();
+    let held = Held {
+        booking: leg.booking,
+        verdict: leg.verdict,
+        started,
+        request_id: request_id.to_string(),
+        stall_limit: Duration::from_millis(state.cfg.upstream.decode_stall_timeout_ms),
+        continuation,
+        // Dropped before the upstream ended (client gone, upstream stalled), it aborts the
+        // engines' legs.
+        abort_on_drop,
+    };
+    (Relay::new(upstream, sse, held), content_type)
+}
+
+/// How a broken stream's continuation starts: a fresh pair through the same path as any
+/// request, counted against the retry budget like a retry.
+fn restart(state: &Arc<AppState>) -> Restart {
+    let state = Arc::clone(state);
+    Box::new(move |req, avoid, leg_id| {
+        let state = Arc::clone(&state);
+        Box::pin(async move {
+            let Some(_permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+                return Err(budget_exhausted(ApiError::upstream(
+                    "decode_stream_interrupted",
+                    "the decode stream broke",
+                )));
+            };
+            let leg = start_leg(&state, &req, &leg_id, &avoid).await?;
+            let decode = leg.decode;
+            let (relay, _) = relay_of(&state, &leg_id, Instant::now(), leg, true);
+            Ok((relay, decode))
+        })
+    })
 }

@@ -1,7 +1,8 @@
 //! Relays the decode leg's body to the client chunk by chunk, without re-buffering: the upstream
 //! stream is polled only when the client's connection asks for more, so backpressure reaches the
 //! engine, and dropping the relay (client gone) drops the upstream connection, which aborts the
-//! decode and frees its KV. An upstream failure after bytes went out becomes one SSE error event.
+//! decode and frees its KV. An upstream failure after bytes went out is handed on as [`Broken`]
+//! (`migrate` continues the answer elsewhere, or turns it into one SSE error event).
 //!
 //! The relay also judges the decode worker: a body that ended properly (an SSE stream with its
 //! closing `data: [DONE]`, any other body at its end) is its success; a body error, a stall or
@@ -44,6 +45,18 @@ impl Tail {
     }
 }
 
+/// The decode stream broke after its head went out: why.
+#[derive(Debug, Clone)]
+pub struct Broken(pub String);
+
+impl Broken {
+    /// The one SSE event a client gets when its stream broke and was not continued.
+    pub fn event(&self) -> Bytes {
+        let err = ApiError::upstream("decode_stream_interrupted", self.0.clone());
+        Bytes::from(format!("\n\ndata: {}\n\n", err.body()))
+    }
+}
+
 pub struct Relay {
     upstream: Upstream,
     booking: Option<Booking>,
@@ -53,6 +66,8 @@ pub struct Relay {
     sse: bool,
     tail: Tail,
     started: Instant,
+    /// The first token's latency is measured (not for a continuation: the client's first
+    /// token came from the decode before it).
     first_seen: bool,
     request_id: String,
     stall: Stall,
@@ -114,6 +129,8 @@ pub struct Held {
     pub request_id: String,
     /// See [`Stall`].
     pub stall_limit: Duration,
+    /// This relay continues a stream another relay began (its time to first token was taken).
+    pub continuation: bool,
     /// Aborts the engines' legs if the relay is dropped before the upstream ended (client
     /// gone, or the upstream stalled).
     pub abort_on_drop: Option<AbortGuard>,
@@ -128,7 +145,7 @@ impl Relay {
             sse,
             tail: Tail::default(),
             started: held.started,
-            first_seen: false,
+            first_seen: held.continuation,
             request_id: held.request_id,
             stall: Stall::new(held.stall_limit),
             abort_on_drop: held.abort_on_drop,
@@ -164,12 +181,11 @@ impl Relay {
         !self.sse || self.tail.done()
     }
 
-    /// The one SSE event a client gets when the decode stream broke after bytes went out.
-    fn interrupted(&mut self, why: String) -> Bytes {
+    /// The decode stream broke after bytes went out: the decode's failure.
+    fn interrupted(&mut self, why: String) -> Broken {
         tracing::warn!(request_id = %self.request_id, error = %why, "decode stream broke mid-response");
         self.finish(Outcome::Failure);
-        let err = ApiError::upstream("decode_stream_interrupted", why);
-        Bytes::from(format!("\n\ndata: {}\n\n", err.body()))
+        Broken(why)
     }
 }
 
@@ -183,7 +199,7 @@ impl Drop for Relay {
 }
 
 impl Stream for Relay {
-    type Item = Result<Bytes, std::io::Error>;
+    type Item = Result<Bytes, Broken>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.finished() {
@@ -207,8 +223,8 @@ impl Stream for Relay {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.upstream_ended();
-                let event = self.interrupted(format!("decode engine stream ended early: {e}"));
-                Poll::Ready(Some(Ok(event)))
+                let broken = self.interrupted(format!("decode engine stream ended early: {e}"));
+                Poll::Ready(Some(Err(broken)))
             }
             Poll::Ready(None) if self.ended_properly() => {
                 self.upstream_ended();
@@ -217,14 +233,14 @@ impl Stream for Relay {
             }
             Poll::Ready(None) => {
                 self.upstream_ended();
-                let event =
+                let broken =
                     self.interrupted("decode engine stream ended without `data: [DONE]`".into());
-                Poll::Ready(Some(Ok(event)))
+                Poll::Ready(Some(Err(broken)))
             }
             Poll::Pending if self.stall.poll_stalled(cx) => {
                 let limit = self.stall.limit;
-                let event = self.interrupted(format!("decode engine sent nothing for {limit:?}"));
-                Poll::Ready(Some(Ok(event)))
+                let broken = self.interrupted(format!("decode engine sent nothing for {limit:?}"));
+                Poll::Ready(Some(Err(broken)))
             }
             Poll::Pending => Poll::Pending,
         }

@@ -1,14 +1,13 @@
-//! What the serving path shares: config, the credentials and per-key limits, the fleet (workers
-//! and scheduler), the prefix keyer (tokenizer and block hasher), the engine client, the segment
+//! What the serving path shares: config, the credentials and per-key limits, the served models
+//! (each its fleet of workers and scheduler, and its prefix keyer), the engine client, the segment
 //! registry hosted for the transfer engines, the metrics handle and the in-flight bound. Rooms
 //! off the serving path take only the handle they need (`Fleet`, the registry).
 
 use crate::access::Access;
 use crate::config::Config;
-use crate::fleet::Fleet;
+use crate::models::Models;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use pdgate_scheduler::{BlockHasher, Tokenizer};
 use pdgate_transfer::MemoryRegistry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +17,8 @@ pub struct AppState {
     pub cfg: Config,
     /// Who may call which route, and each API key's budget.
     pub access: Access,
-    pub fleet: Arc<Fleet>,
-    pub tokenizer: Tokenizer,
-    pub hasher: BlockHasher,
+    /// Every served model; a request reaches one by the name in its body.
+    pub models: Arc<Models>,
     pub client: crate::http1::Client,
     pub segments: Arc<MemoryRegistry>,
     pub metrics: PrometheusHandle,
@@ -60,27 +58,15 @@ impl AppState {
             // Fail closed at start for the engines known now; engines added later are refused
             // per request with the same words.
             None => {
-                if let Some(w) = cfg.workers.iter().find(|w| w.url.starts_with("https://")) {
+                let served = cfg.served_models();
+                let mut workers = served.iter().flat_map(|m| &m.workers);
+                if let Some(w) = workers.find(|w| w.url.starts_with("https://")) {
                     anyhow::bail!("worker {}: {}", w.url, crate::tls::upstream::NO_CA);
                 }
             }
         }
-        let tokenizer = match &cfg.model.tokenizer {
-            Some(path) => {
-                let bytes = std::fs::read(path)
-                    .with_context(|| format!("reading tokenizer {}", path.display()))?;
-                Tokenizer::from_json_bytes(&bytes)
-                    .with_context(|| format!("loading tokenizer {}", path.display()))?
-            }
-            None => Tokenizer::builtin(),
-        };
         let state = Arc::new(Self {
-            fleet: Arc::new(Fleet::new(cfg.scheduler.clone())),
-            tokenizer,
-            hasher: BlockHasher::new(
-                cfg.scheduler.block_size,
-                pdgate_scheduler::blocks::DEFAULT_SEED,
-            ),
+            models: Arc::new(Models::build(&cfg)?),
             client,
             segments: Arc::new(
                 MemoryRegistry::with_capacity(cfg.server.segment_capacity.max(1))
@@ -96,13 +82,6 @@ impl AppState {
             access,
             cfg,
         });
-        for w in &state.cfg.workers {
-            state.fleet.add(w);
-        }
         Ok(state)
-    }
-
-    pub fn now(&self) -> Duration {
-        self.fleet.now()
     }
 }

@@ -7,6 +7,8 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
+use pdgate_gateway::config::Config;
+use pdgate_gateway::models::Models;
 use pdgate_gateway::openai::{parse, Limits, Parsed};
 use pdgate_gateway::protocol::logprobs::PromptLogprobs;
 use pdgate_gateway::relay::Upstream;
@@ -19,8 +21,14 @@ const MODEL: &str = "m";
 const MAX_PROMPTS: usize = 4;
 
 fn limits() -> Limits<'static> {
+    static MODELS: std::sync::OnceLock<Models> = std::sync::OnceLock::new();
+    let models = MODELS.get_or_init(|| {
+        let mut cfg = Config::default();
+        cfg.model.name = MODEL.into();
+        Models::build(&cfg).expect("models")
+    });
     Limits {
-        served_model: MODEL,
+        models,
         max_batch_prompts: MAX_PROMPTS,
     }
 }

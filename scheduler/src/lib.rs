@@ -22,6 +22,6 @@ pub use blocks::{BlockHash, BlockHasher};
 pub use config::{CostModel, PolicyKind, SchedulerConfig, Slo};
 pub use load::{EngineReport, InstanceLoad};
 pub use policy::Policy;
-pub use scheduler::{Decision, InstanceSpec, Observed, Scheduler};
+pub use scheduler::{Booking, Decision, InstanceSpec, Observed, Scheduler};
 pub use tokenizer::{BuiltinTokenizer, TokenId, Tokenizer};
 pub use types::{InstanceId, Rejection, RequestKey, Role, SloBreach, Ticket};

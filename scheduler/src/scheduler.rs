@@ -19,6 +19,7 @@ use crate::types::{InstanceId, Role, Ticket};
 // Defined in `types` so policies and predictions need not import the scheduler; re-exported for
 // callers that name them by their old path (`pdgate_scheduler::scheduler::Rejection`).
 pub use crate::types::{Rejection, RequestKey, SloBreach};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ pub struct Decision {
 }
 
 /// What the gateway measured once a prefill leg finished.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Observed {
     pub prefill_ms: f64,
     pub transfer_ms: f64,
@@ -47,6 +48,23 @@ pub struct Observed {
 pub struct InstanceSpec {
     /// KV blocks the engine's cache holds; 0 means unknown (the index default applies).
     pub kv_capacity_blocks: u64,
+}
+
+/// What one decision booked, as another gateway replica books it too (booking sync): the load
+/// on the chosen pair, with the predicted decode end relative to the booking so replicas need
+/// no shared clock. Instance ids must mean the same instances on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Booking {
+    /// `None`: the decode instance prefills locally.
+    pub prefill: Option<InstanceId>,
+    pub decode: InstanceId,
+    pub uncached_tokens: u64,
+    pub decode_tokens: u64,
+    pub decode_blocks: u64,
+    pub predicted_prefill_ms: f64,
+    pub compute_ms: f64,
+    /// Predicted end of the decode, ms after the booking.
+    pub decode_end_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +103,13 @@ impl Scheduler {
             next_ticket: 0,
             cfg,
         }
+    }
+
+    /// Numbers this scheduler's instances from `first` on, so that several schedulers (one per
+    /// served model) hand out ids that never collide while their ranges do not overlap.
+    pub fn with_first_id(mut self, first: u32) -> Self {
+        self.next_id = first;
+        self
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -274,6 +299,45 @@ impl Scheduler {
             self.index.record(id, &key.blocks, now);
         }
         Ok(decision)
+    }
+
+    /// What `ticket` booked, for the other replicas (`now`: the booking's time).
+    pub fn booking(&self, ticket: Ticket, now: Duration) -> Option<Booking> {
+        let b = self.booked.get(&ticket)?;
+        Some(Booking {
+            prefill: b.prefill,
+            decode: b.decode,
+            uncached_tokens: b.uncached_tokens,
+            decode_tokens: b.decode_tokens,
+            decode_blocks: b.decode_blocks,
+            predicted_prefill_ms: b.predicted_prefill_ms,
+            compute_ms: b.compute_ms,
+            decode_end_ms: b.decode_end.saturating_sub(now).as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Books load another replica routed (booking sync), as if this replica had decided it:
+    /// the pair's load and the routed prefix (`blocks`) in the index. Returns the local ticket
+    /// that its `prefill_done`/`decode_done` must name.
+    pub fn book_synced(&mut self, b: &Booking, blocks: &[BlockHash], now: Duration) -> Ticket {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        let booked = Booked {
+            prefill: b.prefill,
+            decode: b.decode,
+            uncached_tokens: b.uncached_tokens,
+            decode_tokens: b.decode_tokens,
+            decode_blocks: b.decode_blocks,
+            predicted_prefill_ms: b.predicted_prefill_ms,
+            compute_ms: b.compute_ms,
+            decode_end: now + Duration::from_secs_f64(b.decode_end_ms.max(0.0) / 1e3),
+            prefill_open: true,
+        };
+        self.book(ticket, booked, b.prefill.unwrap_or(b.decode), now);
+        for id in b.prefill.into_iter().chain([b.decode]) {
+            self.index.record(id, blocks, now);
+        }
+        ticket
     }
 
     fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId, now: Duration) {
@@ -600,6 +664,37 @@ mod tests {
         assert_eq!(r.label(), "slo_ttft");
         assert!(r.retry_after_secs() >= 1);
         assert_eq!(s.in_flight(), 0, "a rejection books nothing");
+    }
+
+    #[test]
+    fn a_synced_booking_loads_the_pair_as_the_original_did() {
+        let mut a = sched(PolicyKind::Slo);
+        let mut b = sched(PolicyKind::Slo);
+        for s in [&mut a, &mut b] {
+            for role in [Role::Prefill, Role::Prefill, Role::Decode] {
+                s.add_instance(role, InstanceSpec::default());
+            }
+        }
+        let k = key(2048, &(1..=128).collect::<Vec<_>>());
+        let dec = a.schedule(&k, NOW).expect("pair");
+        let booking = a.booking(dec.ticket, NOW).expect("booked");
+        let local = b.book_synced(&booking, &k.blocks, NOW);
+        for id in (0..3).map(InstanceId) {
+            assert_eq!(a.load(id), b.load(id), "{id}");
+        }
+        // Both now route the same prefix to the same place, and predict the same queue.
+        let (da, db) = (
+            a.schedule(&k, NOW).expect("pair"),
+            b.schedule(&k, NOW).expect("pair"),
+        );
+        assert_eq!((da.prefill, da.decode), (db.prefill, db.decode));
+        assert_eq!(da.predicted_ttft_ms, db.predicted_ttft_ms);
+        b.decode_done(db.ticket, NOW);
+        b.decode_done(local, NOW);
+        assert_eq!(b.in_flight(), 0);
+        for id in (0..3).map(InstanceId) {
+            assert_eq!(b.load(id), Some(InstanceLoad::default()), "released");
+        }
     }
 
     #[test]

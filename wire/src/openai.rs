@@ -4,7 +4,7 @@
 //!
 //! Validation beyond that is each side's own: the gateway is stricter than the engine.
 
-use crate::prompt::{render_chat, ChatTurn};
+use crate::prompt::{render_chat_ending, ChatTurn, Ending};
 use serde_json::Value;
 
 /// The model name served when none is configured.
@@ -106,6 +106,16 @@ pub fn prompt_of(kind: ApiKind, body: &Value) -> Result<String, RequestError> {
                     })?;
                 owned.push((role.to_string(), content));
             }
+            let ending = chat_ending(body)?;
+            if ending == Ending::ContinueFinal
+                && owned.last().is_none_or(|(role, _)| role != "assistant")
+            {
+                return Err(RequestError::new(
+                    "continue_final_message",
+                    "`continue_final_message` needs the last message to be the assistant's \
+                     (the message to continue)",
+                ));
+            }
             let turns: Vec<_> = owned
                 .iter()
                 .map(|(r, c)| ChatTurn {
@@ -113,8 +123,33 @@ pub fn prompt_of(kind: ApiKind, body: &Value) -> Result<String, RequestError> {
                     content: c,
                 })
                 .collect();
-            Ok(render_chat(&turns))
+            Ok(render_chat_ending(&turns, ending))
         }
+    }
+}
+
+/// How a chat request's rendering ends: `continue_final_message: true` leaves the last
+/// (assistant) message open for generation to continue; `add_generation_prompt: false` closes
+/// the conversation without the assistant header. Both true contradict each other (an open
+/// message cannot be followed by a new turn's header), as vLLM also refuses.
+pub fn chat_ending(body: &Value) -> Result<Ending, RequestError> {
+    let flag = |field: &'static str| match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(RequestError::new(
+            field,
+            &format!("`{field}` must be a boolean"),
+        )),
+    };
+    let generation_prompt = flag("add_generation_prompt")?;
+    match (flag("continue_final_message")?, generation_prompt) {
+        (Some(true), Some(true)) => Err(RequestError::new(
+            "continue_final_message",
+            "`continue_final_message` and `add_generation_prompt` cannot both be true",
+        )),
+        (Some(true), _) => Ok(Ending::ContinueFinal),
+        (_, Some(false)) => Ok(Ending::Closed),
+        _ => Ok(Ending::GenerationPrompt),
     }
 }
 
@@ -165,6 +200,31 @@ mod tests {
         let e = prompt_of(ApiKind::Chat, &json!({"messages": [{"content": "x"}]}))
             .expect_err("no role");
         assert_eq!(e.param, "messages");
+    }
+
+    #[test]
+    fn continue_final_message_leaves_the_assistant_message_open() {
+        let continued = json!({"messages": [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": " the"}],
+            "continue_final_message": true, "add_generation_prompt": false});
+        assert_eq!(
+            prompt_of(ApiKind::Chat, &continued).expect("renders"),
+            "<|user|>\nhi\n<|assistant|>\n the"
+        );
+        let no_assistant = json!({"messages": [{"role": "user", "content": "hi"}],
+            "continue_final_message": true});
+        let e = prompt_of(ApiKind::Chat, &no_assistant).expect_err("nothing to continue");
+        assert_eq!(e.param, "continue_final_message");
+        let both = json!({"messages": [{"role": "assistant", "content": "x"}],
+            "continue_final_message": true, "add_generation_prompt": true});
+        let e = prompt_of(ApiKind::Chat, &both).expect_err("contradiction");
+        assert_eq!(e.param, "continue_final_message");
+        let closed = json!({"messages": [{"role": "user", "content": "hi"}],
+            "add_generation_prompt": false});
+        assert_eq!(
+            prompt_of(ApiKind::Chat, &closed).expect("renders"),
+            "<|user|>\nhi\n"
+        );
     }
 
     #[test]

@@ -90,6 +90,16 @@ app.kubernetes.io/component: gateway
 {{- toJson $out }}
 {{- end }}
 
+{{/*
+A worker group's [discovery] as JSON: Kubernetes discovery of its own pods, by role, model label
+and release. Argument: dict "g" $group "root" $.
+*/}}
+{{- define "pdgate.groupDiscovery" -}}
+{{- $model := include "pdgate.modelLabel" .g.model }}
+{{- $sel := printf "pdgate.io/model=%s,app.kubernetes.io/instance=%s" $model .root.Release.Name }}
+{{- toJson (dict "kind" "kubernetes" "kubernetes" (dict "namespace" .root.Release.Namespace "prefill_selector" (printf "pdgate.io/role=prefill,%s" $sel) "decode_selector" (printf "pdgate.io/role=decode,%s" $sel))) }}
+{{- end }}
+
 {{- define "pdgate.fleetSecretName" -}}
 {{- .Values.fleetSecret.existingSecret | default (printf "%s-fleet" (include "pdgate.fullname" .)) }}
 {{- end }}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dnsmasq;
+pub mod engines;
 pub mod kube_api;
 pub mod procs;
 pub mod tls;
@@ -62,6 +63,19 @@ pub async fn metrics_text(url: &str) -> String {
         .text()
         .await
         .expect("text")
+}
+
+/// The value of the first series of `name` whose labels include every `labels` pair.
+pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Sum of one engine metric over the fleet's engines of `role`.

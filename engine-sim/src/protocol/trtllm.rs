@@ -35,7 +35,7 @@ pub async fn prepare(
             let key = ctx_request_id.to_string();
             let held = pull::prefill_and_hold(e, &key, tokens).await?;
             let state = serde_json::to_vec(&held).unwrap_or_default();
-            let first = text::token_at(text::prompt_key(tokens), e.cfg.seed, 0);
+            let first = text::first_token(tokens, e.cfg.seed);
             let params = json!({
                 "request_type": "context_only",
                 "first_gen_tokens": [first],

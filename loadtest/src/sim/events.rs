@@ -18,8 +18,12 @@ pub enum Event {
     StepEnd(usize),
     /// Request `r`'s KV cache landed on its decode instance.
     TransferDone(usize),
-    /// The gateway scrapes every engine's metrics into the scheduler.
-    Scrape,
+    /// Gateway replica `g` scrapes every engine's metrics into its scheduler.
+    Scrape(usize),
+    /// The oldest engine KV event in transit reaches the gateway replicas.
+    KvEvents,
+    /// The oldest booking-sync message in transit reaches the other gateway replicas.
+    SyncDelivered,
 }
 
 #[derive(Debug)]

@@ -10,16 +10,16 @@
 
 use super::engine::{Job, SimEngine};
 use super::events::{Event, EventQueue};
+use super::gateways::{GatewaySpec, Gateways};
 use crate::metrics::{RequestError, RequestRecord};
 use crate::report::types::InstanceLoad;
 use crate::synth::engine_blocks;
 use crate::trace::types::Trace;
 use pdgate_engine_sim::EngineConfig;
 use pdgate_scheduler::{
-    BlockHash, EngineReport, InstanceId, InstanceSpec, Observed, PolicyKind, RequestKey, Role,
-    Scheduler, SchedulerConfig, Ticket,
+    BlockHash, EngineReport, InstanceId, Observed, PolicyKind, RequestKey, Role, SchedulerConfig,
+    Ticket,
 };
-use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct FleetSpec {
@@ -34,8 +34,11 @@ pub struct FleetSpec {
     pub kv_gbps: f64,
     /// Fixed cost per leg (HTTP round trip in the gateway), ms, added to TTFT.
     pub overhead_ms: f64,
-    /// How often the gateway scrapes engine metrics into the scheduler, ms (0 = never).
+    /// How often the gateway scrapes engine metrics into the scheduler, ms (0 = never); each
+    /// replica scrapes on its own timer, the timers spread evenly over the interval.
     pub metrics_interval_ms: f64,
+    /// Gateway replicas and what reaches them from the engines.
+    pub gateways: GatewaySpec,
     /// The scheduler's config; the policy is set per run.
     pub scheduler: SchedulerConfig,
 }
@@ -52,6 +55,7 @@ impl FleetSpec {
             kv_gbps: 2.0,
             overhead_ms: 0.0,
             metrics_interval_ms: 500.0,
+            gateways: GatewaySpec::default(),
             scheduler: SchedulerConfig::default(),
         }
     }
@@ -74,6 +78,8 @@ pub struct SimResult {
 
 #[derive(Debug, Default)]
 struct ReqState {
+    /// The gateway replica that routed it (its ticket is that replica's).
+    replica: usize,
     ticket: Option<Ticket>,
     prefill: Option<usize>,
     decode: usize,
@@ -91,7 +97,7 @@ struct ReqState {
 struct Sim<'a> {
     trace: &'a Trace,
     spec: &'a FleetSpec,
-    sched: Scheduler,
+    gw: Gateways,
     engines: Vec<SimEngine>,
     ids: Vec<InstanceId>,
     reqs: Vec<ReqState>,
@@ -107,12 +113,15 @@ pub fn simulate(
     spec: &FleetSpec,
     policy: PolicyKind,
 ) -> SimResult {
-    let mut sched = Scheduler::new(SchedulerConfig {
-        policy,
-        block_size: spec.engine.block_size,
-        kv_bytes_per_token: spec.engine.kv_bytes_per_token,
-        ..spec.scheduler.clone()
-    });
+    let mut gw = Gateways::new(
+        &spec.gateways,
+        &SchedulerConfig {
+            policy,
+            block_size: spec.engine.block_size,
+            kv_bytes_per_token: spec.engine.kv_bytes_per_token,
+            ..spec.scheduler.clone()
+        },
+    );
     let mut engines = Vec::new();
     let mut ids = Vec::new();
     for role in std::iter::repeat_n(Role::Prefill, spec.prefill)
@@ -127,16 +136,14 @@ pub fn simulate(
         } else {
             spec.decode_cache_blocks
         };
-        // The gateway registers instances with an unknown size and learns the decode pool's
-        // from its metrics (`num_gpu_blocks`); the first scrape below does the same.
-        ids.push(sched.add_instance(role, InstanceSpec::default()));
+        ids.push(gw.add_instance(role));
         engines.push(SimEngine::new(cfg, cache));
     }
     let n = trace.requests.len();
     let mut sim = Sim {
         trace,
         spec,
-        sched,
+        gw,
         engines,
         ids,
         reqs: (0..n).map(|_| ReqState::default()).collect(),
@@ -160,7 +167,13 @@ pub fn simulate(
         }
     }
     if spec.metrics_interval_ms > 0.0 {
-        sim.q.push(0.0, Event::Scrape);
+        let n = sim.gw.len();
+        for r in 0..n {
+            sim.q.push(
+                spec.metrics_interval_ms * r as f64 / n as f64,
+                Event::Scrape(r),
+            );
+        }
     }
     let mut events = 0u64;
     while let Some((now, ev)) = sim.q.pop() {
@@ -170,20 +183,18 @@ pub fn simulate(
             Event::Kick(e) => sim.kick(e, now),
             Event::StepEnd(e) => sim.step_end(e, now),
             Event::TransferDone(r) => sim.transfer_done(r, now),
-            Event::Scrape => {
-                sim.scrape();
+            Event::Scrape(g) => {
+                sim.scrape(g);
                 // Keep scraping only while requests remain, so the queue drains.
                 if sim.open > 0 {
-                    sim.q.push(now + spec.metrics_interval_ms, Event::Scrape);
+                    sim.q.push(now + spec.metrics_interval_ms, Event::Scrape(g));
                 }
             }
+            Event::KvEvents => sim.gw.deliver_kv(now),
+            Event::SyncDelivered => sim.gw.deliver_sync(now),
         }
     }
     sim.finish(events)
-}
-
-fn at(ms: f64) -> Duration {
-    Duration::from_secs_f64(ms.max(0.0) / 1e3)
 }
 
 impl Sim<'_> {
@@ -199,7 +210,7 @@ impl Sim<'_> {
             message,
         });
         if let Some(t) = s.ticket.take() {
-            self.sched.decode_done(t, at(now));
+            self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
         let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
         self.engines[d].pool_free += reserved;
@@ -219,8 +230,10 @@ impl Sim<'_> {
         let bs = self.spec.engine.block_size;
         let blocks = engine_blocks(req, bs);
         let prompt = req.input_tokens as usize;
+        let replica = self.gw.deal();
         {
             let s = &mut self.reqs[r];
+            s.replica = replica;
             s.rec = RequestRecord {
                 index: req.index,
                 scheduled_ms: now,
@@ -234,7 +247,7 @@ impl Sim<'_> {
             max_tokens: req.output_tokens,
             blocks,
         };
-        let d = match self.sched.schedule(&key, at(now)) {
+        let d = match self.gw.schedule(replica, &key, now, &mut self.q) {
             Ok(d) => d,
             Err(rej) => {
                 let status = if matches!(rej, pdgate_scheduler::Rejection::NoHealthy(_)) {
@@ -306,7 +319,12 @@ impl Sim<'_> {
         let out = self.engines[e].end_step();
         for r in out.prefills_done {
             let blocks = std::mem::take(&mut self.reqs[r].blocks);
-            self.engines[e].cache.insert(&blocks);
+            let mut evicted = Vec::new();
+            self.engines[e]
+                .cache
+                .insert_with(&blocks, |b| evicted.push(b));
+            self.gw
+                .publish_kv(self.ids[e], blocks, evicted, now, &mut self.q);
             let s = &mut self.reqs[r];
             s.prefill_ms = now - s.prefill_submit_ms;
             if s.prefill.is_some() {
@@ -318,7 +336,7 @@ impl Sim<'_> {
                 self.q.push(now + s.transfer_ms, Event::TransferDone(r));
             } else {
                 if let Some(t) = s.ticket {
-                    self.sched.prefill_done(t, at(now), None);
+                    self.gw.prefill_done(s.replica, t, now, None, &mut self.q);
                 }
                 self.first_token(r, now + self.spec.overhead_ms);
             }
@@ -343,7 +361,8 @@ impl Sim<'_> {
                 transfer_ms: s.transfer_ms,
                 kv_bytes: s.kv_bytes,
             };
-            self.sched.prefill_done(t, at(now), Some(o));
+            self.gw
+                .prefill_done(s.replica, t, now, Some(o), &mut self.q);
         }
         // Two legs (prefill, then decode) each pay the gateway's per-leg overhead.
         self.first_token(r, now + 2.0 * self.spec.overhead_ms);
@@ -383,15 +402,15 @@ impl Sim<'_> {
         s.rec.output_tokens = s.tokens;
         let (d, reserved) = (s.decode, std::mem::take(&mut s.reserved));
         if let Some(t) = s.ticket.take() {
-            self.sched.decode_done(t, at(now));
+            self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
         self.engines[d].pool_free += reserved;
         self.engines[d].requests += 1;
         self.done(now);
     }
 
-    /// What the gateway's metrics scraper reads from each engine.
-    fn scrape(&mut self) {
+    /// What gateway replica `g`'s metrics scraper reads from each engine.
+    fn scrape(&mut self, g: usize) {
         for (i, e) in self.engines.iter().enumerate() {
             let decode = e.cfg.role == Role::Decode;
             let total = e.cfg.kv_blocks;
@@ -405,7 +424,8 @@ impl Sim<'_> {
                 running: e.running() as u32,
                 kv_usage: usage,
             };
-            self.sched
+            self.gw
+                .replica(g)
                 .observe_engine(self.ids[i], report, decode.then_some(total as u64));
         }
     }

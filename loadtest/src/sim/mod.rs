@@ -9,8 +9,10 @@
 pub mod engine;
 pub mod events;
 pub mod fleet;
+pub mod gateways;
 
 pub use fleet::{simulate, Arrivals, FleetSpec, SimResult};
+pub use gateways::GatewaySpec;
 
 use crate::arrivals::Mode;
 use crate::metrics::{Aggregates, Slo};
@@ -28,6 +30,29 @@ pub fn run(
     slo: &Slo,
     settings: serde_json::Value,
 ) -> Vec<Report> {
+    run_replicas(
+        trace,
+        mode,
+        spec,
+        policies,
+        &[spec.gateways.replicas],
+        slo,
+        settings,
+    )
+}
+
+/// Simulates `trace` under each policy with each count of gateway replicas (policy-major), so a
+/// replica study has its single-gateway baseline in the same run. Labels carry the count
+/// (`slo ×4`) unless the only count is 1.
+pub fn run_replicas(
+    trace: &Trace,
+    mode: Mode,
+    spec: &FleetSpec,
+    policies: &[PolicyKind],
+    replicas: &[usize],
+    slo: &Slo,
+    settings: serde_json::Value,
+) -> Vec<Report> {
     let arrivals = match mode.schedule(trace) {
         Some(times) => Arrivals::At(times),
         None => match mode {
@@ -35,18 +60,26 @@ pub fn run(
             _ => Arrivals::At(vec![0.0; trace.requests.len()]),
         },
     };
-    policies
-        .iter()
-        .map(|&policy| {
+    let labelled = replicas != [1];
+    let mut reports = Vec::new();
+    for &policy in policies {
+        for &n in replicas {
+            let mut spec = spec.clone();
+            spec.gateways.replicas = n.max(1);
             let started = Instant::now();
-            let result = simulate(trace, &arrivals, spec, policy);
+            let result = simulate(trace, &arrivals, &spec, policy);
             let mut aggregates = Aggregates::compute(&result.records, slo);
             aggregates.cache_hit_rate = result.cache_hit_rate;
             let mut settings = settings.clone();
             settings["events"] = result.events.into();
-            Report {
+            settings["replicas"] = spec.gateways.replicas.into();
+            reports.push(Report {
                 kind: "simulate".into(),
-                label: policy.as_str().into(),
+                label: if labelled {
+                    format!("{} ×{}", policy.as_str(), spec.gateways.replicas)
+                } else {
+                    policy.as_str().into()
+                },
                 settings,
                 aggregates,
                 instances: result.instances,
@@ -55,7 +88,8 @@ pub fn run(
                 not_sent: 0,
                 wall_s: started.elapsed().as_secs_f64(),
                 records: result.records,
-            }
-        })
-        .collect()
+            });
+        }
+    }
+    reports
 }

@@ -90,7 +90,12 @@ impl Membership {
     }
 
     fn publish(&self) {
-        crate::metrics::discovery_workers(self.source, self.role, self.held.len());
+        crate::metrics::discovery_workers(
+            self.source,
+            &self.fleet.model,
+            self.role,
+            self.held.len(),
+        );
     }
 }
 

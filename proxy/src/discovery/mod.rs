@@ -25,7 +25,7 @@ impl Discovery {
     }
 }
 
-/// Starts the configured source; `None` for `static`. Errors are the source's setup (no
+/// Starts one model's configured source, feeding that model's fleet; `None` for `static`. Errors are the source's setup (no
 /// Kubernetes credentials, an unreadable resolver configuration): the gateway refuses to start
 /// rather than serve a fleet it cannot see.
 pub async fn start(cfg: &DiscoveryConfig, fleet: &Arc<Fleet>) -> anyhow::Result<Option<Discovery>> {

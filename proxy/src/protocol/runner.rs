@@ -359,7 +359,7 @@ mod tests {
                     protocol: Default::default(),
                     bootstrap_port: None,
                 };
-                state.fleet.add(&cfg)
+                state.models.all()[0].fleet.add(&cfg)
             };
             let (prefill, decode) = (
                 add(prefill_url, Role::Prefill),
@@ -367,6 +367,7 @@ mod tests {
             );
             let req = ClientRequest {
                 kind: ApiKind::Completions,
+                model: std::sync::Arc::clone(&state.models.all()[0]),
                 body: json!({"model": "m", "prompt": "hello", "max_tokens": 4}),
                 prompt: "hello".into(),
                 stream: false,
