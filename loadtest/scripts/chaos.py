@@ -14,7 +14,9 @@ Reported per protocol (report.json in --out, and a Markdown table on stdout):
   lost_before_streaming  requests that failed before their first token (429/503 refusals apart)
   streams_cut            requests that failed after their answer began (a 200 head went out)
   refused                429/503 answers (admission, retry budget, no healthy pair)
-  migrations             the gateway's pdgate_migrations_total, when it has that metric
+  migrations             the gateway's pdgate_migrations_total{outcome="ok"} (streams continued
+                         on another decode), when it has that metric; every outcome in the
+                         report
   retries                the gateway's pdgate_retries_total, by role and outcome
   leaked_reservations    pdgate_sim_kv_reservations_active summed over every engine, read once
                          the load is over and --settle seconds have passed (or all are gone)
@@ -515,7 +517,8 @@ def run_protocol(args, protocol, out, faults, fabric_ok):
             "duration_s": round(elapsed, 1),
             "health_interval_ms": args.health_ms,
             "faults": faults_log,
-            "migrations": sample(gw_metrics, "pdgate_migrations_total"),
+            "migrations": sample(gw_metrics, "pdgate_migrations_total", {"outcome": "ok"}),
+            "migration_outcomes": series(gw_metrics, "pdgate_migrations_total"),
             "retries": series(gw_metrics, "pdgate_retries_total"),
             "leaked_reservations": leaked(engines),
             "leak_settle_s": round(time.monotonic() - settle0, 1),
@@ -545,7 +548,7 @@ def run_protocol(args, protocol, out, faults, fabric_ok):
             procs.append(gw.proc)
         for p in procs:
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 p.kill()
         if fabric:
