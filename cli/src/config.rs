@@ -5,8 +5,8 @@
 use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
-    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, Protocol, ServerConfig,
-    UpstreamConfig, WorkerConfig,
+    BreakerConfig, DiscoveryConfig, HealthConfig, ModelConfig, Protocol, ReplicasConfig,
+    ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
     pub breaker: BreakerConfig,
+    /// Booking sync with the other gateway replicas of the same fleet (off by default).
+    pub replicas: ReplicasConfig,
     /// The embedded demo fleet started by `pdgate up`.
     pub up: UpConfig,
     pub log: LogConfig,
@@ -45,6 +47,7 @@ impl Config {
             health: self.health.clone(),
             upstream: self.upstream.clone(),
             breaker: self.breaker,
+            replicas: self.replicas.clone(),
         }
     }
 }

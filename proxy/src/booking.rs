@@ -1,21 +1,40 @@
 //! A scheduled request's accounting, each part reported exactly once: its booking on the
 //! scheduler (each leg done when it ends or — on any early exit, error or client disconnect —
-//! when the booking is dropped), and each leg's verdict for its worker's circuit breaker.
+//! when the booking is dropped), and each leg's verdict for its worker's circuit breaker. A
+//! booking shared with the other gateway replicas tells them of each release too.
 
 use crate::breaker::{BreakerConfig, Outcome};
 use crate::fleet::Fleet;
+use crate::replica_sync::Release;
 use crate::workers::Worker;
-use pdgate_scheduler::{Decision, Observed};
+use pdgate_scheduler::{BlockHash, Decision, Observed};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub struct Booking {
     fleet: Arc<Fleet>,
     pub decision: Decision,
+    /// Published to the other replicas, whose copies await its releases.
+    shared: bool,
+    prefill_released: AtomicBool,
 }
 
 impl Booking {
     pub fn new(fleet: Arc<Fleet>, decision: Decision) -> Self {
-        Self { fleet, decision }
+        Self {
+            fleet,
+            decision,
+            shared: false,
+            prefill_released: AtomicBool::new(false),
+        }
+    }
+
+    /// Tells the other gateway replicas of this booking (when booking sync is on).
+    pub fn share(&mut self, blocks: &[BlockHash]) {
+        if let Some(outbox) = self.fleet.replicas.get() {
+            outbox.booked(&self.fleet, &self.decision, blocks);
+            self.shared = true;
+        }
     }
 
     pub fn prefill_done(&self, observed: Option<Observed>) {
@@ -24,6 +43,15 @@ impl Booking {
             .scheduler
             .lock()
             .prefill_done(self.decision.ticket, now, observed);
+        if self.shared && !self.prefill_released.swap(true, Ordering::Relaxed) {
+            self.release(Release::Prefill);
+        }
+    }
+
+    fn release(&self, what: Release) {
+        if let Some(outbox) = self.fleet.replicas.get() {
+            outbox.released(&self.decision, what);
+        }
     }
 }
 
@@ -34,6 +62,9 @@ impl Drop for Booking {
             .scheduler
             .lock()
             .decode_done(self.decision.ticket, now);
+        if self.shared {
+            self.release(Release::Decode);
+        }
     }
 }
 

@@ -5,15 +5,18 @@
 //! `remove_draining` here.
 
 use crate::config::WorkerConfig;
+use crate::replica_sync::Outbox;
 use crate::workers::{Worker, WorkerView, Workers};
 use parking_lot::Mutex;
 use pdgate_scheduler::{InstanceId, Scheduler, SchedulerConfig};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub struct Fleet {
     pub workers: Workers,
     pub scheduler: Mutex<Scheduler>,
+    /// Where bookings go to the other gateway replicas; unset when booking sync is off.
+    pub replicas: OnceLock<Outbox>,
     /// The scheduler's time origin: it is fed `epoch.elapsed()`, never reads a clock itself.
     epoch: Instant,
 }
@@ -23,6 +26,7 @@ impl Fleet {
         Self {
             workers: Workers::default(),
             scheduler: Mutex::new(Scheduler::new(cfg)),
+            replicas: OnceLock::new(),
             epoch: Instant::now(),
         }
     }

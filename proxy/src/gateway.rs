@@ -6,7 +6,7 @@ use crate::access::Access;
 use crate::config::{Config, WorkerConfig};
 use crate::state::AppState;
 use crate::tls::listener::ListenerTls;
-use crate::{discovery, health, listener, segments, server};
+use crate::{discovery, health, listener, replica_sync, segments, server};
 use anyhow::Context;
 use pdgate_wire::fleet::FleetSecret;
 use std::net::SocketAddr;
@@ -26,6 +26,8 @@ pub struct Gateway {
     discovery: Option<discovery::Discovery>,
     /// Reloads the listener's certificate (`[server.tls]` only).
     tls_reloader: Option<JoinHandle<()>>,
+    /// Booking sync with the other replicas (`[replicas]`).
+    replicas: Option<replica_sync::ReplicaSyncTasks>,
 }
 
 impl Gateway {
@@ -71,6 +73,7 @@ impl Gateway {
             state.cfg.scheduler.block_size,
         );
         let discovery = discovery::start(&state.cfg.discovery, &state.fleet).await?;
+        let replicas = replica_sync::start(&state.cfg.replicas, &state.fleet).await?;
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
         let tls_reloader = tls.as_ref().map(ListenerTls::spawn_reloader);
@@ -88,6 +91,7 @@ impl Gateway {
             purge,
             discovery,
             tls_reloader,
+            replicas,
         })
     }
 
@@ -152,6 +156,9 @@ impl Gateway {
         }
         if let Some(s) = &self.scraper {
             s.abort();
+        }
+        if let Some(r) = self.replicas.take() {
+            r.stop();
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod dnsmasq;
 pub mod kube_api;
+pub mod nats;
 pub mod tls;
 
 use pdgate::config::Config;
