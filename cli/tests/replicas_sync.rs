@@ -9,7 +9,7 @@ mod support;
 use futures::StreamExt;
 use pdgate::config::{ReplicasConfig, WorkerConfig};
 use pdgate_gateway::config::ReplicaSync;
-use pdgate_gateway::replica_sync::{Event, Message};
+use pdgate_gateway::replica_sync::wire::{Event, Message};
 use pdgate_gateway::Gateway;
 use pdgate_scheduler::{Booking, InstanceId, Role};
 use serde_json::Value;

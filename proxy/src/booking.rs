@@ -5,7 +5,7 @@
 
 use crate::breaker::{BreakerConfig, Outcome};
 use crate::fleet::Fleet;
-use crate::replica_sync::Release;
+use crate::replica_sync::wire::Release;
 use crate::workers::Worker;
 use pdgate_scheduler::{BlockHash, Decision, Observed};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,10 +31,23 @@ impl Booking {
 
     /// Tells the other gateway replicas of this booking (when booking sync is on).
     pub fn share(&mut self, blocks: &[BlockHash]) {
-        if let Some(outbox) = self.fleet.replicas.get() {
-            outbox.booked(&self.fleet, &self.decision, blocks);
-            self.shared = true;
-        }
+        let Some(outbox) = self.fleet.replicas.get() else {
+            return;
+        };
+        let d = &self.decision;
+        let now = self.fleet.now();
+        let Some(booking) = self.fleet.scheduler.lock().booking(d.ticket, now) else {
+            return;
+        };
+        let url = |id| self.fleet.workers.get(id).map(|w| w.url.clone());
+        let (Some(decode_url), Some(prefill_url)) = (
+            url(d.decode),
+            d.prefill.map_or(Some(None), |id| url(id).map(Some)),
+        ) else {
+            return;
+        };
+        outbox.booked(d.ticket, (prefill_url, decode_url), booking, blocks);
+        self.shared = true;
     }
 
     pub fn prefill_done(&self, observed: Option<Observed>) {
@@ -50,7 +63,7 @@ impl Booking {
 
     fn release(&self, what: Release) {
         if let Some(outbox) = self.fleet.replicas.get() {
-            outbox.released(&self.decision, what);
+            outbox.released(self.decision.ticket, what);
         }
     }
 }

@@ -5,7 +5,7 @@
 //! `remove_draining` here.
 
 use crate::config::WorkerConfig;
-use crate::replica_sync::Outbox;
+use crate::replica_sync::outbox::Outbox;
 use crate::workers::{Worker, WorkerView, Workers};
 use parking_lot::Mutex;
 use pdgate_scheduler::{InstanceId, Scheduler, SchedulerConfig};

@@ -3,12 +3,10 @@
 //! message, dead replica) does not hold load forever. Pure state over the scheduler, fed with
 //! time; no I/O.
 
+use super::wire::{Release, ReplicaId};
 use pdgate_scheduler::{BlockHash, Booking, Scheduler, Ticket};
 use std::collections::HashMap;
 use std::time::Duration;
-
-/// A replica's random id: tags every message it publishes.
-pub type ReplicaId = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -29,12 +27,6 @@ impl Applied {
             Applied::Full => "dropped_ledger_full",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Release {
-    Prefill,
-    Decode,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -3,7 +3,10 @@
 //! client reconnects by itself, resubscribing and flushing what was published meanwhile; a
 //! publish that cannot even be queued is dropped and counted.
 
-use super::{apply, connected, expired, held, message, Event, Ledger, Message, ReplicaId};
+use super::apply::apply;
+use super::counters::{connected, expired, held, message};
+use super::ledger::Ledger;
+use super::wire::{Event, Message, ReplicaId};
 use crate::config::ReplicasConfig;
 use crate::fleet::Fleet;
 use anyhow::Context;
