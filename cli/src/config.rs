@@ -105,6 +105,7 @@ impl Layered for Config {
         "health",
         "upstream",
         "breaker",
+        "replicas",
         "up",
         "log",
     ];

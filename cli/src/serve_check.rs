@@ -4,8 +4,8 @@
 //! It never binds or connects.
 
 use crate::config::{
-    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ServerConfig,
-    UpstreamConfig, WorkerConfig,
+    BreakerConfig, Config, DiscoveryConfig, HealthConfig, LogConfig, ModelConfig, ReplicasConfig,
+    ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
@@ -31,6 +31,7 @@ struct Served<'a> {
     health: &'a HealthConfig,
     upstream: &'a UpstreamConfig,
     breaker: &'a BreakerConfig,
+    replicas: &'a ReplicasConfig,
     log: &'a LogConfig,
 }
 
@@ -45,6 +46,7 @@ impl<'a> Served<'a> {
             health: &c.health,
             upstream: &c.upstream,
             breaker: &c.breaker,
+            replicas: &c.replicas,
             log: &c.log,
         }
     }
@@ -63,6 +65,17 @@ pub fn redacted(cfg: &Config) -> Config {
     for key in &mut c.server.api_keys {
         *key = REDACTED.into();
     }
+    // A broker URL may carry `user:password@`: the part before the host goes.
+    c.replicas.url = c
+        .replicas
+        .url
+        .split(',')
+        .map(|u| match (u.split_once("://"), u.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{REDACTED}@{host}"),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     c
 }
 
@@ -97,11 +110,14 @@ mod tests {
         cfg.server.api_keys = vec!["sk-two".into()];
         cfg.server.admin_token = Some("adm".into());
         cfg.server.fleet_secret_file = Some("/etc/pdgate/fleet".into());
+        cfg.replicas.url = "nats://u:nats-pass@10.0.0.5:4222,nats://10.0.0.6:4222".into();
         let text = toml::to_string(&Served::of(&redacted(&cfg))).expect("toml");
+        assert!(!text.contains("nats-pass"), "{text}");
+        assert!(text.contains("10.0.0.5:4222") && text.contains("nats://10.0.0.6:4222"));
         for secret in ["sk-one", "sk-two", "adm\""] {
             assert!(!text.contains(secret), "{secret} printed");
         }
         assert!(text.contains("/etc/pdgate/fleet"));
-        assert_eq!(text.matches(REDACTED).count(), 3);
+        assert_eq!(text.matches(REDACTED).count(), 4);
     }
 }
