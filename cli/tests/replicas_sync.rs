@@ -1,8 +1,8 @@
 //! Booking sync between gateway replicas over a real broker (Debian's `nats-server`, token auth
 //! from a file): a request through one replica loads its pair on another replica's scheduler
 //! while it runs and releases it when it ends, where an unsynced replica sees nothing; a replica
-//! that dies holding load is forgotten; an engine the receiver does not know is ignored; and a
-//! broker that cannot be reached costs no request.
+//! that dies holding load is forgotten; an engine the receiver does not know is ignored; a
+//! broker that cannot be reached costs no request, and one that restarts is reconnected to.
 
 mod support;
 
@@ -268,5 +268,52 @@ async fn with_the_broker_unreachable_requests_are_still_served() {
     }
     let decode = engine_url(&a, Role::Decode);
     assert!(eventually(WAIT, || async { decode_seqs(&gw, &decode).await == 0 }).await);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_restart_costs_no_request_and_sync_resumes() {
+    let mut nats = NatsServer::start();
+    let mut cfg = config(1, 1, 1.0);
+    cfg.replicas = synced(&nats, ReplicaSync::Nats);
+    let a = fleet(cfg).await;
+    let b = replica(&a, synced(&nats, ReplicaSync::Nats)).await;
+    let (a_url, b_url) = (a.gateway.url(), b.url());
+    let decode = engine_url(&a, Role::Decode);
+    wait_for_replicas(&broker_client(&nats).await, 2).await;
+
+    nats.stop();
+    for i in 0..3 {
+        let resp = post(
+            &a_url,
+            "/v1/completions",
+            completion(&format!("down {i}"), 4),
+        )
+        .await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "request {i} failed while the broker was down"
+        );
+    }
+    nats.restart();
+    // Both replicas publish again, so both resubscribed first (one connection's commands are
+    // taken in order).
+    wait_for_replicas(&broker_client(&nats).await, 2).await;
+    let request = tokio::spawn(async move {
+        post(
+            &a_url,
+            "/v1/completions",
+            completion("after the restart", 1000),
+        )
+        .await
+    });
+    assert!(
+        eventually(WAIT, || async { decode_seqs(&b_url, &decode).await == 1 }).await,
+        "sync did not resume after the broker came back"
+    );
+    assert_eq!(request.await.expect("request task").status(), 200);
+    assert!(eventually(WAIT, || async { decode_seqs(&b_url, &decode).await == 0 }).await);
+    b.stop().await;
     a.stop().await;
 }

@@ -65,6 +65,20 @@ impl NatsServer {
         false
     }
 
+    /// Stops the broker (its clients see the connection drop).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port, as after a broker restart.
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(self.spawn(), "nats-server restarts on its port");
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -76,10 +90,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
