@@ -2,7 +2,9 @@
 # Installs what the tests need on a fresh machine: the Python packages of the end-to-end tests,
 # and the system packages of the transfer crate's optional features — rdma (libibverbs/librdmacm
 # headers, pkg-config and libclang for rdma-sys's build script) and etcd (a real etcd server for
-# the metadata-store test); dnsmasq-base (a real DNS server for the gateway's DNS discovery test); nats-server (a real broker for the booking-sync test between gateway replicas). System packages already present are not touched.
+# the metadata-store test); dnsmasq-base (a real DNS server for the gateway's DNS discovery test);
+# nats-server (a real broker for the booking-sync test between gateway replicas). System packages
+# already present are not touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

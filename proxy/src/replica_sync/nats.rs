@@ -41,7 +41,14 @@ pub(super) async fn start(
                         "booking sync: broker lost; scheduling unsynced until it is back"
                     );
                 }
-                other => tracing::warn!(event = %other, "booking sync: broker event"),
+                async_nats::Event::SlowConsumer(_) => {
+                    message("in", "dropped_slow_consumer");
+                    tracing::warn!(
+                        "booking sync: messages arrive faster than they are read; some dropped"
+                    );
+                }
+                // Reconnect attempts and the like: the transitions above already said it.
+                other => tracing::debug!(event = %other, "booking sync: broker event"),
             }
         });
     if let Some(path) = &cfg.token_file {
