@@ -15,11 +15,12 @@ if [ -n "$found" ]; then
   exit 1
 fi
 # The scheduler stays free of I/O and async runtimes; the transfer engine of HTTP servers and LLMs.
-# Discovery's clients (kube, k8s-openapi, hickory) belong to the gateway alone.
-for crate in pdgate-scheduler:'^(tokio|axum|hyper|reqwest|pdgate-transfer|kube|k8s-openapi|hickory-[a-z]+) ' \
-             pdgate-transfer:'^(axum|hyper|reqwest|pdgate-scheduler|pdgate-wire|kube|k8s-openapi|hickory-[a-z]+) ' \
-             pdgate-wire:'^(tokio|axum|hyper|reqwest|pdgate-|kube|k8s-openapi|hickory-[a-z]+) ' \
-             pdgate-engine-sim:'^(kube|k8s-openapi|hickory-[a-z]+) '; do
+# Discovery's clients (kube, k8s-openapi, hickory) and booking sync's broker client (async-nats)
+# belong to the gateway alone.
+for crate in pdgate-scheduler:'^(tokio|axum|hyper|reqwest|pdgate-transfer|kube|k8s-openapi|hickory-[a-z]+|async-nats) ' \
+             pdgate-transfer:'^(axum|hyper|reqwest|pdgate-scheduler|pdgate-wire|kube|k8s-openapi|hickory-[a-z]+|async-nats) ' \
+             pdgate-wire:'^(tokio|axum|hyper|reqwest|pdgate-|kube|k8s-openapi|hickory-[a-z]+|async-nats) ' \
+             pdgate-engine-sim:'^(kube|k8s-openapi|hickory-[a-z]+|async-nats) '; do
   name=${crate%%:*}; pattern=${crate#*:}
   found=$(cargo tree -p "$name" -e normal --prefix none --locked | tail -n +2 | sort -u | grep -E "$pattern" || true)
   if [ -n "$found" ]; then

@@ -356,23 +356,82 @@ def test_network_policy_ports_match_the_engines(name):
     ann = dep_p["spec"]["template"]["metadata"]["annotations"]
     http = int(ann["pdgate.io/http-port"])
     bootstrap = int(ann["pdgate.io/bootstrap-port"]) if "pdgate.io/bootstrap-port" in ann else None
-    transfer = sorted(p["containerPort"] for p in c["ports"] if p["name"] != "http")
+    transfer = sorted(p["containerPort"] for p in c["ports"] if p["name"] != "http" and not p["name"].startswith("kv-events"))
+    events = [int(ann["pdgate.io/kv-events-port"]), int(ann["pdgate.io/kv-events-replay-port"])]
     policies = {p["metadata"]["name"]: p for p in of_kind(docs, "NetworkPolicy")}
     gw = policies[f"{RELEASE}-pdgate-gateway"]
     (eng,) = [p for n, p in policies.items() if n.endswith("-engines")]
-    # gateway → engines: their HTTP port (and a prefill's bootstrap port).
+    # gateway → engines: their HTTP port (and a prefill's bootstrap port), and their KV events.
     to_engines = [r for r in gw["spec"]["egress"] if r.get("to")]
-    assert sorted(p["port"] for r in to_engines for p in r["ports"]) == sorted([http] + ([bootstrap] if bootstrap else []))
-    # engines take from the gateway that port only, and from each other the transfer ports only.
+    assert sorted(p["port"] for r in to_engines for p in r["ports"]) == sorted([http] + ([bootstrap] if bootstrap else []) + events)
+    # engines take from the gateway those ports only, and from each other the transfer ports only.
     from_gw, from_engines = eng["spec"]["ingress"]
     assert from_gw["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-    assert sorted(p["port"] for p in from_gw["ports"]) == sorted([http] + ([bootstrap] if bootstrap else []))
+    assert sorted(p["port"] for p in from_gw["ports"]) == sorted([http] + ([bootstrap] if bootstrap else []) + events)
     assert sorted(p["port"] for p in from_engines["ports"]) == transfer
     assert http not in transfer
     sel = eng["spec"]["podSelector"]["matchLabels"]
     for dep in (dep_p, dep_d):
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert all(labels.get(k) == v for k, v in sel.items()), "the policy selects both roles' pods"
+
+
+def events_config(args):
+    flags = [a for a in args if a.startswith("--kv-events-config=")]
+    return json.loads(flags[0].split("=", 1)[1]) if flags else None
+
+
+@pytest.mark.parametrize("name", ["vllm-nixl", "vllm-mooncake", "sglang", "reference"])
+def test_engines_publish_kv_events_where_discovery_finds_them(name):
+    docs = render(MATRIX[name])
+    for dep in engine_deployments(docs):
+        ann = dep["spec"]["template"]["metadata"]["annotations"]
+        args, c = container_args(dep)
+        cfg = events_config(args)
+        assert ann["pdgate.io/kv-events-port"] == "5557" and ann["pdgate.io/kv-events-replay-port"] == "5558"
+        assert cfg["publisher"] == "zmq"
+        assert cfg["endpoint"] == "tcp://*:5557" and cfg["replay_endpoint"] == "tcp://*:5558"
+        # SGLang turns events on by the flag; vLLM and the reference engine need the key.
+        assert cfg.get("enable_kv_cache_events") is (None if name == "sglang" else True)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["kv-events"] == 5557 and ports["kv-events-rep"] == 5558
+    off = render({**MATRIX[name], "workerDefaults": {"kvEvents": {"enabled": False}}})
+    for dep in engine_deployments(off):
+        ann = dep["spec"]["template"]["metadata"]["annotations"]
+        args, c = container_args(dep)
+        assert "pdgate.io/kv-events-port" not in ann and events_config(args) is None
+        assert not any(p["name"].startswith("kv-events") for p in c["ports"])
+
+
+def test_the_reference_engine_publishes_with_the_charts_flag():
+    """The flag the chart renders starts a real reference engine whose events socket answers."""
+    import socket
+    from conftest import _free_port
+
+    pub, rep, http = _free_port(), _free_port(), _free_port()
+    values = {**MATRIX["reference"], "workerDefaults": {"kvEvents": {"port": pub, "replayPort": rep}}}
+    (dep, *_) = engine_deployments(render(values))
+    args, _ = container_args(dep)
+    (flag,) = [a for a in args if a.startswith("--kv-events-config=")]
+    proc = subprocess.Popen(
+        [_binary(), "engine", "--role", "prefill", "--port", str(http), flag],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        import time
+        deadline = time.monotonic() + 20
+        bound = set()
+        while time.monotonic() < deadline and bound != {pub, rep}:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            for port in (pub, rep):
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        bound.add(port)
+            time.sleep(0.1)
+        assert bound == {pub, rep}, "the engine bound its KV event sockets where the chart says"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # --- The container image ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ use pdgate_engine_sim::EngineConfig;
 use pdgate_gateway::config as gateway;
 pub use pdgate_gateway::config::{
     BreakerConfig, DiscoveryConfig, HealthConfig, KvEventsConfig, ModelConfig, ModelEntry,
-    Protocol, ServerConfig, UpstreamConfig, WorkerConfig,
+    Protocol, ReplicasConfig, ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// Bounds on what the engines' KV event streams may make the gateway hold.
     pub kv_events: KvEventsConfig,
+    /// Booking sync with the other gateway replicas of the same fleet (off by default).
+    pub replicas: ReplicasConfig,
     /// The embedded demo fleet started by `pdgate up`.
     pub up: UpConfig,
     pub log: LogConfig,
@@ -51,6 +53,7 @@ impl Config {
             upstream: self.upstream.clone(),
             breaker: self.breaker,
             kv_events: self.kv_events.clone(),
+            replicas: self.replicas.clone(),
         }
     }
 }
@@ -115,6 +118,7 @@ impl Layered for Config {
         "upstream",
         "breaker",
         "kv_events",
+        "replicas",
         "up",
         "log",
     ];

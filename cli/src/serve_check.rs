@@ -5,7 +5,7 @@
 
 use crate::config::{
     BreakerConfig, Config, DiscoveryConfig, HealthConfig, KvEventsConfig, LogConfig, ModelConfig,
-    ModelEntry, ServerConfig, UpstreamConfig, WorkerConfig,
+    ModelEntry, ReplicasConfig, ServerConfig, UpstreamConfig, WorkerConfig,
 };
 use pdgate_scheduler::SchedulerConfig;
 use serde::Serialize;
@@ -33,6 +33,7 @@ struct Served<'a> {
     upstream: &'a UpstreamConfig,
     breaker: &'a BreakerConfig,
     kv_events: &'a KvEventsConfig,
+    replicas: &'a ReplicasConfig,
     log: &'a LogConfig,
 }
 
@@ -49,6 +50,7 @@ impl<'a> Served<'a> {
             upstream: &c.upstream,
             breaker: &c.breaker,
             kv_events: &c.kv_events,
+            replicas: &c.replicas,
             log: &c.log,
         }
     }
@@ -67,6 +69,17 @@ pub fn redacted(cfg: &Config) -> Config {
     for key in &mut c.server.api_keys {
         *key = REDACTED.into();
     }
+    // A broker URL may carry `user:password@`: the part before the host goes.
+    c.replicas.url = c
+        .replicas
+        .url
+        .split(',')
+        .map(|u| match (u.split_once("://"), u.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{REDACTED}@{host}"),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     c
 }
 
@@ -101,11 +114,14 @@ mod tests {
         cfg.server.api_keys = vec!["sk-two".into()];
         cfg.server.admin_token = Some("adm".into());
         cfg.server.fleet_secret_file = Some("/etc/pdgate/fleet".into());
+        cfg.replicas.url = "nats://u:nats-pass@10.0.0.5:4222,nats://10.0.0.6:4222".into();
         let text = toml::to_string(&Served::of(&redacted(&cfg))).expect("toml");
+        assert!(!text.contains("nats-pass"), "{text}");
+        assert!(text.contains("10.0.0.5:4222") && text.contains("nats://10.0.0.6:4222"));
         for secret in ["sk-one", "sk-two", "adm\""] {
             assert!(!text.contains(secret), "{secret} printed");
         }
         assert!(text.contains("/etc/pdgate/fleet"));
-        assert_eq!(text.matches(REDACTED).count(), 3);
+        assert_eq!(text.matches(REDACTED).count(), 4);
     }
 }

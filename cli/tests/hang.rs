@@ -10,7 +10,8 @@ use pdgate_gateway::config::{Config, WorkerConfig};
 use pdgate_gateway::Gateway;
 use pdgate_scheduler::{PolicyKind, Role};
 use std::time::Duration;
-use support::engines::{engine_process, healthy, signal, EngineProcess};
+use support::engines::{engine_process, signal};
+use support::procs::{healthy, EngineProcess};
 use support::*;
 
 async fn engine(role: &str) -> EngineProcess {

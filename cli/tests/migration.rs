@@ -13,7 +13,8 @@ use pdgate_gateway::Gateway;
 use pdgate_scheduler::{PolicyKind, Role};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::engines::{engine_process, healthy, signal, EngineProcess};
+use support::engines::{engine_process, signal};
+use support::procs::{healthy, EngineProcess};
 use support::*;
 
 /// Slow enough that a signal lands mid-stream: each decode step takes ~60 ms.

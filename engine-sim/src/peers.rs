@@ -23,8 +23,11 @@ pub(crate) async fn locate(
             transport: TransportKind::Tcp,
         });
     };
+    // A cached entry the owner contradicts is stale: it restarted on a new transfer port.
     if let Some(desc) = e.peers.lock().get(name) {
-        return Ok(desc.clone());
+        if desc.endpoint == endpoint {
+            return Ok(desc.clone());
+        }
     }
     let desc = reg
         .lookup(name)

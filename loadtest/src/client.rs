@@ -126,6 +126,9 @@ pub async fn send(
     if !resp.status().is_success() {
         let body = read_capped(resp, MAX_ERROR_BYTES).await.unwrap_or_default();
         rec.error = Some(api_error(status, &body));
+        // How fast a refusal came back matters under overload; the latency aggregates read
+        // successful records only, so this does not skew them.
+        rec.e2el_ms = Some(ms(Instant::now()));
         return;
     }
     let mut acc = Accumulator::default();

@@ -1,21 +1,53 @@
 //! A scheduled request's accounting, each part reported exactly once: its booking on the
 //! scheduler (each leg done when it ends or — on any early exit, error or client disconnect —
-//! when the booking is dropped), and each leg's verdict for its worker's circuit breaker.
+//! when the booking is dropped), and each leg's verdict for its worker's circuit breaker. A
+//! booking shared with the other gateway replicas tells them of each release too.
 
 use crate::breaker::{BreakerConfig, Outcome};
 use crate::fleet::Fleet;
+use crate::replica_sync::wire::Release;
 use crate::workers::Worker;
-use pdgate_scheduler::{Decision, Observed};
+use pdgate_scheduler::{BlockHash, Decision, Observed};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub struct Booking {
     fleet: Arc<Fleet>,
     pub decision: Decision,
+    /// Published to the other replicas, whose copies await its releases.
+    shared: bool,
+    prefill_released: AtomicBool,
 }
 
 impl Booking {
     pub fn new(fleet: Arc<Fleet>, decision: Decision) -> Self {
-        Self { fleet, decision }
+        Self {
+            fleet,
+            decision,
+            shared: false,
+            prefill_released: AtomicBool::new(false),
+        }
+    }
+
+    /// Tells the other gateway replicas of this booking (when booking sync is on).
+    pub fn share(&mut self, blocks: &[BlockHash]) {
+        let Some(outbox) = self.fleet.replicas.get() else {
+            return;
+        };
+        let d = &self.decision;
+        let now = self.fleet.now();
+        let Some(booking) = self.fleet.scheduler.lock().booking(d.ticket, now) else {
+            return;
+        };
+        let url = |id| self.fleet.workers.get(id).map(|w| w.url.clone());
+        let (Some(decode_url), Some(prefill_url)) = (
+            url(d.decode),
+            d.prefill.map_or(Some(None), |id| url(id).map(Some)),
+        ) else {
+            return;
+        };
+        outbox.booked(d.ticket, (prefill_url, decode_url), booking, blocks);
+        self.shared = true;
     }
 
     pub fn prefill_done(&self, observed: Option<Observed>) {
@@ -24,6 +56,15 @@ impl Booking {
             .scheduler
             .lock()
             .prefill_done(self.decision.ticket, now, observed);
+        if self.shared && !self.prefill_released.swap(true, Ordering::Relaxed) {
+            self.release(Release::Prefill);
+        }
+    }
+
+    fn release(&self, what: Release) {
+        if let Some(outbox) = self.fleet.replicas.get() {
+            outbox.released(self.decision.ticket, what);
+        }
     }
 }
 
@@ -34,6 +75,9 @@ impl Drop for Booking {
             .scheduler
             .lock()
             .decode_done(self.decision.ticket, now);
+        if self.shared {
+            self.release(Release::Decode);
+        }
     }
 }
 

@@ -124,6 +124,19 @@ impl Breaker {
         (admits, t)
     }
 
+    /// The worker's health check passed again after it had been marked down: it is most likely
+    /// a new process (a restart), so an open breaker need not wait out its cooldown, which was
+    /// set by the failures of the process that died. It turns half-open: one probe decides.
+    pub fn health_recovered(&mut self) -> Option<Transition> {
+        match self.state {
+            BreakerState::Open { .. } => {
+                self.state = BreakerState::HalfOpen { probing: false };
+                Some(Transition::HalfOpened)
+            }
+            _ => None,
+        }
+    }
+
     /// Folds one leg's outcome in.
     pub fn record(
         &mut self,
@@ -186,6 +199,29 @@ mod tests {
 
     fn at(ms: u64) -> Duration {
         Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_worker_back_from_down_gets_its_probe_without_the_cooldown() {
+        let mut b = Breaker::default();
+        for _ in 0..3 {
+            b.record(Outcome::Failure, at(0), &CFG);
+        }
+        assert_eq!(b.admits(at(10)), (false, None), "open, cooling down");
+        assert_eq!(b.health_recovered(), Some(Transition::HalfOpened));
+        assert_eq!(b.claim(at(10)), (true, None), "one probe at once");
+        assert_eq!(b.admits(at(10)), (false, None), "and only one");
+        assert_eq!(
+            b.record(Outcome::Failure, at(10), &CFG),
+            Some(Transition::Reopened),
+            "a failed probe reopens it for a whole cooldown"
+        );
+        let mut closed = Breaker::default();
+        assert_eq!(
+            closed.health_recovered(),
+            None,
+            "a closed breaker stays closed"
+        );
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Per-worker circuit breakers fed by leg outcomes.
     pub breaker: BreakerConfig,
+    /// Booking sync with the other gateway replicas of the same fleet (off by default).
+    pub replicas: ReplicasConfig,
     /// Bounds on what the engines' KV event streams may make the gateway hold.
     pub kv_events: KvEventsConfig,
 }
@@ -572,4 +574,64 @@ pub struct UpstreamTls {
     pub client_cert_file: Option<PathBuf>,
     /// PEM private key of `client_cert_file`.
     pub client_key_file: Option<PathBuf>,
+}
+
+/// `[replicas]`: gateway replicas in front of the same engines tell each other what they booked
+/// (one message per booking, prefill done and decode done) over a broker's pub/sub, so each
+/// schedules against the load the others placed too. Serving never waits on the broker: when it
+/// is down, replicas run unsynced (logged and counted) until it is back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicasConfig {
+    /// `none`: this replica schedules on its own bookings only; `nats`: NATS core pub/sub.
+    pub sync: ReplicaSync,
+    /// The broker, e.g. `nats://127.0.0.1:4222` (`tls://` for TLS); several comma-separated.
+    pub url: String,
+    /// The subject every replica of one fleet publishes to and subscribes on; fleets sharing a
+    /// broker need different subjects.
+    pub subject: String,
+    /// File holding the broker's token (trimmed); never a config or command-line value.
+    pub token_file: Option<PathBuf>,
+    /// User name for user/password auth, with `password_file`.
+    pub user: Option<String>,
+    /// File holding the password of `user` (trimmed).
+    pub password_file: Option<PathBuf>,
+    /// Each replica says it is alive this often, so the others notice when it stops.
+    pub heartbeat_ms: u64,
+    /// A replica not heard from for this long is gone: the bookings it placed are released.
+    pub replica_timeout_ms: u64,
+    /// A booking from another replica whose release never arrived is dropped after this long
+    /// (NATS core delivers at most once, so a release can be lost).
+    pub booking_ttl_secs: u64,
+    /// Messages waiting to be published, and received messages waiting to be applied; past
+    /// either the message is dropped and counted.
+    pub queue: usize,
+    /// Other replicas' bookings held at once; past it new ones are dropped and counted.
+    pub max_bookings: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaSync {
+    #[default]
+    None,
+    Nats,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        Self {
+            sync: ReplicaSync::None,
+            url: "nats://127.0.0.1:4222".into(),
+            subject: "pdgate.bookings".into(),
+            token_file: None,
+            user: None,
+            password_file: None,
+            heartbeat_ms: 1000,
+            replica_timeout_ms: 5000,
+            booking_ttl_secs: 600,
+            queue: 4096,
+            max_bookings: 65_536,
+        }
+    }
 }

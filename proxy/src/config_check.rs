@@ -6,7 +6,8 @@
 
 use crate::access::Access;
 use crate::config::{
-    Config, DiscoveryKind, DnsDiscovery, KubernetesDiscovery, ServedModel, WorkerConfig,
+    Config, DiscoveryKind, DnsDiscovery, KubernetesDiscovery, ReplicaSync, ReplicasConfig,
+    ServedModel, WorkerConfig,
 };
 use pdgate_wire::fleet::FleetSecret;
 use std::net::ToSocketAddrs;
@@ -39,6 +40,7 @@ pub fn check(cfg: &Config) -> Result<(), Problems> {
         check_model(&at, m, &mut out);
     }
     check_files_and_credentials(cfg, &mut out);
+    check_replicas(&cfg.replicas, &mut out);
     if out.is_empty() {
         Ok(())
     } else {
@@ -194,6 +196,37 @@ fn check_files_and_credentials(cfg: &Config, out: &mut Vec<String>) {
         if let Err(e) = Access::new(&cfg.server, secret.as_ref(), addr.ip()) {
             out.push(format!("{e:#}"));
         }
+    }
+}
+
+/// Booking sync's broker settings, when it is on: a URL, a subject the broker takes as one plain
+/// subject (no wildcards, no spaces), credential files that read, `user` with `password_file`.
+fn check_replicas(r: &ReplicasConfig, out: &mut Vec<String>) {
+    if r.sync == ReplicaSync::None {
+        return;
+    }
+    if r.url.trim().is_empty() {
+        out.push("replicas.url is empty (e.g. \"nats://127.0.0.1:4222\")".into());
+    }
+    let plain = |t: &str| !t.is_empty() && !t.contains(['*', '>', ' ', '\t']);
+    if !r.subject.split('.').all(plain) {
+        out.push(format!(
+            "replicas.subject {:?}: dot-separated tokens without spaces or wildcards",
+            r.subject
+        ));
+    }
+    for (key, path) in [
+        ("replicas.token_file", &r.token_file),
+        ("replicas.password_file", &r.password_file),
+    ] {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::read_to_string(path) {
+                out.push(format!("{key} {}: {e}", path.display()));
+            }
+        }
+    }
+    if r.user.is_some() != r.password_file.is_some() {
+        out.push("replicas.user and replicas.password_file go together".into());
     }
 }
 
@@ -467,5 +500,22 @@ mod tests {
                 .any(|m| m.starts_with("models[1].discovery.dns.prefill")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn booking_sync_needs_a_plain_subject_and_readable_credentials() {
+        let mut cfg = Config {
+            workers: vec![worker("http://127.0.0.1:8101")],
+            ..Config::default()
+        };
+        cfg.replicas.subject = "pdgate.*".into();
+        cfg.replicas.token_file = Some("/nonexistent/token".into());
+        cfg.replicas.user = Some("pdgate".into());
+        assert!(problems(&cfg).is_empty(), "checked while sync is off");
+        cfg.replicas.sync = ReplicaSync::Nats;
+        let p = problems(&cfg);
+        assert!(p.iter().any(|m| m.contains("replicas.subject")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("replicas.token_file")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("go together")), "{p:?}");
     }
 }

@@ -5,10 +5,11 @@
 //! `remove_draining` here.
 
 use crate::config::WorkerConfig;
+use crate::replica_sync::outbox::Outbox;
 use crate::workers::{Worker, WorkerView, Workers};
 use parking_lot::Mutex;
 use pdgate_scheduler::{InstanceId, Scheduler, SchedulerConfig};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub struct Fleet {
@@ -16,6 +17,8 @@ pub struct Fleet {
     pub model: String,
     pub workers: Workers,
     pub scheduler: Mutex<Scheduler>,
+    /// Where bookings go to the other gateway replicas; unset when booking sync is off.
+    pub replicas: OnceLock<Outbox>,
     /// The scheduler's time origin: it is fed `epoch.elapsed()`, never reads a clock itself.
     epoch: Instant,
 }
@@ -33,6 +36,7 @@ impl Fleet {
             model: model.to_string(),
             workers: Workers::default(),
             scheduler: Mutex::new(Scheduler::new(cfg).with_first_id(first_id)),
+            replicas: OnceLock::new(),
             epoch: Instant::now(),
         }
     }

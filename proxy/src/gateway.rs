@@ -6,7 +6,7 @@ use crate::access::Access;
 use crate::config::{Config, WorkerConfig};
 use crate::state::AppState;
 use crate::tls::listener::ListenerTls;
-use crate::{discovery, health, listener, segments, server};
+use crate::{discovery, health, listener, replica_sync, segments, server};
 use anyhow::Context;
 use pdgate_wire::fleet::FleetSecret;
 use std::net::SocketAddr;
@@ -29,6 +29,8 @@ pub struct Gateway {
     discovery: Vec<discovery::Discovery>,
     /// Reloads the listener's certificate (`[server.tls]` only).
     tls_reloader: Option<JoinHandle<()>>,
+    /// Booking sync with the other replicas (`[replicas]`), one per model.
+    replicas: Vec<replica_sync::ReplicaSyncTasks>,
 }
 
 impl Gateway {
@@ -63,7 +65,8 @@ impl Gateway {
             Duration::from_secs(state.cfg.server.segment_ttl_secs.max(1)),
         );
         let (mut health, mut scraper, mut discovery) = (Vec::new(), Vec::new(), Vec::new());
-        let mut kv_events = Vec::new();
+        let (mut kv_events, mut replicas) = (Vec::new(), Vec::new());
+        let several = state.models.all().len() > 1;
         for m in state.models.all() {
             health.push(health::spawn(
                 Arc::clone(&m.fleet),
@@ -85,6 +88,13 @@ impl Gateway {
                 .await
                 .with_context(|| format!("model `{}`", m.name))?;
             discovery.extend(found);
+            let sync = replica_sync::start(
+                &replica_sync::for_model(&state.cfg.replicas, m, several),
+                &m.fleet,
+            )
+            .await
+            .with_context(|| format!("model `{}`", m.name))?;
+            replicas.extend(sync);
         }
         let app = server::router(Arc::clone(&state));
         let (tx, rx) = oneshot::channel::<()>();
@@ -104,6 +114,7 @@ impl Gateway {
             kv_events,
             discovery,
             tls_reloader,
+            replicas,
         })
     }
 
@@ -189,6 +200,9 @@ impl Gateway {
         }
         for s in &self.scraper {
             s.abort();
+        }
+        for r in self.replicas.drain(..) {
+            r.stop();
         }
     }
 }

@@ -24,6 +24,7 @@ pub async fn check_all(fleet: &Fleet, client: &Client, cfg: &HealthConfig) {
         if let Some(healthy) = w.observe(ok, cfg.fail_threshold, cfg.recover_threshold) {
             fleet.scheduler.lock().set_healthy(w.id, healthy);
             if healthy {
+                fleet.workers.health_recovered(&w);
                 tracing::info!(worker = %w.url, role = %w.role, "worker up");
             } else {
                 tracing::warn!(worker = %w.url, role = %w.role, "worker down");

@@ -29,6 +29,7 @@ pub mod pipeline;
 pub mod protocol;
 pub mod ratelimit;
 pub mod relay;
+pub mod replica_sync;
 pub mod request_id;
 pub mod retry;
 pub mod segments;

@@ -395,7 +395,9 @@ fn schedule(
         began.elapsed(),
         &result,
     );
-    Ok(Booking::new(Arc::clone(fleet), result?))
+    let mut booking = Booking::new(Arc::clone(fleet), result?);
+    booking.share(&key.blocks);
+    Ok(booking)
 }
 
 /// The client's answer to a scheduling rejection: 503 when nothing can serve, 400 when nothing

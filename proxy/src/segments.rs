@@ -6,7 +6,10 @@
 //! body is bounded (a descriptor is a few hundred bytes; the registry must not hold megabytes
 //! for anyone), a name belongs to the endpoint that published it (so a writer cannot re-point a
 //! peer's segment at a server of its own: the prefill would send that peer's KV there), and
-//! expired entries are purged on a timer, their memory returned.
+//! expired entries are purged on a timer, their memory returned. One exception to ownership: a
+//! name whose owner's endpoint refuses connections (nothing listens there: the engine died) goes
+//! to the next publisher at once, so an engine restarted after a crash, under a new transfer
+//! port, serves again without waiting out its old entry's TTL.
 
 use crate::error::ApiError;
 use axum::body::Bytes;
@@ -76,9 +79,50 @@ async fn publish(State(s): State<Arc<MemoryRegistry>>, body: Bytes) -> Result<Re
         ));
     }
     let (name, endpoint, len) = (desc.name.clone(), desc.endpoint.clone(), desc.len);
-    s.publish_owned(desc).map_err(|c| refused(&name, c))?;
+    match s.publish_owned(desc.clone()) {
+        Ok(()) => {}
+        Err(Claim::Held { expires_in }) => {
+            take_over_from_dead_owner(&s, desc)
+                .await
+                .map_err(|c| refused(&name, c.unwrap_or(Claim::Held { expires_in })))?;
+        }
+        Err(c) => return Err(refused(&name, c)),
+    }
     tracing::info!(segment = %name, endpoint = %endpoint, bytes = len, "segment registered");
     Ok(StatusCode::CREATED.into_response())
+}
+
+/// How long the probe of a holder's endpoint may take: a live owner answers a loopback or
+/// in-cluster connect in well under this, and a silent one (stopped, partitioned) keeps its name.
+const OWNER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Publishes `desc` over a fresh entry of another endpoint when nothing listens at that endpoint
+/// any more (the connection is refused, as it is for a dead process's port). Only a refusal
+/// counts: a timeout may be a stopped or partitioned owner that will be back. `Err(None)` when
+/// the holder is alive, `Err(Some(_))` when the second claim failed for its own reason.
+async fn take_over_from_dead_owner(
+    s: &MemoryRegistry,
+    desc: SegmentDesc,
+) -> Result<(), Option<Claim>> {
+    let Ok(Some(held)) = s.lookup(&desc.name).await else {
+        // Gone or stale since: an ordinary claim decides.
+        return s.publish_owned(desc).map_err(Some);
+    };
+    let probe = tokio::net::TcpStream::connect(held.endpoint.as_str());
+    match tokio::time::timeout(OWNER_PROBE_TIMEOUT, probe).await {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        _ => return Err(None),
+    }
+    // Withdrawn in the owner's name, then claimed: if the owner re-published in between, the
+    // removal is refused and so is the takeover.
+    s.remove_owned(&desc.name, &held.endpoint).map_err(Some)?;
+    tracing::info!(
+        segment = %desc.name,
+        dead_owner = %held.endpoint,
+        endpoint = %desc.endpoint,
+        "segment taken over from an endpoint that refuses connections"
+    );
+    s.publish_owned(desc).map_err(Some)
 }
 
 async fn lookup(

@@ -194,6 +194,18 @@ impl Workers {
         ok
     }
 
+    /// `w` passed its health checks again after being down: an open breaker turns half-open
+    /// (`Breaker::health_recovered`).
+    pub fn health_recovered(&self, w: &Worker) {
+        let t = {
+            let mut b = w.breaker.lock();
+            let t = b.health_recovered();
+            self.count(w, t);
+            t
+        };
+        self.note(w, t);
+    }
+
     /// Folds the outcome of a leg `w` served into its breaker.
     pub fn record(&self, w: &Worker, outcome: Outcome, now: Duration, cfg: &BreakerConfig) {
         let t = {

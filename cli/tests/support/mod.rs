@@ -5,6 +5,8 @@
 pub mod dnsmasq;
 pub mod engines;
 pub mod kube_api;
+pub mod nats;
+pub mod procs;
 pub mod tls;
 
 use pdgate::config::Config;

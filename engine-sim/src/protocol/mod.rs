@@ -56,7 +56,10 @@ pub fn prefill_holds_kv(p: Protocol) -> bool {
     matches!(p, Protocol::VllmNixl | Protocol::Trtllm)
 }
 
-/// `POST /abort_request {"rid": ...}` (SGLang's shape; accepted in every mode).
+/// `POST /abort_request {"rid": ...}` (SGLang's shape; accepted in every mode). On a pull-mode
+/// prefill, `rid` may also name KV held for a decode (`remote_request_id`, `ctx_request_id`):
+/// the gateway calls it off when that decode failed before reading it, so the blocks come back
+/// now instead of at `reservation_ttl_secs`.
 pub async fn abort_request(
     axum::extract::State(e): axum::extract::State<std::sync::Arc<Engine>>,
     body: axum::body::Bytes,
@@ -64,6 +67,16 @@ pub async fn abort_request(
     let rid = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|v| v.get("rid").and_then(Value::as_str).map(str::to_string));
-    let aborted = rid.as_deref().is_some_and(|r| e.aborts.abort(r));
+    let Some(rid) = rid else {
+        return axum::Json(serde_json::json!({"aborted": false}));
+    };
+    let released = e.cfg.role == pdgate_scheduler::Role::Prefill
+        && prefill_holds_kv(e.cfg.protocol)
+        && e.pool.as_ref().is_some_and(|p| p.release(&rid));
+    if released {
+        tracing::info!(held = %rid, "KV held for a decode that will not read it released");
+        return axum::Json(serde_json::json!({"aborted": true, "released": true}));
+    }
+    let aborted = e.aborts.abort(&rid);
     axum::Json(serde_json::json!({"aborted": aborted}))
 }

@@ -29,14 +29,17 @@ pub async fn prepare(
     };
     match params.get("request_type").and_then(Value::as_str) {
         Some("context_only") => {
-            let key = pull::unique_key(rid);
+            // The context request id is the pool key too, so an abort naming it frees the
+            // blocks (TRT-LLM's ids are integers; random ones are unique on this engine).
+            let ctx_request_id = rand::random::<u64>() >> 1;
+            let key = ctx_request_id.to_string();
             let held = pull::prefill_and_hold(e, &key, tokens).await?;
             let state = serde_json::to_vec(&held).unwrap_or_default();
             let first = text::first_token(tokens, e.cfg.seed);
             let params = json!({
                 "request_type": "context_only",
                 "first_gen_tokens": [first],
-                "ctx_request_id": rand::random::<u64>() >> 1,
+                "ctx_request_id": ctx_request_id,
                 "encoded_opaque_state": base64::engine::general_purpose::STANDARD.encode(state),
                 "draft_tokens": null,
             });

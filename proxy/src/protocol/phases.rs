@@ -71,6 +71,16 @@ pub trait PdProtocol: Sync {
         answer: Option<&Self::Answer>,
     ) -> Result<Bytes, LegError>;
 
+    /// The key under which a sequential prefill holds the request's KV until the decode reads
+    /// it (pull-mode protocols), read from its answer. When the decode leg fails before its
+    /// head (or the client leaves first), the runner calls that key off on the prefill
+    /// (`POST /abort_request {"rid": key}`), so the blocks are not held until the engine's own
+    /// timeout for a reader that is gone. Engines without that call answer 404 and keep their
+    /// timeout.
+    fn held_by_prefill(&self, _answer: &Self::Answer) -> Option<String> {
+        None
+    }
+
     /// The id both legs of a concurrent request carry, for the abort call to name.
     fn rid<'a>(&self, ctx: &'a LegContext<'_>, _state: &'a Self::State) -> &'a str {
         ctx.request_id

@@ -75,7 +75,15 @@ async fn sequential<P: PdProtocol>(
     let elapsed = started.elapsed();
     let decode_body = protocol.decode_body(ctx, prefill, state, Some(&answer))?;
     on_prefill_done(Some(protocol.reported(&answer, elapsed)));
+    // Armed until decode's head: a decode that failed (or a client that left) before it will
+    // never read what the prefill holds for it.
+    let mut held = protocol
+        .held_by_prefill(&answer)
+        .map(|key| AbortGuard::new(&ctx.state.client, vec![prefill.url.clone()], &key));
     let response = legs::decode_head_raw(ctx, decode_body, &[]).await?;
+    if let Some(g) = held.as_mut() {
+        g.disarm();
+    }
     Ok(DecodeStart {
         prompt_logprobs: answer.prompt_logprobs(ctx),
         ..DecodeStart::new(response)

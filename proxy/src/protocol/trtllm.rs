@@ -48,6 +48,17 @@ impl PdProtocol for Trtllm {
         })?;
         Ok(overlay(&ctx.req.body, &[(FIELD, params)], &[]))
     }
+
+    fn held_by_prefill(&self, answer: &Value) -> Option<String> {
+        let params = answer
+            .pointer("/choices/0/disaggregated_params")
+            .or_else(|| answer.get(FIELD))?;
+        match params.get("ctx_request_id")? {
+            Value::Number(n) => Some(n.to_string()),
+            Value::String(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// The context leg's params (first choice, or top level) turned into a generation-only leg's.

@@ -54,6 +54,11 @@ impl PdProtocol for VllmNixl {
         })?;
         Ok(overlay(&ctx.req.body, &[(FIELD, params)], &[]))
     }
+
+    fn held_by_prefill(&self, answer: &Value) -> Option<String> {
+        let id = answer.get(FIELD)?.get("remote_request_id")?;
+        id.as_str().map(str::to_string)
+    }
 }
 
 /// The prefill's transfer params, passed on verbatim.
