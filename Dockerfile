@@ -1,6 +1,6 @@
 # pdgate's container image: the gateway and the reference engine are one binary
 # (`pdgate serve`, `pdgate engine`). Build: docker build -t pdgate:dev .
-# The cargo command is the README's ("Deploy on Kubernetes"); tests/test_container_image.py keeps
+# The cargo command is the README's ("Deploy on Kubernetes"); tests/test_chart.py keeps
 # the two equal.
 
 FROM rust:1.89-slim-bookworm AS build

@@ -439,7 +439,7 @@ pub struct UpstreamConfig {
     /// request: the prompt extended by the text already streamed, `max_tokens` reduced by what
     /// was emitted, spliced into the client's stream. 0 turns migration off (the client gets
     /// the `decode_stream_interrupted` error event). Requests it would change are never
-    /// migrated (see the README's Reliability section).
+    /// migrated (see docs/deploying.md, Reliability).
     pub migration_limit: u32,
     /// Retries under way may be at most this percentage of the requests in flight (Envoy's
     /// retry budget), so a struggling fleet is not buried under retries; past it a request that

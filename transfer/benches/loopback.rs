@@ -1,4 +1,4 @@
-//! The README's transfer-engine table without the `pdgate` binary:
+//! docs/transfer.md's loopback figures without the `pdgate` binary:
 //! `cargo bench -p pdgate-transfer --bench loopback` runs tcp and shm through
 //! `bench::run_loopback` next to their baselines (plain loopback socket copy,
 //! single memcpy of the same bytes), ROUNDS times alternating, and prints the

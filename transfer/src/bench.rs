@@ -2,7 +2,7 @@
 //! `transfer_engine_bench`: a target that registers one segment, an
 //! initiator that keeps `threads` submitters busy with batches of
 //! `batch_size` ops of `block_size` bytes for `duration`, and the two
-//! baselines the README compares against (a plain loopback socket copy and
+//! baselines docs/transfer.md compares against (a plain loopback socket copy and
 //! a single-threaded memcpy of the same bytes).
 //!
 //! Both ends run with the fleet secret and TLS the options carry, so the

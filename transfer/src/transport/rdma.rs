@@ -21,8 +21,8 @@
 //! Status: device discovery, PD/MR/CQ/QP creation, the INIT→RTR→RTS bring-up
 //! and posting/polling are implemented in `verbs.rs` (`IbVerbs`) and compile
 //! in CI, and the engine routes batches through the session when both sides
-//! have a device; but nothing here has run against an RDMA device (see the
-//! README). The wiring is tested end to end with a fake device.
+//! have a device; but nothing here has run against an RDMA device (see
+//! docs/transfer.md). The wiring is tested end to end with a fake device.
 
 pub(crate) mod runtime;
 pub mod session;

@@ -15,7 +15,7 @@ use crate::batch::{Batch, Op};
 use crate::error::TransferError;
 
 /// Default slice size, measured with `cargo bench -p pdgate-transfer --bench
-/// loopback` (README table): over loopback TCP, 64 KiB slices spend their time
+/// loopback` (docs/transfer.md): over loopback TCP, 64 KiB slices spend their time
 /// in per-slice round trips (~1.5 GB/s), 256 KiB was the best of three sweeps
 /// (2.9-4.7 GB/s) and 1-16 MiB sat a little lower (2.3-3.7 GB/s). 256 KiB also
 /// keeps in-flight bytes per peer small (connections x 256 KiB).
