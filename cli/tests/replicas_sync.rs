@@ -182,6 +182,7 @@ fn booked(replica: u64, ticket: u64, decode_url: &str) -> Vec<u8> {
         predicted_prefill_ms: 10.0,
         compute_ms: 10.0,
         decode_end_ms: 60_000.0,
+        pull: None,
     };
     let msg = Message {
         replica,
@@ -189,6 +190,7 @@ fn booked(replica: u64, ticket: u64, decode_url: &str) -> Vec<u8> {
             ticket,
             prefill_url: None,
             decode_url: decode_url.into(),
+            pull_from_url: None,
             booking,
             blocks: Vec::new(),
         },

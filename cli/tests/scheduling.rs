@@ -16,6 +16,8 @@ async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
     let mut cfg = config(1, 1, 1.0);
     cfg.scheduler.slo.ttft_ms = 20.0; // a 4k-token prefill is predicted at ~86 ms
     let fleet = fleet(cfg).await;
+    let refusals = |m: &str| sample(m, "pdgate_refusal_duration_seconds_count").unwrap_or(0.0);
+    let refused_before = refusals(&metrics_text(&fleet.url()).await);
     let resp = post(
         &fleet.url(),
         "/v1/completions",
@@ -54,6 +56,8 @@ async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
         m.contains("pdgate_rejections_total{reason=\"slo_ttft\"}"),
         "rejection counted"
     );
+    // The refusal's time in the gateway is on its own histogram (the overload figure).
+    assert!(refusals(&m) >= refused_before + 1.0, "refusal timed");
     fleet.stop().await;
 }
 

@@ -99,14 +99,23 @@ def series(text, name):
 
 
 def rss_kib(pid):
+    return rss_parts_kib(pid).get("VmRSS")
+
+
+def rss_parts_kib(pid):
+    """VmRSS and its parts: RssAnon is the process's own memory; RssShmem counts the pages of
+    shared segments it has touched, which for an engine are the KV pools: its own and, over the
+    shm transport, the decode pools it writes into (owned by those decodes)."""
+    parts = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    parts[key] = int(line.split()[1])
     except OSError:
         pass
-    return None
+    return parts
 
 
 def wait_until(pred, timeout, step=0.05):
@@ -294,20 +303,43 @@ def leaked(engines):
 
 
 class Rss:
-    """RSS samples of the gateway and the engines."""
+    """RSS samples of the gateway and the engines: `series` is private memory (RssAnon), the
+    leak measure; `shared` the shared-segment pages (RssShmem)."""
 
     def __init__(self, path):
         self.f = open(path, "w")
-        self.f.write("t_s,process,rss_kib\n")
+        self.f.write("t_s,process,rss_kib,anon_kib,file_kib,shmem_kib\n")
         self.series = {}
+        self.shared = {}
 
     def take(self, t, procs):
         for name, pid in procs:
-            kib = rss_kib(pid)
-            if kib is not None:
-                self.f.write(f"{t:.1f},{name},{kib}\n")
-                self.series.setdefault(name, []).append((t, kib))
+            p = rss_parts_kib(pid)
+            if "RssAnon" not in p:
+                continue
+            self.f.write(f"{t:.1f},{name},{p['VmRSS']},{p['RssAnon']},{p.get('RssFile', 0)},"
+                         f"{p.get('RssShmem', 0)}\n")
+            self.series.setdefault(name, []).append((t, p["RssAnon"]))
+            self.shared.setdefault(name, []).append((t, p.get("RssShmem", 0)))
         self.f.flush()
+
+
+def rss_summary(series):
+    """Per process: first, last, min, max, and the medians of minutes 5-10 and of the last 5
+    minutes (the soak's flatness measure: the second within 10 % of the first)."""
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if xs else None
+    out = {}
+    for k, v in series.items():
+        end = v[-1][0]
+        early = med([x for t, x in v if 300 <= t < 600])
+        late = med([x for t, x in v if t >= end - 300])
+        out[k] = {"first": v[0][1], "last": v[-1][1], "min": min(x for _, x in v),
+                  "max": max(x for _, x in v), "median_5_10_min": early,
+                  "median_last_5_min": late,
+                  "late_over_early": round(late / early, 3) if early and late else None}
+    return out
 
 
 def svg(series, path, marks, title):
@@ -528,10 +560,14 @@ def run_protocol(args, protocol, out, faults, fabric_ok):
         })
         if rss:
             svg(rss.series, os.path.join(out, "rss.svg"), fault_times,
-                f"RSS over the run ({protocol}); grey lines: faults")
-            result["rss_kib"] = {k: {"first": v[0][1], "last": v[-1][1],
-                                     "min": min(x for _, x in v), "max": max(x for _, x in v)}
-                                 for k, v in rss.series.items()}
+                f"private RSS (RssAnon) over the run ({protocol}); grey lines: faults")
+            svg({k: v for k, v in rss.series.items() if k == "gateway"},
+                os.path.join(out, "rss-gateway.svg"), fault_times,
+                f"gateway private RSS over the run ({protocol})")
+            svg(rss.shared, os.path.join(out, "rss-shared.svg"), fault_times,
+                f"shared-segment pages in RSS (RssShmem) ({protocol})")
+            result["rss_anon_kib"] = rss_summary(rss.series)
+            result["rss_shmem_kib"] = rss_summary(rss.shared)
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(result, f, indent=2)
         return result

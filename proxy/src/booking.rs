@@ -36,7 +36,7 @@ impl Booking {
         };
         let d = &self.decision;
         let now = self.fleet.now();
-        let Some(booking) = self.fleet.scheduler.lock().booking(d.ticket, now) else {
+        let Some(mut booking) = self.fleet.scheduler.lock().booking(d.ticket, now) else {
             return;
         };
         let url = |id| self.fleet.workers.get(id).map(|w| w.url.clone());
@@ -46,7 +46,18 @@ impl Booking {
         ) else {
             return;
         };
-        outbox.booked(d.ticket, (prefill_url, decode_url), booking, blocks);
+        // A holder gone since the pick is not named: the others book no pull then.
+        let pull_from_url = booking.pull.and_then(|p| url(p.from));
+        if pull_from_url.is_none() {
+            booking.pull = None;
+        }
+        outbox.booked(
+            d.ticket,
+            (prefill_url, decode_url),
+            pull_from_url,
+            booking,
+            blocks,
+        );
         self.shared = true;
     }
 

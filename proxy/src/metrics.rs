@@ -43,6 +43,16 @@ pub fn install() -> PrometheusHandle {
                     )
                 })
                 .and_then(|b| {
+                    // Refusals are answered from the gateway's own state: sub-millisecond
+                    // buckets, so the 5 ms target can be read off the histogram.
+                    b.set_buckets_for_metric(
+                        Matcher::Full("pdgate_refusal_duration_seconds".into()),
+                        &[
+                            5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
@@ -77,6 +87,15 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 pub fn request_done(api: &'static str, model: &str, status: u16, elapsed: Duration) {
     counter!("pdgate_requests_total", "api" => api, "model" => model.to_string(), "status" => status_class(status)).increment(1);
     histogram!("pdgate_request_duration_seconds", "api" => api).record(elapsed.as_secs_f64());
+    if is_refusal(status) {
+        histogram!("pdgate_refusal_duration_seconds").record(elapsed.as_secs_f64());
+    }
+}
+
+/// Load shedding (429, 503; both carry `Retry-After`): what a client under overload is told to
+/// come back later with, and must get fast.
+fn is_refusal(status: u16) -> bool {
+    matches!(status, 429 | 503)
 }
 
 pub fn first_token(elapsed: Duration) {

@@ -5,7 +5,7 @@
 use super::ledger::{Applied, Ledger};
 use super::wire::{Event, Message, Release};
 use crate::fleet::Fleet;
-use pdgate_scheduler::Role;
+use pdgate_scheduler::{Pull, Role};
 
 /// Returns the outcome's metric label.
 pub fn apply(fleet: &Fleet, ledger: &mut Ledger, msg: Message) -> &'static str {
@@ -18,6 +18,7 @@ pub fn apply(fleet: &Fleet, ledger: &mut Ledger, msg: Message) -> &'static str {
             ticket,
             prefill_url,
             decode_url,
+            pull_from_url,
             mut booking,
             blocks,
         } => {
@@ -32,6 +33,12 @@ pub fn apply(fleet: &Fleet, ledger: &mut Ledger, msg: Message) -> &'static str {
             };
             booking.decode = decode;
             booking.prefill = prefill;
+            // A pull whose holder this replica does not know is not booked; the request is.
+            let holder = pull_from_url.and_then(|u| fleet.workers.find(Role::Prefill, &u));
+            booking.pull = booking
+                .pull
+                .zip(holder)
+                .map(|(p, w)| Pull { from: w.id, ..p });
             let mut sched = fleet.scheduler.lock();
             ledger.book(&mut sched, (from, ticket), &booking, &blocks, now)
         }

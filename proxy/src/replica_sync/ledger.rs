@@ -168,6 +168,7 @@ mod tests {
             predicted_prefill_ms: 20.0,
             compute_ms: 20.0,
             decode_end_ms: 500.0,
+            pull: None,
         }
     }
 

@@ -38,6 +38,7 @@ impl Outbox {
         &self,
         ticket: Ticket,
         (prefill_url, decode_url): (Option<String>, String),
+        pull_from_url: Option<String>,
         booking: Booking,
         blocks: &[BlockHash],
     ) {
@@ -45,6 +46,7 @@ impl Outbox {
             ticket: ticket.0,
             prefill_url,
             decode_url,
+            pull_from_url,
             booking,
             blocks: blocks[..blocks.len().min(MAX_SYNCED_BLOCKS)].to_vec(),
         });

@@ -28,6 +28,10 @@ pub enum Event {
         ticket: u64,
         prefill_url: Option<String>,
         decode_url: String,
+        /// The holder of the pull the booking planned, if any (its id in `booking` is the
+        /// sender's too).
+        #[serde(default)]
+        pull_from_url: Option<String>,
         booking: Booking,
         blocks: Vec<BlockHash>,
     },
