@@ -135,6 +135,8 @@ impl Layered for EngineConfig {
         "block_size",
         "kv_bytes_per_token",
         "kv_blocks",
+        "host_cache_blocks",
+        "host_copy_gbps",
         "max_batch",
         "max_batched_tokens",
         "max_waiting",

@@ -116,6 +116,12 @@ pub struct SimulateArgs {
     /// Prefix-cache blocks of a decode engine (default: --kv-blocks, as the engine).
     #[arg(long)]
     pub decode_cache_blocks: Option<usize>,
+    /// A host-memory tier under every engine's prefix cache, in blocks (default 0: none).
+    #[arg(long)]
+    pub host_cache_blocks: Option<usize>,
+    /// Copy bandwidth from the host tier back to the GPU, GB/s.
+    #[arg(long)]
+    pub host_copy_gbps: Option<f64>,
     #[arg(long)]
     pub max_batch: Option<usize>,
     #[arg(long)]
@@ -301,6 +307,13 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     if let Some(k) = a.decode_cache_blocks {
         spec.decode_cache_blocks = k;
     }
+    if let Some(k) = a.host_cache_blocks {
+        spec.engine.host_cache_blocks = k;
+    }
+    if let Some(g) = a.host_copy_gbps {
+        anyhow::ensure!(g.is_finite() && g > 0.0, "--host-copy-gbps must be > 0");
+        spec.engine.host_copy_gbps = g;
+    }
     if let Some(b) = a.max_batch {
         spec.engine.max_batch = b;
     }
@@ -357,7 +370,7 @@ pub fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     }
     let settings = json!({
         "trace": a.trace.trace, "requests": trace.requests.len(), "prefill": a.prefill, "decode": a.decode,
-        "mode": format!("{mode:?}"), "kv_blocks": spec.engine.kv_blocks, "decode_cache_blocks": spec.decode_cache_blocks,
+        "mode": format!("{mode:?}"), "kv_blocks": spec.engine.kv_blocks, "decode_cache_blocks": spec.decode_cache_blocks, "host_cache_blocks": spec.engine.host_cache_blocks,
         "max_batch": spec.engine.max_batch, "max_batched_tokens": spec.engine.max_batched_tokens,
         "kv_bytes_per_token": spec.engine.kv_bytes_per_token, "kv_gbps": a.kv_gbps, "time_scale": a.time_scale,
         "overhead_ms": a.overhead_ms, "slo": slo, "kv_events": spec.gateways.kv_events,

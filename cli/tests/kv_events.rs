@@ -271,3 +271,72 @@ async fn a_cleared_cache_or_a_lost_engine_drops_its_entries() {
     );
     gw.stop().await;
 }
+
+/// Blocks the gateway's index holds for `role`'s engines.
+fn indexed_role(gw: &Gateway, role: Role) -> u64 {
+    let fleet = &gw.state.models.all()[0].fleet;
+    let s = fleet.scheduler.lock();
+    fleet
+        .workers
+        .all()
+        .iter()
+        .filter(|w| w.role == role)
+        .map(|w| s.index_blocks_of(w.id))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engines_host_tier_keeps_its_prefixes_indexed_and_served() {
+    // Each prompt is ~43 blocks: the prefill's GPU tier holds one and a half, its host tier
+    // the rest.
+    let mut p = engine_cfg(Role::Prefill, Encoding::Map);
+    p.kv_blocks = 64;
+    p.host_cache_blocks = 1024;
+    let d = engine_cfg(Role::Decode, Encoding::Positional);
+    let fleet = vec![
+        (
+            Role::Prefill,
+            pdgate_engine_sim::spawn(p).await.expect("prefill"),
+        ),
+        (
+            Role::Decode,
+            pdgate_engine_sim::spawn(d).await.expect("decode"),
+        ),
+    ];
+    let mut cfg = gateway_cfg(&fleet, true);
+    cfg.health.metrics_interval_ms = 100;
+    let gw = start(cfg).await;
+    let prefill_url = fleet[0].1.url();
+
+    let prompts: Vec<String> = (0..3).map(|i| long_prompt("h", i)).collect();
+    for p in &prompts {
+        let r = post(&gw.url(), "/v1/completions", completion(p, 2)).await;
+        assert_eq!(r.status(), 200);
+    }
+    // ~129 blocks stored, 64 on the GPU: the rest were published as moved to CPU, and the
+    // index (sized from num_gpu_blocks + num_cpu_blocks) keeps them.
+    let held = || indexed_role(&gw, Role::Prefill);
+    assert!(
+        eventually(Duration::from_secs(5), || async { held() >= 120 }).await,
+        "the prefill's index holds {} blocks, the GPU tier 64",
+        held()
+    );
+    let engine_metrics = metrics_text(&prefill_url).await;
+    assert!(
+        sample(&engine_metrics, "pdgate_sim_kv_host_cache_blocks").unwrap_or(0.0) >= 60.0,
+        "evicted blocks moved to the host tier"
+    );
+
+    // The first prompt's follow-up finds its prefix in host memory: a hit, copied back.
+    let per = follow_ups(&gw, &fleet, &prompts[..1]).await;
+    assert!(per[0] >= 40.0 * 16.0, "{} prompt tokens hit", per[0]);
+    let engine_metrics = metrics_text(&prefill_url).await;
+    assert!(
+        sample(&engine_metrics, "pdgate_sim_kv_host_hit_blocks_total").unwrap_or(0.0) >= 40.0,
+        "served from the host tier"
+    );
+    gw.stop().await;
+    for (_, e) in fleet {
+        e.stop().await;
+    }
+}

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 pub enum Job {
     /// Compute `uncached` prompt tokens; `done` fires when the step that did it ends.
     Prefill {
-        uncached: usize,
+        uncached: Size,
         done: oneshot::Sender<()>,
     },
     /// Generate `steps` tokens for a sequence holding `context` tokens; one `()` per token.
@@ -26,6 +26,15 @@ pub enum Job {
         out: mpsc::Sender<()>,
         claim: Option<Claim>,
     },
+}
+
+/// A prefill's uncached tokens: known at submission, or once a pull of cached blocks from a
+/// peer has landed. A pending prefill keeps its place in the queue while later work runs past
+/// it, as vLLM's scheduler skips a request whose KV is still loading: the pull overlaps the
+/// wait in the queue rather than preceding it.
+pub enum Size {
+    Known(usize),
+    Pending(oneshot::Receiver<usize>),
 }
 
 #[derive(Clone)]
@@ -51,8 +60,25 @@ impl Gpu {
     /// Runs a prefill of `uncached` tokens and waits for it.
     pub async fn prefill(&self, uncached: usize) -> Result<(), QueueFull> {
         let (done, wait) = oneshot::channel();
-        self.submit(Job::Prefill { uncached, done })?;
+        self.submit(Job::Prefill {
+            uncached: Size::Known(uncached),
+            done,
+        })?;
         wait.await.map_err(|_| QueueFull)
+    }
+
+    /// Queues a prefill whose size is sent later on the returned sender (dropping it withdraws
+    /// the prefill); the receiver fires when the step that computed it ends.
+    pub fn prefill_deferred(
+        &self,
+    ) -> Result<(oneshot::Sender<usize>, oneshot::Receiver<()>), QueueFull> {
+        let (size, pending) = oneshot::channel();
+        let (done, wait) = oneshot::channel();
+        self.submit(Job::Prefill {
+            uncached: Size::Pending(pending),
+            done,
+        })?;
+        Ok((size, wait))
     }
 
     /// Starts a decode of `steps` tokens; the receiver yields one `()` per generated token.
@@ -97,6 +123,17 @@ async fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, stats: Arc<Stats>) 
             }
         }
         let prefills = admit(&cfg, &mut waiting, &mut running);
+        if prefills.is_empty() && running.is_empty() {
+            // Only prefills waiting for their pulls: wait for new work or a pull to land.
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => waiting.push_back(job),
+                    None => return,
+                },
+                () = tokio::time::sleep(PENDING_POLL) => {}
+            }
+            continue;
+        }
         let prefill_tokens: usize = prefills.iter().map(|(t, _)| *t).sum();
         let context: usize = running.iter().map(|s| s.context).sum();
         stats
@@ -136,20 +173,46 @@ async fn run(cfg: EngineConfig, mut rx: mpsc::Receiver<Job>, stats: Arc<Stats>) 
     }
 }
 
-/// Moves jobs from the queue into this step, in arrival order, within the step's limits.
+/// How often a loop with nothing but pending prefills looks at them again.
+const PENDING_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Moves jobs from the queue into this step, in arrival order, within the step's limits; a
+/// prefill still waiting for its pull is passed over and keeps its place.
 fn admit(
     cfg: &EngineConfig,
     waiting: &mut VecDeque<Job>,
     running: &mut Vec<Seq>,
 ) -> Vec<(usize, oneshot::Sender<()>)> {
     let mut prefills = Vec::new();
+    let mut passed_over = Vec::new();
     let mut budget = cfg.max_batched_tokens;
     while let Some(job) = waiting.pop_front() {
         match job {
-            Job::Prefill { uncached, done } => {
+            Job::Prefill {
+                uncached: Size::Pending(mut size),
+                done,
+            } => match size.try_recv() {
+                Ok(n) => waiting.push_front(Job::Prefill {
+                    uncached: Size::Known(n),
+                    done,
+                }),
+                Err(oneshot::error::TryRecvError::Empty) => passed_over.push(Job::Prefill {
+                    uncached: Size::Pending(size),
+                    done,
+                }),
+                // The request gave up before its pull ended: nothing to compute.
+                Err(oneshot::error::TryRecvError::Closed) => {}
+            },
+            Job::Prefill {
+                uncached: Size::Known(uncached),
+                done,
+            } => {
                 // An oversized prompt still runs, alone, rather than starving forever.
                 if !prefills.is_empty() && uncached > budget {
-                    waiting.push_front(Job::Prefill { uncached, done });
+                    waiting.push_front(Job::Prefill {
+                        uncached: Size::Known(uncached),
+                        done,
+                    });
                     break;
                 }
                 budget = budget.saturating_sub(uncached);
@@ -182,6 +245,9 @@ fn admit(
             }
         }
     }
+    for job in passed_over.into_iter().rev() {
+        waiting.push_front(job);
+    }
     prefills
 }
 
@@ -200,6 +266,38 @@ mod tests {
             },
             ..EngineConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_prefill_waiting_for_its_pull_does_not_hold_up_later_work() {
+        let gpu = Gpu::start(&cfg(4), Arc::new(Stats::default()));
+        let (size, mut deferred) = gpu.prefill_deferred().expect("queued");
+        // Queued after it, run before it: the pull is still under way.
+        tokio::time::timeout(Duration::from_secs(5), gpu.prefill(100))
+            .await
+            .expect("not held up")
+            .expect("ran");
+        assert!(
+            deferred.try_recv().is_err(),
+            "not computed before its size is known"
+        );
+        size.send(10).expect("still queued");
+        tokio::time::timeout(Duration::from_secs(5), deferred)
+            .await
+            .expect("runs once sized")
+            .expect("computed");
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_deferred_prefill_is_dropped() {
+        let gpu = Gpu::start(&cfg(4), Arc::new(Stats::default()));
+        let (size, deferred) = gpu.prefill_deferred().expect("queued");
+        drop(size);
+        let out = tokio::time::timeout(Duration::from_secs(5), deferred)
+            .await
+            .expect("answered");
+        assert!(out.is_err(), "dropped, never computed");
+        gpu.prefill(5).await.expect("the loop goes on");
     }
 
     #[tokio::test]

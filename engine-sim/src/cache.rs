@@ -2,6 +2,11 @@
 //!
 //! It holds block hashes only: contents are a function of the hash (see `kv`), so a hit means the
 //! engine can skip computing that block. It never grows past its capacity in blocks.
+//!
+//! Optionally a host tier below it (what LMCache, SGLang HiCache and Dynamo's KVBM give real
+//! engines): a second, bounded LRU that takes the blocks the GPU tier evicts. A prompt's leading
+//! run found on the GPU, then continued in host memory, is computed only past both; the host
+//! part costs a copy back (`EngineConfig::host_copy_gbps`).
 
 use pdgate_scheduler::index::PassThroughHasher;
 use pdgate_scheduler::BlockHash;
@@ -17,7 +22,20 @@ use std::hash::BuildHasherDefault;
 pub struct Change {
     /// Positions in the inserted slice of the blocks that were not cached before.
     pub new: Vec<usize>,
+    /// Evicted from the GPU tier (some may live on in the host tier: `demoted`).
     pub evicted: Vec<BlockHash>,
+    /// Evicted blocks the host tier did not hold before and now does.
+    pub demoted: Vec<BlockHash>,
+    /// Dropped from the host tier to make room.
+    pub host_evicted: Vec<BlockHash>,
+}
+
+/// Where a prompt's leading blocks are: the first `gpu` on the GPU tier, the next `host` in the
+/// host tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tiers {
+    pub gpu: usize,
+    pub host: usize,
 }
 
 #[derive(Debug)]
@@ -26,6 +44,7 @@ pub struct PrefixCache {
     tick: u64,
     last_use: HashMap<BlockHash, u64, BuildHasherDefault<PassThroughHasher>>,
     by_age: VecDeque<(u64, BlockHash)>,
+    host: Option<Box<PrefixCache>>,
 }
 
 impl PrefixCache {
@@ -35,7 +54,33 @@ impl PrefixCache {
             tick: 0,
             last_use: HashMap::default(),
             by_age: VecDeque::new(),
+            host: None,
         }
+    }
+
+    /// A GPU tier of `capacity` blocks over a host tier of `host_capacity` (0: none).
+    pub fn with_host(capacity: usize, host_capacity: usize) -> Self {
+        let mut c = Self::new(capacity);
+        if host_capacity > 0 {
+            c.host = Some(Box::new(Self::new(host_capacity)));
+        }
+        c
+    }
+
+    /// Blocks in the host tier.
+    pub fn host_len(&self) -> usize {
+        self.host.as_ref().map_or(0, |h| h.len())
+    }
+
+    /// The leading run of `blocks` on the GPU tier, then its continuation in the host tier;
+    /// touches every hit.
+    pub fn match_tiers(&mut self, blocks: &[BlockHash]) -> Tiers {
+        let gpu = self.match_prefix(blocks);
+        let host = match &mut self.host {
+            Some(h) => h.match_prefix(&blocks[gpu..]),
+            None => 0,
+        };
+        Tiers { gpu, host }
     }
 
     pub fn len(&self) -> usize {
@@ -84,13 +129,21 @@ impl PrefixCache {
                 change.evicted.push(victim);
             }
         }
+        if let Some(host) = &mut self.host {
+            let moved = host.insert(&change.evicted);
+            change.demoted = moved.new.iter().map(|&i| change.evicted[i]).collect();
+            change.host_evicted = moved.evicted;
+        }
         change
     }
 
-    /// Drops every block (vLLM's `/reset_prefix_cache`).
+    /// Drops every block of every tier (vLLM's `/reset_prefix_cache`).
     pub fn clear(&mut self) {
         self.last_use.clear();
         self.by_age.clear();
+        if let Some(h) = &mut self.host {
+            h.clear();
+        }
     }
 
     fn touch(&mut self, b: BlockHash) {
@@ -160,6 +213,60 @@ mod tests {
         assert_eq!(ch.evicted, hs(&[2]));
         c.clear();
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn gpu_evictions_move_to_the_host_tier_and_a_prompt_continues_there() {
+        let mut c = PrefixCache::with_host(2, 3);
+        c.insert(&hs(&[1, 2]));
+        let ch = c.insert(&hs(&[3, 4]));
+        assert_eq!(ch.evicted, hs(&[1, 2]));
+        assert_eq!(
+            ch.demoted,
+            hs(&[1, 2]),
+            "evicted blocks live on in host memory"
+        );
+        assert_eq!(c.host_len(), 2);
+        assert_eq!(c.match_tiers(&hs(&[1, 2, 5])), Tiers { gpu: 0, host: 2 });
+        assert_eq!(c.match_tiers(&hs(&[3, 4, 1, 2])), Tiers { gpu: 2, host: 2 });
+        assert_eq!(
+            c.match_tiers(&hs(&[3, 1])),
+            Tiers { gpu: 1, host: 1 },
+            "the host run continues the GPU one"
+        );
+    }
+
+    #[test]
+    fn the_host_tier_is_bounded_and_says_what_it_dropped() {
+        let mut c = PrefixCache::with_host(1, 2);
+        c.insert(&hs(&[1]));
+        c.insert(&hs(&[2]));
+        c.insert(&hs(&[3]));
+        let ch = c.insert(&hs(&[4]));
+        assert_eq!(ch.demoted, hs(&[3]));
+        assert_eq!(
+            ch.host_evicted,
+            hs(&[1]),
+            "the oldest host block makes room"
+        );
+        assert_eq!(c.host_len(), 2);
+        // A block demoted again is not new to the host tier.
+        c.insert(&hs(&[3]));
+        let ch = c.insert(&hs(&[5]));
+        assert_eq!(ch.evicted, hs(&[3]));
+        assert!(ch.demoted.is_empty(), "3 was in host memory already");
+        c.clear();
+        assert_eq!((c.len(), c.host_len()), (0, 0));
+    }
+
+    #[test]
+    fn without_a_host_tier_nothing_is_demoted() {
+        let mut c = PrefixCache::new(1);
+        c.insert(&hs(&[1]));
+        let ch = c.insert(&hs(&[2]));
+        assert_eq!(ch.evicted, hs(&[1]));
+        assert!(ch.demoted.is_empty() && ch.host_evicted.is_empty());
+        assert_eq!(c.match_tiers(&hs(&[1])), Tiers::default());
     }
 
     #[test]

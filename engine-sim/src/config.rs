@@ -29,6 +29,13 @@ pub struct EngineConfig {
     /// Capacity of the KV cache in blocks: the prefix cache on a prefill engine, the pool that
     /// reservations come from on a decode engine.
     pub kv_blocks: usize,
+    /// A host-memory tier under the prefix cache, in blocks (0: none): blocks the GPU tier
+    /// evicts move there (published as `CPU` medium KV events), and a prompt that continues into
+    /// it is computed only past it, paying a copy back at `host_copy_gbps`.
+    pub host_cache_blocks: usize,
+    /// Host-to-GPU copy bandwidth for host-tier hits, GB/s (PCIe 4.0 x16 moves about 25; 0 or
+    /// not finite: the copy is free).
+    pub host_copy_gbps: f64,
     /// Continuous batching: at most this many sequences decode together.
     pub max_batch: usize,
     /// Continuous batching: prompt tokens prefilled in one step at most.
@@ -90,6 +97,8 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_bytes_per_token: 8 * 1024,
             kv_blocks: 4096,
+            host_cache_blocks: 0,
+            host_copy_gbps: 20.0,
             max_batch: 64,
             max_batched_tokens: 8192,
             max_waiting: 1024,
@@ -117,6 +126,15 @@ pub use pdgate_wire::Protocol;
 impl EngineConfig {
     pub fn block_bytes(&self) -> u64 {
         self.kv_bytes_per_token * self.block_size as u64
+    }
+
+    /// Modelled time to copy `blocks` from the host tier back to the GPU, ms (before the time
+    /// scale).
+    pub fn host_copy_ms(&self, blocks: usize) -> f64 {
+        if blocks == 0 || !self.host_copy_gbps.is_finite() || self.host_copy_gbps <= 0.0 {
+            return 0.0;
+        }
+        (blocks as u64 * self.block_bytes()) as f64 / (self.host_copy_gbps * 1e6)
     }
 }
 

@@ -57,15 +57,42 @@ impl Engine {
         &all[..(tokens.len() / self.hasher.block_size()).min(all.len())]
     }
 
-    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache, counts the
-    /// query, returns uncached tokens.
-    pub fn lookup_prefix(&self, tokens: &[u32], full: &[BlockHash]) -> usize {
-        let hit_blocks = self.cache.lock().match_prefix(full);
-        let hit_tokens = hit_blocks * self.hasher.block_size();
+    /// Matches `tokens` (whose full blocks hash to `full`) against the prefix cache's tiers and
+    /// counts the query (a host-tier hit is a hit: nothing is computed for it).
+    pub fn lookup_prefix(&self, tokens: &[u32], full: &[BlockHash]) -> Lookup {
+        let tiers = self.cache.lock().match_tiers(full);
+        let hit_tokens = ((tiers.gpu + tiers.host) * self.hasher.block_size()).min(tokens.len());
         Stats::add(&self.stats.prefix_queries_tokens, tokens.len() as u64);
         Stats::add(&self.stats.prefix_hits_tokens, hit_tokens as u64);
-        tokens.len() - hit_tokens
+        Stats::add(&self.stats.kv_host_hit_blocks, tiers.host as u64);
+        Lookup {
+            uncached: tokens.len() - hit_tokens,
+            host_blocks: tiers.host,
+        }
     }
+
+    /// Computes what `l` found uncached, after copying its host-tier blocks back.
+    pub async fn prefill_lookup(&self, l: Lookup) -> Result<(), crate::batcher::QueueFull> {
+        self.load_from_host(l.host_blocks).await;
+        self.gpu.prefill(l.uncached).await
+    }
+
+    /// Copies `blocks` host-tier blocks back to the GPU: the modelled time, on the request's
+    /// own path (the copy engine runs beside the GPU's steps).
+    pub async fn load_from_host(&self, blocks: usize) {
+        let copy = self.cfg.timing.scaled(self.cfg.host_copy_ms(blocks));
+        if !copy.is_zero() {
+            tokio::time::sleep(copy).await;
+        }
+    }
+}
+
+/// A prompt's prefix lookup: the tokens to compute, and how many leading cached blocks must
+/// first be copied back from the host tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lookup {
+    pub uncached: usize,
+    pub host_blocks: usize,
 }
 
 impl Engine {
@@ -75,6 +102,10 @@ impl Engine {
     pub fn remember(&self, full: &[BlockHash], tokens: &[u32]) {
         let mut cache = self.cache.lock();
         let change = cache.insert(full);
+        self.stats.kv_host_blocks.store(
+            cache.host_len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let Some(events) = &self.events else {
             return;
         };
@@ -101,11 +132,31 @@ impl Engine {
                 has_extra_keys: false,
             }));
         }
-        if !change.evicted.is_empty() {
-            out.push(KvEvent::BlockRemoved {
-                block_hashes: change.evicted.iter().map(|b| EngineHash(b.0)).collect(),
-                medium: Medium::Gpu,
-            });
+        // Host-tier stores come before the GPU removals of the same blocks, so a subscriber never
+        // sees a demoted block held by no tier. Like vLLM's offloading connector, they name the
+        // blocks by hash alone: the subscriber knows their tokens from the GPU store.
+        if !change.demoted.is_empty() {
+            out.push(KvEvent::BlockStored(BlockStored {
+                block_hashes: change.demoted.iter().map(|b| EngineHash(b.0)).collect(),
+                parent_block_hash: None,
+                token_ids: Vec::new(),
+                block_size: bs as u32,
+                lora_id: None,
+                lora_name: None,
+                medium: Medium::Cpu,
+                has_extra_keys: false,
+            }));
+        }
+        for (gone, medium) in [
+            (&change.evicted, Medium::Gpu),
+            (&change.host_evicted, Medium::Cpu),
+        ] {
+            if !gone.is_empty() {
+                out.push(KvEvent::BlockRemoved {
+                    block_hashes: gone.iter().map(|b| EngineHash(b.0)).collect(),
+                    medium,
+                });
+            }
         }
         events.publish(out);
     }

@@ -154,9 +154,8 @@ async fn prefill_locally(
     seq: &text::Sequence,
 ) -> Result<u32, ApiError> {
     let full = e.hasher.full_blocks(tokens);
-    let uncached = e.lookup_prefix(tokens, &full);
-    e.gpu
-        .prefill(uncached)
+    let lookup = e.lookup_prefix(tokens, &full);
+    e.prefill_lookup(lookup)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
     e.remember(&full, tokens);

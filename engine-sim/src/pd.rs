@@ -76,16 +76,26 @@ pub async fn prefill(
         return Err(ApiError::invalid("target", msg));
     }
     let full = e.full_blocks(&blocks, &tokens);
-    let pulled = match &req.pull {
-        Some(from) => crate::import::pull_prefix(&e, &req.request_id, full, &tokens, from).await,
-        None => crate::import::Pulled::default(),
-    };
-    let uncached = e.lookup_prefix(&tokens, full);
+    let overloaded = |_| ApiError::server(503, "engine_overloaded", "engine queue is full");
     let started = Instant::now();
-    e.gpu
-        .prefill(uncached)
-        .await
-        .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
+    let (pulled, uncached) = match &req.pull {
+        // The prefill takes its place in the queue first and the pull runs while it waits.
+        Some(from) => {
+            let (size, done) = e.gpu.prefill_deferred().map_err(overloaded)?;
+            let pulled = crate::import::pull_prefix(&e, &req.request_id, full, &tokens, from).await;
+            let lookup = e.lookup_prefix(&tokens, full);
+            e.load_from_host(lookup.host_blocks).await;
+            let _ = size.send(lookup.uncached);
+            done.await
+                .map_err(|_| overloaded(crate::batcher::QueueFull))?;
+            (pulled, lookup.uncached)
+        }
+        None => {
+            let lookup = e.lookup_prefix(&tokens, full);
+            e.prefill_lookup(lookup).await.map_err(overloaded)?;
+            (crate::import::Pulled::default(), lookup.uncached)
+        }
+    };
     e.remember(full, &tokens);
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);

@@ -188,7 +188,7 @@ async fn build(cfg: EngineConfig, addr: SocketAddr) -> anyhow::Result<Arc<Engine
         events,
         exports,
         gpu: Gpu::start(&cfg, Arc::clone(&stats)),
-        cache: Mutex::new(PrefixCache::new(cfg.kv_blocks)),
+        cache: Mutex::new(PrefixCache::with_host(cfg.kv_blocks, cfg.host_cache_blocks)),
         hasher: BlockHasher::new(cfg.block_size, pdgate_scheduler::blocks::DEFAULT_SEED),
         stats,
         transfer,
@@ -392,9 +392,12 @@ async fn models(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
 /// engine's alone: the `metrics` facade's recorder, if the process has one, sums every engine
 /// in the process).
 async fn metrics(State(e): State<Arc<Engine>>) -> impl IntoResponse {
-    let mut body = e
-        .stats
-        .render(&e.cfg.model, e.cfg.block_size, e.cfg.kv_blocks);
+    let mut body = e.stats.render(
+        &e.cfg.model,
+        e.cfg.block_size,
+        e.cfg.kv_blocks,
+        e.cfg.host_cache_blocks,
+    );
     body.push_str(&e.transfer.admission_stats().render_prometheus());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -33,6 +33,10 @@ pub struct Stats {
     /// Puller side: blocks pulled and verified into the cache, pulls given up (recomputed).
     pub kv_blocks_pulled: AtomicU64,
     pub kv_pull_failures: AtomicU64,
+    /// Prompt blocks found in the host tier (copied back, not computed).
+    pub kv_host_hit_blocks: AtomicU64,
+    /// Blocks held in the host tier now.
+    pub kv_host_blocks: AtomicU64,
 }
 
 impl Stats {
@@ -43,7 +47,13 @@ impl Stats {
     /// `cache_blocks`: the engine's KV cache in blocks, whatever its role. A prefill engine in a
     /// push-mode protocol has no pool others write into, but its cache still holds prefixes, and
     /// the gateway sizes its picture of that cache from `num_gpu_blocks`.
-    pub fn render(&self, model: &str, block_size: usize, cache_blocks: usize) -> String {
+    pub fn render(
+        &self,
+        model: &str,
+        block_size: usize,
+        cache_blocks: usize,
+        host_blocks: usize,
+    ) -> String {
         let g = |a: &AtomicU64| a.load(Relaxed);
         let total = g(&self.kv_total_blocks);
         let usage = if total == 0 {
@@ -185,9 +195,21 @@ impl Stats {
             "Planned pulls given up (holder unreachable, lease gone, bytes wrong); recomputed.",
             g(&self.kv_pull_failures).to_string(),
         );
+        metric(
+            "pdgate_sim_kv_host_hit_blocks_total",
+            "counter",
+            "Prompt blocks found in the host tier and copied back instead of computed.",
+            g(&self.kv_host_hit_blocks).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_host_cache_blocks",
+            "gauge",
+            "Blocks held in the host-memory tier.",
+            g(&self.kv_host_blocks).to_string(),
+        );
         let _ = writeln!(
             out,
-            "# HELP vllm:cache_config_info Cache configuration.\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{cache_blocks}\"}} 1"
+            "# HELP vllm:cache_config_info Cache configuration.\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{block_size}\",num_gpu_blocks=\"{cache_blocks}\",num_cpu_blocks=\"{host_blocks}\"}} 1"
         );
         out
     }
@@ -204,7 +226,7 @@ mod tests {
         Stats::add(&s.prefix_hits_tokens, 32);
         s.kv_total_blocks.store(10, Relaxed);
         s.kv_used_blocks.store(4, Relaxed);
-        let text = s.render("m", 16, 64);
+        let text = s.render("m", 16, 64, 0);
         assert_eq!(sample(&text, "vllm:prefix_cache_hits_total"), Some(32.0));
         assert!(
             text.contains("num_gpu_blocks=\"64\""),

@@ -17,6 +17,7 @@ processes (the fleet of chaos.py), each printed as one JSON object.
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -93,12 +94,15 @@ def overload(args, out):
                 time.sleep(0.5)
 
         rss_before = chaos.rss_kib(gw.proc.pid)
+        hist_before = chaos.series(gw.metrics(), "pdgate_refusal_duration_seconds_bucket")
         sampler = threading.Thread(target=sample_rss)
         sampler.start()
         rep = replay(args, gw, os.path.join(out, "overload"),
                      ["--rate", f"{rate:.2f}", "--duration", str(args.secs)])
         stop.set()
         sampler.join()
+        hist = refusal_histogram(hist_before,
+                                 chaos.series(gw.metrics(), "pdgate_refusal_duration_seconds_bucket"))
         recs = rep["records"]
         ok = [r for r in recs if not r.get("error")]
         refused = [r for r in recs if r.get("error") and r["error"].get("status") in (429, 503)]
@@ -120,6 +124,9 @@ def overload(args, out):
             "slo_ttft_ms": args.slo_ttft_ms,
             "refusal_latency_p99_ms": p99(refusal_ms),
             "refusal_latency_p50_ms": p50(refusal_ms),
+            "gateway_refusals": hist["count"],
+            "gateway_refusal_p50_at_most_ms": hist["p50_le_ms"],
+            "gateway_refusal_p99_at_most_ms": hist["p99_le_ms"],
             "gateway_rss_kib": {"before": rss_before,
                                 "first_half_max": max(rss[:half], default=None),
                                 "second_half_max": max(rss[half:], default=None),
@@ -129,6 +136,26 @@ def overload(args, out):
         }
     finally:
         stop_fleet(gw, engines)
+
+
+def refusal_histogram(before, after):
+    """The gateway's own time for the refusals of this phase (request read to answer built), from
+    `pdgate_refusal_duration_seconds` buckets diffed over the phase: the load generator's
+    scheduling on a busy box is not in it. Quantiles as bucket upper bounds, in ms."""
+    buckets = []
+    for labels, v in after.items():
+        le = re.search(r'le="([^"]+)"', labels)
+        if le:
+            buckets.append((float(le.group(1)), v - before.get(labels, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+
+    def at_most(q):
+        for le, cum in buckets:
+            if total and cum >= q * total:
+                return le * 1e3
+        return None
+    return {"count": int(total), "p50_le_ms": at_most(0.5), "p99_le_ms": at_most(0.99)}
 
 
 def count(items):

@@ -135,12 +135,20 @@ fn sum(text: &str, name: &str) -> Option<f64> {
 
 /// `num_gpu_blocks` label of `vllm:cache_config_info`.
 fn num_gpu_blocks(text: &str) -> Option<u64> {
+    cache_config(text, "num_gpu_blocks")
+}
+
+/// `num_cpu_blocks` of `vllm:cache_config_info`: a host-memory tier under the prefix cache
+/// (0 when absent or unset; vLLM writes `None` without one).
+pub fn num_cpu_blocks(text: &str) -> u64 {
+    cache_config(text, "num_cpu_blocks").unwrap_or(0)
+}
+
+fn cache_config(text: &str, name: &str) -> Option<u64> {
     let labels = text
         .lines()
         .find_map(|l| l.strip_prefix("vllm:cache_config_info{"))?;
-    label(&labels[..labels.rfind('}')?], "num_gpu_blocks")?
-        .parse()
-        .ok()
+    label(&labels[..labels.rfind('}')?], name)?.parse().ok()
 }
 
 async fn scrape(
@@ -148,14 +156,16 @@ async fn scrape(
     w: &Worker,
     timeout: Duration,
     block_size: usize,
-) -> Option<(EngineReport, Option<u64>)> {
+) -> Option<(EngineReport, Option<u64>, u64)> {
     let resp = client
         .get(format!("{}/metrics", w.url))
         .timeout(timeout)
         .send()
         .await
         .ok()?;
-    parse(&resp.text().await.ok()?, block_size)
+    let text = resp.text().await.ok()?;
+    let (report, gpu_blocks) = parse(&text, block_size)?;
+    Some((report, gpu_blocks, num_cpu_blocks(&text)))
 }
 
 /// Every worker's own load report, scraped once, concurrently, into the scheduler.
@@ -167,8 +177,8 @@ pub async fn scrape_all(fleet: &Fleet, client: &Client, timeout: Duration, block
     let results = futures::future::join_all(scrapes).await;
     let mut sched = fleet.scheduler.lock();
     for (w, r) in workers.iter().zip(results) {
-        if let Some((report, blocks)) = r {
-            sched.observe_engine(w.id, report, blocks);
+        if let Some((report, gpu_blocks, host_blocks)) = r {
+            sched.observe_engine_tiers(w.id, report, gpu_blocks, host_blocks);
         }
     }
 }
@@ -207,6 +217,11 @@ mod tests {
             (3, 7, 0.25, Some(2048))
         );
         assert!(parse("garbage", 16).is_none());
+        assert_eq!(num_cpu_blocks(text), 0, "no host tier");
+        let tiered = "vllm:cache_config_info{block_size=\"16\",num_cpu_blocks=\"512\",num_gpu_blocks=\"2048\"} 1\n";
+        assert_eq!(num_cpu_blocks(tiered), 512);
+        let vllm_none = "vllm:cache_config_info{block_size=\"16\",num_cpu_blocks=\"None\"} 1\n";
+        assert_eq!(num_cpu_blocks(vllm_none), 0);
     }
 
     /// The shape SGLang serves with `--enable-metrics`, two data-parallel ranks.

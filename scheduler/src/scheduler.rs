@@ -217,7 +217,20 @@ impl Scheduler {
         report: EngineReport,
         kv_capacity_blocks: Option<u64>,
     ) {
-        let cap = kv_capacity_blocks.filter(|c| *c > 0);
+        self.observe_engine_tiers(id, report, kv_capacity_blocks, 0);
+    }
+
+    /// As [`Self::observe_engine`], for an engine that also keeps `host_blocks` in a host-memory
+    /// tier under its prefix cache: its KV pool is the GPU's, while the index remembers what
+    /// both tiers hold (a prefix offloaded to host memory is still served without compute).
+    pub fn observe_engine_tiers(
+        &mut self,
+        id: InstanceId,
+        report: EngineReport,
+        gpu_blocks: Option<u64>,
+        host_blocks: u64,
+    ) {
+        let cap = gpu_blocks.filter(|c| *c > 0);
         self.instances.update(id, |i| {
             i.load.engine = Some(report);
             if let Some(cap) = cap {
@@ -225,7 +238,7 @@ impl Scheduler {
             }
         });
         if let Some(cap) = cap {
-            self.index.set_capacity(id, cap);
+            self.index.set_capacity(id, cap.saturating_add(host_blocks));
         }
     }
 
@@ -657,6 +670,28 @@ mod tests {
         assert_eq!(s.in_flight(), 0);
         let survivor = if dec.decode == d { d2 } else { d };
         assert_eq!(s.load(survivor), Some(InstanceLoad::default()));
+    }
+
+    #[test]
+    fn a_host_tier_widens_the_index_but_not_the_kv_pool() {
+        let mut s = sched(PolicyKind::LeastLoad);
+        let p = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let report = EngineReport {
+            waiting: 0,
+            running: 0,
+            kv_usage: 0.0,
+        };
+        let blocks: Vec<BlockHash> = (0..100).map(BlockHash).collect();
+        s.blocks_stored(p, &blocks, NOW);
+        s.observe_engine_tiers(p, report, Some(40), 50);
+        assert_eq!(
+            s.index_blocks_of(p),
+            90,
+            "GPU and host tiers both remembered"
+        );
+        assert_eq!(s.capacity_blocks(p), Some(40), "the pool is the GPU's");
+        s.observe_engine(p, report, Some(40));
+        assert_eq!(s.index_blocks_of(p), 40, "without the tier, the GPU's size");
     }
 
     #[test]

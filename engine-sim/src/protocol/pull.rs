@@ -63,9 +63,8 @@ pub fn pool_error(err: PoolError) -> ApiError {
 pub async fn compute(e: &Engine, tokens: &[u32]) -> Result<Vec<BlockHash>, ApiError> {
     let all = e.hasher.all_blocks(tokens);
     let full = e.full_blocks(&all, tokens);
-    let uncached = e.lookup_prefix(tokens, full);
-    e.gpu
-        .prefill(uncached)
+    let lookup = e.lookup_prefix(tokens, full);
+    e.prefill_lookup(lookup)
         .await
         .map_err(|_| ApiError::server(503, "engine_overloaded", "engine queue is full"))?;
     e.remember(full, tokens);

@@ -7,8 +7,10 @@
 //! `max_batched_tokens` (an oversize prompt runs alone), decode sequences up to `max_batch`
 //! (a decode at the head that does not fit blocks the queue) — costs
 //! `prefill_ms(Σ admitted prefill tokens) + decode_step_ms(running, Σ context)`, then completes
-//! the prefills and has every running sequence emit one token. It must never diverge from the
-//! batcher silently: the tests pin the same cases the batcher's tests do.
+//! the prefills and has every running sequence emit one token. A prefill whose pull is still
+//! under way (`PendingPrefill`) keeps its place while later jobs run past it, as the batcher's
+//! `Size::Pending` does. It must never diverge from the batcher silently: the tests pin the same
+//! cases the batcher's tests do.
 
 use pdgate_engine_sim::cache::PrefixCache;
 use pdgate_engine_sim::EngineConfig;
@@ -22,6 +24,10 @@ pub enum Job {
     Prefill {
         req: Req,
         uncached: usize,
+    },
+    /// A prefill queued before its size is known: its pull has not landed yet.
+    PendingPrefill {
+        req: Req,
     },
     Decode {
         req: Req,
@@ -71,13 +77,15 @@ pub struct SimEngine {
     pub pull_misses: u64,
     /// When this engine's outgoing link is free of the pulls other engines make from it, ms.
     pub egress_free_ms: f64,
+    /// Prompt blocks found in the host tier.
+    pub host_hit_blocks: u64,
 }
 
 impl SimEngine {
     /// `cache_blocks` is the prefix cache's capacity (the engine sizes it by role).
     pub fn new(cfg: EngineConfig, cache_blocks: usize) -> Self {
         Self {
-            cache: PrefixCache::new(cache_blocks),
+            cache: PrefixCache::with_host(cache_blocks, cfg.host_cache_blocks),
             pool_free: cfg.kv_blocks,
             cfg,
             waiting: VecDeque::new(),
@@ -92,6 +100,7 @@ impl SimEngine {
             pulls: 0,
             pull_misses: 0,
             egress_free_ms: 0.0,
+            host_hit_blocks: 0,
         }
     }
 
@@ -101,10 +110,22 @@ impl SimEngine {
         prompt_tokens: usize,
         blocks: &[pdgate_scheduler::BlockHash],
     ) -> usize {
-        let hit = (self.cache.match_prefix(blocks) * self.cfg.block_size).min(prompt_tokens);
+        self.lookup_tiers(prompt_tokens, blocks).0
+    }
+
+    /// As `lookup_prefix`, also saying how many of the hit blocks are in the host tier (they are
+    /// copied back before the prefill is queued, as the engine does).
+    pub fn lookup_tiers(
+        &mut self,
+        prompt_tokens: usize,
+        blocks: &[pdgate_scheduler::BlockHash],
+    ) -> (usize, usize) {
+        let t = self.cache.match_tiers(blocks);
+        let hit = ((t.gpu + t.host) * self.cfg.block_size).min(prompt_tokens);
         self.prefix_queries_tokens += prompt_tokens as u64;
         self.prefix_hits_tokens += hit as u64;
-        prompt_tokens - hit
+        self.host_hit_blocks += t.host as u64;
+        (prompt_tokens - hit, t.host)
     }
 
     /// Queues a job. The live engine bounds its channel and its internal queue at
@@ -122,7 +143,26 @@ impl SimEngine {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.running.is_empty()
+            || self
+                .waiting
+                .iter()
+                .any(|j| !matches!(j, Job::PendingPrefill { .. }))
+    }
+
+    /// Sizes `req`'s pending prefill where it waits (its pull landed); false if none is queued.
+    pub fn resolve_pending(&mut self, req: Req, uncached: usize) -> bool {
+        match self
+            .waiting
+            .iter_mut()
+            .find(|j| matches!(j, Job::PendingPrefill { req: r } if *r == req))
+        {
+            Some(job) => {
+                *job = Job::Prefill { req, uncached };
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn running(&self) -> usize {
@@ -142,8 +182,10 @@ impl SimEngine {
         let mut prefills = Vec::new();
         let mut prefill_tokens = 0usize;
         let mut budget = self.cfg.max_batched_tokens;
+        let mut passed_over = Vec::new();
         while let Some(job) = self.waiting.pop_front() {
             match job {
+                Job::PendingPrefill { .. } => passed_over.push(job),
                 Job::Prefill { req, uncached } => {
                     if !prefills.is_empty() && uncached > budget {
                         self.waiting.push_front(job);
@@ -172,6 +214,9 @@ impl SimEngine {
                     });
                 }
             }
+        }
+        for job in passed_over.into_iter().rev() {
+            self.waiting.push_front(job);
         }
         let context: usize = self.running.iter().map(|s| s.context).sum();
         let ms = self.cfg.timing.prefill_ms(prefill_tokens)
@@ -243,6 +288,33 @@ mod tests {
         );
         assert_eq!(e.end_step().tokens, vec![(1, true)]);
         assert!(!e.has_work());
+    }
+
+    #[test]
+    fn a_prefill_waiting_for_its_pull_keeps_its_place_and_later_work_runs_past_it() {
+        let mut e = engine(8, 1000);
+        e.submit(Job::PendingPrefill { req: 0 }).unwrap();
+        assert!(!e.has_work(), "nothing to compute until the pull lands");
+        e.submit(Job::Prefill {
+            req: 1,
+            uncached: 900,
+        })
+        .unwrap();
+        e.start_step();
+        assert_eq!(e.end_step().prefills_done, vec![1], "1 ran past 0");
+        assert!(e.resolve_pending(0, 600));
+        e.submit(Job::Prefill {
+            req: 2,
+            uncached: 600,
+        })
+        .unwrap();
+        e.start_step();
+        assert_eq!(
+            e.end_step().prefills_done,
+            vec![0],
+            "0 kept its place ahead of 2 (and 2 does not fit beside it)"
+        );
+        assert!(!e.resolve_pending(0, 1), "sized once");
     }
 
     #[test]
@@ -326,5 +398,21 @@ mod tests {
         e.cache.insert(&blocks[..2]);
         assert_eq!(e.lookup_prefix(70, &blocks), 70 - 32);
         assert_eq!((e.prefix_queries_tokens, e.prefix_hits_tokens), (140, 32));
+    }
+
+    #[test]
+    fn a_host_tier_hit_is_a_hit_that_names_its_copy() {
+        use pdgate_scheduler::BlockHash;
+        let cfg = EngineConfig {
+            host_cache_blocks: 8,
+            ..EngineConfig::default()
+        };
+        let mut e = SimEngine::new(cfg, 2);
+        let blocks: Vec<BlockHash> = (0..4).map(BlockHash).collect();
+        e.cache.insert(&blocks);
+        assert_eq!(e.cache.len(), 2, "the GPU tier keeps the last two");
+        // 0 and 1 went to host memory: a prompt starting there hits them in the host tier.
+        assert_eq!(e.lookup_tiers(70, &blocks), (70 - 32, 2));
+        assert_eq!(e.host_hit_blocks, 2);
     }
 }

@@ -20,6 +20,9 @@ pub enum Event {
     TransferDone(usize),
     /// The prefix blocks request `r`'s prefill pulled from another instance landed.
     PullDone(usize),
+    /// Request `r`'s host-tier blocks are back on its runner's GPU: its prefill of the given
+    /// uncached tokens can run.
+    HostCopied(usize, usize),
     /// Gateway replica `g` scrapes every engine's metrics into its scheduler.
     Scrape(usize),
     /// The oldest engine KV event in transit reaches the gateway replicas.

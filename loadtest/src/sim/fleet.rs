@@ -83,6 +83,8 @@ pub struct SimResult {
     pub pulled_hit_rate: Option<f64>,
     pub pulls: u64,
     pub pull_misses: u64,
+    /// Prompt blocks served from the engines' host tiers (counted in `cache_hit_rate`).
+    pub host_hit_blocks: u64,
     pub events: u64,
 }
 
@@ -205,6 +207,7 @@ pub fn simulate(
             Event::StepEnd(e) => sim.step_end(e, now),
             Event::TransferDone(r) => sim.transfer_done(r, now),
             Event::PullDone(r) => sim.pull_done(r, now),
+            Event::HostCopied(r, uncached) => sim.host_copied(r, uncached, now),
             Event::Scrape(g) => {
                 sim.scrape(g);
                 // Keep scraping only while requests remain, so the queue drains.
@@ -316,6 +319,19 @@ impl Sim<'_> {
         if let Some(p) = d.pull {
             let holder = self.engine_of(p.from);
             if let Some(pull) = self.start_pull(r, runner, holder, p.upto_blocks as usize, now) {
+                // The prefill takes its place in the queue now; the pull runs while it waits.
+                if self.engines[runner]
+                    .submit(Job::PendingPrefill { req: r })
+                    .is_err()
+                {
+                    return self.fail(
+                        r,
+                        now,
+                        503,
+                        "engine_overloaded",
+                        "engine queue is full".into(),
+                    );
+                }
                 self.reqs[r].pull = Some(pull);
                 self.q.push(now + pull.ms, Event::PullDone(r));
                 return;
@@ -359,7 +375,7 @@ impl Sim<'_> {
     fn pull_done(&mut self, r: usize, now: f64) {
         let s = &mut self.reqs[r];
         let (runner, Some(p)) = (s.runner, s.pull.take()) else {
-            return self.start_prefill(r, now);
+            return;
         };
         let replica = s.replica;
         let blocks = &s.blocks[..p.upto_blocks.min(s.blocks.len())];
@@ -383,16 +399,49 @@ impl Sim<'_> {
         self.gw
             .replica(replica)
             .pull_observed(self.ids[p.holder], self.ids[runner], p.bytes, p.ms);
-        self.start_prefill(r, now);
+        let (uncached, host) = self.prefill_size(r);
+        self.after_host_copy(r, uncached, host, now);
+    }
+
+    /// The engine's prefix lookup for `r` on its runner: uncached prompt tokens, counted, and
+    /// the hit blocks in the host tier.
+    fn prefill_size(&mut self, r: usize) -> (usize, usize) {
+        let runner = self.reqs[r].runner;
+        let prompt = self.trace.requests[r].input_tokens as usize;
+        let (uncached, host) = self.engines[runner].lookup_tiers(prompt, &self.reqs[r].blocks);
+        self.engines[runner].prompt_tokens += prompt as u64;
+        self.reqs[r].rec.cached_tokens = Some((prompt - uncached) as u32);
+        (uncached, host)
+    }
+
+    /// Host-tier hits are copied back to the GPU before the prefill runs (the engine's
+    /// `load_from_host`); without any, it runs now.
+    fn after_host_copy(&mut self, r: usize, uncached: usize, host: usize, now: f64) {
+        let cfg = &self.engines[self.reqs[r].runner].cfg;
+        let copy_ms = cfg.timing.scaled(cfg.host_copy_ms(host)).as_secs_f64() * 1e3;
+        match copy_ms > 0.0 {
+            true => self.q.push(now + copy_ms, Event::HostCopied(r, uncached)),
+            false => self.host_copied(r, uncached, now),
+        }
+    }
+
+    /// Sizes `r`'s prefill where it waits (its pull took its place), or queues it now.
+    fn host_copied(&mut self, r: usize, uncached: usize, now: f64) {
+        let runner = self.reqs[r].runner;
+        if self.engines[runner].resolve_pending(r, uncached) {
+            self.q.push(now, Event::Kick(runner));
+            return;
+        }
+        self.submit_prefill(r, uncached, now);
     }
 
     fn start_prefill(&mut self, r: usize, now: f64) {
+        let (uncached, host) = self.prefill_size(r);
+        self.after_host_copy(r, uncached, host, now);
+    }
+
+    fn submit_prefill(&mut self, r: usize, uncached: usize, now: f64) {
         let runner = self.reqs[r].runner;
-        let prompt = self.trace.requests[r].input_tokens as usize;
-        let uncached = self.engines[runner].lookup_prefix(prompt, &self.reqs[r].blocks);
-        self.engines[runner].prompt_tokens += prompt as u64;
-        let s = &mut self.reqs[r];
-        s.rec.cached_tokens = Some((prompt - uncached) as u32);
         if self.engines[runner]
             .submit(Job::Prefill { req: r, uncached })
             .is_err()
@@ -525,9 +574,12 @@ impl Sim<'_> {
             };
             // Every engine reports its pool size (`num_gpu_blocks`), as vLLM and the reference
             // engine do, so each replica's index mirrors a prefill's cache size too.
-            self.gw
-                .replica(g)
-                .observe_engine(self.ids[i], report, Some(total as u64));
+            self.gw.replica(g).observe_engine_tiers(
+                self.ids[i],
+                report,
+                Some(total as u64),
+                e.cfg.host_cache_blocks as u64,
+            );
         }
     }
 
@@ -538,6 +590,7 @@ impl Sim<'_> {
         let pulled: u64 = self.engines.iter().map(|e| e.pulled_tokens).sum();
         let pulls = self.engines.iter().map(|e| e.pulls).sum();
         let pull_misses = self.engines.iter().map(|e| e.pull_misses).sum();
+        let host_hit_blocks = self.engines.iter().map(|e| e.host_hit_blocks).sum();
         let instances = self
             .engines
             .iter()
@@ -566,6 +619,7 @@ impl Sim<'_> {
             pulled_hit_rate: (queries > 0).then(|| pulled as f64 / queries as f64),
             pulls,
             pull_misses,
+            host_hit_blocks,
             events,
         }
     }

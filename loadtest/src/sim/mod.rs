@@ -76,6 +76,7 @@ pub fn run_replicas(
             settings["replicas"] = spec.gateways.replicas.into();
             settings["pulls"] = result.pulls.into();
             settings["pull_misses"] = result.pull_misses.into();
+            settings["host_hit_blocks"] = result.host_hit_blocks.into();
             if let (Some(all), Some(pulled)) = (result.cache_hit_rate, result.pulled_hit_rate) {
                 settings["local_hit_rate"] = (all - pulled).into();
                 settings["pulled_hit_rate"] = pulled.into();

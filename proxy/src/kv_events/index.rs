@@ -31,6 +31,9 @@ pub enum Skip {
     BlockSize,
     /// `max_blocks_per_worker` reached.
     Full,
+    /// A store without token ids (how offloading connectors announce a copy in another tier)
+    /// of a block never stored with its tokens here: its key cannot be computed.
+    Unknown,
 }
 
 impl Skip {
@@ -40,6 +43,7 @@ impl Skip {
             Self::NotPlainTokens => "not_plain_tokens",
             Self::BlockSize => "block_size",
             Self::Full => "full",
+            Self::Unknown => "unknown",
         }
     }
 }
@@ -128,6 +132,9 @@ impl WorkerIndex {
         if s.block_size as usize != bs {
             return Err(Skip::BlockSize);
         }
+        if s.token_ids.is_empty() && !s.block_hashes.is_empty() {
+            return self.another_tier(rank, s);
+        }
         let parent = match s.parent_block_hash {
             None => None,
             Some(h) => Some(self.blocks.get(&(rank, h)).ok_or(Skip::Orphan)?.key),
@@ -174,6 +181,22 @@ impl WorkerIndex {
             return Err(Skip::Full);
         }
         Ok(())
+    }
+
+    /// Blocks named by hash alone now also held in `s.medium`: the tier is added to blocks this
+    /// index knows; the key set does not change.
+    fn another_tier(&mut self, rank: u32, s: &BlockStored) -> Result<(), Skip> {
+        let mut unknown = false;
+        for eh in &s.block_hashes {
+            match self.blocks.get_mut(&(rank, *eh)) {
+                Some(held) => held.tiers |= bit(s.medium),
+                None => unknown = true,
+            }
+        }
+        match unknown {
+            true => Err(Skip::Unknown),
+            false => Ok(()),
+        }
     }
 
     fn removed(&mut self, rank: u32, hashes: &[EngineHash], m: Medium, sink: &mut impl Sink) {
@@ -352,6 +375,52 @@ mod tests {
         assert_eq!(log.held.len(), 1, "rank 1 still holds it");
         apply(&mut ix, &mut log, removed(77, Medium::Gpu, 1));
         assert!(log.held.is_empty());
+    }
+
+    #[test]
+    fn a_store_by_hash_alone_adds_a_tier_to_known_blocks() {
+        let tokens: Vec<u32> = (0..8).collect();
+        let (mut ix, mut log) = (WorkerIndex::new(hasher(), 100), Log::default());
+        apply(
+            &mut ix,
+            &mut log,
+            batch(vec![stored(&[1, 2], None, &tokens, Medium::Gpu)], None),
+        );
+        // Offloaded to CPU, announced without tokens (as offloading connectors do), then
+        // evicted from the GPU: still held, by the CPU tier.
+        let skips = apply(
+            &mut ix,
+            &mut log,
+            batch(
+                vec![
+                    stored(&[1, 2, 9], None, &[], Medium::Cpu),
+                    KvEvent::BlockRemoved {
+                        block_hashes: vec![EngineHash(1), EngineHash(2)],
+                        medium: Medium::Gpu,
+                    },
+                ],
+                None,
+            ),
+        );
+        assert_eq!(
+            skips,
+            vec![Skip::Unknown],
+            "9 was never stored with its tokens"
+        );
+        assert_eq!(log.held.len(), 2, "held in host memory");
+        assert_eq!(ix.len(), 2, "the unknown block is not indexed");
+        apply(
+            &mut ix,
+            &mut log,
+            batch(
+                vec![KvEvent::BlockRemoved {
+                    block_hashes: vec![EngineHash(1), EngineHash(2)],
+                    medium: Medium::Cpu,
+                }],
+                None,
+            ),
+        );
+        assert!(log.held.is_empty(), "no tier holds them");
     }
 
     #[test]
