@@ -442,11 +442,17 @@ pub struct UpstreamConfig {
     /// migrated (see docs/deploying.md, Reliability).
     pub migration_limit: u32,
     /// Retries under way may be at most this percentage of the requests in flight (Envoy's
-    /// retry budget), so a struggling fleet is not buried under retries; past it a request that
-    /// failed gets 503 with `Retry-After` at once.
+    /// retry budget), so a struggling fleet is not buried under retries; a retry holds its slot
+    /// until its answer starts. Past it a request that failed waits `retry_budget_wait_ms` for a
+    /// slot, then gets 503 with `Retry-After`.
     pub retry_budget_percent: u32,
     /// Retries always allowed under way, however few requests are in flight.
     pub retry_budget_min: usize,
+    /// How long a retry (or a migration) the budget cannot take at once waits for a slot, ms:
+    /// a dying engine breaks its requests all at once, and a short wait turns that burst into
+    /// retries in turn instead of failures. 0: refused at once; a budget that allows no retry
+    /// at all never waits.
+    pub retry_budget_wait_ms: u64,
     /// When every prefill attempt failed before any byte reached the client, send the plain
     /// request to the decode instance (it prefills locally) instead of failing. Never silent:
     /// the response carries `x-pdgate-fallback: decode-prefill` and `pdgate_fallbacks_total`
@@ -469,6 +475,7 @@ impl Default for UpstreamConfig {
             migration_limit: 1,
             retry_budget_percent: 20,
             retry_budget_min: 3,
+            retry_budget_wait_ms: 1000,
             fallback_to_decode: false,
             tls: UpstreamTls::default(),
         }

@@ -189,7 +189,7 @@ async fn start_leg(
             }) => {
                 failed.extend(decision.prefill);
                 if failed.len() < attempts {
-                    let Some(permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+                    let Some(permit) = retry_permit(state).await else {
                         metrics::retry(Role::Prefill, "budget_exhausted");
                         return Err(budget_exhausted(error));
                     };
@@ -220,7 +220,7 @@ async fn start_leg(
                 if decode_failed.len() >= decode_attempts {
                     return Err(error);
                 }
-                let Some(permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+                let Some(permit) = retry_permit(state).await else {
                     metrics::retry(Role::Decode, "budget_exhausted");
                     return Err(budget_exhausted(error));
                 };
@@ -250,6 +250,15 @@ fn pull_from(
 
 /// A request that failed where a retry was due, but the fleet's retry budget is spent: 503 at
 /// once with `Retry-After`, saying what failed.
+/// A slot in the retry budget, waiting for one as configured.
+async fn retry_permit(state: &AppState) -> Option<RetryPermit> {
+    let wait = Duration::from_millis(state.cfg.upstream.retry_budget_wait_ms);
+    state
+        .retries
+        .acquire(|| state.requests_in_flight(), wait)
+        .await
+}
+
 fn budget_exhausted(cause: ApiError) -> ApiError {
     ApiError::unavailable(
         "retry_budget_exhausted",
@@ -496,7 +505,7 @@ fn restart(state: &Arc<AppState>) -> Restart {
     Box::new(move |req, avoid, leg_id| {
         let state = Arc::clone(&state);
         Box::pin(async move {
-            let Some(_permit) = state.retries.try_acquire(state.requests_in_flight()) else {
+            let Some(_permit) = retry_permit(&state).await else {
                 return Err(budget_exhausted(ApiError::upstream(
                     "decode_stream_interrupted",
                     "the decode stream broke",

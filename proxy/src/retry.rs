@@ -3,15 +3,25 @@
 //! fraction of the requests in flight, with a floor so a quiet gateway can still retry. When a
 //! fleet struggles, many requests fail at once; per-request attempt limits alone would then
 //! multiply the load on what is left, while the budget caps the extra load at that fraction.
+//!
+//! A retry the budget cannot take at once waits, for a bounded time, for one under way to
+//! finish: an engine that dies breaks all its streams at the same moment, a burst the budget
+//! would otherwise turn into lost requests although each retry holds its slot only until its
+//! answer starts. What the budget bounds is how many retries run at once, not how many requests
+//! may fail.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
 
 #[derive(Debug)]
 pub struct RetryBudget {
     under_way: AtomicUsize,
     percent: u32,
     floor: usize,
+    /// Woken whenever a retry gives its slot back.
+    freed: Notify,
 }
 
 /// One retry under way; given back when dropped (the request answered or failed for good).
@@ -21,6 +31,7 @@ pub struct RetryPermit(Arc<RetryBudget>);
 impl Drop for RetryPermit {
     fn drop(&mut self) {
         self.0.under_way.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_waiters();
     }
 }
 
@@ -30,6 +41,7 @@ impl RetryBudget {
             under_way: AtomicUsize::new(0),
             percent,
             floor,
+            freed: Notify::new(),
         })
     }
 
@@ -50,6 +62,30 @@ impl RetryBudget {
             .map(|_| RetryPermit(Arc::clone(self)))
     }
 
+    /// A permit, waiting up to `wait` for a retry under way to give its slot back; `None` at
+    /// once when the budget allows no retry at all (nothing could free one).
+    pub async fn acquire(
+        self: &Arc<Self>,
+        requests_in_flight: impl Fn() -> usize,
+        wait: Duration,
+    ) -> Option<RetryPermit> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the attempt, so a slot freed in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let in_flight = requests_in_flight();
+            if let Some(p) = self.try_acquire(in_flight) {
+                return Some(p);
+            }
+            if self.allowance(in_flight) == 0 {
+                return None;
+            }
+            tokio::time::timeout_at(deadline, freed).await.ok()?;
+        }
+    }
+
     pub fn under_way(&self) -> usize {
         self.under_way.load(Ordering::Acquire)
     }
@@ -58,6 +94,7 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::RetryBudget;
+    use std::time::Duration;
 
     #[test]
     fn the_floor_holds_when_quiet_and_the_share_when_busy() {
@@ -78,5 +115,40 @@ mod tests {
     fn a_zero_budget_refuses_every_retry() {
         let b = RetryBudget::new(0, 0);
         assert!(b.try_acquire(1000).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_for_a_slot_and_no_longer_than_told() {
+        let b = RetryBudget::new(0, 1);
+        let held = b.try_acquire(1).expect("the floor's one slot");
+        // Nothing frees it: refused at the deadline.
+        let t0 = tokio::time::Instant::now();
+        assert!(b.acquire(|| 1, Duration::from_millis(500)).await.is_none());
+        assert_eq!(t0.elapsed(), Duration::from_millis(500));
+        // Freed while waiting: taken then, not at the deadline.
+        let waiter = {
+            let b = std::sync::Arc::clone(&b);
+            tokio::spawn(async move { b.acquire(|| 1, Duration::from_secs(5)).await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        let t1 = tokio::time::Instant::now();
+        assert!(
+            waiter.await.expect("joined"),
+            "the freed slot went to the waiter"
+        );
+        assert!(t1.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_budget_does_not_wait() {
+        let b = RetryBudget::new(0, 0);
+        let t0 = tokio::time::Instant::now();
+        assert!(b.acquire(|| 100, Duration::from_secs(5)).await.is_none());
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "nothing could free a slot: refused at once"
+        );
     }
 }
