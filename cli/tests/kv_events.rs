@@ -102,14 +102,7 @@ async fn hits(engines: &[(Role, EngineHandle)]) -> f64 {
 }
 
 fn indexed(gw: &Gateway) -> u64 {
-    let fleet = &gw.state.models.all()[0].fleet;
-    let s = fleet.scheduler.lock();
-    fleet
-        .workers
-        .all()
-        .iter()
-        .map(|w| s.index_blocks_of(w.id))
-        .sum()
+    indexed_role(gw, Role::Prefill) + indexed_role(gw, Role::Decode)
 }
 
 /// A long prompt of its own per `i`: about 90 blocks of 16 tokens.

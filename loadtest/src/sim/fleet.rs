@@ -320,17 +320,8 @@ impl Sim<'_> {
             let holder = self.engine_of(p.from);
             if let Some(pull) = self.start_pull(r, runner, holder, p.upto_blocks as usize, now) {
                 // The prefill takes its place in the queue now; the pull runs while it waits.
-                if self.engines[runner]
-                    .submit(Job::PendingPrefill { req: r })
-                    .is_err()
-                {
-                    return self.fail(
-                        r,
-                        now,
-                        503,
-                        "engine_overloaded",
-                        "engine queue is full".into(),
-                    );
+                if !self.submit(r, Job::PendingPrefill { req: r }, now) {
+                    return;
                 }
                 self.reqs[r].pull = Some(pull);
                 self.q.push(now + pull.ms, Event::PullDone(r));
@@ -441,20 +432,24 @@ impl Sim<'_> {
     }
 
     fn submit_prefill(&mut self, r: usize, uncached: usize, now: f64) {
-        let runner = self.reqs[r].runner;
-        if self.engines[runner]
-            .submit(Job::Prefill { req: r, uncached })
-            .is_err()
-        {
-            return self.fail(
-                r,
-                now,
-                503,
-                "engine_overloaded",
-                "engine queue is full".into(),
-            );
+        if self.submit(r, Job::Prefill { req: r, uncached }, now) {
+            self.q.push(now, Event::Kick(self.reqs[r].runner));
         }
-        self.q.push(now, Event::Kick(runner));
+    }
+
+    /// Queues `job` on `r`'s runner; a full queue fails the request, as the engine's 503 does.
+    fn submit(&mut self, r: usize, job: Job, now: f64) -> bool {
+        if self.engines[self.reqs[r].runner].submit(job).is_ok() {
+            return true;
+        }
+        self.fail(
+            r,
+            now,
+            503,
+            "engine_overloaded",
+            "engine queue is full".into(),
+        );
+        false
     }
 
     fn kick(&mut self, e: usize, now: f64) {
