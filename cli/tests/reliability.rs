@@ -148,3 +148,84 @@ async fn a_spent_retry_budget_answers_503_at_once_instead_of_retrying() {
     );
     assert!(no_reservations_left(&fleet).await);
 }
+
+/// An engine whose `/health` fails its first two checks, hangs on the third (as a check to a
+/// partitioned engine waits out its deadline) and answers every later one.
+async fn engine_whose_third_check_hangs() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let checks = std::sync::Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let checks = std::sync::Arc::clone(&checks);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 1024];
+                    let Ok(n) = conn.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let status = match head.starts_with("GET /health") {
+                        false => "404 Not Found",
+                        true => match checks.fetch_add(1, Ordering::SeqCst) {
+                            0 | 1 => "503 Service Unavailable",
+                            2 => std::future::pending().await,
+                            _ => "200 OK",
+                        },
+                    };
+                    let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_health_check_does_not_hold_back_the_next() {
+    let url = engine_whose_third_check_hangs().await;
+    let mut cfg = pdgate_gateway::config::Config::default();
+    cfg.server.port = 0;
+    cfg.health.interval_ms = 100;
+    cfg.health.timeout_ms = 30_000;
+    cfg.health.metrics_interval_ms = 0;
+    cfg.workers = vec![WorkerConfig {
+        url: url.clone(),
+        role: Role::Decode,
+        protocol: Protocol::Native,
+        bootstrap_port: None,
+        kv_events: None,
+        kv_events_replay: None,
+    }];
+    let gw = pdgate_gateway::Gateway::start(cfg).await.expect("gateway");
+    let is_healthy = || async { support::procs::healthy(&gw.url(), &url).await };
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            !is_healthy().await
+        })
+        .await,
+        "two failed checks mark it down"
+    );
+    // The third check hangs for its 30 s deadline; the fourth, a round later, finds it up.
+    assert!(
+        eventually(std::time::Duration::from_secs(3), is_healthy).await,
+        "back within a few rounds, not after the hung check's deadline"
+    );
+    gw.stop().await;
+}
