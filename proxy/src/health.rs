@@ -50,6 +50,9 @@ fn apply(fleet: &Fleet, w: &Worker, ok: bool, cfg: &HealthConfig) {
 /// not wait behind it, or a link that comes back is seen only after that deadline.
 const CHECKS_PER_WORKER: usize = 2;
 
+/// Outcomes waiting to be folded in; beyond it a finished check waits to report.
+const DONE_QUEUE: usize = 256;
+
 /// Where a worker's checks stand: how many are under way, and the round of the newest whose
 /// outcome was applied (an older check that ends later is stale and dropped).
 #[derive(Default)]
@@ -64,7 +67,8 @@ pub fn spawn(fleet: Arc<Fleet>, client: Client, cfg: HealthConfig) -> tokio::tas
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (done_tx, mut done) = mpsc::unbounded_channel::<(Arc<Worker>, u64, bool)>();
+        // A check's sender waits when it is full; at most CHECKS_PER_WORKER per worker exist.
+        let (done_tx, mut done) = mpsc::channel::<(Arc<Worker>, u64, bool)>(DONE_QUEUE);
         let mut checks: HashMap<InstanceId, Checks> = HashMap::new();
         let mut round = 0u64;
         loop {
@@ -80,10 +84,9 @@ pub fn spawn(fleet: Arc<Fleet>, client: Client, cfg: HealthConfig) -> tokio::tas
                         }
                         c.under_way += 1;
                         let (client, cfg, done_tx) = (client.clone(), cfg.clone(), done_tx.clone());
-                        // At most CHECKS_PER_WORKER per worker are ever queued here: bounded.
                         tokio::spawn(async move {
                             let ok = probe(&client, &w, &cfg).await;
-                            let _ = done_tx.send((w, round, ok));
+                            let _ = done_tx.send((w, round, ok)).await;
                         });
                     }
                     crate::metrics::record_health(&fleet.model, &fleet.scheduler.lock());
