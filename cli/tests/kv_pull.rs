@@ -24,6 +24,26 @@ fn prompt(tag: &str) -> String {
     (0..400).map(|i| format!("{tag}{i} ")).collect()
 }
 
+/// Warms `holder` with a prompt tagged `tag`, then has `puller` prefill it, pulling every full
+/// block from `holder`.
+async fn warm_then_pull_all(
+    holder: &EngineProcess,
+    puller: &EngineProcess,
+    decode: &EngineProcess,
+    tag: &str,
+) -> PrefillReport {
+    let p = prompt(tag);
+    let full = warm(&holder.url, &decode.url, &p).await;
+    prefill(
+        &puller.url,
+        &decode.url,
+        "r1",
+        &p,
+        Some((&holder.url, full)),
+    )
+    .await
+}
+
 /// The engine gave up its one pull and took no block from it (it recomputed).
 async fn pull_failed_once(url: &str) {
     assert_eq!(
@@ -159,16 +179,7 @@ async fn wrong_bytes_from_the_holder_are_refused_and_recomputed() {
     .await;
     let puller = engine("prefill", &[SECRET]).await;
     let decode = engine("decode", &[SECRET]).await;
-    let p = prompt("corrupt");
-    let full = warm(&holder.url, &decode.url, &p).await;
-    let r = prefill(
-        &puller.url,
-        &decode.url,
-        "r1",
-        &p,
-        Some((&holder.url, full)),
-    )
-    .await;
+    let r = warm_then_pull_all(&holder, &puller, &decode, "corrupt").await;
     assert_eq!((r.pulled_blocks, r.cached_tokens), (0, 0), "all recomputed");
     assert_eq!(
         metric(&puller.url, "pdgate_sim_kv_verify_failures_total").await,
@@ -224,16 +235,7 @@ async fn a_lease_that_expires_before_the_read_is_recomputed() {
     )
     .await;
     let decode = engine("decode", &[SECRET]).await;
-    let p = prompt("lease");
-    let full = warm(&holder.url, &decode.url, &p).await;
-    let r = prefill(
-        &puller.url,
-        &decode.url,
-        "r1",
-        &p,
-        Some((&holder.url, full)),
-    )
-    .await;
+    let r = warm_then_pull_all(&holder, &puller, &decode, "lease").await;
     assert_eq!((r.pulled_blocks, r.cached_tokens), (0, 0));
     assert_eq!(
         metric(&holder.url, "pdgate_sim_kv_export_leases_expired_total").await,
