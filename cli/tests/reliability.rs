@@ -8,6 +8,7 @@ mod support;
 use pdgate::config::{Protocol, WorkerConfig};
 use pdgate::Fleet;
 use pdgate_scheduler::{PolicyKind, Role};
+use std::time::Duration;
 use support::*;
 
 /// The URL of the last engine of `role`.
@@ -31,13 +32,19 @@ async fn fleet_with_failing_decode(
 ) -> (Fleet, std::sync::Arc<Flaky>) {
     let mut cfg = config(1, 2, 0.0);
     cfg.up.engine.protocol = protocol;
-    cfg.up.engine.reservation_ttl_secs = 3;
     cfg.scheduler.policy = PolicyKind::RoundRobin;
-    cfg.breaker.failure_threshold = 0;
     (
         cfg.upstream.retry_budget_percent,
         cfg.upstream.retry_budget_min,
     ) = budget;
+    with_failing_decode(cfg).await
+}
+
+/// `cfg`'s fleet (one prefill, two decodes) with its second decode behind a failing proxy.
+async fn with_failing_decode(mut cfg: pdgate::config::Config) -> (Fleet, std::sync::Arc<Flaky>) {
+    let protocol = cfg.up.engine.protocol;
+    cfg.up.engine.reservation_ttl_secs = 3;
+    cfg.breaker.failure_threshold = 0;
     let fleet = fleet(cfg).await;
     let second = last_engine_url(&fleet, Role::Decode);
     let id = fleet.gateway.state.models.all()[0]
@@ -147,6 +154,69 @@ async fn a_spent_retry_budget_answers_503_at_once_instead_of_retrying() {
         "each refusal met the failing decode once, no retry"
     );
     assert!(no_reservations_left(&fleet).await);
+}
+
+/// The decode a request fails on may be the only one with room at that moment (in a soak, the
+/// other decode's capacity is booked by the streams it serves): the retry waits for room rather
+/// than answer 502. Here the good decode is booked nearly full by a long stream, so the second
+/// request is scheduled on the failing decode, and its retry can go nowhere until that stream
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_waits_for_room_on_a_full_decode_instead_of_failing() {
+    let mut cfg = config(1, 2, 0.5);
+    // 64 blocks of 16 tokens: a 900-token answer books 57 of them, a 200-token one 13.
+    cfg.up.engine.kv_blocks = 64;
+    cfg.upstream.retry_room_wait_ms = 30_000;
+    let (fleet, bad) = with_failing_decode(cfg).await;
+    let url = fleet.url();
+    // The gateway knows a cache's size once it has read the engine's own metrics.
+    let all_read = || async {
+        let views: serde_json::Value =
+            match client().get(format!("{url}/admin/workers")).send().await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => return false,
+            };
+        views
+            .as_array()
+            .is_some_and(|ws| ws.iter().all(|w| !w["load"]["engine"].is_null()))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), all_read).await,
+        "every engine's metrics read"
+    );
+    let mut long = client()
+        .post(format!("{url}/v1/completions"))
+        .json(
+            &serde_json::json!({"model": "pdgate-sim-8b", "prompt": "hold the room",
+            "max_tokens": 900, "stream": true}),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(long.status().as_u16(), 200);
+    assert!(
+        long.chunk().await.expect("read").is_some(),
+        "the long stream started"
+    );
+    let long_done = tokio::spawn(async move { while let Ok(Some(_)) = long.chunk().await {} });
+    let hits_before = bad.hits();
+    let resp = post(&url, "/v1/completions", completion("wait for room", 200)).await;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    assert!(
+        bad.hits() > hits_before,
+        "the only decode with room was the failing one"
+    );
+    assert_eq!(
+        status, 200,
+        "served once the long stream freed its room: {body}"
+    );
+    assert!(
+        long_done.is_finished(),
+        "the retry was served after the long stream ended, not beside it"
+    );
+    assert!(no_reservations_left(&fleet).await);
+    fleet.stop().await;
 }
 
 /// An engine whose `/health` fails its first two checks, hangs on the third (as a check to a

@@ -17,7 +17,7 @@ use crate::migrate::{Plan, Restart, Splice};
 use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::{Held, Relay};
-use crate::retry::RetryPermit;
+use crate::retry::{RetryPermit, RoomWait};
 use crate::state::AppState;
 use crate::workers::Worker;
 use axum::body::Body;
@@ -99,6 +99,7 @@ async fn start_leg(
     let mut decode_cause: Option<ApiError> = None;
     // The last pair whose prefill failed, for the decode-only fallback (when enabled).
     let mut last_failed: Option<(Booking, Arc<Worker>, ApiError)> = None;
+    let mut room = RoomWait::new(Duration::from_millis(state.cfg.upstream.retry_room_wait_ms));
     loop {
         let mut avoid: Vec<InstanceId> = failed
             .iter()
@@ -110,6 +111,18 @@ async fn start_leg(
         fleet.workers.add_tripped(fleet.now(), &mut avoid);
         let booking = match schedule(req, &key, &avoid) {
             Ok(b) => b,
+            Err(Rejection::KvFull) if decode_cause.is_some() || !avoid_decodes.is_empty() => {
+                // An admitted request whose decode failed: it waits for room rather than fail.
+                if let Some(pause) = room.pause() {
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                let mut refusal = rejection_error(Rejection::KvFull);
+                if let Some(cause) = decode_cause.take() {
+                    refusal.message = format!("{}; {}", cause.message, refusal.message);
+                }
+                return Err(refusal);
+            }
             Err(r) => {
                 return match (r, last_failed.take()) {
                     // Every prefill left has failed this request (or is cut off by its breaker).

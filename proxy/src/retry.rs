@@ -91,9 +91,39 @@ impl RetryBudget {
     }
 }
 
+/// A retry's wait for a decode with room. A decode that fails takes its bookings out of the
+/// fleet's capacity while its requests retry at once, so at that moment every other decode may
+/// look full; streams finishing there free room within moments. The wait is checked by polling
+/// the scheduler, which owns the bookings and has no async side to notify from.
+#[derive(Debug)]
+pub struct RoomWait {
+    limit: Duration,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl RoomWait {
+    /// How often a waiting retry asks the scheduler again.
+    const POLL: Duration = Duration::from_millis(10);
+
+    pub fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            deadline: None,
+        }
+    }
+
+    /// The pause before asking again, or `None` once the wait (counted from the first call)
+    /// is over.
+    pub fn pause(&mut self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + self.limit);
+        (now < deadline).then(|| (deadline - now).min(Self::POLL))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::RetryBudget;
+    use super::{RetryBudget, RoomWait};
     use std::time::Duration;
 
     #[test]
@@ -149,6 +179,25 @@ mod tests {
             t0.elapsed(),
             Duration::ZERO,
             "nothing could free a slot: refused at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_room_wait_polls_until_its_limit_counted_from_the_first_ask() {
+        let mut w = RoomWait::new(Duration::from_millis(25));
+        let t0 = tokio::time::Instant::now();
+        let mut pauses = 0;
+        while let Some(p) = w.pause() {
+            assert!(p <= Duration::from_millis(10));
+            tokio::time::sleep(p).await;
+            pauses += 1;
+        }
+        assert_eq!(t0.elapsed(), Duration::from_millis(25));
+        assert_eq!(pauses, 3, "10 + 10 + 5 ms");
+        assert!(w.pause().is_none(), "over stays over");
+        assert!(
+            RoomWait::new(Duration::ZERO).pause().is_none(),
+            "0: no wait"
         );
     }
 }
