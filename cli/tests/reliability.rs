@@ -8,7 +8,6 @@ mod support;
 use pdgate::config::{Protocol, WorkerConfig};
 use pdgate::Fleet;
 use pdgate_scheduler::{PolicyKind, Role};
-use std::time::Duration;
 use support::*;
 
 /// The URL of the last engine of `role`.
@@ -166,39 +165,11 @@ async fn a_retry_waits_for_room_on_a_full_decode_instead_of_failing() {
     let mut cfg = config(1, 2, 0.5);
     // 64 blocks of 16 tokens: a 900-token answer books 57 of them, a 200-token one 13.
     cfg.up.engine.kv_blocks = 64;
-    cfg.upstream.retry_room_wait_ms = 30_000;
+    cfg.scheduler.slo.room_wait_ms = 30_000.0;
     let (fleet, bad) = with_failing_decode(cfg).await;
     let url = fleet.url();
-    // The gateway knows a cache's size once it has read the engine's own metrics.
-    let all_read = || async {
-        let views: serde_json::Value =
-            match client().get(format!("{url}/admin/workers")).send().await {
-                Ok(r) => r.json().await.unwrap_or_default(),
-                Err(_) => return false,
-            };
-        views
-            .as_array()
-            .is_some_and(|ws| ws.iter().all(|w| !w["load"]["engine"].is_null()))
-    };
-    assert!(
-        eventually(Duration::from_secs(10), all_read).await,
-        "every engine's metrics read"
-    );
-    let mut long = client()
-        .post(format!("{url}/v1/completions"))
-        .json(
-            &serde_json::json!({"model": "pdgate-sim-8b", "prompt": "hold the room",
-            "max_tokens": 900, "stream": true}),
-        )
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(long.status().as_u16(), 200);
-    assert!(
-        long.chunk().await.expect("read").is_some(),
-        "the long stream started"
-    );
-    let long_done = tokio::spawn(async move { while let Ok(Some(_)) = long.chunk().await {} });
+    engine_reports_read(&url).await;
+    let long_done = hold_decode_room(&url, 900).await;
     let hits_before = bad.hits();
     let resp = post(&url, "/v1/completions", completion("wait for room", 200)).await;
     let status = resp.status().as_u16();

@@ -304,3 +304,37 @@ async fn a_push_mode_prefills_cache_size_bounds_the_index() {
     );
     fleet.stop().await;
 }
+
+/// A request that finds every decode's KV pool booked full waits for room (`room_wait_ms`)
+/// instead of a 429: here one decode of 64 blocks holds a 900-token stream (57 blocks), and a
+/// 200-token request (13 blocks) is served once that stream has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_every_decode_full_waits_for_room() {
+    let mut cfg = config(1, 1, 0.5);
+    cfg.up.engine.kv_blocks = 64;
+    cfg.scheduler.slo.room_wait_ms = 30_000.0;
+    cfg.scheduler.slo.ttft_ms = 60_000.0;
+    let fleet = fleet(cfg).await;
+    let url = fleet.url();
+    engine_reports_read(&url).await;
+    let long_done = hold_decode_room(&url, 900).await;
+    let resp = post(&url, "/v1/completions", completion("wait for room", 200)).await;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "served after waiting: {body}");
+    assert!(
+        long_done.is_finished(),
+        "admitted once the long stream freed its room, not beside it"
+    );
+    let text = metrics_text(&url).await;
+    assert!(
+        series(
+            &text,
+            "pdgate_scheduler_decisions_total",
+            &[("outcome", "rejected")]
+        )
+        .is_none(),
+        "the wait's polls are not counted as rejections"
+    );
+    fleet.stop().await;
+}

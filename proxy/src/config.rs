@@ -453,12 +453,6 @@ pub struct UpstreamConfig {
     /// retries in turn instead of failures. 0: refused at once; a budget that allows no retry
     /// at all never waits.
     pub retry_budget_wait_ms: u64,
-    /// How long a retry (or a migration) waits for a decode with KV-cache room, ms, when every
-    /// other decode is full or down at that moment: the request was admitted, and streams
-    /// finishing elsewhere free room within moments, so it waits rather than fail. Past it the
-    /// request gets the scheduler's refusal (429 `kv_full`, 503 `no_healthy_pair`) with
-    /// `Retry-After`. 0: answered at once.
-    pub retry_room_wait_ms: u64,
     /// When every prefill attempt failed before any byte reached the client, send the plain
     /// request to the decode instance (it prefills locally) instead of failing. Never silent:
     /// the response carries `x-pdgate-fallback: decode-prefill` and `pdgate_fallbacks_total`
@@ -482,7 +476,6 @@ impl Default for UpstreamConfig {
             retry_budget_percent: 20,
             retry_budget_min: 3,
             retry_budget_wait_ms: 1000,
-            retry_room_wait_ms: 2000,
             fallback_to_decode: false,
             tls: UpstreamTls::default(),
         }

@@ -99,7 +99,9 @@ async fn start_leg(
     let mut decode_cause: Option<ApiError> = None;
     // The last pair whose prefill failed, for the decode-only fallback (when enabled).
     let mut last_failed: Option<(Booking, Arc<Worker>, ApiError)> = None;
-    let mut room = RoomWait::new(Duration::from_millis(state.cfg.upstream.retry_room_wait_ms));
+    let room_wait = Duration::from_secs_f64(req.model.scheduler.slo.room_wait_ms.max(0.0) / 1e3);
+    // The wait for a decode with KV room when every pool is booked full; a retry waits anew.
+    let mut room = RoomWait::new(room_wait);
     loop {
         let mut avoid: Vec<InstanceId> = failed
             .iter()
@@ -109,10 +111,17 @@ async fn start_leg(
             .copied()
             .collect();
         fleet.workers.add_tripped(fleet.now(), &mut avoid);
-        let booking = match schedule(req, &key, &avoid) {
+        // A request already admitted (a retry, a migration) is not judged on its TTFT again.
+        let admitted = decode_cause.is_some() || !avoid_decodes.is_empty();
+        let waited = if admitted {
+            Duration::ZERO
+        } else {
+            room.waited()
+        };
+        let booking = match schedule(req, &key, &avoid, waited, room.is_open()) {
             Ok(b) => b,
-            Err(Rejection::KvFull) if decode_cause.is_some() || !avoid_decodes.is_empty() => {
-                // An admitted request whose decode failed: it waits for room rather than fail.
+            Err(Rejection::KvFull) => {
+                // Streams ending on a full decode free room within moments: wait for it.
                 if let Some(pause) = room.pause() {
                     tokio::time::sleep(pause).await;
                     continue;
@@ -241,6 +250,7 @@ async fn start_leg(
                 tracing::warn!(message = %error.message, decode = %decode.url, "decode failed before its first byte; retrying with another pair");
                 metrics::retry(Role::Decode, "retried");
                 decode_cause = Some(error);
+                room = RoomWait::new(room_wait);
             }
             Err(e) => return Err(e.error),
         }
@@ -400,23 +410,30 @@ async fn prefix_key(req: &ClientRequest) -> RequestKey {
     }
 }
 
+/// Asks the model's scheduler for a pair. `waited`: how long the request has waited for KV
+/// room so far; `waiting`: a `kv_full` answer will be asked again shortly, so it is not counted
+/// as a decision (a wait of a second would otherwise count a hundred rejections).
 fn schedule(
     req: &ClientRequest,
     key: &RequestKey,
     avoid: &[InstanceId],
+    waited: Duration,
+    waiting: bool,
 ) -> Result<Booking, Rejection> {
     let (model, began) = (&req.model, Instant::now());
     let fleet = &model.fleet;
     let result = fleet
         .scheduler
         .lock()
-        .schedule_avoiding(key, fleet.now(), avoid);
-    metrics::decision(
-        &model.name,
-        model.scheduler.policy.as_str(),
-        began.elapsed(),
-        &result,
-    );
+        .schedule_after_wait(key, fleet.now(), avoid, waited);
+    if !(waiting && matches!(result, Err(Rejection::KvFull))) {
+        metrics::decision(
+            &model.name,
+            model.scheduler.policy.as_str(),
+            began.elapsed(),
+            &result,
+        );
+    }
     let mut booking = Booking::new(Arc::clone(fleet), result?);
     booking.share(&key.blocks);
     Ok(booking)

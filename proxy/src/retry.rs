@@ -91,24 +91,23 @@ impl RetryBudget {
     }
 }
 
-/// A retry's wait for a decode with room. A decode that fails takes its bookings out of the
-/// fleet's capacity while its requests retry at once, so at that moment every other decode may
-/// look full; streams finishing there free room within moments. The wait is checked by polling
-/// the scheduler, which owns the bookings and has no async side to notify from.
+/// A request's wait for a decode with KV room (`slo.room_wait_ms`). Under load the decodes'
+/// pools are booked full for moments at a time, and a decode that fails sends its requests to
+/// retry on the others at once; streams finishing there free room soon. The wait is checked by
+/// polling the scheduler, which owns the bookings and has no async side to notify from.
 #[derive(Debug)]
 pub struct RoomWait {
     limit: Duration,
-    deadline: Option<tokio::time::Instant>,
+    started: Option<tokio::time::Instant>,
 }
 
 impl RoomWait {
-    /// How often a waiting retry asks the scheduler again.
-    const POLL: Duration = Duration::from_millis(10);
+    const POLL: Duration = Duration::from_millis(pdgate_scheduler::ROOM_POLL_MS);
 
     pub fn new(limit: Duration) -> Self {
         Self {
             limit,
-            deadline: None,
+            started: None,
         }
     }
 
@@ -116,8 +115,18 @@ impl RoomWait {
     /// is over.
     pub fn pause(&mut self) -> Option<Duration> {
         let now = tokio::time::Instant::now();
-        let deadline = *self.deadline.get_or_insert(now + self.limit);
+        let deadline = *self.started.get_or_insert(now) + self.limit;
         (now < deadline).then(|| (deadline - now).min(Self::POLL))
+    }
+
+    /// Time waited so far (zero before the first pause).
+    pub fn waited(&self) -> Duration {
+        self.started.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// Whether a `kv_full` answer now would be waited on (the limit is not yet reached).
+    pub fn is_open(&self) -> bool {
+        self.waited() < self.limit
     }
 }
 
@@ -193,6 +202,8 @@ mod tests {
             pauses += 1;
         }
         assert_eq!(t0.elapsed(), Duration::from_millis(25));
+        assert_eq!(w.waited(), Duration::from_millis(25));
+        assert!(!w.is_open());
         assert_eq!(pauses, 3, "10 + 10 + 5 ms");
         assert!(w.pause().is_none(), "over stays over");
         assert!(

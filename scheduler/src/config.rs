@@ -110,6 +110,10 @@ impl std::str::FromStr for PolicyKind {
     }
 }
 
+/// How often a request waiting for KV room (`Slo::room_wait_ms`) asks the scheduler again, ms;
+/// the gateway and the simulator both poll at this rate.
+pub const ROOM_POLL_MS: u64 = 10;
+
 /// Service-level objectives the `slo` policy admits against.
 ///
 /// Defaults suit an interactive chat service on an 8B-class model: first token within 2 s, and a
@@ -126,6 +130,12 @@ pub struct Slo {
     /// a slightly faster first token elsewhere: the compute saved is capacity for later requests,
     /// which is what goodput under load is made of.
     pub compute_weight: f64,
+    /// With admission on, a request that finds every decode's KV pool booked full waits up to
+    /// this long, ms, for streams there to end and free room (asking again every
+    /// `ROOM_POLL_MS`) instead of being refused at once; the wait counts into its TTFT, so it is
+    /// admitted only if its TTFT SLO can still be met. A retry or a migration (already
+    /// admitted) waits as long, then gets 429 `kv_full`. 0: refused at once.
+    pub room_wait_ms: f64,
 }
 
 impl Default for Slo {
@@ -135,6 +145,7 @@ impl Default for Slo {
             tbt_ms: 100.0,
             admission: true,
             compute_weight: 1.0,
+            room_wait_ms: 1000.0,
         }
     }
 }

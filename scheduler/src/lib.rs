@@ -20,7 +20,7 @@ pub mod types;
 
 pub use blocks::{BlockHash, BlockHasher};
 pub use candidate::Pull;
-pub use config::{CostModel, PolicyKind, ReuseConfig, SchedulerConfig, Slo};
+pub use config::{CostModel, PolicyKind, ReuseConfig, SchedulerConfig, Slo, ROOM_POLL_MS};
 pub use load::{EngineReport, InstanceLoad};
 pub use policy::Policy;
 pub use scheduler::{Booking, Decision, InstanceSpec, Observed, Scheduler};

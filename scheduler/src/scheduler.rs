@@ -267,6 +267,18 @@ impl Scheduler {
         now: Duration,
         avoid: &[InstanceId],
     ) -> Result<Decision, Rejection> {
+        self.schedule_after_wait(key, now, avoid, Duration::ZERO)
+    }
+
+    /// As [`Self::schedule_avoiding`], for a request that has already waited `waited` for a
+    /// decode with KV room (`slo.room_wait_ms`): admission counts the wait into its TTFT.
+    pub fn schedule_after_wait(
+        &mut self,
+        key: &RequestKey,
+        now: Duration,
+        avoid: &[InstanceId],
+        waited: Duration,
+    ) -> Result<Decision, Rejection> {
         let matches = self.index.match_all(&key.blocks, now);
         let shortlist = self.cfg.policy.shortlists();
         let mut prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
@@ -306,6 +318,7 @@ impl Scheduler {
             prefill: &prefill,
             decode: &decode,
             predict: &predict,
+            waited_ms: waited.as_secs_f64() * 1e3,
         })?;
         let (Some(p), Some(d)) = (
             prefill.iter().find(|c| c.id == choice.prefill),

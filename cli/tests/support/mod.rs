@@ -90,6 +90,43 @@ pub async fn engine_sum(fleet: &Fleet, role: Role, name: &str) -> f64 {
     total
 }
 
+/// Waits until the gateway has read every engine's own metrics (so it knows each cache's size).
+pub async fn engine_reports_read(url: &str) {
+    let all_read = || async {
+        let views: Value = match client().get(format!("{url}/admin/workers")).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        views
+            .as_array()
+            .is_some_and(|ws| ws.iter().all(|w| !w["load"]["engine"].is_null()))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), all_read).await,
+        "every engine's metrics read"
+    );
+}
+
+/// Starts a completion stream of `max_tokens` (booking that much decode KV until it ends) and
+/// returns once its first chunk arrived; the task reads it to its end.
+pub async fn hold_decode_room(url: &str, max_tokens: u32) -> tokio::task::JoinHandle<()> {
+    let mut long = client()
+        .post(format!("{url}/v1/completions"))
+        .json(
+            &serde_json::json!({"model": "pdgate-sim-8b", "prompt": "hold the room",
+            "max_tokens": max_tokens, "stream": true}),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(long.status().as_u16(), 200);
+    assert!(
+        long.chunk().await.expect("read").is_some(),
+        "the long stream started"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = long.chunk().await {} })
+}
+
 /// Polls until `f` holds or `timeout` passes; returns whether it held.
 pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
 where

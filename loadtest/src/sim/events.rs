@@ -12,6 +12,8 @@ use std::collections::BinaryHeap;
 pub enum Event {
     /// Request `r` reaches the gateway.
     Arrival(usize),
+    /// Request `r`, waiting for a decode with KV room, asks the scheduler again.
+    Admit(usize),
     /// Engine `e` may start a step (it was idle and got work).
     Kick(usize),
     /// Engine `e`'s step in progress ends.

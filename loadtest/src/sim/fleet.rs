@@ -203,6 +203,7 @@ pub fn simulate(
         events += 1;
         match ev {
             Event::Arrival(r) => sim.arrive(r, now),
+            Event::Admit(r) => sim.admit(r, now),
             Event::Kick(e) => sim.kick(e, now),
             Event::StepEnd(e) => sim.step_end(e, now),
             Event::TransferDone(r) => sim.transfer_done(r, now),
@@ -252,28 +253,41 @@ impl Sim<'_> {
 
     fn arrive(&mut self, r: usize, now: f64) {
         let req = &self.trace.requests[r];
-        let bs = self.spec.engine.block_size;
-        let blocks = engine_blocks(req, bs);
-        let prompt = req.input_tokens as usize;
         let replica = self.gw.deal();
-        {
-            let s = &mut self.reqs[r];
-            s.replica = replica;
-            s.rec = RequestRecord {
-                index: req.index,
-                scheduled_ms: now,
-                sent_ms: now,
-                input_tokens: req.input_tokens,
-                ..RequestRecord::default()
-            };
-        }
+        let s = &mut self.reqs[r];
+        s.replica = replica;
+        s.rec = RequestRecord {
+            index: req.index,
+            scheduled_ms: now,
+            sent_ms: now,
+            input_tokens: req.input_tokens,
+            ..RequestRecord::default()
+        };
+        self.admit(r, now);
+    }
+
+    /// Schedules `r` as the gateway does: a `kv_full` answer is asked again every
+    /// `ROOM_POLL_MS` until the request has waited `room_wait_ms`.
+    fn admit(&mut self, r: usize, now: f64) {
+        let req = &self.trace.requests[r];
+        let bs = self.spec.engine.block_size;
+        let prompt = req.input_tokens as usize;
         let key = RequestKey {
             prompt_tokens: req.input_tokens,
             max_tokens: req.output_tokens,
-            blocks,
+            blocks: engine_blocks(req, bs),
         };
-        let d = match self.gw.schedule(replica, &key, now, &mut self.q) {
+        let (replica, waited) = (self.reqs[r].replica, now - self.reqs[r].rec.sent_ms);
+        let d = match self.gw.schedule(replica, &key, now, waited, &mut self.q) {
             Ok(d) => d,
+            Err(pdgate_scheduler::Rejection::KvFull)
+                if waited < self.spec.scheduler.slo.room_wait_ms =>
+            {
+                let poll = (pdgate_scheduler::ROOM_POLL_MS as f64)
+                    .min(self.spec.scheduler.slo.room_wait_ms - waited);
+                self.q.push(now + poll, Event::Admit(r));
+                return;
+            }
             Err(rej) => {
                 let status = if matches!(rej, pdgate_scheduler::Rejection::NoHealthy(_)) {
                     503

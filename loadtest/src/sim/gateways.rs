@@ -123,14 +123,18 @@ impl Gateways {
     }
 
     /// Replica `r` routes a request; with sync on, the booking goes out to the others.
+    /// Schedules on replica `r` a request that has waited `waited_ms` for KV room so far.
     pub fn schedule(
         &mut self,
         r: usize,
         key: &RequestKey,
         now_ms: f64,
+        waited_ms: f64,
         q: &mut EventQueue,
     ) -> Result<Decision, Rejection> {
-        let d = self.replica(r).schedule(key, at(now_ms))?;
+        let d = self
+            .replica(r)
+            .schedule_after_wait(key, at(now_ms), &[], at(waited_ms))?;
         if self.sync_lag_ms.is_some() {
             if let Some(b) = self.replica(r).booking(d.ticket, at(now_ms)) {
                 self.send(r, d.ticket, Sync::Booked(b, key.blocks.clone()), now_ms, q);
@@ -306,7 +310,7 @@ mod tests {
             blocks: blocks(4),
         };
         let (mut g, _) = gateways(false, Some(2.0));
-        let d = g.schedule(0, &key, 0.0, &mut q).expect("pair");
+        let d = g.schedule(0, &key, 0.0, 0.0, &mut q).expect("pair");
         assert_eq!((g.replica(0).in_flight(), g.replica(1).in_flight()), (1, 0));
         assert_eq!(q.pop(), Some((2.0, Event::SyncDelivered)));
         g.deliver_sync(2.0);
@@ -318,7 +322,7 @@ mod tests {
         assert_eq!(g.replica(1).in_flight(), 0, "and released");
 
         let (mut g, _) = gateways(false, None);
-        g.schedule(0, &key, 0.0, &mut q).expect("pair");
+        g.schedule(0, &key, 0.0, 0.0, &mut q).expect("pair");
         assert!(q.is_empty(), "no sync: nothing sent");
         assert_eq!(g.replica(1).in_flight(), 0);
     }

@@ -25,6 +25,8 @@ pub struct PickCtx<'a> {
     pub prefill: &'a [Candidate],
     pub decode: &'a [Candidate],
     pub predict: &'a Predictor<'a>,
+    /// How long the request already waited for a decode with KV room, ms: part of its TTFT.
+    pub waited_ms: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +110,7 @@ pub(crate) mod testing {
             prefill: p,
             decode: d,
             predict: &predict,
+            waited_ms: 0.0,
         })
     }
 }

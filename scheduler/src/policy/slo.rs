@@ -76,6 +76,7 @@ impl Policy for SloPolicy {
             .find(|d| d.id == decode)
             .map_or(0.0, |d| pred.tbt_ms(ctx.key, d, at));
 
+        let ttft = ttft + ctx.waited_ms.max(0.0);
         if slo.admission && ttft > slo.ttft_ms {
             return Err(Rejection::Slo {
                 breach: SloBreach::Ttft,
@@ -257,6 +258,37 @@ mod tests {
     }
 
     #[test]
+    fn time_already_waited_for_room_counts_into_the_ttft_judged() {
+        let cfg = SchedulerConfig::default();
+        let (p, d, k) = ([cand(0)], [cand(1)], key(2000));
+        let predict = crate::predict::Predictor {
+            cfg: &cfg,
+            bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
+            now: Duration::ZERO,
+            ends_before: &no_ends,
+        };
+        let ttft = predict.ttft_ms(&k, &p[0]);
+        let after = |waited_ms: f64| {
+            SloPolicy.pick(&crate::policy::PickCtx {
+                key: &k,
+                prefill: &p,
+                decode: &d,
+                predict: &predict,
+                waited_ms,
+            })
+        };
+        assert!(after(cfg.slo.ttft_ms - ttft).is_ok(), "exactly at the SLO");
+        match after(cfg.slo.ttft_ms - ttft + 1.0) {
+            Err(Rejection::Slo {
+                breach: SloBreach::Ttft,
+                predicted_ms,
+                ..
+            }) => assert!((predicted_ms - cfg.slo.ttft_ms - 1.0).abs() < 1e-6),
+            other => panic!("expected a TTFT rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn decode_load_is_forecast_at_prefill_completion() {
         let cfg = SchedulerConfig::default();
         let p = [cand(0)];
@@ -279,6 +311,7 @@ mod tests {
                 prefill: &p,
                 decode: &d,
                 predict: &predict,
+                waited_ms: 0.0,
             })
             .unwrap();
         assert_eq!(c.decode, InstanceId(1));
