@@ -169,7 +169,7 @@ async fn a_retry_waits_for_room_on_a_full_decode_instead_of_failing() {
     let (fleet, bad) = with_failing_decode(cfg).await;
     let url = fleet.url();
     engine_reports_read(&url).await;
-    let long_done = hold_decode_room(&url, 900).await;
+    let long_done = hold_decode_room(&url, "pdgate-sim-8b", 900).await;
     let hits_before = bad.hits();
     let resp = post(&url, "/v1/completions", completion("wait for room", 200)).await;
     let status = resp.status().as_u16();

@@ -144,7 +144,12 @@ async fn engine_metrics_are_scraped_into_the_scheduler() {
     drop(resp);
     let m = metrics_text(&fleet.url()).await;
     assert!(
-        sample(&m, "pdgate_scheduler_index_bytes").is_some_and(|b| b > 0.0),
+        series(
+            &m,
+            "pdgate_scheduler_index_bytes",
+            &[("model", "pdgate-sim-8b")]
+        )
+        .is_some_and(|b| b > 0.0),
         "index size exported"
     );
     assert!(m.contains("pdgate_scheduler_decision_duration_seconds_bucket"));
@@ -314,11 +319,18 @@ async fn a_request_that_finds_every_decode_full_waits_for_room() {
     cfg.up.engine.kv_blocks = 64;
     cfg.scheduler.slo.room_wait_ms = 30_000.0;
     cfg.scheduler.slo.ttft_ms = 60_000.0;
+    // The metrics recorder is the test process's, shared with the tests running beside this
+    // one (some of which are rejected): a model name of its own keeps its series apart.
+    let model = "room-wait-8b";
+    cfg.model.name = model.into();
+    cfg.up.engine.model = model.into();
     let fleet = fleet(cfg).await;
     let url = fleet.url();
     engine_reports_read(&url).await;
-    let long_done = hold_decode_room(&url, 900).await;
-    let resp = post(&url, "/v1/completions", completion("wait for room", 200)).await;
+    let long_done = hold_decode_room(&url, model, 900).await;
+    let mut body = completion("wait for room", 200);
+    body["model"] = model.into();
+    let resp = post(&url, "/v1/completions", body).await;
     let status = resp.status().as_u16();
     let body = resp.text().await.unwrap_or_default();
     assert_eq!(status, 200, "served after waiting: {body}");
@@ -331,7 +343,16 @@ async fn a_request_that_finds_every_decode_full_waits_for_room() {
         series(
             &text,
             "pdgate_scheduler_decisions_total",
-            &[("outcome", "rejected")]
+            &[("model", model)]
+        )
+        .is_some(),
+        "this model's decisions are counted"
+    );
+    assert!(
+        series(
+            &text,
+            "pdgate_scheduler_decisions_total",
+            &[("model", model), ("outcome", "rejected")]
         )
         .is_none(),
         "the wait's polls are not counted as rejections"

@@ -109,11 +109,15 @@ pub async fn engine_reports_read(url: &str) {
 
 /// Starts a completion stream of `max_tokens` (booking that much decode KV until it ends) and
 /// returns once its first chunk arrived; the task reads it to its end.
-pub async fn hold_decode_room(url: &str, max_tokens: u32) -> tokio::task::JoinHandle<()> {
+pub async fn hold_decode_room(
+    url: &str,
+    model: &str,
+    max_tokens: u32,
+) -> tokio::task::JoinHandle<()> {
     let mut long = client()
         .post(format!("{url}/v1/completions"))
         .json(
-            &serde_json::json!({"model": "pdgate-sim-8b", "prompt": "hold the room",
+            &serde_json::json!({"model": model, "prompt": "hold the room",
             "max_tokens": max_tokens, "stream": true}),
         )
         .send()
