@@ -341,9 +341,11 @@ async fn pods(
         tokio::pin!(end);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
+            // A cut connection delivers nothing more, even changes already queued for it.
             tokio::select! {
-                _ = &mut end => return,
+                biased;
                 _ = cut.changed() => return,
+                _ = &mut end => return,
                 c = live.recv() => {
                     // Lagging behind closes the watch, as the API server does; the client resumes.
                     let Ok(c) = c else { return };
