@@ -197,3 +197,68 @@ async fn simulation_agrees_with_live_replay() {
     );
     assert!((lh - sh).abs() <= 0.03, "hit rate live {lh} sim {sh}");
 }
+
+/// Pulls rank alike live and simulated (issue 18). On a multi-turn slice whose turns
+/// `round_robin` deals to either prefill, a turn's prefix usually sits on the other one: pulling
+/// it raises the hit rate (local + pulled) over recomputing it, both in the simulator and in a
+/// live fleet of reference engines that really pull and verify the blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulation_and_live_rank_pulls_alike() {
+    const SCALE: f64 = 0.5;
+    let spec: Spec = "requests=48,rate=4,input=2000,input_sd=300,output=8,output_sd=0,groups=4,prefix=1024,turns=3,think_ms=300,seed=5"
+        .parse()
+        .unwrap();
+    let trace = spec.generate();
+    let mode = Mode::TraceTime { speed: 1.0 / SCALE };
+    let setup = |pull: bool| {
+        let mut cfg = fleet_config(2, 1, SCALE);
+        cfg.scheduler.policy = pdgate_scheduler::PolicyKind::RoundRobin;
+        cfg.scheduler.reuse.pull = pull;
+        cfg.up.engine.export_blocks = 1024;
+        cfg
+    };
+    let (mut live, mut simulated) = (Vec::new(), Vec::new());
+    for pull in [false, true] {
+        let cfg = setup(pull);
+        let out = replay_on(cfg.clone(), &trace, mode).await;
+        assert!(
+            out.records.iter().all(|r| r.ok()),
+            "pull={pull}: all served"
+        );
+        let server = out.server.expect("pdgate target: counters scraped");
+        let pulled = server
+            .gateway
+            .get("pdgate_kv_pulled_blocks_total")
+            .copied()
+            .unwrap_or(0.0);
+        live.push((server.cache_hit_rate.unwrap_or(0.0), pulled));
+
+        let mut fleet = FleetSpec::new(2, 1);
+        fleet.engine.kv_blocks = cfg.up.engine.kv_blocks;
+        fleet.decode_cache_blocks = cfg.up.engine.kv_blocks / 4;
+        fleet.engine.kv_bytes_per_token = KV_BYTES_PER_TOKEN;
+        fleet.engine.timing.time_scale = SCALE;
+        fleet.scheduler = cfg.scheduler.clone();
+        let sim = sim::run(
+            &trace,
+            mode,
+            &fleet,
+            &[cfg.scheduler.policy],
+            &Slo::default(),
+            serde_json::Value::Null,
+        );
+        simulated.push(sim[0].aggregates.cache_hit_rate.unwrap_or(0.0));
+    }
+    eprintln!("pulls off/on: live (hit, pulled blocks) {live:?}, simulated hit {simulated:?}");
+    assert_eq!(live[0].1, 0.0, "no pull with pulls off");
+    assert!(live[1].1 > 0.0, "live pulls happened");
+    assert!(
+        live[1].0 > live[0].0 + 0.05,
+        "live: pulls raise the hit rate {:?}",
+        live
+    );
+    assert!(
+        simulated[1] > simulated[0] + 0.05,
+        "simulated: pulls raise the hit rate {simulated:?}"
+    );
+}

@@ -111,6 +111,11 @@ async fn handle(
             ),
         },
     };
+    if claim.is_some() {
+        // The KV received for a decode leg stays in this engine's prefix cache (as vLLM keeps
+        // it), so a later turn prefilled here reuses it.
+        e.remember(&e.hasher.full_blocks(&tokens), &tokens);
+    }
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     let rx = e
         .gpu

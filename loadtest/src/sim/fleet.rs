@@ -478,6 +478,10 @@ impl Sim<'_> {
         for r in out.prefills_done {
             let blocks = std::mem::take(&mut self.reqs[r].blocks);
             let evicted = self.engines[e].cache.insert(&blocks).evicted;
+            if self.reqs[r].prefill.is_some() {
+                // The decode keeps the KV it receives (`transfer_done`).
+                self.reqs[r].blocks.clone_from(&blocks);
+            }
             self.gw
                 .publish_kv(self.ids[e], blocks, evicted, now, &mut self.q);
             let s = &mut self.reqs[r];
@@ -509,6 +513,15 @@ impl Sim<'_> {
     }
 
     fn transfer_done(&mut self, r: usize, now: f64) {
+        // The received KV enters the decode's prefix cache, as in vLLM: a later turn that goes
+        // to this decode finds its prefix there.
+        let (d, blocks) = (
+            self.reqs[r].decode,
+            std::mem::take(&mut self.reqs[r].blocks),
+        );
+        let evicted = self.engines[d].cache.insert(&blocks).evicted;
+        self.gw
+            .publish_kv(self.ids[d], blocks, evicted, now, &mut self.q);
         let s = &self.reqs[r];
         if let Some(t) = s.ticket {
             let o = Observed {
