@@ -359,3 +359,46 @@ async fn a_request_that_finds_every_decode_full_waits_for_room() {
     );
     fleet.stop().await;
 }
+
+/// New requests wait for room in one line per model; with the line full (`room_queue` 1 here)
+/// the next is refused at once, while the stream holding the room still runs, and the one in
+/// line is served when the room frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_the_room_line_full_is_refused_at_once() {
+    let mut cfg = config(1, 1, 0.5);
+    cfg.up.engine.kv_blocks = 64;
+    cfg.scheduler.slo.room_wait_ms = 30_000.0;
+    cfg.scheduler.slo.ttft_ms = 60_000.0;
+    cfg.scheduler.slo.room_queue = 1;
+    let model = "room-line-8b";
+    cfg.model.name = model.into();
+    cfg.up.engine.model = model.into();
+    let fleet = fleet(cfg).await;
+    let url = fleet.url();
+    engine_reports_read(&url).await;
+    let long_done = hold_decode_room(&url, model, 900).await;
+    let mut body = completion("wait in line", 200);
+    body["model"] = model.into();
+    let waiter = tokio::spawn({
+        let (url, body) = (url.clone(), body.clone());
+        async move { post(&url, "/v1/completions", body).await.status().as_u16() }
+    });
+    let gw = &fleet.gateway;
+    let in_line = eventually(Duration::from_secs(5), || async {
+        gw.state.models.all()[0].room.is_busy()
+    })
+    .await;
+    assert!(in_line, "the first request waits in the line");
+    let refused = post(&url, "/v1/completions", body).await;
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let err: Value = refused.json().await.expect("json");
+    assert_eq!(err["error"]["code"], "kv_full");
+    assert!(
+        !long_done.is_finished(),
+        "refused while the room was still held, not after waiting"
+    );
+    assert_eq!(waiter.await.expect("joined"), 200, "the one in line is served");
+    assert!(long_done.is_finished());
+    fleet.stop().await;
+}

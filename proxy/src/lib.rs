@@ -32,6 +32,7 @@ pub mod relay;
 pub mod replica_sync;
 pub mod request_id;
 pub mod retry;
+pub mod room_line;
 pub mod segments;
 pub mod server;
 pub mod sse;

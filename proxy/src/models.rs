@@ -6,6 +6,7 @@
 
 use crate::config::{Config, DiscoveryConfig, ServedModel};
 use crate::fleet::Fleet;
+use crate::room_line::Line;
 use crate::workers::Worker;
 use anyhow::Context;
 use pdgate_scheduler::{BlockHasher, InstanceId, SchedulerConfig, Tokenizer};
@@ -24,6 +25,8 @@ pub struct Model {
     pub hasher: BlockHasher,
     pub scheduler: SchedulerConfig,
     pub discovery: DiscoveryConfig,
+    /// New requests waiting for KV room on this model's decodes.
+    pub room: Line,
 }
 
 impl std::fmt::Debug for Model {
@@ -60,6 +63,7 @@ impl Model {
             aliases: m.aliases,
             fleet,
             tokenizer,
+            room: Line::new(&m.scheduler.slo),
             scheduler: m.scheduler,
             discovery: m.discovery,
         })

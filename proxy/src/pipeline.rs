@@ -18,6 +18,7 @@ use crate::openai::ClientRequest;
 use crate::protocol::{self, DecodeBody, DecodeStart, LegContext, LegError};
 use crate::relay::{Held, Relay};
 use crate::retry::{RetryPermit, RoomWait};
+use crate::room_line::Place;
 use crate::state::AppState;
 use crate::workers::Worker;
 use axum::body::Body;
@@ -102,6 +103,8 @@ async fn start_leg(
     let room_wait = Duration::from_secs_f64(req.model.scheduler.slo.room_wait_ms.max(0.0) / 1e3);
     // The wait for a decode with KV room when every pool is booked full; a retry waits anew.
     let mut room = RoomWait::new(room_wait);
+    // This request's place in the model's line of new requests waiting for room, once it has one.
+    let mut place: Option<Place<'_>> = None;
     loop {
         let mut avoid: Vec<InstanceId> = failed
             .iter()
@@ -113,14 +116,31 @@ async fn start_leg(
         fleet.workers.add_tripped(fleet.now(), &mut avoid);
         // A request already admitted (a retry, a migration) is not judged on its TTFT again.
         let admitted = decode_cause.is_some() || !avoid_decodes.is_empty();
+        if !admitted && place.is_none() && req.model.room.is_busy() {
+            // Others already wait for room: queue behind them rather than take what frees.
+            place = Some(join_line(req, &mut room)?);
+        }
+        if let Some(p) = place.as_mut() {
+            if !p.reach_head(room.deadline()).await {
+                return Err(rejection_error(Rejection::KvFull));
+            }
+        }
         let waited = if admitted {
             Duration::ZERO
         } else {
             room.waited()
         };
         let booking = match schedule(req, &key, &avoid, waited, room.is_open()) {
-            Ok(b) => b,
+            Ok(b) => {
+                if let Some(p) = place.take() {
+                    p.served();
+                }
+                b
+            }
             Err(Rejection::KvFull) => {
+                if !admitted && place.is_none() {
+                    place = Some(join_line(req, &mut room)?);
+                }
                 // Streams ending on a full decode free room within moments: wait for it.
                 if let Some(pause) = room.pause() {
                     tokio::time::sleep(pause).await;
@@ -437,6 +457,18 @@ fn schedule(
     let mut booking = Booking::new(Arc::clone(fleet), result?);
     booking.share(&key.blocks);
     Ok(booking)
+}
+
+/// A place in the model's line of requests waiting for KV room, or the refusal (429 `kv_full`)
+/// when the line is full or too slow to serve this request within its wait.
+fn join_line<'m>(req: &'m ClientRequest, room: &mut RoomWait) -> Result<Place<'m>, ApiError> {
+    let place = req
+        .model
+        .room
+        .join()
+        .ok_or_else(|| rejection_error(Rejection::KvFull))?;
+    room.deadline();
+    Ok(place)
 }
 
 /// The client's answer to a scheduling rejection: 503 when nothing can serve, 400 when nothing

@@ -119,6 +119,11 @@ impl RoomWait {
         (now < deadline).then(|| (deadline - now).min(Self::POLL))
     }
 
+    /// When the wait ends, counted from now if it has not begun.
+    pub fn deadline(&mut self) -> tokio::time::Instant {
+        *self.started.get_or_insert_with(tokio::time::Instant::now) + self.limit
+    }
+
     /// Time waited so far (zero before the first pause).
     pub fn waited(&self) -> Duration {
         self.started.map_or(Duration::ZERO, |t| t.elapsed())

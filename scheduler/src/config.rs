@@ -136,6 +136,11 @@ pub struct Slo {
     /// admitted only if its TTFT SLO can still be met. A retry or a migration (already
     /// admitted) waits as long, then gets 429 `kv_full`. 0: refused at once.
     pub room_wait_ms: f64,
+    /// Most new requests of one model waiting for room at once. They wait in one line, first
+    /// come first served, and a request joins only while the line is predicted to serve it
+    /// within `room_wait_ms` (`room::RoomLine`); the rest are refused at once, so refusals stay
+    /// fast under overload. Retries and migrations do not queue.
+    pub room_queue: u32,
 }
 
 impl Default for Slo {
@@ -146,6 +151,7 @@ impl Default for Slo {
             admission: true,
             compute_weight: 1.0,
             room_wait_ms: 1000.0,
+            room_queue: 256,
         }
     }
 }

@@ -19,9 +19,10 @@ use crate::synth::engine_blocks;
 use crate::trace::types::Trace;
 use pdgate_engine_sim::EngineConfig;
 use pdgate_scheduler::{
-    BlockHash, EngineReport, InstanceId, Observed, PolicyKind, RequestKey, Role, SchedulerConfig,
-    Ticket,
+    BlockHash, EngineReport, InstanceId, Leaving, Observed, PolicyKind, RequestKey, Role, RoomLine,
+    SchedulerConfig, Ticket,
 };
+use std::collections::VecDeque;
 
 #[derive(Debug, Clone)]
 pub struct FleetSpec {
@@ -106,7 +107,16 @@ struct ReqState {
     pull: Option<PullInFlight>,
     last_token_ms: f64,
     tokens: u32,
+    /// In its replica's line of requests waiting for KV room.
+    queued: bool,
     rec: RequestRecord,
+}
+
+/// One gateway replica's line of new requests waiting for KV room, as the gateway keeps it
+/// (`proxy/src/room_line.rs`): first come first served, only the head asks again.
+struct Line {
+    book: RoomLine,
+    queue: VecDeque<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +134,7 @@ struct Sim<'a> {
     engines: Vec<SimEngine>,
     ids: Vec<InstanceId>,
     reqs: Vec<ReqState>,
+    lines: Vec<Line>,
     q: EventQueue,
     next_closed: usize,
     closed: bool,
@@ -163,9 +174,16 @@ pub fn simulate(
         engines.push(SimEngine::new(cfg, cache));
     }
     let n = trace.requests.len();
+    let lines = (0..gw.len())
+        .map(|_| Line {
+            book: RoomLine::new(&spec.scheduler.slo),
+            queue: VecDeque::new(),
+        })
+        .collect();
     let mut sim = Sim {
         trace,
         spec,
+        lines,
         gw,
         engines,
         ids,
@@ -278,17 +296,31 @@ impl Sim<'_> {
             blocks: engine_blocks(req, bs),
         };
         let (replica, waited) = (self.reqs[r].replica, now - self.reqs[r].rec.sent_ms);
+        let queued = self.reqs[r].queued;
+        if !queued && !self.lines[replica].queue.is_empty() {
+            // Others already wait for room: queue behind them.
+            return self.join_line(r, now);
+        }
         let d = match self.gw.schedule(replica, &key, now, waited, &mut self.q) {
-            Ok(d) => d,
+            Ok(d) => {
+                if queued {
+                    self.leave_line(replica, now, Leaving::Served);
+                }
+                d
+            }
+            Err(pdgate_scheduler::Rejection::KvFull) if !queued => {
+                return self.join_line(r, now);
+            }
             Err(pdgate_scheduler::Rejection::KvFull)
                 if waited < self.spec.scheduler.slo.room_wait_ms =>
             {
-                let poll = (pdgate_scheduler::ROOM_POLL_MS as f64)
-                    .min(self.spec.scheduler.slo.room_wait_ms - waited);
-                self.q.push(now + poll, Event::Admit(r));
+                self.poll_room(r, now);
                 return;
             }
             Err(rej) => {
+                if queued {
+                    self.leave_line(replica, now, Leaving::GaveUp);
+                }
                 let status = if matches!(rej, pdgate_scheduler::Rejection::NoHealthy(_)) {
                     503
                 } else {
@@ -510,6 +542,63 @@ impl Sim<'_> {
             }
         }
         self.q.push(now, Event::Kick(e));
+    }
+
+    /// Asks again for `r` (the head of its line) after a poll, within its wait.
+    fn poll_room(&mut self, r: usize, now: f64) {
+        let waited = now - self.reqs[r].rec.sent_ms;
+        let poll = (pdgate_scheduler::ROOM_POLL_MS as f64)
+            .min(self.spec.scheduler.slo.room_wait_ms - waited)
+            .max(0.0);
+        self.q.push(now + poll, Event::Admit(r));
+    }
+
+    /// `r` joins its replica's line (the head asks again after a poll), or is refused now.
+    fn join_line(&mut self, r: usize, now: f64) {
+        let line = &mut self.lines[self.reqs[r].replica];
+        if !line.book.try_join(now) {
+            let msg = pdgate_scheduler::Rejection::KvFull.to_string();
+            return self.fail(
+                r,
+                now,
+                429,
+                pdgate_scheduler::Rejection::KvFull.label(),
+                msg,
+            );
+        }
+        line.queue.push_back(r);
+        self.reqs[r].queued = true;
+        if line.queue.len() == 1 {
+            self.poll_room(r, now);
+        }
+    }
+
+    /// The head of `replica`'s line leaves it; the next waiter whose wait has not run out
+    /// becomes the head and asks at once (those whose wait ran out behind it are refused).
+    fn leave_line(&mut self, replica: usize, now: f64, how: Leaving) {
+        let line = &mut self.lines[replica];
+        if let Some(head) = line.queue.pop_front() {
+            self.reqs[head].queued = false;
+        }
+        line.book.leave(now, how);
+        let wait = self.spec.scheduler.slo.room_wait_ms;
+        while let Some(&next) = self.lines[replica].queue.front() {
+            if now - self.reqs[next].rec.sent_ms < wait {
+                self.q.push(now, Event::Admit(next));
+                break;
+            }
+            self.lines[replica].queue.pop_front();
+            self.lines[replica].book.leave(now, Leaving::Behind);
+            self.reqs[next].queued = false;
+            let msg = pdgate_scheduler::Rejection::KvFull.to_string();
+            self.fail(
+                next,
+                now,
+                429,
+                pdgate_scheduler::Rejection::KvFull.label(),
+                msg,
+            );
+        }
     }
 
     fn transfer_done(&mut self, r: usize, now: f64) {
