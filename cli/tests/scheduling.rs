@@ -319,6 +319,7 @@ async fn a_request_that_finds_every_decode_full_waits_for_room() {
     cfg.up.engine.kv_blocks = 64;
     cfg.scheduler.slo.room_wait_ms = 30_000.0;
     cfg.scheduler.slo.ttft_ms = 60_000.0;
+    cfg.scheduler.slo.room_queue = 8;
     // The metrics recorder is the test process's, shared with the tests running beside this
     // one (some of which are rejected): a model name of its own keeps its series apart.
     let model = "room-wait-8b";
@@ -398,7 +399,11 @@ async fn a_request_that_finds_the_room_line_full_is_refused_at_once() {
         !long_done.is_finished(),
         "refused while the room was still held, not after waiting"
     );
-    assert_eq!(waiter.await.expect("joined"), 200, "the one in line is served");
+    assert_eq!(
+        waiter.await.expect("joined"),
+        200,
+        "the one in line is served"
+    );
     assert!(long_done.is_finished());
     fleet.stop().await;
 }

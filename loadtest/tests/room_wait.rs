@@ -26,6 +26,7 @@ fn run(room_wait_ms: f64, ttft_slo_ms: f64) -> pdgate_loadtest::sim::SimResult {
     fleet.engine.kv_blocks = 64;
     fleet.decode_cache_blocks = 64;
     fleet.scheduler.slo.room_wait_ms = room_wait_ms;
+    fleet.scheduler.slo.room_queue = 8;
     fleet.scheduler.slo.ttft_ms = ttft_slo_ms;
     simulate(
         &trace,

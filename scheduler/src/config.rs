@@ -130,16 +130,18 @@ pub struct Slo {
     /// a slightly faster first token elsewhere: the compute saved is capacity for later requests,
     /// which is what goodput under load is made of.
     pub compute_weight: f64,
-    /// With admission on, a request that finds every decode's KV pool booked full waits up to
-    /// this long, ms, for streams there to end and free room (asking again every
-    /// `ROOM_POLL_MS`) instead of being refused at once; the wait counts into its TTFT, so it is
-    /// admitted only if its TTFT SLO can still be met. A retry or a migration (already
-    /// admitted) waits as long, then gets 429 `kv_full`. 0: refused at once.
+    /// A retry or a migration (already admitted) that finds every other decode's KV pool booked
+    /// full waits up to this long, ms, for streams there to end and free room (asking again
+    /// every `ROOM_POLL_MS`), then gets 429 `kv_full`; so does a new request when `room_queue`
+    /// lets it wait, its wait counted into its TTFT (admitted only if its TTFT SLO can still be
+    /// met). 0: refused at once.
     pub room_wait_ms: f64,
     /// Most new requests of one model waiting for room at once. They wait in one line, first
     /// come first served, and a request joins only while the line is predicted to serve it
-    /// within `room_wait_ms` (`room::RoomLine`); the rest are refused at once, so refusals stay
-    /// fast under overload. Retries and migrations do not queue.
+    /// within `room_wait_ms` (`room::RoomLine`); the rest are refused at once. 0 (the default):
+    /// new requests are refused at once and only retries and migrations (already admitted,
+    /// never queued) wait. Off by default because at 5x overload waiting new requests were
+    /// refused after their wait anyway (refusal p99 ~1 s against 3 ms, docs/reliability.md).
     pub room_queue: u32,
 }
 
@@ -151,7 +153,7 @@ impl Default for Slo {
             admission: true,
             compute_weight: 1.0,
             room_wait_ms: 1000.0,
-            room_queue: 256,
+            room_queue: 0,
         }
     }
 }
