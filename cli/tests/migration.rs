@@ -59,7 +59,10 @@ impl Bench {
         tune(&mut cfg);
         let gw = Gateway::start(cfg).await.expect("gateway starts");
         let url = gw.url();
-        assert!(eventually(Duration::from_secs(10), || healthy(&url, &d1.url)).await);
+        // The prefill too: a request sent before its first check passed is a 503.
+        for engine in [&d1, &prefill] {
+            assert!(eventually(Duration::from_secs(10), || healthy(&url, &engine.url)).await);
+        }
         Self {
             gw,
             protocol,
