@@ -310,25 +310,36 @@ async fn a_push_mode_prefills_cache_size_bounds_the_index() {
     fleet.stop().await;
 }
 
-/// A request that finds every decode's KV pool booked full waits for room (`room_wait_ms`)
-/// instead of a 429: here one decode of 64 blocks holds a 900-token stream (57 blocks), and a
-/// 200-token request (13 blocks) is served once that stream has ended.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_that_finds_every_decode_full_waits_for_room() {
+/// One prefill and one decode of 64 blocks serving `model`, new requests waiting for room in a
+/// line of `room_queue` (30 s at most, TTFT SLO 60 s), the decode's pool held by a 900-token
+/// stream (57 blocks) whose end the returned handle marks. The metrics recorder is the test
+/// process's, shared with the tests running beside this one (some of which are rejected): a
+/// model name of its own keeps its series apart.
+async fn full_decode_fleet(
+    model: &str,
+    room_queue: u32,
+) -> (pdgate::Fleet, String, tokio::task::JoinHandle<()>) {
     let mut cfg = config(1, 1, 0.5);
     cfg.up.engine.kv_blocks = 64;
     cfg.scheduler.slo.room_wait_ms = 30_000.0;
     cfg.scheduler.slo.ttft_ms = 60_000.0;
-    cfg.scheduler.slo.room_queue = 8;
-    // The metrics recorder is the test process's, shared with the tests running beside this
-    // one (some of which are rejected): a model name of its own keeps its series apart.
-    let model = "room-wait-8b";
+    cfg.scheduler.slo.room_queue = room_queue;
     cfg.model.name = model.into();
     cfg.up.engine.model = model.into();
     let fleet = fleet(cfg).await;
     let url = fleet.url();
     engine_reports_read(&url).await;
     let long_done = hold_decode_room(&url, model, 900).await;
+    (fleet, url, long_done)
+}
+
+/// A request that finds every decode's KV pool booked full waits for room (`room_wait_ms`)
+/// instead of a 429: here one decode of 64 blocks holds a 900-token stream (57 blocks), and a
+/// 200-token request (13 blocks) is served once that stream has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_every_decode_full_waits_for_room() {
+    let model = "room-wait-8b";
+    let (fleet, url, long_done) = full_decode_fleet(model, 8).await;
     let mut body = completion("wait for room", 200);
     body["model"] = model.into();
     let resp = post(&url, "/v1/completions", body).await;
@@ -366,18 +377,8 @@ async fn a_request_that_finds_every_decode_full_waits_for_room() {
 /// line is served when the room frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_finds_the_room_line_full_is_refused_at_once() {
-    let mut cfg = config(1, 1, 0.5);
-    cfg.up.engine.kv_blocks = 64;
-    cfg.scheduler.slo.room_wait_ms = 30_000.0;
-    cfg.scheduler.slo.ttft_ms = 60_000.0;
-    cfg.scheduler.slo.room_queue = 1;
     let model = "room-line-8b";
-    cfg.model.name = model.into();
-    cfg.up.engine.model = model.into();
-    let fleet = fleet(cfg).await;
-    let url = fleet.url();
-    engine_reports_read(&url).await;
-    let long_done = hold_decode_room(&url, model, 900).await;
+    let (fleet, url, long_done) = full_decode_fleet(model, 1).await;
     let mut body = completion("wait in line", 200);
     body["model"] = model.into();
     let waiter = tokio::spawn({

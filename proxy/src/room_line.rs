@@ -11,6 +11,9 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 #[derive(Debug)]
 pub struct Line {
+    /// Whether new requests may wait at all (`room_queue` and `room_wait_ms` above 0); when not,
+    /// no request takes the lock.
+    open: bool,
     book: Mutex<RoomLine>,
     head: Semaphore,
     epoch: Instant,
@@ -27,6 +30,7 @@ pub struct Place<'a> {
 impl Line {
     pub fn new(slo: &Slo) -> Self {
         Self {
+            open: slo.room_queue > 0 && slo.room_wait_ms > 0.0,
             book: Mutex::new(RoomLine::new(slo)),
             head: Semaphore::new(1),
             epoch: Instant::now(),
@@ -39,11 +43,14 @@ impl Line {
 
     /// Whether requests are waiting: a new one then queues behind them.
     pub fn is_busy(&self) -> bool {
-        self.book.lock().waiting() > 0
+        self.open && self.book.lock().waiting() > 0
     }
 
     /// A place at the end of the line, or `None`: refuse the request now.
     pub fn join(&self) -> Option<Place<'_>> {
+        if !self.open {
+            return None;
+        }
         let now = self.now_ms();
         // The lock is let go before a place exists: a place's drop takes it again.
         let joined = self.book.lock().try_join(now);

@@ -557,14 +557,7 @@ impl Sim<'_> {
     fn join_line(&mut self, r: usize, now: f64) {
         let line = &mut self.lines[self.reqs[r].replica];
         if !line.book.try_join(now) {
-            let msg = pdgate_scheduler::Rejection::KvFull.to_string();
-            return self.fail(
-                r,
-                now,
-                429,
-                pdgate_scheduler::Rejection::KvFull.label(),
-                msg,
-            );
+            return self.refuse_kv_full(r, now);
         }
         line.queue.push_back(r);
         self.reqs[r].queued = true;
@@ -590,15 +583,14 @@ impl Sim<'_> {
             self.lines[replica].queue.pop_front();
             self.lines[replica].book.leave(now, Leaving::Behind);
             self.reqs[next].queued = false;
-            let msg = pdgate_scheduler::Rejection::KvFull.to_string();
-            self.fail(
-                next,
-                now,
-                429,
-                pdgate_scheduler::Rejection::KvFull.label(),
-                msg,
-            );
+            self.refuse_kv_full(next, now);
         }
+    }
+
+    /// The gateway's 429 `kv_full` for `r`.
+    fn refuse_kv_full(&mut self, r: usize, now: f64) {
+        let full = pdgate_scheduler::Rejection::KvFull;
+        self.fail(r, now, 429, full.label(), full.to_string());
     }
 
     fn transfer_done(&mut self, r: usize, now: f64) {
