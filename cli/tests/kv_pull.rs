@@ -170,6 +170,69 @@ async fn a_prefill_pulls_the_cached_prefix_verifies_it_and_computes_the_rest() {
     );
 }
 
+/// A decode keeps the KV it received in its prefix cache and lends it like a prefill does: the
+/// scheduler counts decodes among the holders it plans pulls from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_lends_the_kv_it_received() {
+    let first = engine("prefill", &[SECRET]).await;
+    let puller = engine("prefill", &[SECRET]).await;
+    let decode = engine("decode", &[SECRET, LENDS]).await;
+    let p = prompt("decode-lends");
+    // Turn one: prefilled on `first`, decoded on `decode`, which takes the KV over.
+    let target: KvDescriptor = client()
+        .post(format!("{}{RESERVE_PATH}", decode.url))
+        .json(&json!({"request_id": "t1", "prompt": p}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report: PrefillReport = client()
+        .post(format!("{}{PREFILL_PATH}", first.url))
+        .json(&json!({"request_id": "t1", "prompt": p, "target": target}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let full = report.prompt_tokens / 16;
+    assert!(full >= 16, "{full} blocks");
+    let body = json!({"model": "pdgate-sim-8b", "prompt": p, "max_tokens": 2,
+        "pdgate_kv": {"request_id": "t1", "first_token": report.first_token}});
+    let resp = client()
+        .post(format!("{}/v1/completions", decode.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+    // Turn two on another prefill: every full block comes from the decode, checked.
+    let r = prefill(
+        &puller.url,
+        &decode.url,
+        "t2",
+        &p,
+        Some((&decode.url, full)),
+    )
+    .await;
+    assert_eq!((r.pulled_blocks, r.cached_tokens), (full, full * 16));
+    assert_eq!(
+        metric(&decode.url, "pdgate_sim_kv_blocks_exported_total").await,
+        f64::from(full)
+    );
+    assert_eq!(
+        metric(&puller.url, "pdgate_sim_kv_verify_failures_total").await,
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bytes_from_the_holder_are_refused_and_recomputed() {
     let holder = engine(

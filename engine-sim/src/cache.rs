@@ -107,6 +107,15 @@ impl PrefixCache {
         hits
     }
 
+    /// Number of leading blocks of `blocks` held, without touching them: a look from outside
+    /// (the simulator's view of what the whole fleet caches) must not change what is evicted.
+    pub fn peek_prefix(&self, blocks: &[BlockHash]) -> usize {
+        blocks
+            .iter()
+            .take_while(|b| self.last_use.contains_key(b))
+            .count()
+    }
+
     /// Inserts (or refreshes) `blocks`, evicting the least recently used beyond capacity. Says
     /// which of `blocks` were new and which blocks were evicted: what KV events report.
     pub fn insert(&mut self, blocks: &[BlockHash]) -> Change {

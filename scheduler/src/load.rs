@@ -15,6 +15,10 @@ pub struct InstanceLoad {
     pub decode_tokens: u64,
     /// KV blocks those sequences occupy.
     pub decode_blocks: u64,
+    /// KV blocks the engine reported in use beyond what the gateway had booked on it then
+    /// (another gateway's requests, work it runs on its own). Kept apart from the bookings so a
+    /// release the gateway sees between two reports frees its blocks at once.
+    pub foreign_blocks: u64,
     /// What the engine itself last reported, if it is scraped.
     pub engine: Option<EngineReport>,
 }

@@ -167,19 +167,35 @@ impl Predictor<'_> {
     }
 
     pub fn expected_context(&self, key: &RequestKey) -> u64 {
-        let out = (f64::from(key.max_tokens) * self.cfg.cost.output_fraction).ceil() as u64;
-        u64::from(key.prompt_tokens) + out
+        u64::from(key.prompt_tokens) + self.expected_output(key)
     }
 
-    /// Whether `d` can hold this request's KV (booked blocks, and the engine's own usage).
+    pub fn expected_output(&self, key: &RequestKey) -> u64 {
+        (f64::from(key.max_tokens) * self.cfg.cost.output_fraction).ceil() as u64
+    }
+
+    /// Time the expected output takes on `d` once this request joins at `at`.
+    pub fn decode_ms(&self, key: &RequestKey, d: &Candidate, at: Duration) -> f64 {
+        self.tbt_ms(key, d, at) * self.expected_output(key) as f64
+    }
+
+    /// What handing the prompt to decode `d` costs its prefix cache, which keeps received KV:
+    /// the blocks it does not hold yet, charged as their recompute times how full it is (as a
+    /// pull's copy, `replica_ms`). Nothing where the conversation already lives or while the
+    /// cache has room; a full one evicts another prefix's blocks for every new one.
+    pub fn decode_copy_ms(&self, key: &RequestKey, d: &Candidate) -> f64 {
+        let cached = u64::from(d.matched_blocks) * self.cfg.block_size as u64;
+        let new = u64::from(key.prompt_tokens).saturating_sub(cached);
+        let fill = d.cached_blocks as f64 / d.capacity_blocks.max(1) as f64;
+        self.cfg.cost.prefill_ms(new) * fill.clamp(0.0, 1.0)
+    }
+
+    /// Whether `d` can hold this request's KV: what the gateway booked there now, plus what the
+    /// engine last reported using beyond the gateway's bookings. The engine's usage alone is as
+    /// old as its last report, and refused requests into blocks freed since.
     pub fn has_headroom(&self, key: &RequestKey, d: &Candidate) -> bool {
-        let need = self.decode_blocks(key);
-        let booked_ok = d.load.decode_blocks + need <= d.capacity_blocks;
-        let engine_ok = d.load.engine.is_none_or(|e| {
-            let free = (1.0 - e.kv_usage).max(0.0) * d.capacity_blocks as f64;
-            free >= need as f64
-        });
-        booked_ok && engine_ok
+        let used = d.load.decode_blocks.saturating_add(d.load.foreign_blocks);
+        used.saturating_add(self.decode_blocks(key)) <= d.capacity_blocks
     }
 }
 

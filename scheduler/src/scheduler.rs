@@ -236,6 +236,8 @@ impl Scheduler {
             if let Some(cap) = cap {
                 i.capacity_blocks = cap;
             }
+            let used = (report.kv_usage.clamp(0.0, 1.0) * i.capacity_blocks as f64).ceil() as u64;
+            i.load.foreign_blocks = used.saturating_sub(i.load.decode_blocks);
         });
         if let Some(cap) = cap {
             self.index.set_capacity(id, cap.saturating_add(host_blocks));
@@ -463,10 +465,10 @@ impl Scheduler {
             .update(bytes as f64 / ms);
     }
 
-    /// Healthy, non-avoided prefill instances that cache a prefix of the request. Decode
-    /// instances are not pulled from: their memory bandwidth is what every decode step waits
-    /// on, and the blocks the index credits them with are the ones routed there, which an engine
-    /// that does not keep received KV in its prefix cache (the reference engine) does not hold.
+    /// Healthy, non-avoided instances that cache a prefix of the request, decodes included: a
+    /// decode keeps the KV it receives in its prefix cache (vLLM does, so does the reference
+    /// engine), and a pull reads a prefix's blocks once, a small share of the memory bandwidth
+    /// its decode steps use.
     fn holders(
         &self,
         matches: &[(InstanceId, u32)],
@@ -477,10 +479,7 @@ impl Scheduler {
             .iter()
             .filter(|(id, _)| !avoid.contains(id))
             .filter_map(|&(id, matched_blocks)| {
-                let i = self
-                    .instances
-                    .get(id)
-                    .filter(|i| i.healthy && i.role == Role::Prefill)?;
+                let i = self.instances.get(id).filter(|i| i.healthy)?;
                 Some(Holder {
                     id,
                     matched_blocks,
@@ -846,6 +845,103 @@ mod tests {
             .schedule(&key(8192, &(1..=512).collect::<Vec<_>>()), NOW)
             .expect("admitted");
         assert_eq!(d.pull, None);
+    }
+
+    #[test]
+    fn a_decode_that_caches_the_prefix_is_a_pull_source() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = true;
+        cfg.disagg.local_prefill_min_hit = 2.0; // keep every prefill on the prefill instance
+        let mut s = Scheduler::new(cfg);
+        let p = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let d = s.add_instance(Role::Decode, InstanceSpec::default());
+        // The decode kept an earlier turn's 500 blocks (KV it received); the prefill has none.
+        let history: Vec<u64> = (1..=500).collect();
+        let stored: Vec<BlockHash> = history.iter().copied().map(BlockHash).collect();
+        s.blocks_stored(d, &stored, NOW);
+        let mut turn = history.clone();
+        turn.extend(600..612);
+        let dec = s.schedule(&key(8192, &turn), NOW).expect("admitted");
+        assert_eq!(dec.prefill, Some(p));
+        let pull = dec.pull.expect("35 ms of pull beats ~170 ms of recompute");
+        assert_eq!((pull.from, pull.upto_blocks), (d, 500));
+        s.set_healthy(d, false);
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let dec = s.schedule(&key(8192, &turn), NOW).expect("admitted");
+        assert_eq!(dec.pull, None, "an unhealthy holder is not pulled from");
+    }
+
+    #[test]
+    fn kv_freed_since_the_engines_last_report_is_free_at_once() {
+        let mut s = sched(PolicyKind::Slo);
+        s.add_instance(Role::Prefill, InstanceSpec::default());
+        let d = s.add_instance(Role::Decode, InstanceSpec::default());
+        let report = |kv_usage| EngineReport {
+            waiting: 0,
+            running: 1,
+            kv_usage,
+        };
+        // A 1,000-block pool; one request books 64 blocks (1,000 prompt + 16 output tokens).
+        let first = s.schedule(&key(1000, &[1]), NOW).expect("admitted");
+        s.observe_engine(d, report(1.0), Some(1000));
+        assert_eq!(
+            s.load(d).map(|l| l.foreign_blocks),
+            Some(936),
+            "the engine uses 936 blocks the gateway did not book"
+        );
+        assert_eq!(
+            s.schedule(&key(1000, &[2]), NOW).map(|_| ()),
+            Err(Rejection::KvFull)
+        );
+        // The engine's own work shrinks to 10 blocks while ours still runs, then ours ends:
+        // the next report is not needed to use its 63 blocks again.
+        s.observe_engine(d, report(0.0735), Some(1000));
+        assert_eq!(s.load(d).map(|l| l.foreign_blocks), Some(10));
+        s.decode_done(first.ticket, NOW);
+        let big = 990 * 16 - 16; // with its output, fills the 990 blocks left exactly
+        assert!(s.schedule(&key(big, &[3]), NOW).is_ok());
+    }
+
+    #[test]
+    fn a_conversation_stays_on_the_decode_that_holds_its_history_while_its_cache_is_full() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.disagg.local_prefill_min_hit = 2.0; // hand every prompt over, to see the decode pick
+        let mut s = Scheduler::new(cfg);
+        s.add_instance(Role::Prefill, InstanceSpec::default());
+        let spec = InstanceSpec {
+            kv_capacity_blocks: 4096,
+        };
+        let home = s.add_instance(Role::Decode, spec);
+        let other = s.add_instance(Role::Decode, spec);
+        let fill = |s: &mut Scheduler, id: InstanceId, base: u64| {
+            let blocks: Vec<BlockHash> = (base..base + 4096).map(BlockHash).collect();
+            s.blocks_stored(id, &blocks, NOW);
+        };
+        fill(&mut s, other, 1_000_000);
+        fill(&mut s, home, 2_000_000);
+        let history: Vec<u64> = (1..=600).collect();
+        let stored: Vec<BlockHash> = history.iter().copied().map(BlockHash).collect();
+        s.blocks_stored(home, &stored, NOW);
+        // `home` decodes one more sequence, so its step is slower (by ~0.2 ms a token).
+        let busy = s
+            .schedule(&key(10_000, &[9_000_000]), NOW)
+            .expect("admitted");
+        let busy_on = busy.decode;
+        assert_eq!(busy_on, home, "a tie goes to the lower id");
+        let mut turn = history.clone();
+        turn.extend(700..740);
+        let dec = s.schedule(&key(10_240, &turn), NOW).expect("admitted");
+        assert_eq!(
+            dec.decode, home,
+            "the copy to a full cache costs more than the step"
+        );
+        // With room in both caches, nothing is evicted by the copy: the faster step wins.
+        s.decode_done(dec.ticket, NOW);
+        s.blocks_cleared(other);
+        s.blocks_cleared(home);
+        s.blocks_stored(home, &stored, NOW);
+        let dec = s.schedule(&key(10_240, &turn), NOW).expect("admitted");
+        assert_ne!(dec.decode, busy_on, "the less loaded decode");
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct SimResult {
     pub pull_misses: u64,
     /// Prompt blocks served from the engines' host tiers (counted in `cache_hit_rate`).
     pub host_hit_blocks: u64,
+    /// Prompt tokens some engine cached when the prefill was sized, over prompt tokens: the
+    /// most any placement and pull could have served from the caches as they were.
+    pub reachable_hit_rate: Option<f64>,
     pub events: u64,
 }
 
@@ -139,6 +142,9 @@ struct Sim<'a> {
     next_closed: usize,
     closed: bool,
     open: usize,
+    /// Prompt tokens that were, when their prefill was sized, in the longest prefix any engine
+    /// cached: what the fleet held that any placement or pull could have served.
+    reachable_tokens: u64,
 }
 
 pub fn simulate(
@@ -192,6 +198,7 @@ pub fn simulate(
         next_closed: 0,
         closed: matches!(arrivals, Arrivals::Closed(_)),
         open: n,
+        reachable_tokens: 0,
     };
     match arrivals {
         Arrivals::At(times) => {
@@ -446,6 +453,13 @@ impl Sim<'_> {
         let runner = self.reqs[r].runner;
         let prompt = self.trace.requests[r].input_tokens as usize;
         let (uncached, host) = self.engines[runner].lookup_tiers(prompt, &self.reqs[r].blocks);
+        let bs = self.spec.engine.block_size.max(1);
+        let elsewhere = self
+            .engines
+            .iter()
+            .map(|e| e.cache.peek_prefix(&self.reqs[r].blocks));
+        let held = elsewhere.max().unwrap_or(0).saturating_mul(bs);
+        self.reachable_tokens += held.clamp(prompt - uncached, prompt) as u64;
         self.engines[runner].prompt_tokens += prompt as u64;
         self.reqs[r].rec.cached_tokens = Some((prompt - uncached) as u32);
         (uncached, host)
@@ -694,6 +708,7 @@ impl Sim<'_> {
         let pulls = self.engines.iter().map(|e| e.pulls).sum();
         let pull_misses = self.engines.iter().map(|e| e.pull_misses).sum();
         let host_hit_blocks = self.engines.iter().map(|e| e.host_hit_blocks).sum();
+        let reachable = self.reachable_tokens;
         let instances = self
             .engines
             .iter()
@@ -720,6 +735,7 @@ impl Sim<'_> {
             instances,
             cache_hit_rate: (queries > 0).then(|| hits as f64 / queries as f64),
             pulled_hit_rate: (queries > 0).then(|| pulled as f64 / queries as f64),
+            reachable_hit_rate: (queries > 0).then(|| reachable as f64 / queries as f64),
             pulls,
             pull_misses,
             host_hit_blocks,

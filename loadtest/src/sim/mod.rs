@@ -82,6 +82,9 @@ pub fn run_replicas(
                 settings["pulled_hit_rate"] = pulled.into();
             }
             settings["pooled_lru_hit_rate"] = pooled.into();
+            if let Some(reachable) = result.reachable_hit_rate {
+                settings["reachable_hit_rate"] = reachable.into();
+            }
             reports.push(Report {
                 kind: "simulate".into(),
                 label: if labelled {
@@ -122,5 +125,50 @@ pub fn pooled_lru_hit_rate(trace: &Trace, spec: &FleetSpec) -> f64 {
         0.0
     } else {
         hits as f64 / queries as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::synthetic::Spec;
+
+    /// Turns of a conversation that `round_robin` deals to either of two prefills: with pulls
+    /// off, the prefix a turn needs usually sits on the other one, so the fleet held more than
+    /// the runners hit; pulls close that gap. Hits never exceed what the fleet held.
+    #[test]
+    fn the_reachable_hit_rate_is_what_the_fleet_held_and_pulls_reach_it() {
+        let spec: Spec = "requests=60,rate=4,input=2000,input_sd=300,output=8,output_sd=0,groups=4,prefix=1024,turns=3,think_ms=300,seed=5"
+            .parse()
+            .expect("spec");
+        let trace = spec.generate();
+        let rates = |pull: bool| {
+            let mut fleet = FleetSpec::new(2, 1);
+            fleet.scheduler.reuse.pull = pull;
+            let r = run(
+                &trace,
+                Mode::TraceTime { speed: 1.0 },
+                &fleet,
+                &[PolicyKind::RoundRobin],
+                &Slo::default(),
+                serde_json::json!({}),
+            );
+            let hit = r[0].aggregates.cache_hit_rate.expect("prompts seen");
+            let reachable = r[0].settings["reachable_hit_rate"]
+                .as_f64()
+                .expect("reported");
+            (hit, reachable)
+        };
+        let (off_hit, off_reach) = rates(false);
+        assert!(
+            off_reach > off_hit + 0.1,
+            "held elsewhere, recomputed: {off_hit} vs {off_reach}"
+        );
+        let (on_hit, on_reach) = rates(true);
+        assert!(on_reach >= on_hit && on_reach <= 1.0);
+        assert!(
+            on_reach - on_hit < (off_reach - off_hit) / 2.0,
+            "pulls serve most of it: off {off_hit}/{off_reach}, on {on_hit}/{on_reach}"
+        );
     }
 }

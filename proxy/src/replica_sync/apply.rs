@@ -34,7 +34,12 @@ pub fn apply(fleet: &Fleet, ledger: &mut Ledger, msg: Message) -> &'static str {
             booking.decode = decode;
             booking.prefill = prefill;
             // A pull whose holder this replica does not know is not booked; the request is.
-            let holder = pull_from_url.and_then(|u| fleet.workers.find(Role::Prefill, &u));
+            // Decodes are pull sources too: they keep the KV they receive.
+            let holder = pull_from_url.and_then(|u| {
+                [Role::Prefill, Role::Decode]
+                    .into_iter()
+                    .find_map(|role| fleet.workers.find(role, &u))
+            });
             booking.pull = booking
                 .pull
                 .zip(holder)

@@ -8,9 +8,13 @@
 //! popular prompt. A candidate that would pull the prefix from another instance (see
 //! `predict.rs`) has the pull in its TTFT, and its fleet cost adds the copy it makes in a full
 //! cache (`replica_ms`). Admission judges the TTFT alone. Decode: among instances
-//! with KV headroom, the lowest predicted TBT with the batch expected *when the prefill finishes*
-//! (sequences due to end by then are not counted, those booked but still prefilling are), which
-//! avoids the reject/accept oscillation of deciding on the current load. With admission on, a
+//! with KV headroom, the lowest `decode time + w · copy`: the expected output at the TBT predicted
+//! with the batch expected *when the prefill finishes* (sequences due to end by then are not
+//! counted, those booked but still prefilling are), which avoids the reject/accept oscillation of
+//! deciding on the current load; plus, as for a pull, the prompt blocks the decode does not cache
+//! yet, which its prefix cache keeps and, full, evicts as many others for (`decode_copy_ms`). So a
+//! conversation's turns stay on the decode that holds its history, where a later turn prefills
+//! locally, unless another decode is faster by more than the copy costs. With admission on, a
 //! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it.
 
 use super::{argmin_by, Choice, PickCtx, Policy};
@@ -69,7 +73,10 @@ impl Policy for SloPolicy {
             &roomy[..]
         };
         let decode = argmin_by(pool, |d| {
-            (pred.tbt_ms(ctx.key, d, at), d.load.decode_blocks)
+            (
+                pred.decode_ms(ctx.key, d, at) + w * pred.decode_copy_ms(ctx.key, d),
+                d.load.decode_blocks,
+            )
         });
         let tbt = pool
             .iter()
