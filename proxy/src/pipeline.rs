@@ -191,6 +191,8 @@ async fn start_leg(
             decode = %decode.url,
             prompt_tokens = key.prompt_tokens,
             cached_blocks = decision.cached_blocks,
+            pull_upto_blocks = decision.pull.map_or(0, |p| p.upto_blocks),
+            predicted_pull_ms = decision.pull.map_or(0.0, |p| p.ms),
             predicted_ttft_ms = decision.predicted_ttft_ms,
             "scheduled"
         );

@@ -101,8 +101,13 @@ pub struct Scheduler {
     index: PrefixIndex,
     booked: HashMap<Ticket, Booked>,
     bandwidth: Ewma,
-    /// Measured pull bandwidth per (holder, puller); pairs not yet measured use `bandwidth`.
+    /// Measured pull bandwidth per (holder, puller); pairs not yet measured use `pulls_seen`.
     pull_bandwidth: HashMap<(InstanceId, InstanceId), Ewma>,
+    /// Every pull measured, whatever its pair; until the first, the handoff `bandwidth`. A
+    /// pull (an export round trip, then reads) is slower than a handoff streaming the same
+    /// bytes, and a fleet of n instances has n² pairs to learn: an unmeasured pair is priced
+    /// at what pulls have cost, not what handoffs have.
+    pulls_seen: Option<Ewma>,
     next_id: u32,
     next_ticket: u64,
 }
@@ -116,6 +121,7 @@ impl Scheduler {
             instances: Fleet::default(),
             booked: HashMap::new(),
             pull_bandwidth: HashMap::new(),
+            pulls_seen: None,
             next_id: 0,
             next_ticket: 0,
             cfg,
@@ -305,12 +311,7 @@ impl Scheduler {
         };
         if self.cfg.reuse.pull {
             let holders = self.holders(&matches, avoid, now);
-            let handoff = self.bandwidth.get();
-            let pair = |from: InstanceId, to: InstanceId| {
-                self.pull_bandwidth
-                    .get(&(from, to))
-                    .map_or(handoff, Ewma::get)
-            };
+            let pair = |from: InstanceId, to: InstanceId| self.pair_bandwidth(from, to);
             for c in prefill.iter_mut().chain(decode.iter_mut()) {
                 c.pull = predict.best_pull(key, c, &holders, &pair);
             }
@@ -445,24 +446,37 @@ impl Scheduler {
         });
     }
 
-    fn pair_bandwidth(&self, from: InstanceId, to: InstanceId) -> f64 {
+    /// Bytes per ms a pull from `from` to `to` is expected to move.
+    pub fn pair_bandwidth(&self, from: InstanceId, to: InstanceId) -> f64 {
         self.pull_bandwidth
             .get(&(from, to))
-            .map_or(self.bandwidth.get(), Ewma::get)
+            .map_or_else(|| self.pull_prior(), Ewma::get)
             .max(1.0)
     }
 
-    /// A pull from `from` to `to` moved `bytes` in `ms`: corrects that pair's bandwidth.
+    fn pull_prior(&self) -> f64 {
+        self.pulls_seen
+            .as_ref()
+            .map_or(self.bandwidth.get(), Ewma::get)
+    }
+
+    /// A pull from `from` to `to` moved `bytes` in `ms`: corrects that pair's bandwidth, and
+    /// the fleet's, which prices pairs not measured yet.
     pub fn pull_observed(&mut self, from: InstanceId, to: InstanceId, bytes: u64, ms: f64) {
         if bytes == 0 || ms <= 0.0 || !ms.is_finite() {
             return;
         }
-        let prior = self.bandwidth.get();
+        let sample = bytes as f64 / ms;
+        let prior = self.pull_prior();
         let alpha = self.cfg.cost.ewma_alpha;
+        match &mut self.pulls_seen {
+            Some(all) => all.update(sample),
+            None => self.pulls_seen = Some(Ewma::new(sample, alpha)),
+        }
         self.pull_bandwidth
             .entry((from, to))
             .or_insert_with(|| Ewma::new(prior, alpha))
-            .update(bytes as f64 / ms);
+            .update(sample);
     }
 
     /// Healthy, non-avoided instances that cache a prefix of the request, decodes included: a
@@ -869,6 +883,31 @@ mod tests {
         s.add_instance(Role::Decode, InstanceSpec::default());
         let dec = s.schedule(&key(8192, &turn), NOW).expect("admitted");
         assert_eq!(dec.pull, None, "an unhealthy holder is not pulled from");
+    }
+
+    #[test]
+    fn a_pair_never_measured_is_priced_at_what_pulls_have_cost() {
+        let mut s = sched(PolicyKind::Slo);
+        let a = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let b = s.add_instance(Role::Prefill, InstanceSpec::default());
+        let c = s.add_instance(Role::Decode, InstanceSpec::default());
+        let handoff = s.pair_bandwidth(a, b);
+        assert!((handoff - s.cfg.cost.prior_bytes_per_ms()).abs() < 1e-6);
+        // One pull a→b moved 32 MB in 64 ms: 0.5 GB/s, a quarter of the handoff prior.
+        s.pull_observed(a, b, 32_000_000, 64.0);
+        assert!(
+            (s.pair_bandwidth(c, b) - 500_000.0).abs() < 1e-6,
+            "c→b: the fleet's pulls"
+        );
+        // The measured pair moved a fifth of the way from its prior (the handoff) to the sample.
+        let ab = s.pair_bandwidth(a, b);
+        assert!(
+            (ab - (0.8 * handoff + 0.2 * 500_000.0)).abs() < 1e-3,
+            "{ab}"
+        );
+        // A pair first measured now starts from the fleet's figure, not the handoff's.
+        s.pull_observed(c, a, 32_000_000, 64.0);
+        assert!((s.pair_bandwidth(c, a) - 500_000.0).abs() < 1e-6);
     }
 
     #[test]

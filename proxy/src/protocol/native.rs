@@ -84,6 +84,9 @@ impl PdProtocol for Native {
             bytes = report.bytes_sent,
             cached = report.cached_tokens,
             transfer_ms = report.transfer_ms,
+            prefill_ms = report.prefill_ms,
+            pulled_blocks = report.pulled_blocks,
+            pull_ms = report.pull_ms,
             "KV handed off"
         );
         Observed {
