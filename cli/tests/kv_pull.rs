@@ -62,6 +62,19 @@ async fn engine(role: &str, env: &[(&str, &str)]) -> EngineProcess {
     engine_process_with(role, "native", 0.0, env).await
 }
 
+/// Reserves room for `prompt`'s KV on `decode`.
+async fn reserve(decode: &str, rid: &str, prompt: &str) -> KvDescriptor {
+    client()
+        .post(format!("{decode}{RESERVE_PATH}"))
+        .json(&json!({"request_id": rid, "prompt": prompt}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Reserves on `decode`, prefills on `prefill` (pulling from `holder` first, if given).
 async fn prefill(
     prefill: &str,
@@ -70,15 +83,7 @@ async fn prefill(
     prompt: &str,
     pull: Option<(&str, u32)>,
 ) -> PrefillReport {
-    let target: KvDescriptor = client()
-        .post(format!("{decode}{RESERVE_PATH}"))
-        .json(&json!({"request_id": rid, "prompt": prompt}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let target = reserve(decode, rid, prompt).await;
     let mut body = json!({"request_id": rid, "prompt": prompt, "target": target});
     if let Some((url, upto)) = pull {
         body["pull"] = json!({"url": url, "upto_blocks": upto});
@@ -179,15 +184,7 @@ async fn a_decode_lends_the_kv_it_received() {
     let decode = engine("decode", &[SECRET, LENDS]).await;
     let p = prompt("decode-lends");
     // Turn one: prefilled on `first`, decoded on `decode`, which takes the KV over.
-    let target: KvDescriptor = client()
-        .post(format!("{}{RESERVE_PATH}", decode.url))
-        .json(&json!({"request_id": "t1", "prompt": p}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let target = reserve(&decode.url, "t1", &p).await;
     let report: PrefillReport = client()
         .post(format!("{}{PREFILL_PATH}", first.url))
         .json(&json!({"request_id": "t1", "prompt": p, "target": target}))
@@ -263,15 +260,7 @@ async fn a_puller_without_the_fleet_secret_reads_nothing() {
     let p = prompt("secret");
     let full = warm(&holder.url, &decode.url, &p).await;
     // The outsider's prefill writes to decode too, which refuses it: only the pull is judged.
-    let target: KvDescriptor = client()
-        .post(format!("{}{RESERVE_PATH}", decode.url))
-        .json(&json!({"request_id": "x", "prompt": p}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let target = reserve(&decode.url, "x", &p).await;
     let body = json!({"request_id": "x", "prompt": p, "target": target,
         "pull": {"url": holder.url, "upto_blocks": full}});
     let resp = client()

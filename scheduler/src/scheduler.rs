@@ -639,6 +639,15 @@ mod tests {
 
     const NOW: Duration = Duration::from_secs(10);
 
+    /// `slo` with pulls on, every prompt prefilled on a prefill instance (never locally on a
+    /// decode), so the pull plans are what the tests see.
+    fn pulling() -> Scheduler {
+        let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = true;
+        cfg.disagg.local_prefill_min_hit = 2.0;
+        Scheduler::new(cfg)
+    }
+
     #[test]
     fn books_and_releases_load_on_both_legs() {
         let mut s = sched(PolicyKind::LeastLoad);
@@ -824,10 +833,7 @@ mod tests {
 
     #[test]
     fn a_queued_holder_is_pulled_from_and_its_link_carries_the_load() {
-        let mut cfg = SchedulerConfig::default();
-        cfg.reuse.pull = true;
-        cfg.disagg.local_prefill_min_hit = 2.0; // keep every prefill on a prefill instance
-        let mut s = Scheduler::new(cfg);
+        let mut s = pulling();
         let hot = s.add_instance(Role::Prefill, InstanceSpec::default());
         let cold = s.add_instance(Role::Prefill, InstanceSpec::default());
         s.add_instance(Role::Decode, InstanceSpec::default());
@@ -863,10 +869,7 @@ mod tests {
 
     #[test]
     fn a_decode_that_caches_the_prefix_is_a_pull_source() {
-        let mut cfg = SchedulerConfig::default();
-        cfg.reuse.pull = true;
-        cfg.disagg.local_prefill_min_hit = 2.0; // keep every prefill on the prefill instance
-        let mut s = Scheduler::new(cfg);
+        let mut s = pulling();
         let p = s.add_instance(Role::Prefill, InstanceSpec::default());
         let d = s.add_instance(Role::Decode, InstanceSpec::default());
         // The decode kept an earlier turn's 500 blocks (KV it received); the prefill has none.
