@@ -78,11 +78,14 @@ impl Policy for SloPolicy {
                 d.load.decode_blocks,
             )
         });
-        let tbt = pool
-            .iter()
-            .find(|d| d.id == decode)
-            .map_or(0.0, |d| pred.tbt_ms(ctx.key, d, at));
-
+        let chosen = pool.iter().find(|d| d.id == decode);
+        let tbt = chosen.map_or(0.0, |d| pred.tbt_ms(ctx.key, d, at));
+        // A decode that holds most of the prompt prefills it itself (conditional
+        // disaggregation): that is the first token to judge, with no handoff in it.
+        let ttft = match chosen {
+            Some(d) if pred.prefills_locally(ctx.key, d) => pred.prefill_ms(ctx.key, d),
+            _ => ttft,
+        };
         let ttft = ttft + ctx.waited_ms.max(0.0);
         if slo.admission && ttft > slo.ttft_ms {
             return Err(Rejection::Slo {
@@ -262,6 +265,26 @@ mod tests {
             Err(Rejection::KvFull),
             "full now, not forever"
         );
+    }
+
+    #[test]
+    fn a_request_its_decode_prefills_locally_is_judged_on_that_path() {
+        let cfg = SchedulerConfig::default();
+        let mut p = [cand(0)];
+        p[0].queue_ms = 5_000.0; // through the prefill instance: far past the 2 s TTFT
+        let mut d = [cand(1)];
+        let k = key(4096);
+        assert!(matches!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d),
+            Err(Rejection::Slo {
+                breach: SloBreach::Ttft,
+                ..
+            })
+        ));
+        // The decode holds 250 of the 256 blocks: it prefills the rest itself, in ~18 ms.
+        d[0].matched_blocks = 250;
+        let c = pick(&mut SloPolicy, &cfg, &k, &p, &d).expect("admitted on the local path");
+        assert_eq!(c.decode, InstanceId(1));
     }
 
     #[test]
