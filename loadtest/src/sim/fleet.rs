@@ -318,9 +318,7 @@ impl Sim<'_> {
             Err(pdgate_scheduler::Rejection::KvFull) if !queued => {
                 return self.join_line(r, now);
             }
-            Err(pdgate_scheduler::Rejection::KvFull)
-                if waited < self.spec.scheduler.slo.room_wait_ms =>
-            {
+            Err(pdgate_scheduler::Rejection::KvFull) if now < self.room_deadline(r) => {
                 self.poll_room(r, now);
                 return;
             }
@@ -558,13 +556,17 @@ impl Sim<'_> {
         self.q.push(now, Event::Kick(e));
     }
 
+    /// When `r`'s wait for room runs out. Polls land on it exactly and compare against it, so
+    /// the last poll is the deadline itself: a poll computed from the time left could round to
+    /// no time at all and ask again at the same instant forever.
+    fn room_deadline(&self, r: usize) -> f64 {
+        self.reqs[r].rec.sent_ms + self.spec.scheduler.slo.room_wait_ms
+    }
+
     /// Asks again for `r` (the head of its line) after a poll, within its wait.
     fn poll_room(&mut self, r: usize, now: f64) {
-        let waited = now - self.reqs[r].rec.sent_ms;
-        let poll = (pdgate_scheduler::ROOM_POLL_MS as f64)
-            .min(self.spec.scheduler.slo.room_wait_ms - waited)
-            .max(0.0);
-        self.q.push(now + poll, Event::Admit(r));
+        let at = (now + pdgate_scheduler::ROOM_POLL_MS as f64).min(self.room_deadline(r));
+        self.q.push(at.max(now), Event::Admit(r));
     }
 
     /// `r` joins its replica's line (the head asks again after a poll), or is refused now.
@@ -588,9 +590,8 @@ impl Sim<'_> {
             self.reqs[head].queued = false;
         }
         line.book.leave(now, how);
-        let wait = self.spec.scheduler.slo.room_wait_ms;
         while let Some(&next) = self.lines[replica].queue.front() {
-            if now - self.reqs[next].rec.sent_ms < wait {
+            if now < self.room_deadline(next) {
                 self.q.push(now, Event::Admit(next));
                 break;
             }

@@ -133,6 +133,44 @@ mod tests {
     use super::*;
     use crate::trace::synthetic::Spec;
 
+    /// At 10x overload with the room line on, heads of the line poll until their wait runs
+    /// out. The last poll must land on the deadline itself: one computed from the time left
+    /// rounded to no time at all and asked again at the same instant, forever.
+    #[test]
+    fn waiters_for_room_give_up_at_their_deadline_under_overload() {
+        let spec: Spec =
+            "requests=300,rate=200,input=6000,input_sd=2000,output=64,output_sd=16,seed=3"
+                .parse()
+                .expect("spec");
+        let trace = spec.generate();
+        let mut fleet = FleetSpec::new(2, 2);
+        fleet.engine.kv_blocks = 2048;
+        fleet.scheduler.slo.room_queue = 64;
+        // A liveness guard, not a speed target: the run takes well under a second.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = run(
+                &trace,
+                Mode::TraceTime { speed: 1.0 },
+                &fleet,
+                &[PolicyKind::Slo],
+                &Slo::default(),
+                serde_json::json!({}),
+            );
+            let _ = tx.send(r);
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the simulation ends");
+        let a = &r[0].aggregates;
+        assert_eq!(a.completed + a.failed, 300, "every request ends");
+        assert!(
+            a.errors.get("429/kv_full").copied().unwrap_or(0) > 0,
+            "some waited out their room: {:?}",
+            a.errors
+        );
+    }
+
     /// Turns of a conversation that `round_robin` deals to either of two prefills: with pulls
     /// off, the prefix a turn needs usually sits on the other one, so the fleet held more than
     /// the runners hit; pulls close that gap. Hits never exceed what the fleet held.
