@@ -97,10 +97,7 @@ impl PrefixCache {
 
     /// Number of leading blocks of `blocks` held, touching each hit so it is evicted last.
     pub fn match_prefix(&mut self, blocks: &[BlockHash]) -> usize {
-        let hits = blocks
-            .iter()
-            .take_while(|b| self.last_use.contains_key(b))
-            .count();
+        let hits = self.peek_prefix(blocks);
         for b in &blocks[..hits] {
             self.touch(*b);
         }

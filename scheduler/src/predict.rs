@@ -128,8 +128,7 @@ impl Predictor<'_> {
         }
         let local = Candidate { pull: None, ..*c };
         let saved = self.compute_ms(key, &local) - self.compute_ms(key, c);
-        let fill = c.cached_blocks as f64 / c.capacity_blocks.max(1) as f64;
-        saved.max(0.0) * fill.clamp(0.0, 1.0)
+        saved.max(0.0) * fill(c)
     }
 
     /// Compute (not queueing) the prefill of this request takes on `c`.
@@ -186,8 +185,7 @@ impl Predictor<'_> {
     pub fn decode_copy_ms(&self, key: &RequestKey, d: &Candidate) -> f64 {
         let cached = u64::from(d.matched_blocks) * self.cfg.block_size as u64;
         let new = u64::from(key.prompt_tokens).saturating_sub(cached);
-        let fill = d.cached_blocks as f64 / d.capacity_blocks.max(1) as f64;
-        self.cfg.cost.prefill_ms(new) * fill.clamp(0.0, 1.0)
+        self.cfg.cost.prefill_ms(new) * fill(d)
     }
 
     /// Whether `d` can hold this request's KV: what the gateway booked there now, plus what the
@@ -197,6 +195,11 @@ impl Predictor<'_> {
         let used = d.load.decode_blocks.saturating_add(d.load.foreign_blocks);
         used.saturating_add(self.decode_blocks(key)) <= d.capacity_blocks
     }
+}
+
+/// How full `c`'s prefix cache is, 0..=1: the share of blocks placed there that evict another.
+fn fill(c: &Candidate) -> f64 {
+    (c.cached_blocks as f64 / c.capacity_blocks.max(1) as f64).clamp(0.0, 1.0)
 }
 
 #[cfg(test)]

@@ -133,6 +133,20 @@ mod tests {
     use super::*;
     use crate::trace::synthetic::Spec;
 
+    /// `trace` at its own pace on `fleet` under one policy.
+    fn run_one(trace: &Trace, fleet: &FleetSpec, policy: PolicyKind) -> Report {
+        let mode = Mode::TraceTime { speed: 1.0 };
+        let mut r = run(
+            trace,
+            mode,
+            fleet,
+            &[policy],
+            &Slo::default(),
+            serde_json::json!({}),
+        );
+        r.remove(0)
+    }
+
     /// At 10x overload with the room line on, heads of the line poll until their wait runs
     /// out. The last poll must land on the deadline itself: one computed from the time left
     /// rounded to no time at all and asked again at the same instant, forever.
@@ -149,20 +163,12 @@ mod tests {
         // A liveness guard, not a speed target: the run takes well under a second.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let r = run(
-                &trace,
-                Mode::TraceTime { speed: 1.0 },
-                &fleet,
-                &[PolicyKind::Slo],
-                &Slo::default(),
-                serde_json::json!({}),
-            );
-            let _ = tx.send(r);
+            let _ = tx.send(run_one(&trace, &fleet, PolicyKind::Slo));
         });
         let r = rx
             .recv_timeout(std::time::Duration::from_secs(120))
             .expect("the simulation ends");
-        let a = &r[0].aggregates;
+        let a = &r.aggregates;
         assert_eq!(a.completed + a.failed, 300, "every request ends");
         assert!(
             a.errors.get("429/kv_full").copied().unwrap_or(0) > 0,
@@ -183,18 +189,9 @@ mod tests {
         let rates = |pull: bool| {
             let mut fleet = FleetSpec::new(2, 1);
             fleet.scheduler.reuse.pull = pull;
-            let r = run(
-                &trace,
-                Mode::TraceTime { speed: 1.0 },
-                &fleet,
-                &[PolicyKind::RoundRobin],
-                &Slo::default(),
-                serde_json::json!({}),
-            );
-            let hit = r[0].aggregates.cache_hit_rate.expect("prompts seen");
-            let reachable = r[0].settings["reachable_hit_rate"]
-                .as_f64()
-                .expect("reported");
+            let r = run_one(&trace, &fleet, PolicyKind::RoundRobin);
+            let hit = r.aggregates.cache_hit_rate.expect("prompts seen");
+            let reachable = r.settings["reachable_hit_rate"].as_f64().expect("reported");
             (hit, reachable)
         };
         let (off_hit, off_reach) = rates(false);
