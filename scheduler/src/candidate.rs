@@ -21,6 +21,9 @@ pub struct Candidate {
     /// Predicted wait before a new prefill starts here: booked prefill work not yet done, less
     /// what has elapsed of the one running.
     pub queue_ms: f64,
+    /// Tokens of the last queued step a new prefill could join (`steps.rs`); `None` when it
+    /// would start a step of its own.
+    pub joinable_tokens: Option<u64>,
     /// Blocks this instance would pull from another holder instead of recomputing them, when
     /// the scheduler predicts that to be faster (see `Predictor::best_pull`).
     pub pull: Option<Pull>,

@@ -13,13 +13,6 @@ impl CostModel {
         self.prefill_a * t * t + self.prefill_b * t + self.prefill_c
     }
 
-    /// Time to work through `tokens` of queued prefill, run in steps of `max_batched_tokens`.
-    pub fn queue_ms(&self, tokens: u64) -> f64 {
-        let chunk = self.max_batched_tokens.max(1);
-        let full = tokens / chunk;
-        full as f64 * self.prefill_ms(chunk) + self.prefill_ms(tokens % chunk)
-    }
-
     pub fn decode_step_ms(&self, batch: u64, context_tokens: u64) -> f64 {
         if batch == 0 {
             return 0.0;
@@ -80,15 +73,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefill_and_queue_follow_the_model() {
+    fn prefill_and_decode_follow_the_model() {
         let m = CostModel::default();
         assert_eq!(m.prefill_ms(0), 0.0);
         let one = m.prefill_ms(1000);
         assert!((one - (4.21e-7 * 1e6 + 15.18 + 16.5)).abs() < 1e-9);
-        assert!(
-            (m.queue_ms(8192 * 2 + 100) - (2.0 * m.prefill_ms(8192) + m.prefill_ms(100))).abs()
-                < 1e-9
-        );
         assert_eq!(m.decode_step_ms(0, 5), 0.0);
         assert!((m.decode_step_ms(10, 50_000) - (6.0 + 0.4 + 1.0)).abs() < 1e-9);
     }

@@ -4,6 +4,7 @@
 
 use crate::cost::Ewma;
 use crate::load::InstanceLoad;
+use crate::steps::StepQueue;
 use crate::types::{InstanceId, Role, Ticket};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -17,6 +18,8 @@ pub struct Instance {
     pub speed: Ewma,
     /// When the prefill work booked here is predicted to be done.
     pub busy_until: Duration,
+    /// That work, packed into steps as the engine batches it.
+    pub prefills: StepQueue,
     /// When the pulls other instances booked from this one are predicted to have been served.
     pub egress_until: Duration,
     /// Predicted end of each sequence decoding here: (end time, ticket).
@@ -114,6 +117,7 @@ mod tests {
             load: InstanceLoad::default(),
             speed: Ewma::new(1.0, 0.1),
             busy_until: Duration::ZERO,
+            prefills: StepQueue::default(),
             egress_until: Duration::ZERO,
             decode_ends: BTreeSet::new(),
         }

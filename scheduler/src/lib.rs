@@ -16,6 +16,7 @@ pub mod policy;
 pub mod predict;
 pub mod room;
 pub mod scheduler;
+pub mod steps;
 pub mod tokenizer;
 pub mod types;
 

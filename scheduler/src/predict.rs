@@ -99,9 +99,8 @@ impl Predictor<'_> {
 
     /// Queue (or the pull, which runs meanwhile) plus compute on `c`, without transfer.
     pub fn prefill_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
-        let cost = &self.cfg.cost;
         let wait = c.pull.map_or(c.queue_ms, |p| c.queue_ms.max(p.ms));
-        wait + cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed
+        wait + self.compute_ms(key, c)
     }
 
     /// Conditional disaggregation: whether decode instance `d` prefills this request itself,
@@ -133,7 +132,8 @@ impl Predictor<'_> {
 
     /// Compute (not queueing) the prefill of this request takes on `c`.
     pub fn compute_ms(&self, key: &RequestKey, c: &Candidate) -> f64 {
-        self.cfg.cost.prefill_ms(self.uncached_tokens(key, c)) * c.speed
+        let tokens = self.uncached_tokens(key, c);
+        self.cfg.cost.added_prefill_ms(tokens, c.joinable_tokens) * c.speed
     }
 
     /// TTFT if `c` prefills and the KV moves to a decode instance.
@@ -217,6 +217,7 @@ mod tests {
             capacity_blocks: 10_000,
             speed: 1.0,
             queue_ms: 0.0,
+            joinable_tokens: None,
             pull: None,
         }
     }

@@ -15,6 +15,7 @@ use crate::index::PrefixIndex;
 use crate::load::{EngineReport, InstanceLoad};
 use crate::policy::{PickCtx, Policy};
 use crate::predict::{Holder, Predictor};
+use crate::steps::StepQueue;
 use crate::types::{InstanceId, Role, Ticket};
 // Defined in `types` so policies and predictions need not import the scheduler; re-exported for
 // callers that name them by their old path (`pdgate_scheduler::scheduler::Rejection`).
@@ -162,6 +163,7 @@ impl Scheduler {
                 load: InstanceLoad::default(),
                 speed: Ewma::new(1.0, self.cfg.cost.ewma_alpha),
                 busy_until: Duration::ZERO,
+                prefills: StepQueue::default(),
                 egress_until: Duration::ZERO,
                 decode_ends: BTreeSet::new(),
             },
@@ -418,11 +420,14 @@ impl Scheduler {
     }
 
     fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId, now: Duration) {
+        let budget = self.cfg.cost.max_batched_tokens;
         self.instances.update(runner, |i| {
             i.load.in_flight += 1;
             i.load.prefill_tokens += b.uncached_tokens;
+            // `compute_ms` is what the prefill adds to the queue, joining its last step or not.
             i.busy_until =
                 i.busy_until.max(now) + Duration::from_secs_f64(b.compute_ms.max(0.0) / 1e3);
+            i.prefills.push(ticket, b.uncached_tokens, budget);
         });
         self.instances.update(b.decode, |i| {
             if b.prefill.is_some() {
@@ -516,9 +521,10 @@ impl Scheduler {
         let cost = &self.cfg.cost;
         self.instances.update(runner, |i| {
             i.load.prefill_tokens = i.load.prefill_tokens.saturating_sub(b.uncached_tokens);
-            // A prefill just ended, so the next one just started: what is left is the whole of
-            // the remaining booked work, from now.
-            let left_ms = cost.queue_ms(i.load.prefill_tokens) * i.speed.get();
+            i.prefills.remove(ticket, cost.max_batched_tokens);
+            // A prefill just ended, so the next step just started: what is left is the whole
+            // of the remaining booked work, from now.
+            let left_ms = i.prefills.ms(cost) * i.speed.get();
             i.busy_until = now + Duration::from_secs_f64(left_ms.max(0.0) / 1e3);
             if b.prefill.is_some() {
                 i.load.in_flight = i.load.in_flight.saturating_sub(1);
@@ -607,6 +613,7 @@ impl Scheduler {
                     capacity_blocks: i.capacity_blocks,
                     speed: i.speed.get(),
                     queue_ms: i.busy_until.saturating_sub(now).as_secs_f64() * 1e3,
+                    joinable_tokens: i.prefills.joinable(self.cfg.cost.max_batched_tokens),
                     pull: None,
                 })
             })
@@ -675,6 +682,37 @@ mod tests {
         assert_eq!(s.load(p), Some(InstanceLoad::default()));
         assert_eq!(s.load(d), Some(InstanceLoad::default()));
         assert_eq!(s.in_flight(), 0);
+    }
+
+    /// Small prefills queued together run as one engine step, so the TTFT predicted for the
+    /// last of sixteen is about two steps (the running one, then the rest batched), not sixteen
+    /// prefills one after another; and the prediction falls back as the queue drains.
+    #[test]
+    fn queued_small_prefills_are_predicted_batched() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.disagg.local_prefill_max_tokens = 0;
+        cfg.slo.admission = false;
+        let cost = cfg.cost.clone();
+        let mut s = Scheduler::new(cfg);
+        s.add_instance(Role::Prefill, InstanceSpec::default());
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let decisions: Vec<_> = (0..16u64)
+            .map(|i| {
+                s.schedule(&key(512, &[i * 100, i * 100 + 1]), NOW)
+                    .expect("pair")
+            })
+            .collect();
+        let transfer = decisions[0].predicted_ttft_ms - cost.prefill_ms(512);
+        let last = decisions[15].predicted_ttft_ms - transfer;
+        let batched = cost.prefill_ms(512) + cost.prefill_ms(15 * 512);
+        assert!((last - batched).abs() < 1e-3, "{last} vs {batched}");
+        assert!(last < 16.0 * cost.prefill_ms(512) * 0.6);
+        // The first step ends: the other fifteen run as the next step, from now.
+        let later = NOW + Duration::from_millis(30);
+        s.prefill_done(decisions[0].ticket, later, None);
+        let next = s.schedule(&key(512, &[9000, 9001]), later).expect("pair");
+        let want = cost.prefill_ms(15 * 512) + cost.prefill_ms(512);
+        assert!((next.predicted_ttft_ms - transfer - want).abs() < 1e-3);
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub(crate) mod testing {
             capacity_blocks: 10_000,
             speed: 1.0,
             queue_ms: 0.0,
+            joinable_tokens: None,
             pull: None,
         }
     }

@@ -124,7 +124,7 @@ mod tests {
             InstanceId(0)
         );
         // Cold recompute of 4096 tokens ≈ 85 ms; a hot queue of 8000 tokens ≈ 164 ms.
-        p[0].queue_ms = cfg.cost.queue_ms(8000);
+        p[0].queue_ms = cfg.cost.prefill_ms(8000); // one step
         assert_eq!(
             pick(&mut SloPolicy, &cfg, &k, &p, &d).unwrap().prefill,
             InstanceId(1),
