@@ -143,6 +143,14 @@ pub struct Slo {
     /// never queued) wait. Off by default because at 5x overload waiting new requests were
     /// refused after their wait anyway (refusal p99 ~1 s against 3 ms, docs/reliability.md).
     pub room_queue: u32,
+    /// Admission sheds load: it refuses requests that waiting would make late. A request that
+    /// is late even on an idle instance (a prompt whose prefill alone takes longer than the
+    /// TTFT SLO) is no such request: refusing it frees nothing a retry could use, and leaves its
+    /// prefix uncached, so every later request sharing that prefix pays it again and is refused
+    /// in turn. It is served best effort (late) instead when the wait ahead of it is within the
+    /// SLO and its KV is at most this share of its prefill's cache and of its decode's pool, so
+    /// it cannot crowd either out. 0: refused like any late request.
+    pub best_effort_share: f64,
 }
 
 impl Default for Slo {
@@ -154,6 +162,7 @@ impl Default for Slo {
             compute_weight: 1.0,
             room_wait_ms: 1000.0,
             room_queue: 0,
+            best_effort_share: 0.25,
         }
     }
 }

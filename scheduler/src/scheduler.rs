@@ -1028,6 +1028,8 @@ mod tests {
     fn slo_rejection_has_a_label_and_retry_after() {
         let mut cfg = SchedulerConfig::default();
         cfg.slo.ttft_ms = 10.0;
+        // Late even alone: refused only because best effort is off.
+        cfg.slo.best_effort_share = 0.0;
         let mut s = Scheduler::new(cfg);
         s.add_instance(Role::Prefill, InstanceSpec::default());
         s.add_instance(Role::Decode, InstanceSpec::default());

@@ -177,6 +177,51 @@ mod tests {
         );
     }
 
+    /// One long system prompt, shared by every request, whose prefill alone (~0.9 s) outlasts a
+    /// 0.5 s TTFT SLO. Refusing the first request that carries it (best effort off) leaves it uncached, so
+    /// each later one is late alone too and refused in turn: nothing is served. Served best
+    /// effort, the first is late, and the prefix it leaves cached makes the rest fast and good.
+    #[test]
+    fn a_prompt_late_even_alone_is_served_so_the_prefix_it_leaves_serves_the_rest() {
+        let spec: Spec =
+            "requests=20,rate=2,input=300,input_sd=0,output=8,output_sd=0,groups=1,prefix=30720,seed=2"
+                .parse()
+                .expect("spec");
+        let trace = spec.generate();
+        let slo = Slo {
+            ttft_ms: Some(500.0),
+            ..Slo::default()
+        };
+        let good = |share: f64| {
+            let mut fleet = FleetSpec::new(1, 1);
+            fleet.engine.kv_blocks = 16_384;
+            fleet.decode_cache_blocks = 16_384;
+            fleet.engine.kv_bytes_per_token = 64; // the handoff is not what is slow here
+            fleet.scheduler.kv_bytes_per_token = 64;
+            fleet.scheduler.slo.ttft_ms = 500.0;
+            fleet.scheduler.slo.best_effort_share = share;
+            let mode = Mode::TraceTime { speed: 1.0 };
+            let r = run(
+                &trace,
+                mode,
+                &fleet,
+                &[PolicyKind::Slo],
+                &slo,
+                serde_json::json!({}),
+            );
+            let a = &r[0].aggregates;
+            (a.good_requests.unwrap_or(0), a.failed)
+        };
+        assert_eq!(
+            good(0.0),
+            (0, 20),
+            "each refused for the prefix the first never left"
+        );
+        let (served, failed) = good(0.25);
+        assert_eq!(failed, 0, "all served");
+        assert!(served >= 18, "all but the first two are on time: {served}");
+    }
+
     /// Turns of a conversation that `round_robin` deals to either of two prefills: with pulls
     /// off, the prefix a turn needs usually sits on the other one, so the fleet held more than
     /// the runners hit; pulls close that gap. Hits never exceed what the fleet held.

@@ -15,9 +15,13 @@
 //! yet, which its prefix cache keeps and, full, evicts as many others for (`decode_copy_ms`). So a
 //! conversation's turns stay on the decode that holds its history, where a later turn prefills
 //! locally, unless another decode is faster by more than the copy costs. With admission on, a
-//! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it.
+//! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it,
+//! unless no wait made it late: one whose prefill alone outlasts the TTFT SLO is served best
+//! effort while it is small beside the instances (`slo.best_effort_share`), because refusing it
+//! would only leave its prefix uncached for the requests that share it.
 
 use super::{argmin_by, Choice, PickCtx, Policy};
+use crate::candidate::Candidate;
 use crate::types::{Rejection, SloBreach};
 use std::time::Duration;
 
@@ -80,14 +84,28 @@ impl Policy for SloPolicy {
         });
         let chosen = pool.iter().find(|d| d.id == decode);
         let tbt = chosen.map_or(0.0, |d| pred.tbt_ms(ctx.key, d, at));
+        let runner = ctx.prefill.iter().find(|c| c.id == prefill);
         // A decode that holds most of the prompt prefills it itself (conditional
         // disaggregation): that is the first token to judge, with no handoff in it.
-        let ttft = match chosen {
-            Some(d) if pred.prefills_locally(ctx.key, d) => pred.prefill_ms(ctx.key, d),
-            _ => ttft,
+        let (ttft, alone) = match (chosen, runner) {
+            (Some(d), _) if pred.prefills_locally(ctx.key, d) => (
+                pred.prefill_ms(ctx.key, d),
+                pred.prefill_ms(ctx.key, &idle(d)),
+            ),
+            (_, Some(p)) => (ttft, pred.ttft_ms(ctx.key, &idle(p))),
+            _ => (ttft, ttft),
         };
         let ttft = ttft + ctx.waited_ms.max(0.0);
-        if slo.admission && ttft > slo.ttft_ms {
+        let best_effort = alone > slo.ttft_ms
+            && ttft - alone <= slo.ttft_ms
+            && runner.zip(chosen).is_some_and(|(p, d)| {
+                let share = slo.best_effort_share.max(0.0);
+                let prompt_blocks =
+                    u64::from(ctx.key.prompt_tokens).div_ceil(pred.cfg.block_size.max(1) as u64);
+                prompt_blocks as f64 <= share * p.capacity_blocks as f64
+                    && pred.decode_blocks(ctx.key) as f64 <= share * d.capacity_blocks as f64
+            });
+        if slo.admission && ttft > slo.ttft_ms && !best_effort {
             return Err(Rejection::Slo {
                 breach: SloBreach::Ttft,
                 predicted_ms: ttft,
@@ -102,6 +120,15 @@ impl Policy for SloPolicy {
             });
         }
         Ok(Choice { prefill, decode })
+    }
+}
+
+/// `c` with nothing queued: what the request would take there on its own.
+fn idle(c: &Candidate) -> Candidate {
+    Candidate {
+        queue_ms: 0.0,
+        joinable_tokens: None,
+        ..*c
     }
 }
 
@@ -184,7 +211,8 @@ mod tests {
     #[test]
     fn rejects_at_the_ttft_boundary_and_not_below() {
         let mut cfg = SchedulerConfig::default();
-        let p = [cand(0)];
+        let mut p = [cand(0)];
+        p[0].queue_ms = 500.0; // the wait is what makes it late
         let d = [cand(1)];
         let k = key(2000);
         let predict = crate::predict::Predictor {
@@ -210,6 +238,54 @@ mod tests {
             pick(&mut SloPolicy, &cfg, &k, &p, &d).is_ok(),
             "admission off never rejects"
         );
+    }
+
+    /// A prompt whose prefill alone outlasts the SLO is served best effort on an idle fleet
+    /// (refusing it frees nothing and leaves its prefix uncached), but refused when a queue
+    /// longer than the SLO is ahead of it, when it is large beside the instances, or when
+    /// `best_effort_share` is 0.
+    #[test]
+    fn a_request_late_even_alone_is_served_best_effort_while_small() {
+        let mut cfg = SchedulerConfig::default();
+        let mut p = [cand(0)];
+        let mut d = [cand(1)];
+        let k = key(30_000); // 1,875 blocks; ~0.85 s of prefill alone
+        cfg.slo.ttft_ms = 500.0;
+        let late = |r: Result<Choice, Rejection>| {
+            matches!(
+                r,
+                Err(Rejection::Slo {
+                    breach: SloBreach::Ttft,
+                    ..
+                })
+            )
+        };
+        assert!(pick(&mut SloPolicy, &cfg, &k, &p, &d).is_ok(), "idle fleet");
+        p[0].queue_ms = 450.0;
+        assert!(
+            pick(&mut SloPolicy, &cfg, &k, &p, &d).is_ok(),
+            "wait within the SLO"
+        );
+        p[0].queue_ms = 550.0;
+        assert!(
+            late(pick(&mut SloPolicy, &cfg, &k, &p, &d)),
+            "the wait alone is late"
+        );
+        p[0].queue_ms = 0.0;
+        p[0].capacity_blocks = 6_000;
+        assert!(
+            late(pick(&mut SloPolicy, &cfg, &k, &p, &d)),
+            "a third of the cache"
+        );
+        p[0].capacity_blocks = 10_000;
+        d[0].capacity_blocks = 6_000;
+        assert!(
+            late(pick(&mut SloPolicy, &cfg, &k, &p, &d)),
+            "a third of the pool"
+        );
+        d[0].capacity_blocks = 10_000;
+        cfg.slo.best_effort_share = 0.0;
+        assert!(late(pick(&mut SloPolicy, &cfg, &k, &p, &d)), "turned off");
     }
 
     #[test]
