@@ -15,6 +15,8 @@ async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
     // Real-time engines: the scheduler's prior is time-scaled like the fleet it describes.
     let mut cfg = config(1, 1, 1.0);
     cfg.scheduler.slo.ttft_ms = 20.0; // a 4k-token prefill is predicted at ~86 ms
+                                      // Late even on this idle fleet: without best effort it is refused like any late request.
+    cfg.scheduler.slo.best_effort_share = 0.0;
     let fleet = fleet(cfg).await;
     let refusals = |m: &str| sample(m, "pdgate_refusal_duration_seconds_count").unwrap_or(0.0);
     let refused_before = refusals(&metrics_text(&fleet.url()).await);
@@ -58,6 +60,32 @@ async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
     );
     // The refusal's time in the gateway is on its own histogram (the overload figure).
     assert!(refusals(&m) >= refused_before + 1.0, "refusal timed");
+    fleet.stop().await;
+}
+
+/// The same request with best effort on (the default): no wait made it late, so refusing it
+/// would free nothing; it is served, late, and counted as a late admission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_late_even_on_an_idle_fleet_is_served_best_effort() {
+    let mut cfg = config(1, 1, 1.0);
+    cfg.scheduler.slo.ttft_ms = 20.0;
+    let fleet = fleet(cfg).await;
+    let late = |m: &str| sample(m, "pdgate_late_admissions_total").unwrap_or(0.0);
+    let before = late(&metrics_text(&fleet.url()).await);
+    let resp = post(
+        &fleet.url(),
+        "/v1/completions",
+        completion(&"word ".repeat(4000), 4),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+    assert!(
+        engine_sum(&fleet, Role::Prefill, "vllm:prompt_tokens_total").await >= 4000.0,
+        "prefilled on the prefill instance"
+    );
+    assert_eq!(late(&metrics_text(&fleet.url()).await), before + 1.0);
     fleet.stop().await;
 }
 

@@ -137,6 +137,9 @@ pub fn decision(
         .increment(1);
     if let Ok(d) = result {
         counter!("pdgate_prefix_hit_blocks_total").increment(u64::from(d.cached_blocks));
+        if d.late {
+            counter!("pdgate_late_admissions_total", "model" => model.to_string()).increment(1);
+        }
     }
 }
 

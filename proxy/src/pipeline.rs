@@ -194,6 +194,7 @@ async fn start_leg(
             pull_upto_blocks = decision.pull.map_or(0, |p| p.upto_blocks),
             predicted_pull_ms = decision.pull.map_or(0.0, |p| p.ms),
             predicted_ttft_ms = decision.predicted_ttft_ms,
+            late = decision.late,
             "scheduled"
         );
         let ctx = LegContext {

@@ -37,6 +37,9 @@ pub struct Decision {
     pub pull: Option<Pull>,
     pub predicted_ttft_ms: f64,
     pub predicted_tbt_ms: f64,
+    /// Admitted although predicted past the TTFT SLO: best effort under `slo` (late even
+    /// alone), or any late request under a policy that does not admit against the SLO.
+    pub late: bool,
 }
 
 /// What the gateway measured once a prefill leg finished.
@@ -361,6 +364,7 @@ impl Scheduler {
             pull: runner.pull,
             predicted_ttft_ms: ttft,
             predicted_tbt_ms: tbt,
+            late: ttft > self.cfg.slo.ttft_ms,
         };
         let runner_id = runner.id;
         self.next_ticket += 1;
