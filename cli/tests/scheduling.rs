@@ -63,12 +63,15 @@ async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
     fleet.stop().await;
 }
 
-/// The same request with best effort on (the default): no wait made it late, so refusing it
-/// would free nothing; it is served, late, and counted as a late admission.
+/// The same request with best effort on: no wait made it late, so refusing it would free
+/// nothing; it is served, late, and counted as a late admission.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_late_even_on_an_idle_fleet_is_served_best_effort() {
     let mut cfg = config(1, 1, 1.0);
     cfg.scheduler.slo.ttft_ms = 20.0;
+    // A fresh gateway has seen no reuse yet; waiting for it is the scheduler's own test
+    // (`best_effort_waits_for_the_fleet_to_show_reuse`).
+    cfg.scheduler.slo.best_effort_min_reuse = 0.0;
     let fleet = fleet(cfg).await;
     let late = |m: &str| sample(m, "pdgate_late_admissions_total").unwrap_or(0.0);
     let before = late(&metrics_text(&fleet.url()).await);

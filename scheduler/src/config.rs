@@ -151,6 +151,11 @@ pub struct Slo {
     /// SLO and its KV is at most this share of its prefill's cache and of its decode's pool, so
     /// it cannot crowd either out. 0: refused like any late request.
     pub best_effort_share: f64,
+    /// ...and only while the fleet's prompts are reused: the share of a request's prompt blocks
+    /// some instance already cached, averaged over about the last hundred decisions, is at
+    /// least this. Where prompts share nothing, a late prompt's prefix serves no one later, and
+    /// computing it only delays the requests behind it.
+    pub best_effort_min_reuse: f64,
 }
 
 impl Default for Slo {
@@ -163,6 +168,7 @@ impl Default for Slo {
             room_wait_ms: 1000.0,
             room_queue: 0,
             best_effort_share: 0.25,
+            best_effort_min_reuse: 0.25,
         }
     }
 }

@@ -112,6 +112,9 @@ pub struct Scheduler {
     /// bytes, and a fleet of n instances has n² pairs to learn: an unmeasured pair is priced
     /// at what pulls have cost, not what handoffs have.
     pulls_seen: Option<Ewma>,
+    /// Share of a request's prompt blocks some instance already cached, over recent decisions:
+    /// how much this fleet's prompts are reused (`slo.best_effort_min_reuse`).
+    reuse: Ewma,
     next_id: u32,
     next_ticket: u64,
 }
@@ -122,6 +125,8 @@ impl Scheduler {
             policy: cfg.policy.build(&cfg),
             index: PrefixIndex::new(&cfg.index),
             bandwidth: Ewma::new(cfg.cost.prior_bytes_per_ms(), cfg.cost.ewma_alpha),
+            // No reuse until some is seen.
+            reuse: Ewma::new(0.0, REUSE_ALPHA),
             instances: Fleet::default(),
             booked: HashMap::new(),
             pull_bandwidth: HashMap::new(),
@@ -293,6 +298,10 @@ impl Scheduler {
         waited: Duration,
     ) -> Result<Decision, Rejection> {
         let matches = self.index.match_all(&key.blocks, now);
+        if !key.blocks.is_empty() {
+            let best = matches.iter().map(|(_, n)| *n).max().unwrap_or(0);
+            self.reuse.update(f64::from(best) / key.blocks.len() as f64);
+        }
         let shortlist = self.cfg.policy.shortlists();
         let mut prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
         let mut decode = self.candidates(Role::Decode, avoid, &matches, shortlist, now);
@@ -327,6 +336,7 @@ impl Scheduler {
             decode: &decode,
             predict: &predict,
             waited_ms: waited.as_secs_f64() * 1e3,
+            reuse: self.reuse.get(),
         })?;
         let (Some(p), Some(d)) = (
             prefill.iter().find(|c| c.id == choice.prefill),
@@ -625,6 +635,10 @@ impl Scheduler {
     }
 }
 
+/// Weight of one decision in the fleet's reuse estimate: about the last hundred decisions count,
+/// so one request's prompt, fully cached or not at all, moves it by a point.
+const REUSE_ALPHA: f64 = 0.01;
+
 /// Least-loaded instances per role a shortlist includes besides the cache holders.
 const SHORTLIST_LEAST_LOADED: usize = 16;
 
@@ -717,6 +731,29 @@ mod tests {
         let next = s.schedule(&key(512, &[9000, 9001]), later).expect("pair");
         let want = cost.prefill_ms(15 * 512) + cost.prefill_ms(512);
         assert!((next.predicted_ttft_ms - transfer - want).abs() < 1e-3);
+    }
+
+    /// Best effort for a prompt late even alone starts only once the fleet shows its prompts
+    /// are reused: on a fresh fleet it is refused; after a run of prompts that find their
+    /// blocks cached, a new long one is served.
+    #[test]
+    fn best_effort_waits_for_the_fleet_to_show_reuse() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.slo.ttft_ms = 60.0; // a 4k-token prefill takes ~85 ms alone
+        let mut s = Scheduler::new(cfg);
+        s.add_instance(Role::Prefill, InstanceSpec::default());
+        s.add_instance(Role::Decode, InstanceSpec::default());
+        let long = |first: u64| key(4096, &(first..first + 256).collect::<Vec<_>>());
+        let refused = s
+            .schedule(&long(1_000), NOW)
+            .expect_err("no reuse seen yet");
+        assert_eq!(refused.label(), "slo_ttft");
+        for _ in 0..150 {
+            let d = s.schedule(&key(64, &[7, 8, 9, 10]), NOW).expect("short");
+            s.decode_done(d.ticket, NOW);
+        }
+        let served = s.schedule(&long(2_000), NOW).expect("best effort");
+        assert!(served.late && served.predicted_ttft_ms > 60.0);
     }
 
     #[test]

@@ -177,22 +177,44 @@ mod tests {
         );
     }
 
-    /// One long system prompt, shared by every request, whose prefill alone (~0.9 s) outlasts a
-    /// 0.5 s TTFT SLO. Refusing the first request that carries it (best effort off) leaves it uncached, so
-    /// each later one is late alone too and refused in turn: nothing is served. Served best
-    /// effort, the first is late, and the prefix it leaves cached makes the rest fast and good.
+    /// `short` repeats of one 1k-token prompt, 100 ms apart (each after the first finds it
+    /// cached: the fleet's prompts are reused), then 20 prompts that share a 30,720-token
+    /// prefix, 500 ms apart, from 10 s on.
+    fn reuse_then_long_prefix(short: usize) -> Trace {
+        use crate::trace::types::{Prompt, TraceRequest};
+        let req = |index: usize, at: f64, ids: Vec<u64>| TraceRequest {
+            index,
+            arrival_ms: Some(at),
+            input_tokens: (ids.len() * 512) as u32,
+            output_tokens: 8,
+            prompt: Prompt::HashIds(ids),
+        };
+        let mut requests: Vec<_> = (0..short)
+            .map(|i| req(i, i as f64 * 100.0, vec![1, 2]))
+            .collect();
+        for k in 0..20u64 {
+            let mut ids: Vec<u64> = (100..160).collect();
+            ids.push(1_000 + k);
+            requests.push(req(requests.len(), 10_000.0 + 500.0 * k as f64, ids));
+        }
+        Trace {
+            requests,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// The long prefix's prefill alone (~0.9 s) outlasts a 0.5 s TTFT SLO. Refusing the first
+    /// request that carries it leaves it uncached, so each later one is as long to prefill and
+    /// refused in turn: none of the 20 is served. Served best effort (the fleet's prompts are
+    /// reused), the first is late and the prefix it leaves cached makes the rest fast and good.
+    /// Where nothing showed reuse before them, they are refused as before.
     #[test]
     fn a_prompt_late_even_alone_is_served_so_the_prefix_it_leaves_serves_the_rest() {
-        let spec: Spec =
-            "requests=20,rate=2,input=300,input_sd=0,output=8,output_sd=0,groups=1,prefix=30720,seed=2"
-                .parse()
-                .expect("spec");
-        let trace = spec.generate();
         let slo = Slo {
             ttft_ms: Some(500.0),
             ..Slo::default()
         };
-        let good = |share: f64| {
+        let long = |trace: &Trace, share: f64| {
             let mut fleet = FleetSpec::new(1, 1);
             fleet.engine.kv_blocks = 16_384;
             fleet.decode_cache_blocks = 16_384;
@@ -202,24 +224,27 @@ mod tests {
             fleet.scheduler.slo.best_effort_share = share;
             let mode = Mode::TraceTime { speed: 1.0 };
             let r = run(
-                &trace,
+                trace,
                 mode,
                 &fleet,
                 &[PolicyKind::Slo],
                 &slo,
                 serde_json::json!({}),
             );
-            let a = &r[0].aggregates;
-            (a.good_requests.unwrap_or(0), a.failed)
+            let long = trace.requests.len() - 20;
+            let s = Aggregates::compute(&r.into_iter().next().expect("one").records[long..], &slo);
+            (s.good_requests.unwrap_or(0), s.failed)
         };
-        assert_eq!(
-            good(0.0),
-            (0, 20),
-            "each refused for the prefix the first never left"
-        );
-        let (served, failed) = good(0.25);
+        let reused = reuse_then_long_prefix(100);
+        assert_eq!(long(&reused, 0.0), (0, 20), "best effort off: all refused");
+        let (good, failed) = long(&reused, 0.25);
         assert_eq!(failed, 0, "all served");
-        assert!(served >= 18, "all but the first two are on time: {served}");
+        assert!(good >= 18, "all but the first are on time: {good}");
+        assert_eq!(
+            long(&reuse_then_long_prefix(0), 0.25),
+            (0, 20),
+            "no reuse seen: refused"
+        );
     }
 
     /// Turns of a conversation that `round_robin` deals to either of two prefills: with pulls

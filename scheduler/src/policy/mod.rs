@@ -27,6 +27,8 @@ pub struct PickCtx<'a> {
     pub predict: &'a Predictor<'a>,
     /// How long the request already waited for a decode with KV room, ms: part of its TTFT.
     pub waited_ms: f64,
+    /// Share of a request's prompt blocks the fleet already cached, over recent decisions.
+    pub reuse: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +114,7 @@ pub(crate) mod testing {
             decode: d,
             predict: &predict,
             waited_ms: 0.0,
+            reuse: 1.0,
         })
     }
 }

@@ -17,8 +17,9 @@
 //! locally, unless another decode is faster by more than the copy costs. With admission on, a
 //! request whose best TTFT or TBT misses the SLO is rejected before any prefill is spent on it,
 //! unless no wait made it late: one whose prefill alone outlasts the TTFT SLO is served best
-//! effort while it is small beside the instances (`slo.best_effort_share`), because refusing it
-//! would only leave its prefix uncached for the requests that share it.
+//! effort while it is small beside the instances (`slo.best_effort_share`) and this fleet's
+//! prompts are reused (`slo.best_effort_min_reuse`), because refusing it would only leave its
+//! prefix uncached for the requests that share it.
 
 use super::{argmin_by, Choice, PickCtx, Policy};
 use crate::candidate::Candidate;
@@ -98,6 +99,7 @@ impl Policy for SloPolicy {
         let ttft = ttft + ctx.waited_ms.max(0.0);
         let best_effort = alone > slo.ttft_ms
             && ttft - alone <= slo.ttft_ms
+            && ctx.reuse >= slo.best_effort_min_reuse
             && runner.zip(chosen).is_some_and(|(p, d)| {
                 let share = slo.best_effort_share.max(0.0);
                 let prompt_blocks =
@@ -242,8 +244,8 @@ mod tests {
 
     /// A prompt whose prefill alone outlasts the SLO is served best effort on an idle fleet
     /// (refusing it frees nothing and leaves its prefix uncached), but refused when a queue
-    /// longer than the SLO is ahead of it, when it is large beside the instances, or when
-    /// `best_effort_share` is 0.
+    /// longer than the SLO is ahead of it, when it is large beside the instances, when
+    /// `best_effort_share` is 0, or when the fleet's prompts are too little reused.
     #[test]
     fn a_request_late_even_alone_is_served_best_effort_while_small() {
         let mut cfg = SchedulerConfig::default();
@@ -286,6 +288,26 @@ mod tests {
         d[0].capacity_blocks = 10_000;
         cfg.slo.best_effort_share = 0.0;
         assert!(late(pick(&mut SloPolicy, &cfg, &k, &p, &d)), "turned off");
+        // Where prompts are not reused, its prefix would serve no one.
+        cfg.slo.best_effort_share = 0.25;
+        let predict = crate::predict::Predictor {
+            cfg: &cfg,
+            bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
+            now: Duration::ZERO,
+            ends_before: &no_ends,
+        };
+        let with_reuse = |reuse: f64| {
+            SloPolicy.pick(&crate::policy::PickCtx {
+                key: &k,
+                prefill: &p,
+                decode: &d,
+                predict: &predict,
+                waited_ms: 0.0,
+                reuse,
+            })
+        };
+        assert!(with_reuse(0.25).is_ok());
+        assert!(late(with_reuse(0.2)), "too little reuse");
     }
 
     #[test]
@@ -381,6 +403,7 @@ mod tests {
                 decode: &d,
                 predict: &predict,
                 waited_ms,
+                reuse: 1.0,
             })
         };
         assert!(after(cfg.slo.ttft_ms - ttft).is_ok(), "exactly at the SLO");
@@ -418,6 +441,7 @@ mod tests {
                 decode: &d,
                 predict: &predict,
                 waited_ms: 0.0,
+                reuse: 1.0,
             })
             .unwrap();
         assert_eq!(c.decode, InstanceId(1));
