@@ -116,10 +116,6 @@ async fn start_leg(
         fleet.workers.add_tripped(fleet.now(), &mut avoid);
         // A request already admitted (a retry, a migration) is not judged on its TTFT again.
         let admitted = decode_cause.is_some() || !avoid_decodes.is_empty();
-        if !admitted && place.is_none() && req.model.room.is_busy() {
-            // Others already wait for room: queue behind them rather than take what frees.
-            place = Some(join_line(req, &mut room)?);
-        }
         if let Some(p) = place.as_mut() {
             if !p.reach_head(room.deadline()).await {
                 return Err(rejection_error(Rejection::KvFull));
@@ -139,7 +135,7 @@ async fn start_leg(
             }
             Err(Rejection::KvFull) => {
                 if !admitted && place.is_none() {
-                    place = Some(join_line(req, &mut room)?);
+                    place = Some(join_line(req, &key, &mut room)?);
                 }
                 // Streams ending on a full decode free room within moments: wait for it.
                 if let Some(pause) = room.pause() {
@@ -463,14 +459,24 @@ fn schedule(
 }
 
 /// A place in the model's line of requests waiting for KV room, or the refusal (429 `kv_full`)
-/// when the line is full or too slow to serve this request within its wait.
-fn join_line<'m>(req: &'m ClientRequest, room: &mut RoomWait) -> Result<Place<'m>, ApiError> {
+/// when the line is full or too slow to serve this request within its wait, or within the time
+/// it can still wait and make its TTFT SLO; its wait then ends when that slack does.
+fn join_line<'m>(
+    req: &'m ClientRequest,
+    key: &RequestKey,
+    room: &mut RoomWait,
+) -> Result<Place<'m>, ApiError> {
+    let fleet = &req.model.fleet;
+    let slack_ms = fleet
+        .scheduler
+        .lock()
+        .ttft_slack_ms(key, fleet.now(), room.waited());
     let place = req
         .model
         .room
-        .join()
+        .join(slack_ms)
         .ok_or_else(|| rejection_error(Rejection::KvFull))?;
-    room.deadline();
+    room.cap(Duration::from_secs_f64(slack_ms.max(0.0) / 1e3));
     Ok(place)
 }
 

@@ -124,6 +124,13 @@ impl RoomWait {
         *self.started.get_or_insert_with(tokio::time::Instant::now) + self.limit
     }
 
+    /// Ends the wait no later than `left` from now.
+    pub fn cap(&mut self, left: Duration) {
+        let now = tokio::time::Instant::now();
+        let started = *self.started.get_or_insert(now);
+        self.limit = self.limit.min(now + left - started);
+    }
+
     /// Time waited so far (zero before the first pause).
     pub fn waited(&self) -> Duration {
         self.started.map_or(Duration::ZERO, |t| t.elapsed())

@@ -1,8 +1,8 @@
 //! One model's line of new requests waiting for KV room: the scheduler's `RoomLine` bookkeeping
 //! under a lock, and a fair semaphore whose one permit is the head's place, so waiters are
 //! served in the order they came. Only the head asks the scheduler again; the others wait for
-//! the place (each up to its own deadline), so a stream that frees room serves the oldest
-//! waiter, not whoever happens to ask first.
+//! the place (each up to its own deadline). A new request asks before it joins: one that fits
+//! takes the room at once rather than wait behind a head that needs more.
 
 use parking_lot::Mutex;
 use pdgate_scheduler::{Leaving, RoomLine, Slo};
@@ -46,14 +46,15 @@ impl Line {
         self.open && self.book.lock().waiting() > 0
     }
 
-    /// A place at the end of the line, or `None`: refuse the request now.
-    pub fn join(&self) -> Option<Place<'_>> {
+    /// A place at the end of the line for a request that can wait `slack_ms` and still make
+    /// its TTFT SLO, or `None`: refuse the request now.
+    pub fn join(&self, slack_ms: f64) -> Option<Place<'_>> {
         if !self.open {
             return None;
         }
         let now = self.now_ms();
         // The lock is let go before a place exists: a place's drop takes it again.
-        let joined = self.book.lock().try_join(now);
+        let joined = self.book.lock().try_join(now, slack_ms);
         joined.then(|| Place {
             line: self,
             head: None,
@@ -113,8 +114,8 @@ mod tests {
     async fn waiters_reach_the_head_in_the_order_they_came() {
         let l = line(8);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let mut first = l.join().expect("first");
-        let mut second = l.join().expect("second");
+        let mut first = l.join(f64::INFINITY).expect("first");
+        let mut second = l.join(f64::INFINITY).expect("second");
         assert!(first.reach_head(deadline).await);
         let soon = tokio::time::Instant::now() + Duration::from_millis(20);
         assert!(
@@ -131,7 +132,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_line_refuses() {
         let l = line(1);
-        let _only = l.join().expect("joins");
-        assert!(l.join().is_none());
+        let _only = l.join(f64::INFINITY).expect("joins");
+        assert!(l.join(f64::INFINITY).is_none());
     }
 }

@@ -522,6 +522,26 @@ impl Scheduler {
             .collect()
     }
 
+    /// How much longer than `waited` a request could wait and still make its TTFT SLO on the
+    /// prefill predicted fastest for it now: what a wait for KV room may take. Books nothing.
+    pub fn ttft_slack_ms(&self, key: &RequestKey, now: Duration, waited: Duration) -> f64 {
+        let matches = self.index.match_all(&key.blocks, now);
+        let shortlist = self.cfg.policy.shortlists();
+        let prefill = self.candidates(Role::Prefill, &[], &matches, shortlist, now);
+        let no_ends = |_: InstanceId, _: Duration| 0;
+        let predict = Predictor {
+            cfg: &self.cfg,
+            bytes_per_ms: self.bandwidth.get(),
+            now,
+            ends_before: &no_ends,
+        };
+        let best = prefill
+            .iter()
+            .map(|c| predict.ttft_ms(key, c))
+            .fold(f64::INFINITY, f64::min);
+        self.cfg.slo.ttft_ms - waited.as_secs_f64() * 1e3 - best
+    }
+
     /// The prefill leg ended (and, disaggregated, its KV landed); `observed` corrects the model.
     pub fn prefill_done(&mut self, ticket: Ticket, now: Duration, observed: Option<Observed>) {
         let Some(b) = self.booked.get_mut(&ticket) else {

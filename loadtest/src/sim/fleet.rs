@@ -112,6 +112,9 @@ struct ReqState {
     tokens: u32,
     /// In its replica's line of requests waiting for KV room.
     queued: bool,
+    /// When its TTFT slack runs out, set as it joins a line: its wait for room ends then if
+    /// that comes before `room_wait_ms`.
+    room_until: f64,
     rec: RequestRecord,
 }
 
@@ -304,10 +307,6 @@ impl Sim<'_> {
         };
         let (replica, waited) = (self.reqs[r].replica, now - self.reqs[r].rec.sent_ms);
         let queued = self.reqs[r].queued;
-        if !queued && !self.lines[replica].queue.is_empty() {
-            // Others already wait for room: queue behind them.
-            return self.join_line(r, now);
-        }
         let d = match self.gw.schedule(replica, &key, now, waited, &mut self.q) {
             Ok(d) => {
                 if queued {
@@ -560,7 +559,11 @@ impl Sim<'_> {
     /// the last poll is the deadline itself: a poll computed from the time left could round to
     /// no time at all and ask again at the same instant forever.
     fn room_deadline(&self, r: usize) -> f64 {
-        self.reqs[r].rec.sent_ms + self.spec.scheduler.slo.room_wait_ms
+        let wait = self.reqs[r].rec.sent_ms + self.spec.scheduler.slo.room_wait_ms;
+        match self.reqs[r].room_until {
+            until if until > 0.0 => wait.min(until),
+            _ => wait,
+        }
     }
 
     /// Asks again for `r` (the head of its line) after a poll, within its wait.
@@ -571,8 +574,18 @@ impl Sim<'_> {
 
     /// `r` joins its replica's line (the head asks again after a poll), or is refused now.
     fn join_line(&mut self, r: usize, now: f64) {
-        let line = &mut self.lines[self.reqs[r].replica];
-        if !line.book.try_join(now) {
+        let replica = self.reqs[r].replica;
+        let req = &self.trace.requests[r];
+        let key = RequestKey {
+            prompt_tokens: req.input_tokens,
+            max_tokens: req.output_tokens,
+            blocks: engine_blocks(req, self.spec.engine.block_size),
+        };
+        let waited = now - self.reqs[r].rec.sent_ms;
+        let slack = self.gw.ttft_slack_ms(replica, &key, now, waited);
+        self.reqs[r].room_until = now + slack.max(0.0);
+        let line = &mut self.lines[replica];
+        if !line.book.try_join(now, slack) {
             return self.refuse_kv_full(r, now);
         }
         line.queue.push_back(r);

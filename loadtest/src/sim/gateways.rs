@@ -117,6 +117,18 @@ impl Gateways {
         r
     }
 
+    /// Replica `r`'s `ttft_slack_ms` for a request that has waited `waited_ms`.
+    pub fn ttft_slack_ms(
+        &mut self,
+        r: usize,
+        key: &RequestKey,
+        now_ms: f64,
+        waited_ms: f64,
+    ) -> f64 {
+        self.replica(r)
+            .ttft_slack_ms(key, at(now_ms), at(waited_ms))
+    }
+
     pub fn replica(&mut self, r: usize) -> &mut Scheduler {
         let n = self.replicas.len();
         &mut self.replicas[r % n]
