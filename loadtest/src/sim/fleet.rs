@@ -263,6 +263,8 @@ impl Sim<'_> {
             kind: kind.into(),
             message,
         });
+        // When the refusal came, as the replayer records it (latency aggregates skip errors).
+        s.rec.e2el_ms = Some(now - s.rec.sent_ms);
         if let Some(t) = s.ticket.take() {
             self.gw.decode_done(s.replica, t, now, &mut self.q);
         }
