@@ -97,17 +97,8 @@ impl Policy for SloPolicy {
             _ => (ttft, ttft),
         };
         let ttft = ttft + ctx.waited_ms.max(0.0);
-        let best_effort = alone > slo.ttft_ms
-            && ttft - alone <= slo.ttft_ms
-            && ctx.reuse >= slo.best_effort_min_reuse
-            && runner.zip(chosen).is_some_and(|(p, d)| {
-                let share = slo.best_effort_share.max(0.0);
-                let prompt_blocks =
-                    u64::from(ctx.key.prompt_tokens).div_ceil(pred.cfg.block_size.max(1) as u64);
-                prompt_blocks as f64 <= share * p.capacity_blocks as f64
-                    && pred.decode_blocks(ctx.key) as f64 <= share * d.capacity_blocks as f64
-            });
-        if slo.admission && ttft > slo.ttft_ms && !best_effort {
+        let late = ttft > slo.ttft_ms && !best_effort(ctx, ttft, alone, runner.zip(chosen));
+        if slo.admission && late {
             return Err(Rejection::Slo {
                 breach: SloBreach::Ttft,
                 predicted_ms: ttft,
@@ -123,6 +114,30 @@ impl Policy for SloPolicy {
         }
         Ok(Choice { prefill, decode })
     }
+}
+
+/// Whether a request predicted `ttft` ms to its first token, `alone` ms on an idle instance, is
+/// served best effort: no wait made it late (it is late alone, and the wait ahead is within
+/// the SLO), it is small beside its prefill's cache and decode's pool, and the fleet's prompts
+/// are reused.
+fn best_effort(
+    ctx: &PickCtx<'_>,
+    ttft: f64,
+    alone: f64,
+    pair: Option<(&Candidate, &Candidate)>,
+) -> bool {
+    let (pred, slo) = (ctx.predict, &ctx.predict.cfg.slo);
+    let share = slo.best_effort_share.max(0.0);
+    let small = |(p, d): (&Candidate, &Candidate)| {
+        let prompt_blocks =
+            u64::from(ctx.key.prompt_tokens).div_ceil(pred.cfg.block_size.max(1) as u64);
+        prompt_blocks as f64 <= share * p.capacity_blocks as f64
+            && pred.decode_blocks(ctx.key) as f64 <= share * d.capacity_blocks as f64
+    };
+    alone > slo.ttft_ms
+        && ttft - alone <= slo.ttft_ms
+        && ctx.reuse >= slo.best_effort_min_reuse
+        && pair.is_some_and(small)
 }
 
 /// `c` with nothing queued: what the request would take there on its own.
