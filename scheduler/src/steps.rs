@@ -46,39 +46,41 @@ impl StepQueue {
             return false;
         };
         self.booked.remove(at);
-        let mut tail = Tail::default();
-        self.running = 0;
-        for &(_, t) in &self.booked {
-            tail = tail.add(t, budget, true);
-            if tail.steps == 1 {
-                self.running += 1;
-            }
-        }
-        self.tail = tail;
+        let mut first = 0u64;
+        self.running = self
+            .booked
+            .iter()
+            .enumerate()
+            .take_while(|&(i, &(_, t))| {
+                first += t;
+                i == 0 || first <= budget.max(1)
+            })
+            .count();
+        self.tail = self.pack(budget, |_| {});
         true
-    }
-
-    pub fn len(&self) -> usize {
-        self.booked.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.booked.is_empty()
     }
 
     /// Time to work through every booked prefill, step by step.
     pub fn ms(&self, cost: &CostModel) -> f64 {
-        let budget = cost.max_batched_tokens.max(1);
-        let mut tail = Tail::default();
         let mut total = 0.0;
+        let tail = self.pack(cost.max_batched_tokens, |step| {
+            total += cost.prefill_ms(step)
+        });
+        total + cost.prefill_ms(tail.tokens)
+    }
+
+    /// Packs the booked prefills into steps, the running one closed at `running`; `closed`
+    /// gets the tokens of every step but the last, which is returned.
+    fn pack(&self, budget: u64, mut closed: impl FnMut(u64)) -> Tail {
+        let mut tail = Tail::default();
         for (i, &(_, t)) in self.booked.iter().enumerate() {
             let next = tail.add(t, budget, i != self.running);
             if next.steps > tail.steps && tail.steps > 0 {
-                total += cost.prefill_ms(tail.tokens);
+                closed(tail.tokens);
             }
             tail = next;
         }
-        total + cost.prefill_ms(tail.tokens)
+        tail
     }
 
     /// Tokens of the last step a new prefill could still join: it is not the step already
@@ -178,6 +180,6 @@ mod tests {
         assert_eq!(q.joinable(budget), None, "the rest is the running step now");
         assert!((q.ms(&cost) - cost.prefill_ms(1000)).abs() < 1e-9);
         assert!(!q.remove(Ticket(0), budget));
-        assert_eq!(q.len(), 1);
+        assert_eq!(q.booked.len(), 1);
     }
 }
