@@ -317,7 +317,7 @@ impl Sim<'_> {
                 d
             }
             Err(pdgate_scheduler::Rejection::KvFull) if !queued => {
-                return self.join_line(r, now);
+                return self.join_line(r, &key, now);
             }
             Err(pdgate_scheduler::Rejection::KvFull) if now < self.room_deadline(r) => {
                 self.poll_room(r, now);
@@ -575,16 +575,10 @@ impl Sim<'_> {
     }
 
     /// `r` joins its replica's line (the head asks again after a poll), or is refused now.
-    fn join_line(&mut self, r: usize, now: f64) {
+    fn join_line(&mut self, r: usize, key: &RequestKey, now: f64) {
         let replica = self.reqs[r].replica;
-        let req = &self.trace.requests[r];
-        let key = RequestKey {
-            prompt_tokens: req.input_tokens,
-            max_tokens: req.output_tokens,
-            blocks: engine_blocks(req, self.spec.engine.block_size),
-        };
         let waited = now - self.reqs[r].rec.sent_ms;
-        let slack = self.gw.ttft_slack_ms(replica, &key, now, waited);
+        let slack = self.gw.ttft_slack_ms(replica, key, now, waited);
         self.reqs[r].room_until = now + slack.max(0.0);
         let line = &mut self.lines[replica];
         if !line.book.try_join(now, slack) {
