@@ -298,7 +298,9 @@ impl Scheduler {
         waited: Duration,
     ) -> Result<Decision, Rejection> {
         let matches = self.index.match_all(&key.blocks, now);
-        if !key.blocks.is_empty() {
+        // Once per request: a request asking again while it waits for room is not another
+        // sample of how much prompts are reused.
+        if waited.is_zero() && !key.blocks.is_empty() {
             let best = matches.iter().map(|(_, n)| *n).max().unwrap_or(0);
             self.reuse.update(f64::from(best) / key.blocks.len() as f64);
         }
