@@ -102,6 +102,20 @@ pub(crate) mod testing {
         p: &[Candidate],
         d: &[Candidate],
     ) -> Result<Choice, Rejection> {
+        pick_after(policy, cfg, key, p, d, 0.0, 1.0)
+    }
+
+    /// As `pick`, for a request that already waited `waited_ms` for room, in a fleet whose
+    /// prompts are found `reuse` cached.
+    pub fn pick_after(
+        policy: &mut dyn Policy,
+        cfg: &SchedulerConfig,
+        key: &RequestKey,
+        p: &[Candidate],
+        d: &[Candidate],
+        waited_ms: f64,
+        reuse: f64,
+    ) -> Result<Choice, Rejection> {
         let predict = Predictor {
             cfg,
             bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
@@ -113,8 +127,8 @@ pub(crate) mod testing {
             prefill: p,
             decode: d,
             predict: &predict,
-            waited_ms: 0.0,
-            reuse: 1.0,
+            waited_ms,
+            reuse,
         })
     }
 }

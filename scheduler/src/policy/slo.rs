@@ -305,22 +305,7 @@ mod tests {
         assert!(late(pick(&mut SloPolicy, &cfg, &k, &p, &d)), "turned off");
         // Where prompts are not reused, its prefix would serve no one.
         cfg.slo.best_effort_share = 0.25;
-        let predict = crate::predict::Predictor {
-            cfg: &cfg,
-            bytes_per_ms: cfg.cost.prior_bytes_per_ms(),
-            now: Duration::ZERO,
-            ends_before: &no_ends,
-        };
-        let with_reuse = |reuse: f64| {
-            SloPolicy.pick(&crate::policy::PickCtx {
-                key: &k,
-                prefill: &p,
-                decode: &d,
-                predict: &predict,
-                waited_ms: 0.0,
-                reuse,
-            })
-        };
+        let with_reuse = |reuse: f64| pick_after(&mut SloPolicy, &cfg, &k, &p, &d, 0.0, reuse);
         assert!(with_reuse(0.25).is_ok());
         assert!(late(with_reuse(0.2)), "too little reuse");
     }
@@ -411,16 +396,7 @@ mod tests {
             ends_before: &no_ends,
         };
         let ttft = predict.ttft_ms(&k, &p[0]);
-        let after = |waited_ms: f64| {
-            SloPolicy.pick(&crate::policy::PickCtx {
-                key: &k,
-                prefill: &p,
-                decode: &d,
-                predict: &predict,
-                waited_ms,
-                reuse: 1.0,
-            })
-        };
+        let after = |waited_ms: f64| pick_after(&mut SloPolicy, &cfg, &k, &p, &d, waited_ms, 1.0);
         assert!(after(cfg.slo.ttft_ms - ttft).is_ok(), "exactly at the SLO");
         match after(cfg.slo.ttft_ms - ttft + 1.0) {
             Err(Rejection::Slo {
