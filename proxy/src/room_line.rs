@@ -41,7 +41,7 @@ impl Line {
         self.epoch.elapsed().as_secs_f64() * 1e3
     }
 
-    /// Whether requests are waiting: a new one then queues behind them.
+    /// Whether requests are waiting in the line.
     pub fn is_busy(&self) -> bool {
         self.open && self.book.lock().waiting() > 0
     }
