@@ -44,6 +44,7 @@ pub struct PrefixCache {
     tick: u64,
     last_use: HashMap<BlockHash, u64, BuildHasherDefault<PassThroughHasher>>,
     by_age: VecDeque<(u64, BlockHash)>,
+    demoted: VecDeque<(u64, BlockHash)>,
     host: Option<Box<PrefixCache>>,
 }
 
@@ -54,6 +55,7 @@ impl PrefixCache {
             tick: 0,
             last_use: HashMap::default(),
             by_age: VecDeque::new(),
+            demoted: VecDeque::new(),
             host: None,
         }
     }
@@ -127,7 +129,8 @@ impl PrefixCache {
             self.touch(*b);
         }
         while self.last_use.len() > self.capacity {
-            let Some((tick, victim)) = self.by_age.pop_front() else {
+            let next = self.demoted.pop_front();
+            let Some((tick, victim)) = next.or_else(|| self.by_age.pop_front()) else {
                 break;
             };
             if self.last_use.get(&victim) == Some(&tick) {
@@ -143,10 +146,29 @@ impl PrefixCache {
         change
     }
 
+    /// Marks the held blocks of `blocks` (a prompt's, in order) to be evicted before any other
+    /// block, until a request touches them again: the copy of a handed-off prompt that another
+    /// engine keeps. Its last block goes first, so while part of it is left that part is still
+    /// a prefix someone can hit.
+    pub fn demote(&mut self, blocks: &[BlockHash]) {
+        for b in blocks.iter().rev() {
+            if self.last_use.contains_key(b) {
+                self.tick += 1;
+                self.last_use.insert(*b, self.tick);
+                self.demoted.push_back((self.tick, *b));
+            }
+        }
+        if self.demoted.len() > 2 * self.last_use.len() + 64 {
+            let last_use = &self.last_use;
+            self.demoted.retain(|(t, b)| last_use.get(b) == Some(t));
+        }
+    }
+
     /// Drops every block of every tier (vLLM's `/reset_prefix_cache`).
     pub fn clear(&mut self) {
         self.last_use.clear();
         self.by_age.clear();
+        self.demoted.clear();
         if let Some(h) = &mut self.host {
             h.clear();
         }
@@ -169,6 +191,35 @@ mod tests {
 
     fn hs(ids: &[u64]) -> Vec<BlockHash> {
         ids.iter().copied().map(BlockHash).collect()
+    }
+
+    #[test]
+    fn demoted_blocks_go_first_tail_first_until_touched_again() {
+        let mut c = PrefixCache::new(6);
+        c.insert(&hs(&[1, 2, 3]));
+        c.insert(&hs(&[4, 5, 6]));
+        c.demote(&hs(&[4, 5, 6, 99])); // 99 is not held: ignored
+        assert_eq!(c.len(), 6);
+        // The oldest block is 1, but the demoted run goes first, from its end.
+        assert_eq!(c.insert(&hs(&[7])).evicted, hs(&[6]));
+        assert_eq!(c.peek_prefix(&hs(&[4, 5, 6])), 2, "its head still hits");
+        // A touch makes a demoted block an ordinary one again.
+        assert_eq!(c.match_prefix(&hs(&[4])), 1);
+        assert_eq!(c.insert(&hs(&[8, 9])).evicted, hs(&[5, 1]));
+        assert_eq!(c.peek_prefix(&hs(&[4])), 1);
+        assert_eq!(c.peek_prefix(&hs(&[2, 3])), 2);
+    }
+
+    #[test]
+    fn demoting_again_and_again_stays_bounded() {
+        let mut c = PrefixCache::new(4);
+        c.insert(&hs(&[1, 2, 3, 4]));
+        for _ in 0..10_000 {
+            c.demote(&hs(&[1, 2]));
+            c.match_prefix(&hs(&[1, 2]));
+        }
+        assert!(c.demoted.len() <= 2 * c.len() + 64);
+        assert!(c.by_age.len() <= 2 * c.len() + 64);
     }
 
     #[test]

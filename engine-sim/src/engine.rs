@@ -161,6 +161,13 @@ impl Engine {
         events.publish(out);
     }
 
+    /// Marks the cached blocks of `full` to be evicted before any other: the copy of a
+    /// handed-off prompt that the other engine of the pair keeps.
+    pub fn evict_first(&self, full: &[BlockHash]) {
+        self.cache.lock().demote(full);
+        Stats::add(&self.stats.kv_evict_first_blocks, full.len() as u64);
+    }
+
     /// Empties the prefix cache (vLLM's `POST /reset_prefix_cache`).
     pub fn reset_prefix_cache(&self) {
         let mut cache = self.cache.lock();

@@ -149,6 +149,9 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
         .await
         .map_err(|err| ApiError::server(409, "kv_not_ready", err.to_string()))?;
     verify_claim(e, &claim, tokens, &leg.request_id)?;
+    if leg.evict_first {
+        e.evict_first(&e.hasher.full_blocks(tokens));
+    }
     Ok(claim)
 }
 

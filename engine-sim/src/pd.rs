@@ -103,6 +103,9 @@ pub async fn prefill(
 
     let sent = Instant::now();
     let bytes_sent = send_blocks(&e, &req.request_id, &req.target, &blocks).await?;
+    if req.evict_first {
+        e.evict_first(full);
+    }
     Ok(Json(PrefillReport {
         request_id: req.request_id,
         prompt_tokens: tokens.len() as u32,

@@ -37,6 +37,8 @@ pub struct Stats {
     pub kv_host_hit_blocks: AtomicU64,
     /// Blocks held in the host tier now.
     pub kv_host_blocks: AtomicU64,
+    /// Blocks of handed-off prompts marked evicted first (the pair's other engine keeps them).
+    pub kv_evict_first_blocks: AtomicU64,
 }
 
 impl Stats {
@@ -200,6 +202,12 @@ impl Stats {
             "counter",
             "Prompt blocks found in the host tier and copied back instead of computed.",
             g(&self.kv_host_hit_blocks).to_string(),
+        );
+        metric(
+            "pdgate_sim_kv_evict_first_blocks_total",
+            "counter",
+            "Blocks of handed-off prompts marked to be evicted first: the other engine of the pair keeps them.",
+            g(&self.kv_evict_first_blocks).to_string(),
         );
         metric(
             "pdgate_sim_kv_host_cache_blocks",

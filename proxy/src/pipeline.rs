@@ -191,6 +191,7 @@ async fn start_leg(
             predicted_pull_ms = decision.pull.map_or(0.0, |p| p.ms),
             predicted_ttft_ms = decision.predicted_ttft_ms,
             late = decision.late,
+            evict_first = decision.evict_first.map_or("none", Role::as_str),
             "scheduled"
         );
         let ctx = LegContext {
@@ -201,6 +202,7 @@ async fn start_leg(
             prefill: prefill.as_deref(),
             decode: &decode,
             pull: pull_from(fleet, &decision),
+            evict_first: decision.evict_first,
         };
         let verdicts = (
             prefill
@@ -391,6 +393,7 @@ async fn fallback(
         prefill: None,
         decode: &decode,
         pull: None,
+        evict_first: None,
     };
     let verdicts = (None, Verdict::new(fleet, state.cfg.breaker, &decode));
     let result = protocol::run_legs(decode.protocol, &ctx, |_| {}).await;

@@ -269,6 +269,14 @@ pub struct ReuseConfig {
     pub min_pull_blocks: u32,
     /// Fixed cost of one pull (lease, request, verification), ms, on top of bytes over bandwidth.
     pub pull_overhead_ms: f64,
+    /// One copy per handoff: the prefill or the decode (a hash of the prompt picks, weighted by
+    /// the sides' cache sizes) marks its copy of a handed-off prompt to be evicted first, so the
+    /// fleet's caches hold distinct blocks instead of two copies of each (`copies.rs`). Needs
+    /// engines that take the mark (the reference engine, native protocol); others ignore it.
+    pub one_copy: bool,
+    /// Only when both caches hold at least this many prompts of the request's size: smaller
+    /// caches turn over too fast for a second copy to cost anything.
+    pub one_copy_min_prompts: u32,
 }
 
 impl Default for ReuseConfig {
@@ -277,6 +285,8 @@ impl Default for ReuseConfig {
             pull: false,
             min_pull_blocks: 4,
             pull_overhead_ms: 2.0,
+            one_copy: true,
+            one_copy_min_prompts: 16,
         }
     }
 }

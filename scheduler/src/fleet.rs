@@ -46,6 +46,8 @@ fn slot(role: Role) -> usize {
 pub struct Fleet {
     table: Vec<Option<Instance>>,
     by_load: [BTreeSet<LoadKey>; 2],
+    /// Cache blocks of the healthy instances, per role.
+    capacity: [u64; 2],
 }
 
 impl Fleet {
@@ -57,13 +59,17 @@ impl Fleet {
         self.remove(id);
         if inst.healthy {
             self.by_load[slot(inst.role)].insert(load_key(id, &inst));
+            self.capacity[slot(inst.role)] += inst.capacity_blocks;
         }
         self.table[i] = Some(inst);
     }
 
     pub fn remove(&mut self, id: InstanceId) {
         if let Some(old) = self.table.get_mut(id.0 as usize).and_then(Option::take) {
-            self.by_load[slot(old.role)].remove(&load_key(id, &old));
+            if old.healthy {
+                self.by_load[slot(old.role)].remove(&load_key(id, &old));
+                self.capacity[slot(old.role)] -= old.capacity_blocks;
+            }
         }
     }
 
@@ -76,14 +82,25 @@ impl Fleet {
         let Some(inst) = self.table.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return;
         };
-        let set = &mut self.by_load[slot(inst.role)];
-        let was_healthy = inst.healthy;
-        if was_healthy {
+        let (set, capacity) = (&mut self.by_load[slot(inst.role)], &mut self.capacity);
+        if inst.healthy {
             set.remove(&load_key(id, inst));
+            capacity[slot(inst.role)] -= inst.capacity_blocks;
         }
         f(inst);
         if inst.healthy {
             set.insert(load_key(id, inst));
+            capacity[slot(inst.role)] += inst.capacity_blocks;
+        }
+    }
+
+    /// The healthy `role` instances' share of the healthy fleet's cache blocks (0 when empty).
+    pub fn cache_share(&self, role: Role) -> f64 {
+        let total = self.capacity[0] + self.capacity[1];
+        if total == 0 {
+            0.0
+        } else {
+            self.capacity[slot(role)] as f64 / total as f64
         }
     }
 
@@ -121,6 +138,26 @@ mod tests {
             egress_until: Duration::ZERO,
             decode_ends: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn cache_share_follows_health_capacity_and_removal() {
+        let mut f = Fleet::default();
+        f.insert(InstanceId(0), inst(Role::Prefill));
+        assert_eq!(f.cache_share(Role::Prefill), 1.0);
+        for i in 1..4 {
+            f.insert(InstanceId(i), inst(Role::Decode));
+        }
+        assert_eq!(f.cache_share(Role::Prefill), 0.25);
+        f.update(InstanceId(0), |i| i.capacity_blocks = 3);
+        assert_eq!(f.cache_share(Role::Prefill), 0.5);
+        f.update(InstanceId(1), |i| i.healthy = false);
+        assert_eq!(f.cache_share(Role::Decode), 0.4);
+        f.remove(InstanceId(1)); // unhealthy: already out of the sums
+        f.remove(InstanceId(2));
+        assert_eq!(f.cache_share(Role::Decode), 0.25);
+        f.remove(InstanceId(0));
+        assert_eq!(f.cache_share(Role::Prefill), 0.0);
     }
 
     #[test]

@@ -52,6 +52,13 @@ struct PerInstance {
     capacity: u64,
 }
 
+/// Where a touch goes in an instance's age order.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Back,
+    Front,
+}
+
 /// Block hashes are already uniform 64-bit hashes: hashing them again is wasted work.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PassThroughHasher(u64);
@@ -194,6 +201,19 @@ impl PrefixIndex {
         self.enforce_memory();
     }
 
+    /// Records that `id` will hold `blocks` as its first to evict: the engine marks its copy of
+    /// a handed-off prompt so (one copy per handoff), and the index's capacity cap drops them
+    /// first too, last block first, as the engine does. (Entries behind them in the age order
+    /// may then outlive their TTL by up to one TTL: expiry stops at the first live entry.)
+    pub fn record_evict_first(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
+        self.expire(id, now);
+        for b in blocks {
+            self.touch_at(id, *b, now, false, End::Front);
+        }
+        self.evict_over_capacity(id);
+        self.enforce_memory();
+    }
+
     /// The engine reported it stored `blocks` (precise, no TTL).
     pub fn stored(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
         for b in blocks {
@@ -242,6 +262,11 @@ impl PrefixIndex {
     }
 
     fn touch(&mut self, id: InstanceId, block: BlockHash, now: Duration, precise: bool) {
+        self.touch_at(id, block, now, precise, End::Back);
+    }
+
+    /// A touch placed at the back of the age order (evicted last) or the front (first).
+    fn touch_at(&mut self, id: InstanceId, block: BlockHash, now: Duration, precise: bool, at: End) {
         self.seq += 1;
         let seq = self.seq;
         let Some(per) = self.instances.get_mut(&id) else {
@@ -265,7 +290,10 @@ impl PrefixIndex {
                 per.live += 1;
             }
         }
-        per.order.push_back((seq, block));
+        match at {
+            End::Back => per.order.push_back((seq, block)),
+            End::Front => per.order.push_front((seq, block)),
+        }
         if per.order.len() as u64 > 2 * per.live + 64 {
             let holders = &self.holders;
             per.order.retain(|(seq, b)| {

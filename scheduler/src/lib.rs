@@ -8,6 +8,7 @@
 pub mod blocks;
 pub mod candidate;
 pub mod config;
+pub mod copies;
 pub mod cost;
 pub mod fleet;
 pub mod index;

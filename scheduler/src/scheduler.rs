@@ -9,6 +9,7 @@
 use crate::blocks::BlockHash;
 use crate::candidate::{Candidate, Pull};
 use crate::config::SchedulerConfig;
+use crate::copies;
 use crate::cost::Ewma;
 use crate::fleet::{Fleet, Instance};
 use crate::index::PrefixIndex;
@@ -40,6 +41,9 @@ pub struct Decision {
     /// Admitted although predicted past the TTFT SLO: best effort under `slo` (late even
     /// alone), or any late request under a policy that does not admit against the SLO.
     pub late: bool,
+    /// The side whose engine marks its copy of the handed-off prompt to be evicted first
+    /// (`reuse.one_copy`); `None` when both keep it, or nothing is handed off.
+    pub evict_first: Option<Role>,
 }
 
 /// What the gateway measured once a prefill leg finished.
@@ -82,6 +86,10 @@ pub struct Booking {
     /// they do not plan pulls into a link it already fills.
     #[serde(default)]
     pub pull: Option<Pull>,
+    /// Whose copy of the prompt is evicted first, so the other replicas' indexes expect it only
+    /// on the side that keeps it.
+    #[serde(default)]
+    pub evict_first: Option<Role>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -96,6 +104,7 @@ struct Booked {
     decode_end: Duration,
     prefill_open: bool,
     pull: Option<Pull>,
+    evict_first: Option<Role>,
 }
 
 pub struct Scheduler {
@@ -115,6 +124,10 @@ pub struct Scheduler {
     /// Share of a request's prompt blocks some instance already cached, over recent decisions:
     /// how much this fleet's prompts are reused (`slo.best_effort_min_reuse`).
     reuse: Ewma,
+    /// Blocks of a typical prompt (one sample per request, from the first) and how many
+    /// samples it has seen.
+    prompt_blocks: Option<Ewma>,
+    prompt_samples: u64,
     next_id: u32,
     next_ticket: u64,
 }
@@ -127,6 +140,8 @@ impl Scheduler {
             bandwidth: Ewma::new(cfg.cost.prior_bytes_per_ms(), cfg.cost.ewma_alpha),
             // No reuse until some is seen.
             reuse: Ewma::new(0.0, REUSE_ALPHA),
+            prompt_blocks: None,
+            prompt_samples: 0,
             instances: Fleet::default(),
             booked: HashMap::new(),
             pull_bandwidth: HashMap::new(),
@@ -303,6 +318,11 @@ impl Scheduler {
         if waited.is_zero() && !key.blocks.is_empty() {
             let best = matches.iter().map(|(_, n)| *n).max().unwrap_or(0);
             self.reuse.update(f64::from(best) / key.blocks.len() as f64);
+            let blocks = key.blocks.len() as f64;
+            self.prompt_blocks
+                .get_or_insert_with(|| Ewma::new(blocks, REUSE_ALPHA))
+                .update(blocks);
+            self.prompt_samples += 1;
         }
         let shortlist = self.cfg.policy.shortlists();
         let mut prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
@@ -367,6 +387,17 @@ impl Scheduler {
             decode_end: at + Duration::from_secs_f64(tbt * f64::from(key.max_tokens) / 1000.0),
             prefill_open: true,
             pull: runner.pull,
+            evict_first: if local {
+                None
+            } else {
+                self.typical_prompt_blocks().and_then(|typical| {
+                    let fleet = copies::FleetView {
+                        prefill_share: self.instances.cache_share(Role::Prefill),
+                        typical_prompt_blocks: typical,
+                    };
+                    copies::evict_first(&self.cfg, key, p, d, fleet)
+                })
+            },
         };
         let decision = Decision {
             ticket: Ticket(self.next_ticket),
@@ -377,6 +408,7 @@ impl Scheduler {
             predicted_ttft_ms: ttft,
             predicted_tbt_ms: tbt,
             late: ttft > self.cfg.slo.ttft_ms,
+            evict_first: booked.evict_first,
         };
         let runner_id = runner.id;
         self.next_ticket += 1;
@@ -384,10 +416,18 @@ impl Scheduler {
         if let Some(pull) = decision.pull {
             self.book_pull(pull, runner_id, now);
         }
-        for id in booked.prefill.into_iter().chain([decision.decode]) {
-            self.index.record(id, &key.blocks, now);
-        }
+        self.record_copies(&key.blocks, booked.prefill, d.id, decision.evict_first, now);
         Ok(decision)
+    }
+
+    /// Blocks of the fleet's typical prompt, once as many requests as the average spans were
+    /// seen (before, the first turns of conversations would stand for the fleet).
+    fn typical_prompt_blocks(&self) -> Option<f64> {
+        let span = (1.0 / REUSE_ALPHA) as u64;
+        self.prompt_blocks
+            .as_ref()
+            .filter(|_| self.prompt_samples >= span)
+            .map(Ewma::get)
     }
 
     /// What `ticket` booked, for the other replicas (`now`: the booking's time).
@@ -403,6 +443,7 @@ impl Scheduler {
             compute_ms: b.compute_ms,
             decode_end_ms: b.decode_end.saturating_sub(now).as_secs_f64() * 1e3,
             pull: b.pull,
+            evict_first: b.evict_first,
         })
     }
 
@@ -423,16 +464,38 @@ impl Scheduler {
             decode_end: now + Duration::from_secs_f64(b.decode_end_ms.max(0.0) / 1e3),
             prefill_open: true,
             pull: b.pull,
+            evict_first: b.evict_first,
         };
         let runner = b.prefill.unwrap_or(b.decode);
         self.book(ticket, booked, runner, now);
         if let Some(pull) = b.pull {
             self.book_pull(pull, runner, now);
         }
-        for id in b.prefill.into_iter().chain([b.decode]) {
-            self.index.record(id, blocks, now);
-        }
+        self.record_copies(blocks, b.prefill, b.decode, b.evict_first, now);
         ticket
+    }
+
+    /// The routed prompt will be cached where it runs; a copy marked evicted first is recorded
+    /// as the first the index's capacity cap drops, as the engine drops it first.
+    fn record_copies(
+        &mut self,
+        blocks: &[BlockHash],
+        prefill: Option<InstanceId>,
+        decode: InstanceId,
+        evict_first: Option<Role>,
+        now: Duration,
+    ) {
+        let sides = prefill
+            .map(|p| (p, Role::Prefill))
+            .into_iter()
+            .chain([(decode, Role::Decode)]);
+        for (id, role) in sides {
+            if evict_first == Some(role) {
+                self.index.record_evict_first(id, blocks, now);
+            } else {
+                self.index.record(id, blocks, now);
+            }
+        }
     }
 
     fn book(&mut self, ticket: Ticket, b: Booked, runner: InstanceId, now: Duration) {

@@ -55,6 +55,10 @@ pub struct PrefillRequest {
     /// the rest; a pull that fails for any reason is recomputed, never an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<PullFrom>,
+    /// Once the blocks are sent, mark this engine's copy of the prompt to be evicted before any
+    /// other block: the decode keeps the fleet's copy (one copy per handoff).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evict_first: bool,
 }
 
 /// Where to pull a prefix from: the holder engine's HTTP base URL (it answers [`EXPORT_PATH`])
@@ -108,6 +112,10 @@ pub struct PrefillReport {
 pub struct DecodeLeg {
     pub request_id: String,
     pub first_token: u32,
+    /// Once the blocks are verified, mark this engine's copy of the prompt to be evicted
+    /// before any other block: the prefill keeps the fleet's copy (one copy per handoff).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evict_first: bool,
 }
 
 /// Payload of the transfer notification that closes a prefill's last batch.

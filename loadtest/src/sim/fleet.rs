@@ -99,6 +99,8 @@ struct ReqState {
     ticket: Option<Ticket>,
     prefill: Option<usize>,
     decode: usize,
+    /// The side whose copy of the prompt is evicted first once handed off.
+    evict_first: Option<Role>,
     blocks: Vec<BlockHash>,
     reserved: usize,
     prefill_submit_ms: f64,
@@ -342,6 +344,7 @@ impl Sim<'_> {
             s.ticket = Some(d.ticket);
             s.decode = decode;
             s.prefill = prefill;
+            s.evict_first = d.evict_first;
             s.rec.instance = Some(match prefill {
                 Some(p) => format!("p{p}>d{}", decode - self.spec.prefill),
                 None => format!("local>d{}", decode - self.spec.prefill),
@@ -625,6 +628,16 @@ impl Sim<'_> {
             std::mem::take(&mut self.reqs[r].blocks),
         );
         let evicted = self.engines[d].cache.insert(&blocks).evicted;
+        // One copy per handoff: the side the decision named marks its copy evicted first.
+        match self.reqs[r].evict_first {
+            Some(Role::Prefill) => {
+                if let Some(p) = self.reqs[r].prefill {
+                    self.engines[p].cache.demote(&blocks);
+                }
+            }
+            Some(Role::Decode) => self.engines[d].cache.demote(&blocks),
+            None => {}
+        }
         self.gw
             .publish_kv(self.ids[d], blocks, evicted, now, &mut self.q);
         let s = &self.reqs[r];

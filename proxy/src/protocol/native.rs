@@ -49,6 +49,7 @@ impl PdProtocol for Native {
             prompt: ctx.req.prompt.clone(),
             target: r.kv.clone(),
             pull: ctx.pull.clone(),
+            evict_first: ctx.evict_first == Some(Role::Prefill),
         })
     }
 
@@ -66,6 +67,7 @@ impl PdProtocol for Native {
         let leg = DecodeLeg {
             request_id: ctx.request_id.into(),
             first_token: report.first_token,
+            evict_first: ctx.evict_first == Some(Role::Decode),
         };
         let leg = serde_json::to_value(leg).unwrap_or_default();
         Ok(overlay(&ctx.req.body, &[(wire::DECODE_FIELD, leg)], &[]))

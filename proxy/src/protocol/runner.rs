@@ -392,6 +392,7 @@ mod tests {
                 prefill: Some(&self.prefill),
                 decode: &self.decode,
                 pull: None,
+                evict_first: None,
             }
         }
 

@@ -22,6 +22,9 @@ pub struct LegContext<'a> {
     /// The scheduler's planned pull of cached prefix blocks into the prefill, for protocols
     /// whose prefill can take it (native); the engine recomputes whatever the pull misses.
     pub pull: Option<pdgate_wire::native::PullFrom>,
+    /// The side whose engine marks its copy of the handed-off prompt evicted first, for
+    /// protocols whose engines take the mark (native); `None`: both keep it.
+    pub evict_first: Option<Role>,
 }
 
 /// A failed leg, attributed to the role that failed.
