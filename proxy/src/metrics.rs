@@ -102,6 +102,11 @@ pub fn first_token(elapsed: Duration) {
     histogram!("pdgate_time_to_first_token_seconds").record(elapsed.as_secs_f64());
 }
 
+/// A handoff whose `side` engine was told to mark its copy of the prompt evicted first.
+pub fn one_copy_handoff(side: Role) {
+    counter!("pdgate_kv_one_copy_handoffs_total", "evict_first" => side.as_str()).increment(1);
+}
+
 /// Blocks a prefill pulled from another instance's cache instead of computing them.
 pub fn kv_pulled(blocks: u64) {
     if blocks > 0 {

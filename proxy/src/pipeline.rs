@@ -204,6 +204,9 @@ async fn start_leg(
             pull: pull_from(fleet, &decision),
             evict_first: decision.evict_first,
         };
+        if let Some(side) = decision.evict_first {
+            metrics::one_copy_handoff(side);
+        }
         let verdicts = (
             prefill
                 .as_ref()

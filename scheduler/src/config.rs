@@ -168,7 +168,7 @@ impl Default for Slo {
             room_wait_ms: 1000.0,
             room_queue: 0,
             best_effort_share: 0.25,
-            best_effort_min_reuse: 0.25,
+            best_effort_min_reuse: 0.1,
         }
     }
 }

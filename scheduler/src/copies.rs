@@ -28,6 +28,11 @@ use crate::types::{RequestKey, Role};
 /// prompt, within a conversation's first turn.
 const SIDE_DEPTH_TOKENS: usize = 2048;
 
+/// Without pulls, decodes keep a share of the copies only if at least this share of prompts
+/// is cached almost whole somewhere (on the public trace 38 %, on multi-turn chat whose turns
+/// add a third to the history none).
+const NEAR_WHOLE_REUSE_FOR_DECODE_COPIES: f64 = 0.1;
+
 /// What the fleet looks like to the choice.
 #[derive(Debug, Clone, Copy)]
 pub struct FleetView {
@@ -35,6 +40,9 @@ pub struct FleetView {
     pub prefill_share: f64,
     /// Blocks of a typical prompt (a moving average).
     pub typical_prompt_blocks: f64,
+    /// Share of recent prompts that some instance cached almost whole (at least
+    /// `disagg.local_prefill_min_hit`): how often a decode's copy serves a turn locally.
+    pub near_whole_reuse: f64,
 }
 
 /// The side whose copy of the prompt its engine evicts first, for a request prefilled on `p`
@@ -52,14 +60,26 @@ pub fn evict_first(
     if !reuse.one_copy || key.blocks.is_empty() || !roomy(p) || !roomy(d) {
         return None;
     }
+    // Without pulls a decode's copy serves only a turn that prefills locally on it; where
+    // prompts are seldom cached almost whole, the prefill's copy is the one worth keeping.
+    if !reuse.pull && fleet.near_whole_reuse < NEAR_WHOLE_REUSE_FOR_DECODE_COPIES {
+        return Some(Role::Decode);
+    }
     let depth = (SIDE_DEPTH_TOKENS / cfg.block_size.max(1)).min(key.blocks.len() - 1);
-    // Block hashes are uniform 64-bit values: the top 53 bits are a uniform fraction.
-    let u = (key.blocks[depth].0 >> 11) as f64 / (1u64 << 53) as f64;
+    // Mixed first, as a block hash may come from any engine's scheme (or a test's counter).
+    let u = (mix(key.blocks[depth].0) >> 11) as f64 / (1u64 << 53) as f64;
     Some(if u < fleet.prefill_share.clamp(0.0, 1.0) {
         Role::Decode
     } else {
         Role::Prefill
     })
+}
+
+/// SplitMix64's finalizer: every input bit moves every output bit.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 #[cfg(test)]
@@ -80,9 +100,7 @@ mod tests {
     fn prompts(n: u64, len: u64) -> Vec<RequestKey> {
         (0..n)
             .map(|i| {
-                let blocks = (0..len)
-                    .map(|j| BlockHash((i * len + j).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-                    .collect();
+                let blocks = (0..len).map(|j| BlockHash(i * len + j)).collect();
                 key_with(blocks)
             })
             .collect()
@@ -92,6 +110,7 @@ mod tests {
         FleetView {
             prefill_share,
             typical_prompt_blocks,
+            near_whole_reuse: 1.0,
         }
     }
 
@@ -129,7 +148,10 @@ mod tests {
             // A later turn: the same leading blocks, then more of its own.
             let mut longer = k.blocks.clone();
             longer.extend((0..100).map(|j| BlockHash(j ^ 0xABCD)));
-            assert_eq!(evict_first(&cfg, &key_with(longer), &p, &d, view(0.5, 300.0)), side);
+            assert_eq!(
+                evict_first(&cfg, &key_with(longer), &p, &d, view(0.5, 300.0)),
+                side
+            );
             // A prompt that shares only blocks before the depth may go either way; one that
             // differs at the depth is decided by its own block.
             let mut other = k.blocks.clone();

@@ -266,7 +266,14 @@ impl PrefixIndex {
     }
 
     /// A touch placed at the back of the age order (evicted last) or the front (first).
-    fn touch_at(&mut self, id: InstanceId, block: BlockHash, now: Duration, precise: bool, at: End) {
+    fn touch_at(
+        &mut self,
+        id: InstanceId,
+        block: BlockHash,
+        now: Duration,
+        precise: bool,
+        at: End,
+    ) {
         self.seq += 1;
         let seq = self.seq;
         let Some(per) = self.instances.get_mut(&id) else {
@@ -444,6 +451,25 @@ mod tests {
         assert_eq!(sorted(ix.match_all(&hs(&[9, 1]), T0)), vec![(2, 1)]);
         assert!(ix.match_all(&hs(&[5]), T0).is_empty());
         assert!(ix.match_all(&[], T0).is_empty());
+    }
+
+    #[test]
+    fn a_copy_recorded_evict_first_is_dropped_first_from_its_end() {
+        let mut ix = index(6, 60);
+        let id = InstanceId(0);
+        ix.record(id, &hs(&[1, 2]), T0);
+        ix.record_evict_first(id, &hs(&[3, 4, 5]), T0);
+        ix.record(id, &hs(&[6]), T0);
+        assert_eq!(ix.blocks_of(id), 6);
+        // Over the cap: the evict-first run goes before the older 1, 2, last block first.
+        ix.record(id, &hs(&[7, 8]), T0);
+        assert_eq!(sorted(ix.match_all(&hs(&[3, 4, 5]), T0)), vec![(0, 1)]);
+        assert_eq!(sorted(ix.match_all(&hs(&[1, 2]), T0)), vec![(0, 2)]);
+        // Touched again by a routed request, it is an ordinary entry once more.
+        ix.record(id, &hs(&[3]), T0);
+        ix.record(id, &hs(&[9]), T0);
+        assert_eq!(sorted(ix.match_all(&hs(&[3]), T0)), vec![(0, 1)]);
+        assert_eq!(ix.blocks_of(id), 6);
     }
 
     #[test]

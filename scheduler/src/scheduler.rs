@@ -128,6 +128,8 @@ pub struct Scheduler {
     /// samples it has seen.
     prompt_blocks: Option<Ewma>,
     prompt_samples: u64,
+    /// Share of prompts some instance caches almost whole (one sample per request).
+    near_whole_reuse: Ewma,
     next_id: u32,
     next_ticket: u64,
 }
@@ -142,6 +144,7 @@ impl Scheduler {
             reuse: Ewma::new(0.0, REUSE_ALPHA),
             prompt_blocks: None,
             prompt_samples: 0,
+            near_whole_reuse: Ewma::new(0.0, REUSE_ALPHA),
             instances: Fleet::default(),
             booked: HashMap::new(),
             pull_bandwidth: HashMap::new(),
@@ -317,7 +320,10 @@ impl Scheduler {
         // sample of how much prompts are reused.
         if waited.is_zero() && !key.blocks.is_empty() {
             let best = matches.iter().map(|(_, n)| *n).max().unwrap_or(0);
-            self.reuse.update(f64::from(best) / key.blocks.len() as f64);
+            let cached = f64::from(best) / key.blocks.len() as f64;
+            self.reuse.update(cached);
+            let near_whole = cached >= self.cfg.disagg.local_prefill_min_hit;
+            self.near_whole_reuse.update(f64::from(u8::from(near_whole)));
             let blocks = key.blocks.len() as f64;
             self.prompt_blocks
                 .get_or_insert_with(|| Ewma::new(blocks, REUSE_ALPHA))
@@ -394,6 +400,7 @@ impl Scheduler {
                     let fleet = copies::FleetView {
                         prefill_share: self.instances.cache_share(Role::Prefill),
                         typical_prompt_blocks: typical,
+                        near_whole_reuse: self.near_whole_reuse.get(),
                     };
                     copies::evict_first(&self.cfg, key, p, d, fleet)
                 })
@@ -756,6 +763,51 @@ mod tests {
         cfg.reuse.pull = true;
         cfg.disagg.local_prefill_min_hit = 2.0;
         Scheduler::new(cfg)
+    }
+
+    /// A roomy fleet marks one copy of each handoff once it has seen a hundred prompts; a
+    /// conversation whose history the decode keeps then finds it there, and the index drops
+    /// the evict-first copy first.
+    #[test]
+    fn one_copy_marks_a_side_once_the_fleet_knows_its_typical_prompt() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.disagg.local_prefill_min_hit = 2.0; // hand every prompt over
+        let roomy = InstanceSpec {
+            kv_capacity_blocks: 1 << 20,
+        };
+        let mut s = Scheduler::new(cfg.clone());
+        s.add_instance(Role::Prefill, roomy);
+        s.add_instance(Role::Decode, roomy);
+        let prompt = |i: u64| key(64 * 16, &(0..64).map(|b| i * 1_000 + b).collect::<Vec<_>>());
+        let mut sides = [0; 2];
+        for i in 0..400 {
+            let dec = s.schedule(&prompt(i), NOW).expect("pair");
+            s.prefill_done(dec.ticket, NOW, None);
+            s.decode_done(dec.ticket, NOW);
+            match (i < 99, dec.evict_first) {
+                (true, None) => {}
+                (false, Some(Role::Prefill)) => sides[0] += 1,
+                (false, Some(Role::Decode)) => sides[1] += 1,
+                (early, got) => panic!("request {i} (early: {early}): {got:?}"),
+            }
+        }
+        assert!(
+            sides.iter().all(|&n| n > 100),
+            "both sides keep a share: {sides:?}"
+        );
+        // Caches that hold fewer than `one_copy_min_prompts` typical prompts keep both.
+        let tight = InstanceSpec {
+            kv_capacity_blocks: 64 * u64::from(cfg.reuse.one_copy_min_prompts) - 1,
+        };
+        let mut s = Scheduler::new(cfg);
+        s.add_instance(Role::Prefill, tight);
+        s.add_instance(Role::Decode, tight);
+        for i in 0..200 {
+            let dec = s.schedule(&prompt(i), NOW).expect("pair");
+            assert_eq!(dec.evict_first, None);
+            s.prefill_done(dec.ticket, NOW, None);
+            s.decode_done(dec.ticket, NOW);
+        }
     }
 
     #[test]

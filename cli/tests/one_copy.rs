@@ -1,0 +1,135 @@
+//! One copy per handoff: the engine told to mark its copy of a handed-off prompt evicts it
+//! before any other block (reference engines, each a process of its own), and a gateway in
+//! front of a roomy fleet tells one engine of every pair once it knows the fleet's prompts.
+
+mod support;
+
+use pdgate_scheduler::{BuiltinTokenizer, Role};
+use pdgate_wire::native::{KvDescriptor, PrefillReport, PREFILL_PATH, RESERVE_PATH};
+use serde_json::json;
+use support::engines::{engine_process_with, EngineProcess};
+use support::{chat, config, engine_sum, fleet, metrics_text, post, series};
+
+/// A prompt of `words` words tagged `tag` (same-length tags give the same token count).
+fn prompt(tag: &str, words: usize) -> String {
+    (0..words).map(|i| format!("{tag}{i:03} ")).collect()
+}
+
+fn full_blocks(p: &str) -> u32 {
+    (BuiltinTokenizer.encode(p).len() / 16) as u32
+}
+
+/// Reserves on `decode`, prefills `p` on `prefill` (marking its copy evict-first if asked),
+/// then frees the reservation for the next.
+async fn prefill(
+    prefill: &EngineProcess,
+    decode: &EngineProcess,
+    rid: &str,
+    p: &str,
+    evict_first: bool,
+) -> PrefillReport {
+    let resp = post(
+        &decode.url,
+        RESERVE_PATH,
+        json!({"request_id": rid, "prompt": p}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let target: KvDescriptor = resp.json().await.expect("descriptor");
+    let body =
+        json!({"request_id": rid, "prompt": p, "target": target, "evict_first": evict_first});
+    let resp = post(&prefill.url, PREFILL_PATH, body).await;
+    assert_eq!(resp.status(), 200);
+    let report = resp.json().await.expect("report");
+    post(&decode.url, "/pd/release", json!({"request_id": rid})).await;
+    report
+}
+
+/// A, B, C fill a prefill's cache; D then needs half a prompt of room. Marked evict-first, B
+/// gives it from its end (its head still hits) and the older A stays whole; unmarked, the
+/// least recently used A goes, head first, and nothing of it hits any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_marked_evict_first_goes_before_older_blocks_from_its_end() {
+    let [a, b, c, d] = ["aa", "bb", "cc", "dd"].map(|t| prompt(t, 120));
+    let [na, nb, nc, nd] = [&a, &b, &c, &d].map(|p| full_blocks(p));
+    // D overflows the cache by half its blocks, fewer than B holds.
+    let over = nd - nd / 2;
+    assert!(over >= 4 && over < nb, "{na} {nb} {nc} {nd}");
+    let blocks = (na + nb + nc + nd / 2).to_string();
+    let decode = engine_process_with("decode", "native", 0.0, &[]).await;
+    for marked in [true, false] {
+        let p = engine_process_with(
+            "prefill",
+            "native",
+            0.0,
+            &[("PDGATE_ENGINE_KV_BLOCKS", &blocks)],
+        )
+        .await;
+        prefill(&p, &decode, "a", &a, false).await;
+        prefill(&p, &decode, "b", &b, marked).await;
+        prefill(&p, &decode, "c", &c, false).await;
+        prefill(&p, &decode, "d", &d, false).await;
+        let hit = |r: PrefillReport| r.cached_tokens / 16;
+        let (a_hit, c_hit) = (
+            hit(prefill(&p, &decode, "a2", &a, false).await),
+            hit(prefill(&p, &decode, "c2", &c, false).await),
+        );
+        let marked_blocks = p.metric("pdgate_sim_kv_evict_first_blocks_total").await;
+        if marked {
+            assert_eq!((a_hit, c_hit), (na, nc), "A and C untouched");
+            let b_hit = hit(prefill(&p, &decode, "b2", &b, false).await);
+            assert_eq!(b_hit, nb - over, "B lost its last {over} blocks");
+            assert_eq!(marked_blocks, f64::from(nb));
+        } else {
+            assert_eq!((a_hit, c_hit), (0, nc), "the oldest, A, evicted");
+            assert_eq!(marked_blocks, 0.0);
+        }
+    }
+}
+
+/// A roomy fleet of one prefill and one decode behind the gateway: the first hundred requests
+/// teach the scheduler the fleet's typical prompt, and from then on every handoff names one
+/// engine to mark its copy, both engines among them over twenty prompts; each marks every full
+/// block it is told to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_names_one_engine_of_each_pair_once_it_knows_the_fleets_prompts() {
+    let mut cfg = config(1, 1, 0.0);
+    cfg.scheduler.disagg.local_prefill_max_tokens = 0;
+    cfg.scheduler.disagg.local_prefill_min_hit = 2.0; // every prompt handed over
+    let fleet = fleet(cfg).await;
+    let url = fleet.url();
+    support::engine_reports_read(&url).await;
+    let mut min_blocks = u32::MAX;
+    for i in 0..120 {
+        let p = prompt(&format!("q{i:03}x"), 40);
+        let resp = post(&url, "/v1/chat/completions", chat(&p, 2)).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        min_blocks = min_blocks.min(full_blocks(&p));
+    }
+    let gw = metrics_text(&url).await;
+    let named = |side| {
+        series(
+            &gw,
+            "pdgate_kv_one_copy_handoffs_total",
+            &[("evict_first", side)],
+        )
+    };
+    let (on_prefill, on_decode) = (
+        named("prefill").unwrap_or(0.0),
+        named("decode").unwrap_or(0.0),
+    );
+    assert!(
+        on_prefill > 0.0 && on_decode > 0.0,
+        "{on_prefill} / {on_decode}"
+    );
+    assert!(on_prefill + on_decode >= 20.0, "{on_prefill} + {on_decode}");
+    // Each engine marked what it was named for: at least the prompt's own full blocks (the chat
+    // template adds a few) once per handoff.
+    for (role, named) in [(Role::Prefill, on_prefill), (Role::Decode, on_decode)] {
+        let marked = engine_sum(&fleet, role, "pdgate_sim_kv_evict_first_blocks_total").await;
+        assert!(
+            marked >= named * f64::from(min_blocks),
+            "{role:?}: {marked} blocks for {named}"
+        );
+    }
+}
