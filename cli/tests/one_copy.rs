@@ -89,13 +89,16 @@ async fn a_copy_marked_evict_first_goes_before_older_blocks_from_its_end() {
 
 /// A roomy fleet of one prefill and one decode behind the gateway: the first hundred requests
 /// teach the scheduler the fleet's typical prompt, and from then on every handoff names one
-/// engine to mark its copy, both engines among them over twenty prompts; each marks every full
-/// block it is told to.
+/// engine to mark its copy, both engines among them over twenty prompts; each marks at least
+/// the prompt's full blocks for every time it is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_names_one_engine_of_each_pair_once_it_knows_the_fleets_prompts() {
     let mut cfg = config(1, 1, 0.0);
     cfg.scheduler.disagg.local_prefill_max_tokens = 0;
     cfg.scheduler.disagg.local_prefill_min_hit = 2.0; // every prompt handed over
+    // With pulls a decode's copy serves later prefills too, so both sides keep a share (without,
+    // and with no prompt cached almost whole, the prefill keeps every one).
+    cfg.scheduler.reuse.pull = true;
     let fleet = fleet(cfg).await;
     let url = fleet.url();
     support::engine_reports_read(&url).await;

@@ -765,12 +765,13 @@ mod tests {
         Scheduler::new(cfg)
     }
 
-    /// A roomy fleet marks one copy of each handoff once it has seen a hundred prompts; a
-    /// conversation whose history the decode keeps then finds it there, and the index drops
-    /// the evict-first copy first.
+    /// A roomy fleet marks one copy of each handoff once it has seen a hundred prompts: with
+    /// pulls either side keeps a share; without them, where no prompt is cached almost whole
+    /// (no turn would prefill locally on a decode), always the prefill.
     #[test]
     fn one_copy_marks_a_side_once_the_fleet_knows_its_typical_prompt() {
         let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = true;
         cfg.disagg.local_prefill_min_hit = 2.0; // hand every prompt over
         let roomy = InstanceSpec {
             kv_capacity_blocks: 1 << 20,
@@ -795,6 +796,18 @@ mod tests {
             sides.iter().all(|&n| n > 100),
             "both sides keep a share: {sides:?}"
         );
+        let mut no_pulls = cfg.clone();
+        no_pulls.reuse.pull = false;
+        let mut s = Scheduler::new(no_pulls);
+        s.add_instance(Role::Prefill, roomy);
+        s.add_instance(Role::Decode, roomy);
+        for i in 0..200 {
+            let dec = s.schedule(&prompt(i), NOW).expect("pair");
+            let want = (i >= 99).then_some(Role::Decode);
+            assert_eq!(dec.evict_first, want, "request {i}: the prefill keeps it");
+            s.prefill_done(dec.ticket, NOW, None);
+            s.decode_done(dec.ticket, NOW);
+        }
         // Caches that hold fewer than `one_copy_min_prompts` typical prompts keep both.
         let tight = InstanceSpec {
             kv_capacity_blocks: 64 * u64::from(cfg.reuse.one_copy_min_prompts) - 1,

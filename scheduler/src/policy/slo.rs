@@ -306,8 +306,9 @@ mod tests {
         // Where prompts are not reused, its prefix would serve no one.
         cfg.slo.best_effort_share = 0.25;
         let with_reuse = |reuse: f64| pick_after(&mut SloPolicy, &cfg, &k, &p, &d, 0.0, reuse);
-        assert!(with_reuse(0.25).is_ok());
-        assert!(late(with_reuse(0.2)), "too little reuse");
+        let min = cfg.slo.best_effort_min_reuse;
+        assert!(with_reuse(min).is_ok());
+        assert!(late(with_reuse(min - 0.05)), "too little reuse");
     }
 
     #[test]
