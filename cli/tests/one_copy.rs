@@ -5,7 +5,7 @@
 mod support;
 
 use pdgate_scheduler::{BuiltinTokenizer, Role};
-use pdgate_wire::native::{KvDescriptor, PrefillReport, PREFILL_PATH, RESERVE_PATH};
+use pdgate_wire::native::{KvDescriptor, PrefillReport, DECODE_FIELD, PREFILL_PATH, RESERVE_PATH};
 use serde_json::json;
 use support::engines::{engine_process_with, EngineProcess};
 use support::{chat, config, engine_sum, fleet, metrics_text, post, series};
@@ -87,6 +87,85 @@ async fn a_copy_marked_evict_first_goes_before_older_blocks_from_its_end() {
     }
 }
 
+/// A whole native handoff of `p`: reserve on `decode`, prefill on `prefill`, then the decode
+/// leg (one token), with the decode told to mark its copy if `marked`.
+async fn handoff(
+    prefill: &EngineProcess,
+    decode: &EngineProcess,
+    rid: &str,
+    p: &str,
+    marked: bool,
+) {
+    let resp = post(
+        &decode.url,
+        RESERVE_PATH,
+        json!({"request_id": rid, "prompt": p}),
+    )
+    .await;
+    let target: KvDescriptor = resp.json().await.expect("descriptor");
+    let body = json!({"request_id": rid, "prompt": p, "target": target});
+    let report: PrefillReport = post(&prefill.url, PREFILL_PATH, body)
+        .await
+        .json()
+        .await
+        .expect("report");
+    let leg = json!({"request_id": rid, "first_token": report.first_token, "evict_first": marked});
+    let body = json!({"model": "pdgate-sim-8b", "prompt": p, "max_tokens": 1, DECODE_FIELD: leg});
+    let resp = post(&decode.url, "/v1/completions", body).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+/// Full blocks of `p` the engine at `e` finds cached: a plain one-token completion there, read
+/// off its prefix-hit counter.
+async fn cached_blocks(e: &EngineProcess, p: &str) -> u32 {
+    let before = e.metric("vllm:prefix_cache_hits_total").await;
+    let body = json!({"model": "pdgate-sim-8b", "prompt": p, "max_tokens": 1});
+    assert_eq!(post(&e.url, "/v1/completions", body).await.status(), 200);
+    ((e.metric("vllm:prefix_cache_hits_total").await - before) / 16.0) as u32
+}
+
+/// The same on the decode side: the copy it received and verified, marked, goes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_marks_the_copy_it_received_when_told() {
+    let [a, b, c, d] = ["aa", "bb", "cc", "dd"].map(|t| prompt(t, 120));
+    let [na, nb, nc, nd] = [&a, &b, &c, &d].map(|p| full_blocks(p));
+    let over = nd - nd / 2;
+    let blocks = (na + nb + nc + nd / 2).to_string();
+    let p = engine_process_with("prefill", "native", 0.0, &[]).await;
+    for marked in [true, false] {
+        let decode = engine_process_with(
+            "decode",
+            "native",
+            0.0,
+            &[("PDGATE_ENGINE_KV_BLOCKS", &blocks)],
+        )
+        .await;
+        handoff(&p, &decode, "a", &a, false).await;
+        handoff(&p, &decode, "b", &b, marked).await;
+        handoff(&p, &decode, "c", &c, false).await;
+        handoff(&p, &decode, "d", &d, false).await;
+        let (a_hit, c_hit) = (
+            cached_blocks(&decode, &a).await,
+            cached_blocks(&decode, &c).await,
+        );
+        if marked {
+            assert_eq!((a_hit, c_hit), (na, nc), "A and C untouched");
+            assert_eq!(
+                cached_blocks(&decode, &b).await,
+                nb - over,
+                "B lost its last {over}"
+            );
+        } else {
+            assert_eq!((a_hit, c_hit), (0, nc), "the oldest, A, evicted");
+        }
+    }
+}
+
 /// A roomy fleet of one prefill and one decode behind the gateway: the first hundred requests
 /// teach the scheduler the fleet's typical prompt, and from then on every handoff names one
 /// engine to mark its copy, both engines among them over twenty prompts; each marks at least
@@ -96,8 +175,8 @@ async fn the_gateway_names_one_engine_of_each_pair_once_it_knows_the_fleets_prom
     let mut cfg = config(1, 1, 0.0);
     cfg.scheduler.disagg.local_prefill_max_tokens = 0;
     cfg.scheduler.disagg.local_prefill_min_hit = 2.0; // every prompt handed over
-    // With pulls a decode's copy serves later prefills too, so both sides keep a share (without,
-    // and with no prompt cached almost whole, the prefill keeps every one).
+                                                      // With pulls a decode's copy serves later prefills too, so both sides keep a share (without,
+                                                      // and with no prompt cached almost whole, the prefill keeps every one).
     cfg.scheduler.reuse.pull = true;
     let fleet = fleet(cfg).await;
     let url = fleet.url();

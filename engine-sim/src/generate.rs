@@ -76,13 +76,14 @@ async fn handle(
     let rid = request_id(&headers);
     let tokens = BuiltinTokenizer.encode(&req.prompt);
     let seq = text::Sequence::new(&tokens, e.cfg.seed);
-    let leg = match body.get(DECODE_FIELD) {
+    let leg: Option<DecodeLeg> = match body.get(DECODE_FIELD) {
         Some(v) => Some(
             serde_json::from_value::<DecodeLeg>(v.clone())
                 .map_err(|err| ApiError::invalid(DECODE_FIELD, err.to_string()))?,
         ),
         None => None,
     };
+    let evict_first = leg.as_ref().is_some_and(|l| l.evict_first);
     // Registered for the whole leg, streaming included, so `/abort_request` reaches it.
     let abort = (e.cfg.protocol == Protocol::Sglang).then(|| e.aborts.register(&rid));
     let abort_rx = abort.as_ref().map(AbortHandle::receiver);
@@ -114,7 +115,12 @@ async fn handle(
     if claim.is_some() {
         // The KV received for a decode leg stays in this engine's prefix cache (as vLLM keeps
         // it), so a later turn prefilled here reuses it.
-        e.remember(&e.hasher.full_blocks(&tokens), &tokens);
+        let full = e.hasher.full_blocks(&tokens);
+        e.remember(&full, &tokens);
+        // Marked after that insert, which would otherwise make the copy ordinary again.
+        if evict_first {
+            e.evict_first(&full);
+        }
     }
     Stats::add(&e.stats.prompt_tokens, tokens.len() as u64);
     let rx = e
@@ -149,9 +155,6 @@ async fn take_kv(e: &Engine, leg: &DecodeLeg, tokens: &[u32]) -> Result<Claim, A
         .await
         .map_err(|err| ApiError::server(409, "kv_not_ready", err.to_string()))?;
     verify_claim(e, &claim, tokens, &leg.request_id)?;
-    if leg.evict_first {
-        e.evict_first(&e.hasher.full_blocks(tokens));
-    }
     Ok(claim)
 }
 

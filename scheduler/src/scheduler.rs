@@ -323,7 +323,8 @@ impl Scheduler {
             let cached = f64::from(best) / key.blocks.len() as f64;
             self.reuse.update(cached);
             let near_whole = cached >= self.cfg.disagg.local_prefill_min_hit;
-            self.near_whole_reuse.update(f64::from(u8::from(near_whole)));
+            self.near_whole_reuse
+                .update(f64::from(u8::from(near_whole)));
             let blocks = key.blocks.len() as f64;
             self.prompt_blocks
                 .get_or_insert_with(|| Ewma::new(blocks, REUSE_ALPHA))
