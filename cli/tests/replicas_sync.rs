@@ -183,6 +183,7 @@ fn booked(replica: u64, ticket: u64, decode_url: &str) -> Vec<u8> {
         compute_ms: 10.0,
         decode_end_ms: 60_000.0,
         pull: None,
+        evict_first: None,
     };
     let msg = Message {
         replica,

@@ -169,6 +169,7 @@ mod tests {
             compute_ms: 20.0,
             decode_end_ms: 500.0,
             pull: None,
+            evict_first: None,
         }
     }
 
