@@ -19,82 +19,14 @@ fn full_blocks(p: &str) -> u32 {
     (BuiltinTokenizer.encode(p).len() / 16) as u32
 }
 
-/// Reserves on `decode`, prefills `p` on `prefill` (marking its copy evict-first if asked),
-/// then frees the reservation for the next.
-async fn prefill(
-    prefill: &EngineProcess,
-    decode: &EngineProcess,
-    rid: &str,
-    p: &str,
-    evict_first: bool,
-) -> PrefillReport {
-    let resp = post(
-        &decode.url,
-        RESERVE_PATH,
-        json!({"request_id": rid, "prompt": p}),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let target: KvDescriptor = resp.json().await.expect("descriptor");
-    let body =
-        json!({"request_id": rid, "prompt": p, "target": target, "evict_first": evict_first});
-    let resp = post(&prefill.url, PREFILL_PATH, body).await;
-    assert_eq!(resp.status(), 200);
-    let report = resp.json().await.expect("report");
-    post(&decode.url, "/pd/release", json!({"request_id": rid})).await;
-    report
-}
-
-/// A, B, C fill a prefill's cache; D then needs half a prompt of room. Marked evict-first, B
-/// gives it from its end (its head still hits) and the older A stays whole; unmarked, the
-/// least recently used A goes, head first, and nothing of it hits any more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_marked_evict_first_goes_before_older_blocks_from_its_end() {
-    let [a, b, c, d] = ["aa", "bb", "cc", "dd"].map(|t| prompt(t, 120));
-    let [na, nb, nc, nd] = [&a, &b, &c, &d].map(|p| full_blocks(p));
-    // D overflows the cache by half its blocks, fewer than B holds.
-    let over = nd - nd / 2;
-    assert!(over >= 4 && over < nb, "{na} {nb} {nc} {nd}");
-    let blocks = (na + nb + nc + nd / 2).to_string();
-    let decode = engine_process_with("decode", "native", 0.0, &[]).await;
-    for marked in [true, false] {
-        let p = engine_process_with(
-            "prefill",
-            "native",
-            0.0,
-            &[("PDGATE_ENGINE_KV_BLOCKS", &blocks)],
-        )
-        .await;
-        prefill(&p, &decode, "a", &a, false).await;
-        prefill(&p, &decode, "b", &b, marked).await;
-        prefill(&p, &decode, "c", &c, false).await;
-        prefill(&p, &decode, "d", &d, false).await;
-        let hit = |r: PrefillReport| r.cached_tokens / 16;
-        let (a_hit, c_hit) = (
-            hit(prefill(&p, &decode, "a2", &a, false).await),
-            hit(prefill(&p, &decode, "c2", &c, false).await),
-        );
-        let marked_blocks = p.metric("pdgate_sim_kv_evict_first_blocks_total").await;
-        if marked {
-            assert_eq!((a_hit, c_hit), (na, nc), "A and C untouched");
-            let b_hit = hit(prefill(&p, &decode, "b2", &b, false).await);
-            assert_eq!(b_hit, nb - over, "B lost its last {over} blocks");
-            assert_eq!(marked_blocks, f64::from(nb));
-        } else {
-            assert_eq!((a_hit, c_hit), (0, nc), "the oldest, A, evicted");
-            assert_eq!(marked_blocks, 0.0);
-        }
-    }
-}
-
 /// A whole native handoff of `p`: reserve on `decode`, prefill on `prefill`, then the decode
-/// leg (one token), with the decode told to mark its copy if `marked`.
+/// leg (one token); `mark` names the engine told to mark its copy, if any.
 async fn handoff(
     prefill: &EngineProcess,
     decode: &EngineProcess,
     rid: &str,
     p: &str,
-    marked: bool,
+    mark: Option<Role>,
 ) {
     let resp = post(
         &decode.url,
@@ -103,13 +35,14 @@ async fn handoff(
     )
     .await;
     let target: KvDescriptor = resp.json().await.expect("descriptor");
-    let body = json!({"request_id": rid, "prompt": p, "target": target});
-    let report: PrefillReport = post(&prefill.url, PREFILL_PATH, body)
-        .await
-        .json()
-        .await
-        .expect("report");
-    let leg = json!({"request_id": rid, "first_token": report.first_token, "evict_first": marked});
+    let on_prefill = mark == Some(Role::Prefill);
+    let body = json!({"request_id": rid, "prompt": p, "target": target, "evict_first": on_prefill});
+    let resp = post(&prefill.url, PREFILL_PATH, body).await;
+    assert_eq!(resp.status(), 200);
+    let report: PrefillReport = resp.json().await.expect("report");
+    let on_decode = mark == Some(Role::Decode);
+    let leg =
+        json!({"request_id": rid, "first_token": report.first_token, "evict_first": on_decode});
     let body = json!({"model": "pdgate-sim-8b", "prompt": p, "max_tokens": 1, DECODE_FIELD: leg});
     let resp = post(&decode.url, "/v1/completions", body).await;
     assert_eq!(
@@ -129,41 +62,62 @@ async fn cached_blocks(e: &EngineProcess, p: &str) -> u32 {
     ((e.metric("vllm:prefix_cache_hits_total").await - before) / 16.0) as u32
 }
 
-/// The same on the decode side: the copy it received and verified, marked, goes first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decode_marks_the_copy_it_received_when_told() {
+/// A, B, C fill the cache of the `side` engine; D then needs half a prompt of room. With B's
+/// copy marked there, B gives it from its end (its head still hits) and the older A stays
+/// whole; unmarked, the least recently used A goes, head first, and nothing of it hits any more.
+async fn a_marked_copy_goes_first(side: Role) {
     let [a, b, c, d] = ["aa", "bb", "cc", "dd"].map(|t| prompt(t, 120));
     let [na, nb, nc, nd] = [&a, &b, &c, &d].map(|p| full_blocks(p));
+    // D overflows the cache by half its blocks, fewer than B holds.
     let over = nd - nd / 2;
+    assert!(over >= 4 && over < nb, "{na} {nb} {nc} {nd}");
     let blocks = (na + nb + nc + nd / 2).to_string();
-    let p = engine_process_with("prefill", "native", 0.0, &[]).await;
+    let small: &[(&str, &str)] = &[("PDGATE_ENGINE_KV_BLOCKS", &blocks)];
+    let env = |role| if role == side { small } else { &[] };
     for marked in [true, false] {
-        let decode = engine_process_with(
-            "decode",
-            "native",
-            0.0,
-            &[("PDGATE_ENGINE_KV_BLOCKS", &blocks)],
-        )
-        .await;
-        handoff(&p, &decode, "a", &a, false).await;
-        handoff(&p, &decode, "b", &b, marked).await;
-        handoff(&p, &decode, "c", &c, false).await;
-        handoff(&p, &decode, "d", &d, false).await;
+        let p = engine_process_with("prefill", "native", 0.0, env(Role::Prefill)).await;
+        let dec = engine_process_with("decode", "native", 0.0, env(Role::Decode)).await;
+        for (rid, prompt, mark) in [
+            ("a", &a, None),
+            ("b", &b, marked.then_some(side)),
+            ("c", &c, None),
+            ("d", &d, None),
+        ] {
+            handoff(&p, &dec, rid, prompt, mark).await;
+        }
+        let probed = if side == Role::Prefill { &p } else { &dec };
         let (a_hit, c_hit) = (
-            cached_blocks(&decode, &a).await,
-            cached_blocks(&decode, &c).await,
+            cached_blocks(probed, &a).await,
+            cached_blocks(probed, &c).await,
         );
+        let marked_blocks = probed
+            .metric("pdgate_sim_kv_evict_first_blocks_total")
+            .await;
         if marked {
             assert_eq!((a_hit, c_hit), (na, nc), "A and C untouched");
             assert_eq!(
-                cached_blocks(&decode, &b).await,
+                cached_blocks(probed, &b).await,
                 nb - over,
                 "B lost its last {over}"
             );
+            assert_eq!(marked_blocks, f64::from(nb));
         } else {
             assert_eq!((a_hit, c_hit), (0, nc), "the oldest, A, evicted");
+            assert_eq!(marked_blocks, 0.0);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_marks_its_copy_once_the_blocks_are_sent() {
+    a_marked_copy_goes_first(Role::Prefill).await;
+}
+
+/// The decode marks the copy it received after its own insert of the prompt, which would
+/// otherwise make the copy ordinary again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_marks_the_copy_it_received_when_told() {
+    a_marked_copy_goes_first(Role::Decode).await;
 }
 
 /// A roomy fleet of one prefill and one decode behind the gateway: the first hundred requests
