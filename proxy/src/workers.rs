@@ -76,7 +76,12 @@ impl Workers {
     /// Registers a worker, unhealthy until its first health check passes.
     pub fn add(&self, sched: &Mutex<Scheduler>, cfg: &WorkerConfig) -> Arc<Worker> {
         let mut s = sched.lock();
-        let id = s.add_instance(cfg.role, InstanceSpec::default());
+        let spec = InstanceSpec {
+            // Only the reference engine's native protocol carries the evict-first mark.
+            marks_copies: cfg.protocol == Protocol::Native,
+            ..InstanceSpec::default()
+        };
+        let id = s.add_instance(cfg.role, spec);
         s.set_healthy(id, false);
         let url = cfg.url.trim_end_matches('/').to_string();
         let (bootstrap_host, http_port) = host_port(&url);

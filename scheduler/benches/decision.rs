@@ -39,6 +39,7 @@ fn fleet(n: u32, policy: PolicyKind) -> Scheduler {
                 Role::Prefill,
                 InstanceSpec {
                     kv_capacity_blocks: 1 << 22,
+                    marks_copies: true,
                 },
             )
         })
@@ -48,6 +49,7 @@ fn fleet(n: u32, policy: PolicyKind) -> Scheduler {
             Role::Decode,
             InstanceSpec {
                 kv_capacity_blocks: 1 << 22,
+                marks_copies: true,
             },
         );
     }

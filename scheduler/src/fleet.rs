@@ -14,6 +14,8 @@ pub struct Instance {
     pub role: Role,
     pub healthy: bool,
     pub capacity_blocks: u64,
+    /// Takes the evict-first mark on a handed-off prompt's copy (`copies.rs`).
+    pub marks_copies: bool,
     pub load: InstanceLoad,
     pub speed: Ewma,
     /// When the prefill work booked here is predicted to be done.
@@ -131,6 +133,7 @@ mod tests {
             role,
             healthy: true,
             capacity_blocks: 1,
+            marks_copies: false,
             load: InstanceLoad::default(),
             speed: Ewma::new(1.0, 0.1),
             busy_until: Duration::ZERO,

@@ -65,6 +65,9 @@ pub struct Observed {
 pub struct InstanceSpec {
     /// KV blocks the engine's cache holds; 0 means unknown (the index default applies).
     pub kv_capacity_blocks: u64,
+    /// The engine takes the mark that evicts its copy of a handed-off prompt first (the
+    /// reference engine on the native protocol); one copy per handoff needs both of a pair to.
+    pub marks_copies: bool,
 }
 
 /// What one decision booked, as another gateway replica books it too (booking sync): the load
@@ -186,6 +189,7 @@ impl Scheduler {
                 role,
                 healthy: true,
                 capacity_blocks: capacity,
+                marks_copies: spec.marks_copies,
                 load: InstanceLoad::default(),
                 speed: Ewma::new(1.0, self.cfg.cost.ewma_alpha),
                 busy_until: Duration::ZERO,
@@ -394,7 +398,7 @@ impl Scheduler {
             decode_end: at + Duration::from_secs_f64(tbt * f64::from(key.max_tokens) / 1000.0),
             prefill_open: true,
             pull: runner.pull,
-            evict_first: if local {
+            evict_first: if local || !self.marks_copies(p.id, d.id) {
                 None
             } else {
                 self.typical_prompt_blocks().and_then(|typical| {
@@ -426,6 +430,13 @@ impl Scheduler {
         }
         self.record_copies(&key.blocks, booked.prefill, d.id, decision.evict_first, now);
         Ok(decision)
+    }
+
+    /// Whether both engines of a pair take the evict-first mark.
+    fn marks_copies(&self, p: InstanceId, d: InstanceId) -> bool {
+        [p, d]
+            .iter()
+            .all(|id| self.instances.get(*id).is_some_and(|i| i.marks_copies))
     }
 
     /// Blocks of the fleet's typical prompt, once as many requests as the average spans were
@@ -776,6 +787,7 @@ mod tests {
         cfg.disagg.local_prefill_min_hit = 2.0; // hand every prompt over
         let roomy = InstanceSpec {
             kv_capacity_blocks: 1 << 20,
+            marks_copies: true,
         };
         let mut s = Scheduler::new(cfg.clone());
         s.add_instance(Role::Prefill, roomy);
@@ -797,6 +809,21 @@ mod tests {
             sides.iter().all(|&n| n > 100),
             "both sides keep a share: {sides:?}"
         );
+        // An engine that does not take the mark (a real vLLM, say) keeps its copy: its pairs
+        // are never named.
+        let mut s = Scheduler::new(cfg.clone());
+        s.add_instance(Role::Prefill, roomy);
+        let plain = InstanceSpec {
+            marks_copies: false,
+            ..roomy
+        };
+        s.add_instance(Role::Decode, plain);
+        for i in 0..150 {
+            let dec = s.schedule(&prompt(i), NOW).expect("pair");
+            assert_eq!(dec.evict_first, None, "request {i}");
+            s.prefill_done(dec.ticket, NOW, None);
+            s.decode_done(dec.ticket, NOW);
+        }
         let mut no_pulls = cfg.clone();
         no_pulls.reuse.pull = false;
         let mut s = Scheduler::new(no_pulls);
@@ -812,6 +839,7 @@ mod tests {
         // Caches that hold fewer than `one_copy_min_prompts` typical prompts keep both.
         let tight = InstanceSpec {
             kv_capacity_blocks: 64 * u64::from(cfg.reuse.one_copy_min_prompts) - 1,
+            marks_copies: true,
         };
         let mut s = Scheduler::new(cfg);
         s.add_instance(Role::Prefill, tight);
@@ -1182,6 +1210,7 @@ mod tests {
         s.add_instance(Role::Prefill, InstanceSpec::default());
         let spec = InstanceSpec {
             kv_capacity_blocks: 4096,
+            ..InstanceSpec::default()
         };
         let home = s.add_instance(Role::Decode, spec);
         let other = s.add_instance(Role::Decode, spec);

@@ -105,7 +105,12 @@ impl Gateways {
         for s in &mut self.replicas {
             // The gateway registers instances with an unknown size and learns the decode pool's
             // from its metrics (`num_gpu_blocks`); the scrapes do the same here.
-            id = s.add_instance(role, InstanceSpec::default());
+            // The simulator's engines take the evict-first mark, as the reference engine does.
+            let spec = InstanceSpec {
+                marks_copies: true,
+                ..InstanceSpec::default()
+            };
+            id = s.add_instance(role, spec);
         }
         id
     }
