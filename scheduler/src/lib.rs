@@ -15,6 +15,7 @@ pub mod index;
 pub mod load;
 pub mod policy;
 pub mod predict;
+pub mod prompts;
 pub mod room;
 pub mod scheduler;
 pub mod steps;

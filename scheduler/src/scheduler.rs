@@ -16,6 +16,7 @@ use crate::index::PrefixIndex;
 use crate::load::{EngineReport, InstanceLoad};
 use crate::policy::{PickCtx, Policy};
 use crate::predict::{Holder, Predictor};
+use crate::prompts::PromptStats;
 use crate::steps::StepQueue;
 use crate::types::{InstanceId, Role, Ticket};
 // Defined in `types` so policies and predictions need not import the scheduler; re-exported for
@@ -124,15 +125,8 @@ pub struct Scheduler {
     /// bytes, and a fleet of n instances has n² pairs to learn: an unmeasured pair is priced
     /// at what pulls have cost, not what handoffs have.
     pulls_seen: Option<Ewma>,
-    /// Share of a request's prompt blocks some instance already cached, over recent decisions:
-    /// how much this fleet's prompts are reused (`slo.best_effort_min_reuse`).
-    reuse: Ewma,
-    /// Blocks of a typical prompt (one sample per request, from the first) and how many
-    /// samples it has seen.
-    prompt_blocks: Option<Ewma>,
-    prompt_samples: u64,
-    /// Share of prompts some instance caches almost whole (one sample per request).
-    near_whole_reuse: Ewma,
+    /// How much this fleet's prompts are reused, and how large they are.
+    prompts: PromptStats,
     next_id: u32,
     next_ticket: u64,
 }
@@ -143,11 +137,7 @@ impl Scheduler {
             policy: cfg.policy.build(&cfg),
             index: PrefixIndex::new(&cfg.index),
             bandwidth: Ewma::new(cfg.cost.prior_bytes_per_ms(), cfg.cost.ewma_alpha),
-            // No reuse until some is seen.
-            reuse: Ewma::new(0.0, REUSE_ALPHA),
-            prompt_blocks: None,
-            prompt_samples: 0,
-            near_whole_reuse: Ewma::new(0.0, REUSE_ALPHA),
+            prompts: PromptStats::default(),
             instances: Fleet::default(),
             booked: HashMap::new(),
             pull_bandwidth: HashMap::new(),
@@ -322,18 +312,10 @@ impl Scheduler {
         let matches = self.index.match_all(&key.blocks, now);
         // Once per request: a request asking again while it waits for room is not another
         // sample of how much prompts are reused.
-        if waited.is_zero() && !key.blocks.is_empty() {
+        if waited.is_zero() {
             let best = matches.iter().map(|(_, n)| *n).max().unwrap_or(0);
-            let cached = f64::from(best) / key.blocks.len() as f64;
-            self.reuse.update(cached);
-            let near_whole = cached >= self.cfg.disagg.local_prefill_min_hit;
-            self.near_whole_reuse
-                .update(f64::from(u8::from(near_whole)));
-            let blocks = key.blocks.len() as f64;
-            self.prompt_blocks
-                .get_or_insert_with(|| Ewma::new(blocks, REUSE_ALPHA))
-                .update(blocks);
-            self.prompt_samples += 1;
+            let near_whole = self.cfg.disagg.local_prefill_min_hit;
+            self.prompts.sample(key.blocks.len(), best, near_whole);
         }
         let shortlist = self.cfg.policy.shortlists();
         let mut prefill = self.candidates(Role::Prefill, avoid, &matches, shortlist, now);
@@ -369,7 +351,7 @@ impl Scheduler {
             decode: &decode,
             predict: &predict,
             waited_ms: waited.as_secs_f64() * 1e3,
-            reuse: self.reuse.get(),
+            reuse: self.prompts.reuse(),
         })?;
         let (Some(p), Some(d)) = (
             prefill.iter().find(|c| c.id == choice.prefill),
@@ -401,11 +383,11 @@ impl Scheduler {
             evict_first: if local || !self.marks_copies(p.id, d.id) {
                 None
             } else {
-                self.typical_prompt_blocks().and_then(|typical| {
+                self.prompts.typical_blocks().and_then(|typical| {
                     let fleet = copies::FleetView {
                         prefill_share: self.instances.cache_share(Role::Prefill),
                         typical_prompt_blocks: typical,
-                        near_whole_reuse: self.near_whole_reuse.get(),
+                        near_whole_reuse: self.prompts.near_whole(),
                     };
                     copies::evict_first(&self.cfg, key, p, d, fleet)
                 })
@@ -437,16 +419,6 @@ impl Scheduler {
         [p, d]
             .iter()
             .all(|id| self.instances.get(*id).is_some_and(|i| i.marks_copies))
-    }
-
-    /// Blocks of the fleet's typical prompt, once as many requests as the average spans were
-    /// seen (before, the first turns of conversations would stand for the fleet).
-    fn typical_prompt_blocks(&self) -> Option<f64> {
-        let span = (1.0 / REUSE_ALPHA) as u64;
-        self.prompt_blocks
-            .as_ref()
-            .filter(|_| self.prompt_samples >= span)
-            .map(Ewma::get)
     }
 
     /// What `ticket` booked, for the other replicas (`now`: the booking's time).
@@ -738,10 +710,6 @@ impl Scheduler {
             .collect()
     }
 }
-
-/// Weight of one decision in the fleet's reuse estimate: about the last hundred decisions count,
-/// so one request's prompt, fully cached or not at all, moves it by a point.
-const REUSE_ALPHA: f64 = 0.01;
 
 /// Least-loaded instances per role a shortlist includes besides the cache holders.
 const SHORTLIST_LEAST_LOADED: usize = 16;
