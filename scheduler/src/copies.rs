@@ -8,8 +8,8 @@
 //! cache. Marking one copy evict-first keeps both while there is room and drops the duplicate
 //! before any block held once.
 //!
-//! Which side keeps it is a hash of the prompt's leading blocks, weighted by the prefill
-//! instances' share of the fleet's cache: a conversation's turns and the prompts that share a
+//! Which side keeps it is a hash of the prompt's block at `SIDE_DEPTH_TOKENS`, weighted by the
+//! prefill instances' share of the fleet's cache: a conversation's turns and the prompts that share a
 //! document keep choosing the same side (so the next turn finds its history where the
 //! scheduler routes it), and the fleet's content spreads over both sides in proportion to
 //! their room. The depth is past a typical system prompt, so prompts sharing only that still
@@ -18,7 +18,9 @@
 //! Caches that hold only a few of the fleet's typical prompts turn over in seconds anyway; there
 //! the second copy is often the only one left for the next turn, so both are kept
 //! (`reuse.one_copy_min_prompts`). The test is on the typical prompt, not this one, so that all
-//! of a fleet's handoffs are treated alike.
+//! of a fleet's handoffs are treated alike. And without pulls a decode's copy serves only a
+//! turn that prefills locally on that decode, so there the decodes keep a share only where
+//! prompts often come back almost whole.
 
 use crate::candidate::Candidate;
 use crate::config::SchedulerConfig;
@@ -177,5 +179,25 @@ mod tests {
         assert_eq!(evict_first(&cfg, k, &p, &d, typical), None);
         cfg.reuse.one_copy = true;
         assert_eq!(evict_first(&cfg, &key_with(vec![]), &p, &d, typical), None);
+    }
+
+    #[test]
+    fn without_pulls_the_prefill_keeps_all_unless_prompts_come_back_almost_whole() {
+        let mut cfg = SchedulerConfig::default();
+        cfg.reuse.pull = false;
+        let (p, d) = pair(1 << 20);
+        let keys = prompts(200, 200);
+        let kept_on_prefill = |near_whole: f64| {
+            let fleet = FleetView {
+                near_whole_reuse: near_whole,
+                ..view(0.5, 200.0)
+            };
+            keys.iter()
+                .filter(|k| evict_first(&cfg, k, &p, &d, fleet) == Some(Role::Decode))
+                .count()
+        };
+        assert_eq!(kept_on_prefill(0.05), 200, "every copy kept on the prefill");
+        let split = kept_on_prefill(0.3);
+        assert!((60..140).contains(&split), "split by share: {split}");
     }
 }
