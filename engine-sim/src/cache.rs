@@ -128,19 +128,28 @@ impl PrefixCache {
             }
             self.touch(*b);
         }
+        // Marked copies go first, and not to the host tier: the other engine of their pair
+        // keeps the prompt.
+        let mut to_host = Vec::new();
         while self.last_use.len() > self.capacity {
-            let next = self.demoted.pop_front();
-            let Some((tick, victim)) = next.or_else(|| self.by_age.pop_front()) else {
+            let (marked, next) = match self.demoted.pop_front() {
+                Some(m) => (true, Some(m)),
+                None => (false, self.by_age.pop_front()),
+            };
+            let Some((tick, victim)) = next else {
                 break;
             };
             if self.last_use.get(&victim) == Some(&tick) {
                 self.last_use.remove(&victim);
                 change.evicted.push(victim);
+                if !marked {
+                    to_host.push(victim);
+                }
             }
         }
         if let Some(host) = &mut self.host {
-            let moved = host.insert(&change.evicted);
-            change.demoted = moved.new.iter().map(|&i| change.evicted[i]).collect();
+            let moved = host.insert(&to_host);
+            change.demoted = moved.new.iter().map(|&i| to_host[i]).collect();
             change.host_evicted = moved.evicted;
         }
         change
@@ -150,18 +159,22 @@ impl PrefixCache {
     /// block, until a request touches them again: the copy of a handed-off prompt that another
     /// engine keeps. Its last block goes first, so while part of it is left that part is still
     /// a prefix someone can hit.
-    pub fn demote(&mut self, blocks: &[BlockHash]) {
+    /// Returns how many it marked (those the GPU tier held).
+    pub fn demote(&mut self, blocks: &[BlockHash]) -> usize {
+        let mut marked = 0;
         for b in blocks.iter().rev() {
             if self.last_use.contains_key(b) {
                 self.tick += 1;
                 self.last_use.insert(*b, self.tick);
                 self.demoted.push_back((self.tick, *b));
+                marked += 1;
             }
         }
         if self.demoted.len() > 2 * self.last_use.len() + 64 {
             let last_use = &self.last_use;
             self.demoted.retain(|(t, b)| last_use.get(b) == Some(t));
         }
+        marked
     }
 
     /// Drops every block of every tier (vLLM's `/reset_prefix_cache`).
@@ -208,6 +221,18 @@ mod tests {
         assert_eq!(c.insert(&hs(&[8, 9])).evicted, hs(&[5, 1]));
         assert_eq!(c.peek_prefix(&hs(&[4])), 1);
         assert_eq!(c.peek_prefix(&hs(&[2, 3])), 2);
+    }
+
+    #[test]
+    fn a_marked_copy_evicted_skips_the_host_tier() {
+        let mut c = PrefixCache::with_host(2, 4);
+        c.insert(&hs(&[1, 2]));
+        assert_eq!(c.demote(&hs(&[2, 9])), 1, "9 is not held");
+        let ch = c.insert(&hs(&[3]));
+        assert_eq!(ch.evicted, hs(&[2]));
+        assert!(ch.demoted.is_empty(), "not moved to the host tier");
+        let ch = c.insert(&hs(&[4]));
+        assert_eq!((ch.evicted, ch.demoted), (hs(&[1]), hs(&[1])));
     }
 
     #[test]

@@ -164,8 +164,8 @@ impl Engine {
     /// Marks the cached blocks of `full` to be evicted before any other: the copy of a
     /// handed-off prompt that the other engine of the pair keeps.
     pub fn evict_first(&self, full: &[BlockHash]) {
-        self.cache.lock().demote(full);
-        Stats::add(&self.stats.kv_evict_first_blocks, full.len() as u64);
+        let marked = self.cache.lock().demote(full);
+        Stats::add(&self.stats.kv_evict_first_blocks, marked as u64);
     }
 
     /// Empties the prefix cache (vLLM's `POST /reset_prefix_cache`).

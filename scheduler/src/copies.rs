@@ -13,7 +13,8 @@
 //! document keep choosing the same side (so the next turn finds its history where the
 //! scheduler routes it), and the fleet's content spreads over both sides in proportion to
 //! their room. The depth is past a typical system prompt, so prompts sharing only that still
-//! spread.
+//! spread. A prompt shorter than that is decided by its last full block, so the turns of a
+//! short conversation may change sides.
 //!
 //! Caches that hold only a few of the fleet's typical prompts turn over in seconds anyway; there
 //! the second copy is often the only one left for the next turn, so both are kept

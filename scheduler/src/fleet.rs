@@ -61,7 +61,8 @@ impl Fleet {
         self.remove(id);
         if inst.healthy {
             self.by_load[slot(inst.role)].insert(load_key(id, &inst));
-            self.capacity[slot(inst.role)] += inst.capacity_blocks;
+            let sum = &mut self.capacity[slot(inst.role)];
+            *sum = sum.saturating_add(inst.capacity_blocks);
         }
         self.table[i] = Some(inst);
     }
@@ -70,7 +71,8 @@ impl Fleet {
         if let Some(old) = self.table.get_mut(id.0 as usize).and_then(Option::take) {
             if old.healthy {
                 self.by_load[slot(old.role)].remove(&load_key(id, &old));
-                self.capacity[slot(old.role)] -= old.capacity_blocks;
+                let sum = &mut self.capacity[slot(old.role)];
+                *sum = sum.saturating_sub(old.capacity_blocks);
             }
         }
     }
@@ -87,12 +89,14 @@ impl Fleet {
         let (set, capacity) = (&mut self.by_load[slot(inst.role)], &mut self.capacity);
         if inst.healthy {
             set.remove(&load_key(id, inst));
-            capacity[slot(inst.role)] -= inst.capacity_blocks;
+            let sum = &mut capacity[slot(inst.role)];
+            *sum = sum.saturating_sub(inst.capacity_blocks);
         }
         f(inst);
         if inst.healthy {
             set.insert(load_key(id, inst));
-            capacity[slot(inst.role)] += inst.capacity_blocks;
+            let sum = &mut capacity[slot(inst.role)];
+            *sum = sum.saturating_add(inst.capacity_blocks);
         }
     }
 

@@ -43,21 +43,34 @@ fn millis(d: Duration) -> u64 {
 
 /// Age order for LRU and TTL: (sequence number of a touch, block), oldest first. A touch
 /// pushes a new pair and leaves the old one behind; a pair whose sequence number no longer
-/// matches the block's holder is stale and skipped. That keeps a touch O(1); the queue is
-/// compacted when stale pairs outnumber live ones.
+/// matches the block's holder is stale and skipped. That keeps a touch O(1); a queue is
+/// compacted when stale pairs outnumber live ones. Blocks whose copy the engine marked evict
+/// first live in a queue of their own, dropped before the other, as the engine drops them.
 #[derive(Debug, Default)]
 struct PerInstance {
     order: VecDeque<(u64, BlockHash)>,
+    marked: VecDeque<(u64, BlockHash)>,
     live: u64,
     capacity: u64,
 }
 
-/// Where a touch goes in an instance's age order.
-#[derive(Debug, Clone, Copy)]
-enum End {
-    Back,
-    Front,
+impl PerInstance {
+    fn queue(&mut self, q: Queue) -> &mut VecDeque<(u64, BlockHash)> {
+        match q {
+            Queue::Order => &mut self.order,
+            Queue::Marked => &mut self.marked,
+        }
+    }
 }
+
+/// An instance's age queues, in the order its capacity cap drops from them.
+#[derive(Debug, Clone, Copy)]
+enum Queue {
+    Marked,
+    Order,
+}
+
+const QUEUES: [Queue; 2] = [Queue::Marked, Queue::Order];
 
 /// Block hashes are already uniform 64-bit hashes: hashing them again is wasted work.
 #[derive(Debug, Default, Clone, Copy)]
@@ -201,17 +214,22 @@ impl PrefixIndex {
         self.enforce_memory();
     }
 
-    /// Records that `id` will hold `blocks` as its first to evict: the engine marks its copy of
-    /// a handed-off prompt so (one copy per handoff), and the index's capacity cap drops them
-    /// first too, last block first, as the engine does. (Entries behind them in the age order
-    /// may then outlive their TTL by up to one TTL: expiry stops at the first live entry.)
+    /// Records that `id` will hold `blocks` and mark them evict-first (one copy per handoff):
+    /// as the engine, it inserts them like any routed prompt, then moves them to the queue its
+    /// capacity cap drops first, last block first.
     pub fn record_evict_first(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
-        self.expire(id, now);
-        for b in blocks {
-            self.touch_at(id, *b, now, false, End::Front);
+        self.record(id, blocks, now);
+        for b in blocks.iter().rev() {
+            if self.holds(id, *b) {
+                self.touch_in(id, *b, now, false, Queue::Marked);
+            }
         }
-        self.evict_over_capacity(id);
-        self.enforce_memory();
+    }
+
+    fn holds(&self, id: InstanceId, block: BlockHash) -> bool {
+        self.holders
+            .get(&block)
+            .is_some_and(|hs| hs.iter().any(|h| h.instance == id))
     }
 
     /// The engine reported it stored `blocks` (precise, no TTL).
@@ -234,13 +252,14 @@ impl PrefixIndex {
         let blocks: Vec<BlockHash> = self
             .instances
             .get(&id)
-            .map(|p| p.order.iter().map(|(_, b)| *b).collect())
+            .map(|p| p.order.iter().chain(&p.marked).map(|(_, b)| *b).collect())
             .unwrap_or_default();
         for b in blocks {
             self.drop_entry(id, b);
         }
         if let Some(per) = self.instances.get_mut(&id) {
             per.order.clear();
+            per.marked.clear();
         }
     }
 
@@ -262,17 +281,17 @@ impl PrefixIndex {
     }
 
     fn touch(&mut self, id: InstanceId, block: BlockHash, now: Duration, precise: bool) {
-        self.touch_at(id, block, now, precise, End::Back);
+        self.touch_in(id, block, now, precise, Queue::Order);
     }
 
-    /// A touch placed at the back of the age order (evicted last) or the front (first).
-    fn touch_at(
+    /// A touch, at the back of queue `q`.
+    fn touch_in(
         &mut self,
         id: InstanceId,
         block: BlockHash,
         now: Duration,
         precise: bool,
-        at: End,
+        q: Queue,
     ) {
         self.seq += 1;
         let seq = self.seq;
@@ -297,13 +316,12 @@ impl PrefixIndex {
                 per.live += 1;
             }
         }
-        match at {
-            End::Back => per.order.push_back((seq, block)),
-            End::Front => per.order.push_front((seq, block)),
-        }
-        if per.order.len() as u64 > 2 * per.live + 64 {
+        let live = per.live;
+        let queue = per.queue(q);
+        queue.push_back((seq, block));
+        if queue.len() as u64 > 2 * live + 64 {
             let holders = &self.holders;
-            per.order.retain(|(seq, b)| {
+            queue.retain(|(seq, b)| {
                 holders
                     .get(b)
                     .is_some_and(|hs| hs.iter().any(|h| h.instance == id && h.seq == *seq))
@@ -311,15 +329,15 @@ impl PrefixIndex {
         }
     }
 
-    /// Drops `id`'s oldest live entry if `evict` says so (skipping stale age-order pairs on the
-    /// way), with one map probe per pair. False when nothing was dropped.
-    fn pop_oldest_if(&mut self, id: InstanceId, evict: impl Fn(&Holder) -> bool) -> bool {
+    /// Drops the oldest live entry of `id`'s queue `q` if `evict` says so (skipping stale
+    /// pairs on the way), with one map probe per pair. False when nothing was dropped.
+    fn pop_oldest_if(&mut self, id: InstanceId, q: Queue, evict: impl Fn(&Holder) -> bool) -> bool {
         let Some(per) = self.instances.get_mut(&id) else {
             return false;
         };
-        while let Some(&(seq, block)) = per.order.front() {
+        while let Some(&(seq, block)) = per.queue(q).front() {
             let Entry::Occupied(mut slot) = self.holders.entry(block) else {
-                per.order.pop_front();
+                per.queue(q).pop_front();
                 continue;
             };
             let holders = slot.get_mut();
@@ -327,7 +345,7 @@ impl PrefixIndex {
                 .iter()
                 .position(|h| h.instance == id && h.seq == seq)
             else {
-                per.order.pop_front();
+                per.queue(q).pop_front();
                 continue;
             };
             if !evict(&holders[pos]) {
@@ -337,7 +355,7 @@ impl PrefixIndex {
             if holders.is_empty() {
                 slot.remove();
             }
-            per.order.pop_front();
+            per.queue(q).pop_front();
             per.live -= 1;
             self.entries -= 1;
             return true;
@@ -362,15 +380,25 @@ impl PrefixIndex {
         self.entries -= 1;
     }
 
-    /// Drops approximate entries of `id` older than the TTL (oldest first, so it stops early).
+    /// Drops approximate entries of `id` older than the TTL (oldest first in each queue, so it
+    /// stops early).
     fn expire(&mut self, id: InstanceId, now: Duration) {
         let ttl = self.ttl;
-        while self.pop_oldest_if(id, |h| !h.is_live(now, ttl)) {}
+        for q in QUEUES {
+            while self.pop_oldest_if(id, q, |h| !h.is_live(now, ttl)) {}
+        }
+    }
+
+    /// Drops `id`'s first entry to go: the oldest marked one, else the oldest.
+    fn pop_first_to_go(&mut self, id: InstanceId) -> bool {
+        QUEUES
+            .into_iter()
+            .any(|q| self.pop_oldest_if(id, q, |_| true))
     }
 
     fn evict_over_capacity(&mut self, id: InstanceId) {
         while self.instances.get(&id).is_some_and(|p| p.live > p.capacity) {
-            if !self.pop_oldest_if(id, |_| true) {
+            if !self.pop_first_to_go(id) {
                 return;
             }
         }
@@ -396,7 +424,7 @@ impl PrefixIndex {
             while self.entries > target
                 && self.instances.get(&largest).is_some_and(|p| p.live > floor)
             {
-                if !self.pop_oldest_if(largest, |_| true) {
+                if !self.pop_first_to_go(largest) {
                     return;
                 }
             }
@@ -470,6 +498,33 @@ mod tests {
         ix.record(id, &hs(&[9]), T0);
         assert_eq!(sorted(ix.match_all(&hs(&[3]), T0)), vec![(0, 1)]);
         assert_eq!(ix.blocks_of(id), 6);
+    }
+
+    /// As the engine: a marked prompt is inserted first (evicting the oldest blocks if full,
+    /// never itself), and marked prompts go in the order they were marked; marked entries do
+    /// not hold back the expiry of older ones.
+    #[test]
+    fn marked_copies_go_oldest_mark_first_and_never_block_expiry() {
+        let mut ix = index(6, 10);
+        let id = InstanceId(0);
+        ix.record(id, &hs(&[1, 2, 3, 4, 5, 6]), T0);
+        ix.record_evict_first(id, &hs(&[7, 8]), T0);
+        assert_eq!(sorted(ix.match_all(&hs(&[7, 8]), T0)), vec![(0, 2)], "kept");
+        assert!(
+            ix.match_all(&hs(&[1]), T0).is_empty(),
+            "the oldest made room"
+        );
+        ix.record_evict_first(id, &hs(&[9]), T0);
+        assert_eq!(
+            sorted(ix.match_all(&hs(&[7, 8]), T0)),
+            vec![(0, 1)],
+            "the first marked goes first, from its end"
+        );
+        assert_eq!(sorted(ix.match_all(&hs(&[9]), T0)), vec![(0, 1)]);
+        // 3..6 expire behind the fresher marks.
+        let later = T0 + Duration::from_secs(11);
+        ix.record_evict_first(id, &hs(&[10]), later);
+        assert_eq!(ix.blocks_of(id), 1, "only the newest mark is left");
     }
 
     #[test]

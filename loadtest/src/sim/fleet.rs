@@ -632,10 +632,12 @@ impl Sim<'_> {
         match self.reqs[r].evict_first {
             Some(Role::Prefill) => {
                 if let Some(p) = self.reqs[r].prefill {
-                    self.engines[p].cache.demote(&blocks);
+                    let _ = self.engines[p].cache.demote(&blocks);
                 }
             }
-            Some(Role::Decode) => self.engines[d].cache.demote(&blocks),
+            Some(Role::Decode) => {
+                let _ = self.engines[d].cache.demote(&blocks);
+            }
             None => {}
         }
         self.gw
