@@ -214,22 +214,25 @@ impl PrefixIndex {
         self.enforce_memory();
     }
 
-    /// Records that `id` will hold `blocks` and mark them evict-first (one copy per handoff):
-    /// as the engine, it inserts them like any routed prompt, then moves them to the queue its
-    /// capacity cap drops first, last block first.
+    /// Records that `id` will hold `blocks` and mark them evict-first (one copy per handoff),
+    /// in the queue its capacity cap drops first, last block first. Room for them comes as the
+    /// engine makes it, inserting before it marks: from older marks, then the least recently
+    /// used, and only then from this prompt.
     pub fn record_evict_first(&mut self, id: InstanceId, blocks: &[BlockHash], now: Duration) {
-        self.record(id, blocks, now);
+        self.expire(id, now);
+        let first = self.seq + 1;
         for b in blocks.iter().rev() {
-            if self.holds(id, *b) {
-                self.touch_in(id, *b, now, false, Queue::Marked);
+            self.touch_in(id, *b, now, false, Queue::Marked);
+        }
+        while self.instances.get(&id).is_some_and(|p| p.live > p.capacity) {
+            let dropped = self.pop_oldest_if(id, Queue::Marked, |h| h.seq < first)
+                || self.pop_oldest_if(id, Queue::Order, |_| true)
+                || self.pop_oldest_if(id, Queue::Marked, |_| true);
+            if !dropped {
+                break;
             }
         }
-    }
-
-    fn holds(&self, id: InstanceId, block: BlockHash) -> bool {
-        self.holders
-            .get(&block)
-            .is_some_and(|hs| hs.iter().any(|h| h.instance == id))
+        self.enforce_memory();
     }
 
     /// The engine reported it stored `blocks` (precise, no TTL).
