@@ -472,6 +472,9 @@ fn join_line<'m>(
     key: &RequestKey,
     room: &mut RoomWait,
 ) -> Result<Place<'m>, ApiError> {
+    if !req.model.room.has_place() {
+        return Err(rejection_error(Rejection::KvFull));
+    }
     let fleet = &req.model.fleet;
     let slack_ms = fleet
         .scheduler

@@ -46,6 +46,12 @@ impl Line {
         self.open && self.book.lock().waiting() > 0
     }
 
+    /// Whether a request could join at all: when not, it is refused without working out its
+    /// slack (under overload, most refusals).
+    pub fn has_place(&self) -> bool {
+        self.open && self.book.lock().has_place()
+    }
+
     /// A place at the end of the line for a request that can wait `slack_ms` and still make
     /// its TTFT SLO, or `None`: refuse the request now.
     pub fn join(&self, slack_ms: f64) -> Option<Place<'_>> {

@@ -68,12 +68,17 @@ impl RoomLine {
     /// within `slack_ms`, the longest it can wait and still make its TTFT SLO
     /// (`Scheduler::ttft_slack_ms`); `false`: refuse the request now. An empty line always takes
     /// one that has slack left, so the pace is measured again after a slow spell.
+    /// Whether the line has a place for anyone at all (before any request's slack is known).
+    pub fn has_place(&self) -> bool {
+        self.wait_ms > 0.0 && self.waiting < self.limit
+    }
+
     pub fn try_join(&mut self, now_ms: f64, slack_ms: f64) -> bool {
         let in_time = self.waiting == 0
             || self
                 .predicted_wait_ms()
                 .is_none_or(|wait| wait <= self.wait_ms.min(slack_ms));
-        if self.wait_ms <= 0.0 || slack_ms <= 0.0 || self.waiting >= self.limit || !in_time {
+        if !self.has_place() || slack_ms <= 0.0 || !in_time {
             return false;
         }
         if self.waiting == 0 {
@@ -117,7 +122,11 @@ mod tests {
         let mut l = line(3, 1000.0);
         assert!((0..3).all(|_| l.try_join(0.0, f64::INFINITY)));
         assert!(!l.try_join(0.0, f64::INFINITY), "limit reached");
+        assert!(!l.has_place());
         assert_eq!(l.waiting(), 3);
+        l.leave(1.0, Leaving::GaveUp);
+        assert!(l.has_place());
+        assert!(!line(3, 0.0).has_place(), "no wait, no line");
     }
 
     #[test]
