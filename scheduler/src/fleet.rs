@@ -44,6 +44,16 @@ fn slot(role: Role) -> usize {
     }
 }
 
+/// Adds `inst`'s cache blocks to (or takes them from) its role's sum.
+fn count(sums: &mut [u64; 2], inst: &Instance, add: bool) {
+    let sum = &mut sums[slot(inst.role)];
+    *sum = if add {
+        sum.saturating_add(inst.capacity_blocks)
+    } else {
+        sum.saturating_sub(inst.capacity_blocks)
+    };
+}
+
 #[derive(Debug, Default)]
 pub struct Fleet {
     table: Vec<Option<Instance>>,
@@ -61,8 +71,7 @@ impl Fleet {
         self.remove(id);
         if inst.healthy {
             self.by_load[slot(inst.role)].insert(load_key(id, &inst));
-            let sum = &mut self.capacity[slot(inst.role)];
-            *sum = sum.saturating_add(inst.capacity_blocks);
+            count(&mut self.capacity, &inst, true);
         }
         self.table[i] = Some(inst);
     }
@@ -71,8 +80,7 @@ impl Fleet {
         if let Some(old) = self.table.get_mut(id.0 as usize).and_then(Option::take) {
             if old.healthy {
                 self.by_load[slot(old.role)].remove(&load_key(id, &old));
-                let sum = &mut self.capacity[slot(old.role)];
-                *sum = sum.saturating_sub(old.capacity_blocks);
+                count(&mut self.capacity, &old, false);
             }
         }
     }
@@ -89,14 +97,12 @@ impl Fleet {
         let (set, capacity) = (&mut self.by_load[slot(inst.role)], &mut self.capacity);
         if inst.healthy {
             set.remove(&load_key(id, inst));
-            let sum = &mut capacity[slot(inst.role)];
-            *sum = sum.saturating_sub(inst.capacity_blocks);
+            count(capacity, inst, false);
         }
         f(inst);
         if inst.healthy {
             set.insert(load_key(id, inst));
-            let sum = &mut capacity[slot(inst.role)];
-            *sum = sum.saturating_add(inst.capacity_blocks);
+            count(capacity, inst, true);
         }
     }
 

@@ -380,18 +380,7 @@ impl Scheduler {
             decode_end: at + Duration::from_secs_f64(tbt * f64::from(key.max_tokens) / 1000.0),
             prefill_open: true,
             pull: runner.pull,
-            evict_first: if local || !self.marks_copies(p.id, d.id) {
-                None
-            } else {
-                self.prompts.typical_blocks().and_then(|typical| {
-                    let fleet = copies::FleetView {
-                        prefill_share: self.instances.cache_share(Role::Prefill),
-                        typical_prompt_blocks: typical,
-                        near_whole_reuse: self.prompts.near_whole(),
-                    };
-                    copies::evict_first(&self.cfg, key, p, d, fleet)
-                })
-            },
+            evict_first: (!local).then(|| self.evict_first(key, p, d)).flatten(),
         };
         let decision = Decision {
             ticket: Ticket(self.next_ticket),
@@ -414,11 +403,19 @@ impl Scheduler {
         Ok(decision)
     }
 
-    /// Whether both engines of a pair take the evict-first mark.
-    fn marks_copies(&self, p: InstanceId, d: InstanceId) -> bool {
-        [p, d]
-            .iter()
-            .all(|id| self.instances.get(*id).is_some_and(|i| i.marks_copies))
+    /// Which engine of a handoff from `p` to `d` marks its copy of the prompt evicted first
+    /// (`copies.rs`): none unless both take the mark and the fleet's typical prompt is known.
+    fn evict_first(&self, key: &RequestKey, p: &Candidate, d: &Candidate) -> Option<Role> {
+        let marks = |id| self.instances.get(id).is_some_and(|i| i.marks_copies);
+        if !marks(p.id) || !marks(d.id) {
+            return None;
+        }
+        let fleet = copies::FleetView {
+            prefill_share: self.instances.cache_share(Role::Prefill),
+            typical_prompt_blocks: self.prompts.typical_blocks()?,
+            near_whole_reuse: self.prompts.near_whole(),
+        };
+        copies::evict_first(&self.cfg, key, p, d, fleet)
     }
 
     /// What `ticket` booked, for the other replicas (`now`: the booking's time).
