@@ -10,22 +10,29 @@ use serde_json::Value;
 use std::time::Duration;
 use support::*;
 
+/// One prefill and one decode in real time, with a TTFT SLO of 20 ms: the 4k-token prompt of
+/// `post_long` is predicted at ~86 ms even on the idle fleet (the scheduler's prior is
+/// time-scaled like the fleet it describes).
+fn late_alone_config() -> pdgate::config::Config {
+    let mut cfg = config(1, 1, 1.0);
+    cfg.scheduler.slo.ttft_ms = 20.0;
+    cfg
+}
+
+/// A 4k-token completion of 4 tokens.
+async fn post_long(url: &str) -> reqwest::Response {
+    post(url, "/v1/completions", completion(&"word ".repeat(4000), 4)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
-    // Real-time engines: the scheduler's prior is time-scaled like the fleet it describes.
-    let mut cfg = config(1, 1, 1.0);
-    cfg.scheduler.slo.ttft_ms = 20.0; // a 4k-token prefill is predicted at ~86 ms
-                                      // Late even on this idle fleet: without best effort it is refused like any late request.
+    let mut cfg = late_alone_config();
+    // Late even on this idle fleet: without best effort it is refused like any late request.
     cfg.scheduler.slo.best_effort_share = 0.0;
     let fleet = fleet(cfg).await;
     let refusals = |m: &str| sample(m, "pdgate_refusal_duration_seconds_count").unwrap_or(0.0);
     let refused_before = refusals(&metrics_text(&fleet.url()).await);
-    let resp = post(
-        &fleet.url(),
-        "/v1/completions",
-        completion(&"word ".repeat(4000), 4),
-    )
-    .await;
+    let resp = post_long(&fleet.url()).await;
     assert_eq!(resp.status(), 429);
     assert!(resp.headers().get("retry-after").is_some());
     let body: Value = resp.json().await.expect("json");
@@ -67,20 +74,14 @@ async fn a_request_that_cannot_meet_its_ttft_slo_is_rejected_with_429() {
 /// nothing; it is served, late, and counted as a late admission.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_late_even_on_an_idle_fleet_is_served_best_effort() {
-    let mut cfg = config(1, 1, 1.0);
-    cfg.scheduler.slo.ttft_ms = 20.0;
+    let mut cfg = late_alone_config();
     // A fresh gateway has seen no reuse yet; waiting for it is the scheduler's own test
     // (`best_effort_waits_for_the_fleet_to_show_reuse`).
     cfg.scheduler.slo.best_effort_min_reuse = 0.0;
     let fleet = fleet(cfg).await;
     let late = |m: &str| sample(m, "pdgate_late_admissions_total").unwrap_or(0.0);
     let before = late(&metrics_text(&fleet.url()).await);
-    let resp = post(
-        &fleet.url(),
-        "/v1/completions",
-        completion(&"word ".repeat(4000), 4),
-    )
-    .await;
+    let resp = post_long(&fleet.url()).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["usage"]["completion_tokens"], 4);
